@@ -1,0 +1,759 @@
+"""Unlearning methods: one registry, one pure step, any optax optimizer, any per-example loss.
+
+Every method is a rule that turns the gradients of two batch losses into ONE update direction ``u``, which the
+optimizer then *descends* (``params <- params + optimizer(u)``, so plain SGD does ``params - lr * u``). Notation
+(REFERENCE.md section 1): ``l(x)`` is the per-example loss (``LossFn``), ``L_f`` / ``L_r`` the mean loss over the
+forget / retain batch, ``g_f = grad L_f`` and ``g_r = grad L_r``, ``P_v(a) = a - (<a, v> / ||v||^2) v`` the
+projection onto the normal plane of ``v`` and ``P^c_v`` the same projection applied only on conflict
+(``<a, v> < 0``). Inner products run over the whole parameter pytree.
+
+============================ ================================================================= ==================
+name                         update direction ``u`` (descended)                                projection
+============================ ================================================================= ==================
+``sa``                       ``P_{g_r}(-g_f)``                                                 always
+``sa_conflict``              ``P^c_{g_r}(-g_f)``                                               on conflict
+``sa_per_example``           ``mean_i P^(c)_{g_r}(-grad l(x_i))`` (jvp/vjp, no B gradients)   per example
+``sa_span``                  ``-g_f`` minus its least-squares part in ``span{G_1..G_K}``,      span
+                             ``G_k`` = mean gradient of the k-th of K groups of the retain batch
+``pcgrad``                   ``P^c_{g_r}(-g_f) + P^c_{-g_f}(g_r)``                              on conflict
+``s``                        ``P_{g_f}(g_r) = g_r - (<g_f, g_r> / ||g_f||^2) g_f``             always
+``ascent``                   ``-g_f``                                                          none
+``ascent_descent``           even steps ``-g_f``, odd steps ``g_r``                           none
+``retain_finetune``          ``g_r``                                                           none
+``uno``                      ``grad [L_r + lambda cos^2(g_f, g_r)]`` (gradient of a gradient)  none
+``uno_s``                    even steps ``uno``, odd steps ``s``                              alternating
+``sa_gated`` (ours)          ``mean_i w_i P^(c)_{g_r}(-grad l(x_i))``,                          per example
+                             ``w_i = 1[l(x_i) < target]``; ``combine='pcgrad'`` adds
+                             ``P^c_a(g_r)`` (retain descent once everything is gated)
+============================ ================================================================= ==================
+
+``METHODS[name]`` holds each rule's one-line statement, its source, its hyperparameters with defaults and where
+the guidance add-on enters. Build one with :func:`make_method`; its ``step`` is pure and meant to be jitted once::
+
+    method = make_method("sa", loss_fn=loss_fn, optimizer=optax.adam(1e-3))
+    opt_state = method.init(params)
+    step = jax.jit(method.step)
+    params, opt_state, metrics = step(params, opt_state, forget_batch, retain_batch, key)
+
+**Where the projection happens.** Every projection is one of the :mod:`gsu_jax.surgery` transforms
+(``project_normal_plane``, ``project_off_span``) or :func:`gsu_jax.per_example.per_example_projected_mean`. The
+step calls the transform's ``update`` directly on the raw gradients and hands the result to the optimizer, rather
+than chaining ``optax.chain(project_normal_plane(), optimizer)``: the guidance gradient must be added *after* the
+projection (below) and some rules need two projections (``pcgrad``) or none, so one code path serves them all. The
+order is the same as in the chain (projection first, before any scaling or momentum).
+
+**Guidance add-on** (any method). With ``guidance_weight = w > 0`` and ``guidance_loss(params, key) -> f32[]``,
+the step descends ``u + w * grad guidance_loss`` (after the method's projection, never projected itself). Why after:
+the projection protects the retained loss from the *forget ascent*; the guidance term is a separate objective that
+is descended like any loss term (UNO's reference adds it to the loss), so ``w`` means the same for every method and
+a guided step is exactly "method + w * gradient of the guidance loss". Adding it before the projection would let
+the retain gradient cancel part of it (and, for ascent rules, ascend it). This differs from the reference code,
+which adds the term to both ``L_f`` and ``L_r`` before its projection; a guided result must be labelled as guided.
+
+**Keys.** ``forget_key, retain_key, guidance_key = jax.random.split(key, 3)`` and one key per example
+(``jax.random.split(forget_key, B_f)``, as :func:`gsu_jax.losses.example_keys`); :func:`split_step_keys` returns
+exactly the keys a step uses, so results can be reproduced outside it.
+
+**Metrics** (all ``f32[]``): ``forget_loss`` and ``retain_loss`` (``L_f``, ``L_r`` before the step),
+``cos_forget_retain`` (``cos(g_f, g_r)``), ``projected`` (1 if the projection removed a component; for per-example
+rules the fraction of examples projected), ``gated_fraction`` (share of forget examples gated out; 0 for ungated
+rules), ``update_norm`` (``||u||``, guidance included), and ``guidance_loss`` when guidance is on. Both gradients
+are always computed because the metrics need them, so ``ascent`` and ``retain_finetune`` pay for the second one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gsu_jax import per_example, surgery
+from gsu_jax.losses import GuidanceLossFn, LossFn, batch_size
+from gsu_jax.trees import tree_add_scaled, tree_max_abs, tree_norm, tree_squared_norm, tree_vdot
+
+Params = Any  # a pytree of arrays (an nnx.State)
+Batch = Any  # the per-example pytree with a leading axis B
+Metrics = dict[str, jax.Array]
+
+# Floor under squared norms in cosines (UNO's cos^2 and the cos metric): keeps zero gradients finite without
+# changing any cosine of gradients whose squared norms exceed ~1e-20.
+_NORM_FLOOR = 1e-24
+
+
+class MethodState(NamedTuple):
+    """What :meth:`UnlearningMethod.init` returns and ``step`` threads through.
+
+    Attributes:
+      step: ``i32[]``, number of steps applied so far; alternating rules read its parity, which keeps ``step`` pure.
+      optimizer: the wrapped optax optimizer's state.
+    """
+
+    step: jax.Array
+    optimizer: optax.OptState
+
+
+class UnlearningMethod(NamedTuple):
+    """A built method: ``init(params) -> MethodState``, ``step(params, state, forget, retain, key)``.
+
+    ``step(params, state, forget_batch, retain_batch, key) -> (params, state, metrics)`` is a pure function of
+    arrays (jit it once; batches of fixed shapes never retrace).
+    """
+
+    init: Callable[[Params], MethodState]
+    step: Callable[[Params, MethodState, Batch, Batch, jax.Array], tuple[Params, MethodState, Metrics]]
+
+
+class StepInputs(NamedTuple):
+    """Everything a direction rule may read (shared work done once per step by :func:`make_method`'s step).
+
+    Attributes:
+      loss_fn: the per-example loss.
+      params: current parameters.
+      step: ``i32[]`` steps applied so far.
+      forget_batch, retain_batch: the two batches (leading axes ``B_f``, ``B_r``).
+      forget_keys, retain_keys: ``key[B_f]``, ``key[B_r]``, one per example.
+      forget_losses: ``f32[B_f]``, the per-example forget losses ``l(x_i)``.
+      forget_grad, retain_grad: ``g_f``, ``g_r`` (trees like ``params``).
+    """
+
+    loss_fn: LossFn
+    params: Params
+    step: jax.Array
+    forget_batch: Batch
+    retain_batch: Batch
+    forget_keys: jax.Array
+    retain_keys: jax.Array
+    forget_losses: jax.Array
+    forget_grad: Params
+    retain_grad: Params
+
+
+class Direction(NamedTuple):
+    """What a rule returns: the update ``u`` (descended by the optimizer) and two ``f32[]`` diagnostics."""
+
+    update: Params
+    projected: jax.Array
+    gated_fraction: jax.Array
+
+
+DirectionRule = Callable[[StepInputs, Mapping[str, Any]], Direction]
+
+
+class _Required:
+    """Marks a hyperparameter without a default (the caller must pass it)."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+REQUIRED = _Required()
+
+
+@dataclasses.dataclass(frozen=True)
+class HParam:
+    """One hyperparameter of a method: its default (or :data:`REQUIRED`), what it means and what is allowed.
+
+    Attributes:
+      default: the value used when the caller passes none; :data:`REQUIRED` when there is none.
+      doc: one line on what it does.
+      allowed: the allowed values, in words (quoted by refusals).
+      is_valid: predicate on a candidate value.
+      convert: turns a valid value into its canonical Python type (e.g. ``np.int64(4)`` -> ``4``, ``3`` -> ``3.0``).
+    """
+
+    default: Any
+    doc: str
+    allowed: str
+    is_valid: Callable[[Any], bool]
+    convert: Callable[[Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A registry record (``METHODS[name]``).
+
+    Attributes:
+      name: registry key.
+      rule: the update rule in one line (``u`` is descended by the optimizer).
+      source: where the rule comes from.
+      hparams: hyperparameter name -> :class:`HParam` (defaults in :attr:`defaults`).
+      guidance: where the guidance add-on enters for this rule (every method accepts it).
+      direction: the rule itself, ``(StepInputs, hparams) -> Direction``.
+    """
+
+    name: str
+    rule: str
+    source: str
+    hparams: Mapping[str, HParam]
+    guidance: str
+    direction: DirectionRule = dataclasses.field(repr=False)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Hyperparameter name -> default (:data:`REQUIRED` where the caller must pass a value)."""
+        return {name: hparam.default for name, hparam in self.hparams.items()}
+
+
+# ----------------------------------------------------------------------------------------------- tree arithmetic
+
+
+def _negate(tree: Params) -> Params:
+    return jax.tree.map(jnp.negative, tree)
+
+
+def _add(a: Params, b: Params, scale: jax.Array | float = 1.0) -> Params:
+    return tree_add_scaled(a, b, scale)
+
+
+def _cosine(a: Params, b: Params) -> jax.Array:
+    return tree_vdot(a, b) * jax.lax.rsqrt(
+        jnp.maximum(tree_squared_norm(a), _NORM_FLOOR) * jnp.maximum(tree_squared_norm(b), _NORM_FLOOR)
+    )
+
+
+def _changed(before: Params, after: Params) -> jax.Array:
+    """``1.0`` if the projection removed a nonzero component, else ``0.0``."""
+    difference = jax.tree.map(jnp.subtract, after, before)
+    return (tree_max_abs(difference) > 0).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------------------- projections (surgery)
+
+
+def _project(updates: Params, direction: Params, *, only_on_conflict: bool) -> Params:
+    """``P_direction(updates)`` (or ``P^c``) through :func:`gsu_jax.surgery.project_normal_plane`."""
+    transform = surgery.project_normal_plane(only_on_conflict=only_on_conflict)
+    projected, _ = transform.update(updates, transform.init(updates), direction=direction)
+    return projected
+
+
+def _project_off_span(updates: Params, directions: Params, *, only_on_conflict: bool) -> Params:
+    """``updates`` minus its part in the span of ``directions`` (leading axis K) via ``project_off_span``."""
+    transform = surgery.project_off_span(only_on_conflict=only_on_conflict)
+    projected, _ = transform.update(updates, transform.init(updates), direction=directions)
+    return projected
+
+
+def _pcgrad_pair(ascent: Params, retain_grad: Params) -> tuple[Params, jax.Array]:
+    """Two-task PCGrad: ``P^c_{g_r}(a) + P^c_{a}(g_r)``, each projected off the *original* other gradient.
+
+    For two tasks the sum has a non-negative inner product with both ``a`` and ``g_r`` (``u.a = ||a||^2 (1 -
+    cos^2)`` on conflict), so to first order it ascends the forget loss and descends the retain loss together. A zero
+    ``a`` leaves ``g_r`` unchanged (the transform's zero-direction rule), so the sum degrades to retain descent.
+    """
+    ascent_part = _project(ascent, retain_grad, only_on_conflict=True)
+    retain_part = _project(retain_grad, ascent, only_on_conflict=True)
+    conflict = (tree_vdot(ascent, retain_grad) < 0).astype(jnp.float32)
+    return _add(ascent_part, retain_part), conflict
+
+
+# ----------------------------------------------------------------------------------------------- the rules
+
+
+def _none_projected() -> jax.Array:
+    return jnp.zeros((), jnp.float32)
+
+
+def _ascent(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
+    del hparams
+    return Direction(_negate(inputs.forget_grad), _none_projected(), _none_projected())
+
+
+def _retain_finetune(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
+    del hparams
+    return Direction(inputs.retain_grad, _none_projected(), _none_projected())
+
+
+def _sa_rule(*, only_on_conflict: bool) -> DirectionRule:
+    def rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
+        del hparams
+        ascent = _negate(inputs.forget_grad)
+        update = _project(ascent, inputs.retain_grad, only_on_conflict=only_on_conflict)
+        return Direction(update, _changed(ascent, update), _none_projected())
+
+    return rule
+
+
+def _s(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
+    del hparams
+    update = _project(inputs.retain_grad, inputs.forget_grad, only_on_conflict=False)
+    return Direction(update, _changed(inputs.retain_grad, update), _none_projected())
+
+
+def _pcgrad(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
+    del hparams
+    update, conflict = _pcgrad_pair(_negate(inputs.forget_grad), inputs.retain_grad)
+    return Direction(update, conflict, _none_projected())
+
+
+def _weighted_loss(loss_fn: LossFn) -> LossFn:
+    """``(params, {"example": x, "weight": w}, key) -> w * loss_fn(params, x, key)`` (``w`` a constant)."""
+
+    def loss(params: Params, weighted_example: Mapping[str, Any], key: jax.Array) -> jax.Array:
+        return weighted_example["weight"] * loss_fn(params, weighted_example["example"], key)
+
+    return loss
+
+
+def _gated_ascent(inputs: StepInputs, weights: jax.Array, *, only_on_conflict: bool) -> Direction:
+    """``mean_i w_i P^(c)_{g_r}(-grad l(x_i))`` without materialising per-example gradients.
+
+    The weights enter as a constant factor of each example's loss, ``w_i l(x_i)``, so
+    :func:`gsu_jax.per_example.per_example_projected_mean` projects ``-w_i grad l(x_i)``; for ``w_i >= 0`` that is
+    ``w_i P^(c)(-grad l(x_i))`` (the conflict test is invariant to positive scaling). ``projected`` is the
+    weighted share of examples whose ascent conflicted with ``g_r`` (one extra ``jax.jvp``), or 1 when projecting
+    always.
+    """
+    weights = jax.lax.stop_gradient(weights)
+    update = per_example.per_example_projected_mean(
+        _weighted_loss(inputs.loss_fn),
+        inputs.params,
+        {"example": inputs.forget_batch, "weight": weights},
+        inputs.forget_keys,
+        inputs.retain_grad,
+        scale=-1.0,
+        only_on_conflict=only_on_conflict,
+    )
+    if only_on_conflict:
+        # -grad l(x_i) conflicts with g_r exactly when <grad l(x_i), g_r> > 0.
+        derivatives = per_example.per_example_directional_derivatives(
+            inputs.loss_fn, inputs.params, inputs.forget_batch, inputs.forget_keys, inputs.retain_grad
+        )
+        conflicts = (derivatives > 0).astype(jnp.float32)
+        projected = jnp.sum(weights * conflicts) / jnp.maximum(jnp.sum(weights), 1e-12)
+    else:
+        projected = (jnp.sum(weights) > 0).astype(jnp.float32)
+    return Direction(update, projected, 1.0 - jnp.mean(weights))
+
+
+def _sa_per_example(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
+    weights = jnp.ones_like(inputs.forget_losses)
+    return _gated_ascent(inputs, weights, only_on_conflict=hparams["only_on_conflict"])
+
+
+def _forget_gate(losses: jax.Array, *, target: float, temperature: float) -> jax.Array:
+    """``w_i = 1[l_i < target]`` (``temperature = 0``) or ``sigmoid((target - l_i) / temperature)``."""
+    if temperature == 0.0:
+        return (losses < target).astype(jnp.float32)
+    return jax.nn.sigmoid((target - losses) / temperature)
+
+
+def _sa_gated(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
+    weights = _forget_gate(
+        inputs.forget_losses, target=hparams["forget_loss_target"], temperature=hparams["temperature"]
+    )
+    gated = _gated_ascent(inputs, weights, only_on_conflict=hparams["only_on_conflict"])
+    if hparams["combine"] == "sa":
+        return gated
+    # combine == "pcgrad": the (per-example projected) gated ascent and g_r as two PCGrad tasks.
+    update, conflict = _pcgrad_pair(gated.update, inputs.retain_grad)
+    return Direction(update, jnp.maximum(gated.projected, conflict), gated.gated_fraction)
+
+
+def _group_mean_grads(inputs: StepInputs, *, num_groups: int, chunk_size: int | None) -> Params:
+    """``G_k = grad mean_{i in group k} l(x_i)`` for K contiguous equal groups of the retain batch (leading K).
+
+    Uses the retain batch's own per-example keys, so ``mean_k G_k = g_r`` exactly. Computed as the per-example
+    gradients of a "group loss" whose one example is a whole group, ``chunk_size`` groups at a time.
+    """
+    size = batch_size(inputs.retain_batch)
+    if size % num_groups:
+        raise ValueError(
+            f"sa_span splits the retain batch into num_directions={num_groups} equal groups, but its size {size} "
+            f"is not a multiple of {num_groups}; allowed: a divisor of the retain batch size"
+        )
+    group_size = size // num_groups
+
+    def split(leaf: jax.Array) -> jax.Array:
+        return leaf.reshape((num_groups, group_size) + leaf.shape[1:])
+
+    groups = {"examples": jax.tree.map(split, inputs.retain_batch), "keys": split(inputs.retain_keys)}
+    loss_fn = inputs.loss_fn
+
+    def group_loss(params: Params, group: Mapping[str, Any], key: jax.Array) -> jax.Array:
+        del key  # each member of the group carries its own example key
+        return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, group["examples"], group["keys"]))
+
+    group_keys = groups["keys"][:, 0]  # one (unused) key per group, for the common per-example signature
+    return per_example.per_example_grads(group_loss, inputs.params, groups, group_keys, chunk_size=chunk_size)
+
+
+def _sa_span(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
+    directions = _group_mean_grads(inputs, num_groups=hparams["num_directions"], chunk_size=hparams["chunk_size"])
+    ascent = _negate(inputs.forget_grad)
+    update = _project_off_span(ascent, directions, only_on_conflict=hparams["only_on_conflict"])
+    return Direction(update, _changed(ascent, update), _none_projected())
+
+
+def _uno(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
+    """``grad_theta [L_r(theta) + lambda cos^2(grad L_f(theta), grad L_r(theta))]``: nested ``jax.grad``."""
+    loss_fn = inputs.loss_fn
+    weight = hparams["orthogonality_weight"]
+
+    def mean_loss(params: Params, batch: Batch, keys: jax.Array) -> jax.Array:
+        return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, batch, keys))
+
+    def objective(params: Params) -> jax.Array:
+        retain_loss, retain_grad = jax.value_and_grad(mean_loss)(params, inputs.retain_batch, inputs.retain_keys)
+        forget_grad = jax.grad(mean_loss)(params, inputs.forget_batch, inputs.forget_keys)
+        return retain_loss + weight * jnp.square(_cosine(forget_grad, retain_grad))
+
+    return Direction(jax.grad(objective)(inputs.params), _none_projected(), _none_projected())
+
+
+def _alternate(even: DirectionRule, odd: DirectionRule) -> DirectionRule:
+    """``even`` on steps 0, 2, 4, ... and ``odd`` on 1, 3, ... (``lax.cond``: only one branch runs)."""
+
+    def rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
+        return jax.lax.cond(
+            inputs.step % 2 == 0, lambda: even(inputs, hparams), lambda: odd(inputs, hparams)
+        )
+
+    return rule
+
+
+# ----------------------------------------------------------------------------------------- hyperparameters
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_nonnegative_finite(value: Any) -> bool:
+    return _is_real(value) and math.isfinite(value) and value >= 0
+
+
+def _is_not_nan(value: Any) -> bool:
+    return _is_real(value) and not math.isnan(value)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _is_optional_positive_int(value: Any) -> bool:
+    return value is None or _is_positive_int(value)
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _only_on_conflict(default: bool, what: str) -> HParam:
+    return HParam(
+        default, f"project {what} only where it conflicts (negative inner product)", "True or False", _is_bool, bool
+    )
+
+
+_ORTHOGONALITY_WEIGHT = HParam(
+    1e3, "lambda, the weight of cos^2(g_f, g_r) (UNO's 1e3)", "a finite number >= 0", _is_nonnegative_finite, float
+)
+
+_GUIDANCE_AFTER_PROJECTION = "w * grad guidance_loss added to u after the projection (never projected)"
+_GUIDANCE_ADDED = "w * grad guidance_loss added to u"
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method(
+            "sa",
+            "u = P_{g_r}(-g_f) = -g_f + (<g_f, g_r> / ||g_r||^2) g_r",
+            "Bae et al. 2023 (arXiv 2307.04550), the abstract's wording",
+            {},
+            _GUIDANCE_AFTER_PROJECTION,
+            _sa_rule(only_on_conflict=False),
+        ),
+        Method(
+            "sa_conflict",
+            "u = P_{g_r}(-g_f) if <-g_f, g_r> < 0 else -g_f",
+            "PCGrad-style reading of Bae et al. 2023 (PCGrad: Yu et al. 2020, arXiv 2001.06782)",
+            {},
+            _GUIDANCE_AFTER_PROJECTION,
+            _sa_rule(only_on_conflict=True),
+        ),
+        Method(
+            "sa_per_example",
+            "u = mean_i P_{g_r}(-grad l(x_i)) (each on conflict by default), via one jvp and one vjp",
+            "per-sample reading of Bae et al. 2023; jvp/vjp identity in REFERENCE.md section 1",
+            # Projection onto a fixed normal plane is linear, so projecting always gives exactly ``sa``; only the
+            # per-example conflict test makes this rule different, hence the default.
+            {"only_on_conflict": _only_on_conflict(True, "each example's ascent gradient")},
+            _GUIDANCE_AFTER_PROJECTION,
+            _sa_per_example,
+        ),
+        Method(
+            "sa_span",
+            "u = -g_f minus its least-squares component in span{G_1..G_K}, G_k = mean grad of retain group k",
+            "subspace reading of Bae et al. 2023 (REFERENCE.md section 1)",
+            {
+                "num_directions": HParam(
+                    8,
+                    "K, the number of equal contiguous groups of the retain batch (K = B_r: per-example)",
+                    "an integer >= 1 dividing the retain batch size",
+                    _is_positive_int,
+                    int,
+                ),
+                "only_on_conflict": _only_on_conflict(False, "-g_f off the span"),
+                "chunk_size": HParam(
+                    None,
+                    "group gradients computed this many at a time (None: all K at once)",
+                    "None or an integer >= 1",
+                    _is_optional_positive_int,
+                    _optional_int,
+                ),
+            },
+            _GUIDANCE_AFTER_PROJECTION,
+            _sa_span,
+        ),
+        Method(
+            "pcgrad",
+            "u = P^c_{g_r}(-g_f) + P^c_{-g_f}(g_r) (each projected off the other only on conflict)",
+            "two-task PCGrad, Yu et al. 2020 (arXiv 2001.06782), the method Bae et al. 2023 cite",
+            {},
+            _GUIDANCE_AFTER_PROJECTION,
+            _pcgrad,
+        ),
+        Method(
+            "s",
+            "u = P_{g_f}(g_r) = g_r - (<g_f, g_r> / ||g_f||^2) g_f",
+            "UNO's reading of gradient surgery, Mandal & Gottwald 2025 (arXiv 2506.04712)",
+            {},
+            _GUIDANCE_AFTER_PROJECTION,
+            _s,
+        ),
+        Method("ascent", "u = -g_f", "gradient ascent baseline (A)", {}, _GUIDANCE_ADDED, _ascent),
+        Method(
+            "ascent_descent",
+            "u = -g_f on even steps, g_r on odd steps (first step ascends)",
+            "ascent-descent baseline (A-D), as in the UNO reference code",
+            {},
+            _GUIDANCE_ADDED,
+            _alternate(_ascent, _retain_finetune),
+        ),
+        Method("retain_finetune", "u = g_r", "fine-tuning on the retain set baseline", {}, _GUIDANCE_ADDED,
+               _retain_finetune),
+        Method(
+            "uno",
+            "u = grad [L_r + lambda cos^2(g_f, g_r)] (gradient through the gradients)",
+            "UNO, Mandal & Gottwald 2025 (arXiv 2506.04712), lambda = 1e3",
+            {"orthogonality_weight": _ORTHOGONALITY_WEIGHT},
+            "w * grad guidance_loss added to u (outside cos^2, unlike the reference code)",
+            _uno,
+        ),
+        Method(
+            "uno_s",
+            "u = uno's update on even steps, s's on odd steps (first step is UNO)",
+            "UNO-S, Mandal & Gottwald 2025 (arXiv 2506.04712)",
+            {"orthogonality_weight": _ORTHOGONALITY_WEIGHT},
+            _GUIDANCE_AFTER_PROJECTION,
+            _alternate(_uno, _s),
+        ),
+        Method(
+            "sa_gated",
+            "u = mean_i w_i P^c_{g_r}(-grad l(x_i)), w_i = 1[l(x_i) < target]; combine='pcgrad' adds P^c_a(g_r)",
+            "ours (gsu-jax): ascent that stops per example once its loss reaches the retrained oracle's level",
+            {
+                "forget_loss_target": HParam(
+                    REQUIRED,
+                    "the retrain-from-scratch oracle's mean forget loss: examples at or above it stop ascending",
+                    "a number (+inf: never gate, -inf: gate everything)",
+                    _is_not_nan,
+                    float,
+                ),
+                "temperature": HParam(
+                    0.0,
+                    "0: hard gate 1[l < target]; > 0: smooth gate sigmoid((target - l) / temperature)",
+                    "a finite number >= 0",
+                    _is_nonnegative_finite,
+                    float,
+                ),
+                "only_on_conflict": _only_on_conflict(True, "each example's ascent gradient"),
+                "combine": HParam(
+                    "sa",
+                    "'sa': the gated ascent alone (zero once all are gated); 'pcgrad': two-task PCGrad with g_r",
+                    "'sa' or 'pcgrad'",
+                    lambda value: value in ("sa", "pcgrad"),
+                    str,
+                ),
+            },
+            _GUIDANCE_AFTER_PROJECTION,
+            _sa_gated,
+        ),
+    )
+}
+
+
+def resolve_hparams(name: str, **hparams: Any) -> dict[str, Any]:
+    """Validates ``hparams`` for method ``name`` and fills in the defaults.
+
+    Args:
+      name: a key of :data:`METHODS`.
+      **hparams: hyperparameters of that method (see ``METHODS[name].hparams``).
+
+    Returns:
+      Every hyperparameter of the method, by name (ints and floats as Python ``int``/``float``).
+
+    Raises:
+      ValueError: unknown method, unknown or invalid hyperparameter, or a required one missing; the message names
+        the bad value and lists what is allowed.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown unlearning method {name!r}; allowed: {', '.join(sorted(METHODS))}")
+    method = METHODS[name]
+    unknown = sorted(set(hparams) - set(method.hparams))
+    if unknown:
+        allowed = ", ".join(f"{key}={hparam.default!r}" for key, hparam in method.hparams.items()) or "none"
+        raise ValueError(f"method {name!r} has no hyperparameter {', '.join(unknown)}; allowed: {allowed}")
+    resolved = {}
+    for key, hparam in method.hparams.items():
+        value = hparams.get(key, hparam.default)
+        if value is REQUIRED:
+            raise ValueError(f"method {name!r} needs {key} ({hparam.doc}); allowed: {hparam.allowed}")
+        if not hparam.is_valid(value):
+            raise ValueError(f"method {name!r}: {key}={value!r} is invalid; allowed: {hparam.allowed}")
+        resolved[key] = hparam.convert(value)
+    return resolved
+
+
+# ------------------------------------------------------------------------------------------------- the step
+
+
+def split_step_keys(key: jax.Array, forget_batch: Batch, retain_batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The keys one step uses: ``(forget_keys key[B_f], retain_keys key[B_r], guidance_key)``.
+
+    ``forget_key, retain_key, guidance_key = jax.random.split(key, 3)``, then one key per example with
+    ``jax.random.split(forget_key, B_f)`` (resp. ``retain_key``).
+    """
+    forget_key, retain_key, guidance_key = jax.random.split(key, 3)
+    forget_keys = jax.random.split(forget_key, batch_size(forget_batch))
+    retain_keys = jax.random.split(retain_key, batch_size(retain_batch))
+    return forget_keys, retain_keys, guidance_key
+
+
+def _losses_and_mean_grad(loss_fn: LossFn, params: Params, batch: Batch, keys: jax.Array):
+    """``(l(x_i) f32[B], grad mean_i l(x_i))`` in one forward and one backward pass."""
+
+    def mean_loss(params: Params) -> tuple[jax.Array, jax.Array]:
+        losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, batch, keys)
+        return jnp.mean(losses), losses
+
+    (_, losses), grad = jax.value_and_grad(mean_loss, has_aux=True)(params)
+    return losses, grad
+
+
+def make_method(
+    name: str,
+    *,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    guidance_loss: GuidanceLossFn | None = None,
+    guidance_weight: float = 0.0,
+    **hparams: Any,
+) -> UnlearningMethod:
+    """Builds the unlearning method ``name`` (a key of :data:`METHODS`) for a per-example loss and an optimizer.
+
+    The step computes, once and for every method, ``l(x_i)`` and ``g_f`` on the forget batch and ``L_r``, ``g_r`` on
+    the retain batch (keys from :func:`split_step_keys`), lets the method's rule turn them into the update
+    direction ``u`` (table in the module docstring), adds ``guidance_weight * grad guidance_loss(params,
+    guidance_key)`` when guidance is on, and applies ``optimizer`` to ``u`` (descending it).
+
+    Args:
+      name: the method (``sorted(METHODS)`` lists them).
+      loss_fn: ``loss_fn(params, example, key) -> f32[]``, the loss of ONE example.
+      optimizer: any optax gradient transformation (e.g. ``optax.adam(1e-3)``, the protocol's).
+      guidance_loss: optional ``guidance_loss(params, key) -> f32[]`` (e.g.
+        :func:`gsu_jax.losses.uniformity_guidance_loss`).
+      guidance_weight: ``w >= 0``; ``w > 0`` needs ``guidance_loss``.
+      **hparams: the method's hyperparameters (``METHODS[name].hparams``).
+
+    Returns:
+      ``UnlearningMethod(init, step)``: ``init(params) -> MethodState`` and the pure
+      ``step(params, state, forget_batch, retain_batch, key) -> (params, state, metrics)``.
+
+    Raises:
+      ValueError: unknown method, bad hyperparameter, negative or non-finite ``guidance_weight``, or guidance
+        without a ``guidance_loss`` (all before any work).
+      TypeError: ``loss_fn``/``guidance_loss`` not callable, or ``optimizer`` not an optax transformation.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> def loss_fn(params, example, key):  # a 1-d Gaussian with a learnt mean
+      ...     return 0.5 * jnp.square(example["x"] - params["mean"])
+      >>> method = make_method("sa", loss_fn=loss_fn, optimizer=optax.sgd(0.1))
+      >>> params = {"mean": jnp.zeros(2)}
+      >>> forget = {"x": jnp.array([[1.0, 0.0], [1.0, 0.2]])}
+      >>> retain = {"x": jnp.array([[0.0, 1.0], [0.2, 1.0]])}
+      >>> step = jax.jit(method.step)
+      >>> params, state, metrics = step(params, method.init(params), forget, retain, jax.random.key(0))
+      >>> sorted(metrics)
+      ['cos_forget_retain', 'forget_loss', 'gated_fraction', 'projected', 'retain_loss', 'update_norm']
+    """
+    resolved = resolve_hparams(name, **hparams)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (params, example, key) -> f32[], got {loss_fn!r}")
+    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+        raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}")
+    if not _is_nonnegative_finite(guidance_weight):
+        raise ValueError(f"guidance_weight must be a finite number >= 0, got {guidance_weight!r}")
+    if guidance_loss is not None and not callable(guidance_loss):
+        raise TypeError(f"guidance_loss must be callable (params, key) -> f32[], got {guidance_loss!r}")
+    if guidance_weight > 0 and guidance_loss is None:
+        raise ValueError(
+            f"guidance_weight={guidance_weight} needs a guidance_loss(params, key); allowed: guidance_weight=0 "
+            "without one, or pass guidance_loss"
+        )
+    guided = guidance_weight > 0
+    guidance_weight = float(guidance_weight)
+    rule = METHODS[name].direction
+
+    def init(params: Params) -> MethodState:
+        return MethodState(step=jnp.zeros((), jnp.int32), optimizer=optimizer.init(params))
+
+    def step(
+        params: Params, state: MethodState, forget_batch: Batch, retain_batch: Batch, key: jax.Array
+    ) -> tuple[Params, MethodState, Metrics]:
+        forget_keys, retain_keys, guidance_key = split_step_keys(key, forget_batch, retain_batch)
+        forget_losses, forget_grad = _losses_and_mean_grad(loss_fn, params, forget_batch, forget_keys)
+        retain_losses, retain_grad = _losses_and_mean_grad(loss_fn, params, retain_batch, retain_keys)
+        inputs = StepInputs(
+            loss_fn=loss_fn,
+            params=params,
+            step=state.step,
+            forget_batch=forget_batch,
+            retain_batch=retain_batch,
+            forget_keys=forget_keys,
+            retain_keys=retain_keys,
+            forget_losses=forget_losses,
+            forget_grad=forget_grad,
+            retain_grad=retain_grad,
+        )
+        direction = rule(inputs, resolved)
+        update = direction.update
+        metrics = {}
+        if guided:
+            guidance_value, guidance_grad = jax.value_and_grad(guidance_loss)(params, guidance_key)
+            update = _add(update, guidance_grad, guidance_weight)
+            metrics["guidance_loss"] = guidance_value.astype(jnp.float32)
+        updates, optimizer_state = optimizer.update(update, state.optimizer, params)
+        new_params = optax.apply_updates(params, updates)
+        metrics.update(
+            forget_loss=jnp.mean(forget_losses).astype(jnp.float32),
+            retain_loss=jnp.mean(retain_losses).astype(jnp.float32),
+            cos_forget_retain=_cosine(forget_grad, retain_grad).astype(jnp.float32),
+            projected=direction.projected.astype(jnp.float32),
+            gated_fraction=direction.gated_fraction.astype(jnp.float32),
+            update_norm=tree_norm(update).astype(jnp.float32),
+        )
+        return new_params, MethodState(step=state.step + 1, optimizer=optimizer_state), metrics
+
+    return UnlearningMethod(init=init, step=step)

@@ -1,0 +1,508 @@
+"""Tests for gsu_jax.methods: every registered method on a tiny VAE-like model written here.
+
+Exactness checks capture the update direction ``u`` with an "optimizer" that stores it in its state and leaves the
+parameters unchanged (so consecutive steps see the same parameters), then compare ``u`` with references computed
+another way: materialised per-example gradients, NumPy float64, finite differences in float64. Compiled steps are
+shared through a module-scoped cache: each (method, configuration) compiles once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jax.flatten_util import ravel_pytree
+
+from gsu_jax import methods
+from gsu_jax.methods import METHODS, REQUIRED, make_method, resolve_hparams, split_step_keys
+from gsu_jax.per_example import per_example_grads as _per_example_grads
+from gsu_jax.surgery import project_normal_plane
+
+DATA_DIM, LATENT_DIM = 6, 2
+FORGET_SIZE, RETAIN_SIZE = 8, 8
+METRIC_NAMES = {"forget_loss", "retain_loss", "cos_forget_retain", "projected", "gated_fraction", "update_norm"}
+# Methods whose update ascends the forget loss (to first order) on every step.
+FORGET_ASCENDING = ("sa", "sa_conflict", "sa_per_example", "sa_span", "pcgrad", "ascent", "sa_gated")
+RETAIN_DESCENDING = ("s", "retain_finetune", "pcgrad")
+# Hyperparameters the tests pass where a method has a required one (a target no example reaches: full ascent).
+TEST_HPARAMS: dict[str, dict[str, Any]] = {"sa_gated": {"forget_loss_target": 1e6}, "sa_span": {"num_directions": 4}}
+TRACE_COUNT = {"loss": 0}
+
+
+def _vae_like_loss(*, stochastic: bool) -> Callable:
+    """A tiny linear-decoder VAE: tanh encoder mean, learnt log-variance, one reparameterised sample per key."""
+
+    def loss_fn(params, example, key):
+        TRACE_COUNT["loss"] += 1  # runs only while tracing: counts retraces
+        x = example["x"]
+        mean = jnp.tanh(x @ params["encoder"]["w"] + params["encoder"]["b"])
+        logvar = params["logvar"]
+        noise = jax.random.normal(key, (LATENT_DIM,)) if stochastic else jnp.zeros(LATENT_DIM)
+        z = mean + jnp.exp(0.5 * logvar) * noise
+        recon = z @ params["decoder"]["w"] + params["decoder"]["b"]
+        kl = 0.5 * jnp.sum(jnp.exp(logvar) + jnp.square(mean) - 1.0 - logvar)
+        return 0.5 * jnp.sum(jnp.square(x - recon)) + kl
+
+    return loss_fn
+
+
+STOCHASTIC_LOSS = _vae_like_loss(stochastic=True)
+DETERMINISTIC_LOSS = _vae_like_loss(stochastic=False)
+
+
+def capture_direction() -> optax.GradientTransformation:
+    """An "optimizer" whose state is the last update direction it saw and whose updates are zero."""
+
+    def init(params):
+        return jax.tree.map(jnp.zeros_like, params)
+
+    def update(updates, state, params=None):
+        del state, params
+        return jax.tree.map(jnp.zeros_like, updates), updates
+
+    return optax.GradientTransformation(init, update)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    key_params, key_forget, key_retain = jax.random.split(jax.random.key(0), 3)
+    k1, k2 = jax.random.split(key_params)
+    params = {
+        "encoder": {"w": 0.5 * jax.random.normal(k1, (DATA_DIM, LATENT_DIM)), "b": jnp.zeros(LATENT_DIM)},
+        "logvar": jnp.full((LATENT_DIM,), -1.0, jnp.float32),  # not weakly typed: steps return strong types
+        "decoder": {"w": 0.5 * jax.random.normal(k2, (LATENT_DIM, DATA_DIM)), "b": jnp.zeros(DATA_DIM)},
+    }
+    forget_center = jnp.array([2.0, 1.5, 0.0, 0.0, 0.5, 0.0])
+    retain_center = jnp.array([0.5, 0.0, 1.5, -1.0, 0.0, 1.0])
+    forget = {"x": forget_center + 0.3 * jax.random.normal(key_forget, (FORGET_SIZE, DATA_DIM))}
+    retain = {"x": retain_center + 0.3 * jax.random.normal(key_retain, (RETAIN_SIZE, DATA_DIM))}
+    return params, forget, retain
+
+
+class StepCache:
+    """Builds and jits each (method, optimizer, loss, hparams) once for the whole module."""
+
+    def __init__(self):
+        self._steps: dict[tuple, tuple[methods.UnlearningMethod, Callable]] = {}
+
+    def get(self, name, *, optimizer="capture", stochastic=False, guidance_weight=0.0, **hparams):
+        hparams = {**TEST_HPARAMS.get(name, {}), **hparams}
+        cache_key = (name, optimizer, stochastic, guidance_weight, tuple(sorted(hparams.items())))
+        if cache_key not in self._steps:
+            transform = {"capture": capture_direction(), "sgd": optax.sgd(0.02)}[optimizer]
+            method = make_method(
+                name,
+                loss_fn=STOCHASTIC_LOSS if stochastic else DETERMINISTIC_LOSS,
+                optimizer=transform,
+                guidance_loss=_guidance_loss if guidance_weight else None,
+                guidance_weight=guidance_weight,
+                **hparams,
+            )
+            self._steps[cache_key] = (method, jax.jit(method.step))
+        return self._steps[cache_key]
+
+    def direction(self, name, params, forget, retain, key, **kwargs):
+        """``(u, metrics)`` of one step of ``name`` from a fresh state (capture optimizer)."""
+        method, step = self.get(name, **kwargs)
+        _, state, metrics = step(params, method.init(params), forget, retain, key)
+        return state.optimizer, metrics
+
+
+@pytest.fixture(scope="module")
+def steps():
+    return StepCache()
+
+
+def _guidance_loss(params, key):
+    """A stand-in guidance objective: a random quadratic in the decoder bias."""
+    target = jax.random.normal(key, (DATA_DIM,))
+    return jnp.sum(jnp.square(params["decoder"]["b"] - target))
+
+
+per_example_grads = jax.jit(_per_example_grads, static_argnums=0)
+
+
+def _mean_loss(loss_fn, params, batch, keys):
+    return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, batch, keys))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _gradients(loss_fn, params, forget, retain, key):
+    """``(forget_keys, retain_keys, g_f, g_r)`` with exactly the keys a step draws from ``key``."""
+    forget_keys, retain_keys, _ = split_step_keys(key, forget, retain)
+    g_f = jax.grad(_mean_loss, argnums=1)(loss_fn, params, forget, forget_keys)
+    g_r = jax.grad(_mean_loss, argnums=1)(loss_fn, params, retain, retain_keys)
+    return forget_keys, retain_keys, g_f, g_r
+
+
+def _flat(tree) -> np.ndarray:
+    return np.concatenate([np.asarray(leaf, np.float64).ravel() for leaf in jax.tree.leaves(tree)])
+
+
+def _expected_loss(params, batch, key, *, samples=64):
+    """``E_eps mean_i l(x_i)`` over ``samples`` fixed noise draws (common random numbers across calls)."""
+    size = batch["x"].shape[0]
+    keys = jax.random.split(key, samples * size).reshape(samples, size)
+    return float(jnp.mean(jax.vmap(lambda k: _mean_loss(STOCHASTIC_LOSS, params, batch, k))(keys)))
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def test_registry_lists_every_method_with_its_record():
+    expected = {
+        "sa", "sa_conflict", "sa_per_example", "sa_span", "pcgrad", "s", "ascent", "ascent_descent",
+        "retain_finetune", "uno", "uno_s", "sa_gated",
+    }
+    assert set(METHODS) == expected
+    for name, record in METHODS.items():
+        assert record.name == name
+        assert record.rule and record.source and record.guidance
+        assert set(record.defaults) == set(record.hparams)
+    assert METHODS["uno"].defaults == {"orthogonality_weight": 1e3}
+    assert METHODS["sa_gated"].defaults["forget_loss_target"] is REQUIRED
+    assert "ours" in METHODS["sa_gated"].source
+
+
+def test_resolve_hparams_fills_defaults_and_normalises_types():
+    assert resolve_hparams("sa_span", num_directions=np.int64(4)) == {
+        "num_directions": 4, "only_on_conflict": False, "chunk_size": None,
+    }
+    resolved = resolve_hparams("sa_gated", forget_loss_target=3)
+    assert resolved == {"forget_loss_target": 3.0, "temperature": 0.0, "only_on_conflict": True, "combine": "sa"}
+    assert isinstance(resolved["forget_loss_target"], float)
+
+
+# ------------------------------------------------------------------------------------- every method, jitted
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_step_is_jitted_once_deterministic_and_finite(name, steps, problem):
+    params, forget, retain = problem
+    method, step = steps.get(name, optimizer="sgd", stochastic=True)
+    state = method.init(params)
+    key = jax.random.key(1)
+    first = step(params, state, forget, retain, key)
+    traces = TRACE_COUNT["loss"]
+    again = step(params, state, forget, retain, key)
+    chex.assert_trees_all_equal(first, again)  # same key, same everything
+    new_params, new_state, metrics = first
+    step(new_params, new_state, forget, retain, jax.random.key(2))  # new values, same shapes
+    assert TRACE_COUNT["loss"] == traces, "the jitted step retraced"
+
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_params, params)
+    chex.assert_tree_all_finite(new_params)
+    assert int(new_state.step) == 1
+    assert set(metrics) == METRIC_NAMES
+    for metric_name, value in metrics.items():
+        assert value.shape == () and value.dtype == jnp.float32, metric_name
+        assert np.isfinite(value), metric_name
+    assert 0.0 <= float(metrics["projected"]) <= 1.0
+    assert -1.0 <= float(metrics["cos_forget_retain"]) <= 1.0
+
+
+@pytest.mark.parametrize("name", sorted(set(FORGET_ASCENDING) | set(RETAIN_DESCENDING)))
+def test_few_sgd_steps_move_the_losses_the_right_way(name, steps, problem):
+    """First-order methods ascend the forget loss (or descend the retain loss) in expectation over the noise."""
+    params, forget, retain = problem
+    method, step = steps.get(name, optimizer="sgd", stochastic=True)
+    state = method.init(params)
+    updated = params
+    for index in range(3):
+        updated, state, _ = step(updated, state, forget, retain, jax.random.key(10 + index))
+    eval_key = jax.random.key(99)
+    if name in FORGET_ASCENDING:
+        assert _expected_loss(updated, forget, eval_key) > _expected_loss(params, forget, eval_key) + 1e-3
+    if name in RETAIN_DESCENDING:
+        assert _expected_loss(updated, retain, eval_key) < _expected_loss(params, retain, eval_key) - 1e-3
+
+
+def _uno_objective(params, forget, retain, *, weight):
+    g_f = jax.grad(_mean_loss, argnums=1)(DETERMINISTIC_LOSS, params, forget, jnp.zeros((FORGET_SIZE, 2), jnp.uint32))
+    retain_loss, g_r = jax.value_and_grad(_mean_loss, argnums=1)(
+        DETERMINISTIC_LOSS, params, retain, jnp.zeros((RETAIN_SIZE, 2), jnp.uint32)
+    )
+    a, b = _flat_jax(g_f), _flat_jax(g_r)
+    return retain_loss + weight * jnp.square(a @ b) / ((a @ a) * (b @ b))
+
+
+def _flat_jax(tree):
+    return jnp.concatenate([leaf.ravel() for leaf in jax.tree.leaves(tree)])
+
+
+def test_a_small_step_against_uno_s_update_descends_its_objective(steps, problem):
+    """UNO's update is the gradient of L_r + lambda cos^2: a short step against it lowers that objective."""
+    params, forget, retain = problem
+    update, _ = steps.direction("uno", params, forget, retain, jax.random.key(3))
+    norm = float(methods.tree_norm(update))
+    moved = jax.tree.map(lambda p, u: p - 1e-3 * u / norm, params, update)
+    before = _uno_objective(params, forget, retain, weight=1e3)
+    assert _uno_objective(moved, forget, retain, weight=1e3) < before - 1e-4 * norm * 1e-3
+
+
+# ------------------------------------------------------------------------------- exact update directions
+
+
+def test_sa_is_orthogonal_to_the_retain_gradient_and_s_to_the_forget_gradient(steps, problem):
+    params, forget, retain = problem
+    key = jax.random.key(5)
+    _, _, g_f, g_r = _gradients(DETERMINISTIC_LOSS, params, forget, retain, key)
+    g_f, g_r = _flat(g_f), _flat(g_r)
+    sa, metrics = steps.direction("sa", params, forget, retain, key)
+    sa = _flat(sa)
+    assert abs(sa @ g_r) <= 1e-5 * np.linalg.norm(sa) * np.linalg.norm(g_r)
+    np.testing.assert_allclose(sa, -g_f + (g_f @ g_r) / (g_r @ g_r) * g_r, rtol=1e-5, atol=1e-6)
+    assert float(metrics["projected"]) == 1.0
+    np.testing.assert_allclose(float(metrics["cos_forget_retain"]), g_f @ g_r / np.linalg.norm(g_f) / np.linalg.norm(g_r), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["update_norm"]), np.linalg.norm(sa), rtol=1e-5)
+
+    s, _ = steps.direction("s", params, forget, retain, key)
+    s = _flat(s)
+    assert abs(s @ g_f) <= 1e-5 * np.linalg.norm(s) * np.linalg.norm(g_f)
+    np.testing.assert_allclose(s, g_r - (g_f @ g_r) / (g_f @ g_f) * g_f, rtol=1e-5, atol=1e-6)
+
+
+def test_sa_conflict_projects_only_on_conflict(steps, problem):
+    params, forget, retain = problem
+    key = jax.random.key(5)
+    for retain_batch in (retain, forget):  # g_r = g_f: a sure conflict
+        _, _, g_f, g_r = _gradients(DETERMINISTIC_LOSS, params, forget, retain_batch, key)
+        g_f, g_r = _flat(g_f), _flat(g_r)
+        update, metrics = steps.direction("sa_conflict", params, forget, retain_batch, key)
+        conflict = (-g_f) @ g_r < 0
+        expected = -g_f + (g_f @ g_r) / (g_r @ g_r) * g_r if conflict else -g_f
+        np.testing.assert_allclose(_flat(update), expected, rtol=1e-5, atol=1e-6)
+        assert float(metrics["projected"]) == float(conflict)
+
+
+def _numpy_pcgrad(g_f: np.ndarray, g_r: np.ndarray) -> np.ndarray:
+    ascent, retain = -g_f, g_r
+    dot = ascent @ retain
+    ascent_part = ascent - dot / (retain @ retain) * retain if dot < 0 else ascent
+    retain_part = retain - dot / (ascent @ ascent) * ascent if dot < 0 else retain
+    return ascent_part + retain_part
+
+
+@pytest.mark.parametrize("retain_source", ["retain", "forget", "negated"])
+def test_pcgrad_equals_a_numpy_float64_reference(retain_source, steps, problem):
+    params, forget, retain = problem
+    retain_batch = {"retain": retain, "forget": forget, "negated": {"x": -retain["x"]}}[retain_source]
+    key = jax.random.key(6)
+    _, _, g_f, g_r = _gradients(DETERMINISTIC_LOSS, params, forget, retain_batch, key)
+    g_f, g_r = _flat(g_f), _flat(g_r)
+    update, metrics = steps.direction("pcgrad", params, forget, retain_batch, key)
+    np.testing.assert_allclose(_flat(update), _numpy_pcgrad(g_f, g_r), rtol=1e-5, atol=1e-6)
+    assert float(metrics["projected"]) == float(-g_f @ g_r < 0)
+    # Two-task PCGrad ascends the forget loss and descends the retain loss together, to first order.
+    assert -_flat(update) @ g_f >= -1e-6 and _flat(update) @ g_r >= -1e-6
+
+
+@pytest.mark.parametrize("only_on_conflict", [True, False])
+def test_sa_per_example_equals_the_materialised_computation(only_on_conflict, steps, problem):
+    params, forget, retain = problem
+    key = jax.random.key(7)
+    forget_keys, _, _, g_r = _gradients(STOCHASTIC_LOSS, params, forget, retain, key)
+    grads = per_example_grads(STOCHASTIC_LOSS, params, forget, forget_keys)
+    transform = project_normal_plane(per_example=True, only_on_conflict=only_on_conflict)
+    expected, _ = transform.update(jax.tree.map(jnp.negative, grads), transform.init(params), direction=g_r)
+    update, metrics = steps.direction(
+        "sa_per_example", params, forget, retain, key, stochastic=True, only_on_conflict=only_on_conflict
+    )
+    chex.assert_trees_all_close(update, expected, rtol=1e-5, atol=1e-6)
+    derivatives = _flat_rows(grads) @ _flat(g_r)
+    expected_fraction = np.mean(derivatives > 0) if only_on_conflict else 1.0
+    np.testing.assert_allclose(float(metrics["projected"]), expected_fraction, rtol=1e-6)
+    if not only_on_conflict:  # projection off a fixed vector is linear: the mean of projections is sa's update
+        sa, _ = steps.direction("sa", params, forget, retain, key, stochastic=True)
+        chex.assert_trees_all_close(update, sa, rtol=1e-5, atol=1e-6)
+
+
+def _flat_rows(stacked) -> np.ndarray:
+    leaves = jax.tree.leaves(stacked)
+    return np.concatenate([np.asarray(leaf, np.float64).reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
+
+
+def test_sa_span_is_orthogonal_to_every_group_gradient(steps, problem):
+    params, forget, retain = problem
+    key = jax.random.key(8)
+    _, retain_keys, g_f, g_r = _gradients(STOCHASTIC_LOSS, params, forget, retain, key)
+    groups = 4
+    size = RETAIN_SIZE // groups
+    group_grads = np.stack([
+        _flat(jax.grad(_mean_loss, argnums=1)(
+            STOCHASTIC_LOSS, params, {"x": retain["x"][k * size:(k + 1) * size]}, retain_keys[k * size:(k + 1) * size]
+        ))
+        for k in range(groups)
+    ])
+    np.testing.assert_allclose(group_grads.mean(axis=0), _flat(g_r), rtol=1e-5, atol=1e-6)
+    update, metrics = steps.direction("sa_span", params, forget, retain, key, stochastic=True)
+    update = _flat(update)
+    for group_grad in group_grads:
+        assert abs(update @ group_grad) <= 1e-4 * np.linalg.norm(update) * np.linalg.norm(group_grad)
+    # The residual is -g_f minus its least-squares part in the span.
+    coefficients, *_ = np.linalg.lstsq(group_grads.T, -_flat(g_f), rcond=None)
+    np.testing.assert_allclose(update, -_flat(g_f) - group_grads.T @ coefficients, rtol=1e-3, atol=1e-4)
+    assert float(metrics["projected"]) == 1.0
+    chunked, _ = steps.direction("sa_span", params, forget, retain, key, stochastic=True, chunk_size=3)
+    np.testing.assert_allclose(_flat(chunked), update, rtol=1e-5, atol=1e-6)
+
+
+def test_sa_span_with_one_direction_is_sa(steps, problem):
+    params, forget, retain = problem
+    key = jax.random.key(8)
+    span, _ = steps.direction("sa_span", params, forget, retain, key, num_directions=1)
+    sa, _ = steps.direction("sa", params, forget, retain, key)
+    chex.assert_trees_all_close(span, sa, rtol=1e-4, atol=1e-5)
+
+
+def test_uno_gradient_matches_float64_finite_differences(steps, problem):
+    params, forget, retain = problem
+    update, _ = steps.direction("uno", params, forget, retain, jax.random.key(9))
+    update = _flat(update)
+    with jax.enable_x64(True):
+        params64 = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float64), params)
+        forget64 = {"x": jnp.asarray(forget["x"], jnp.float64)}
+        retain64 = {"x": jnp.asarray(retain["x"], jnp.float64)}
+        flat_params, unravel = ravel_pytree(params64)
+        objective = jax.jit(lambda flat: _uno_objective(unravel(flat), forget64, retain64, weight=1e3))
+        rng = np.random.default_rng(0)
+        step = 1e-5
+        for _ in range(4):
+            tangent = rng.standard_normal(flat_params.shape[0])
+            tangent /= np.linalg.norm(tangent)
+            numeric = (objective(flat_params + step * tangent) - objective(flat_params - step * tangent)) / (2 * step)
+            np.testing.assert_allclose(update @ tangent, float(numeric), rtol=2e-3, atol=2e-3 * np.linalg.norm(update))
+
+
+def test_alternating_methods_switch_rules_on_the_step_parity(steps, problem):
+    params, forget, retain = problem
+    key = jax.random.key(11)
+    _, _, g_f, g_r = _gradients(DETERMINISTIC_LOSS, params, forget, retain, key)
+    expectations = {
+        "ascent_descent": (jax.tree.map(jnp.negative, g_f), g_r),
+        "uno_s": (steps.direction("uno", params, forget, retain, key)[0], steps.direction("s", params, forget, retain, key)[0]),
+    }
+    for name, (even, odd) in expectations.items():
+        method, step = steps.get(name)
+        state = method.init(params)
+        for expected in (even, odd, even):
+            _, state, _ = step(params, state, forget, retain, key)  # capture: params stay put
+            chex.assert_trees_all_close(state.optimizer, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- sa_gated (ours)
+
+
+def test_sa_gated_with_an_unreachable_target_is_per_example_sa(steps, problem):
+    params, forget, retain = problem
+    key = jax.random.key(12)
+    gated, metrics = steps.direction("sa_gated", params, forget, retain, key, stochastic=True, forget_loss_target=math.inf)
+    full, _ = steps.direction("sa_per_example", params, forget, retain, key, stochastic=True)
+    chex.assert_trees_all_close(gated, full, rtol=1e-6, atol=1e-7)
+    assert float(metrics["gated_fraction"]) == 0.0
+
+
+def test_sa_gated_with_target_minus_inf_ascends_nothing(steps, problem):
+    params, forget, retain = problem
+    key = jax.random.key(12)
+    gated, metrics = steps.direction(
+        "sa_gated", params, forget, retain, key, stochastic=True, forget_loss_target=-math.inf
+    )
+    chex.assert_trees_all_equal(gated, jax.tree.map(jnp.zeros_like, params))
+    assert float(metrics["gated_fraction"]) == 1.0 and float(metrics["update_norm"]) == 0.0
+    # With combine='pcgrad' a fully gated step is plain retain descent.
+    _, _, _, g_r = _gradients(STOCHASTIC_LOSS, params, forget, retain, key)
+    retain_only, _ = steps.direction(
+        "sa_gated", params, forget, retain, key, stochastic=True, forget_loss_target=-math.inf, combine="pcgrad"
+    )
+    chex.assert_trees_all_close(retain_only, g_r, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 2.0])
+def test_sa_gated_weights_each_projected_example_by_its_gate(temperature, steps, problem):
+    params, forget, retain = problem
+    key = jax.random.key(13)
+    forget_keys, _, _, g_r = _gradients(STOCHASTIC_LOSS, params, forget, retain, key)
+    losses = np.asarray(jax.vmap(STOCHASTIC_LOSS, in_axes=(None, 0, 0))(params, forget, forget_keys), np.float64)
+    target = float(np.median(losses))
+    weights = (losses < target).astype(np.float64) if temperature == 0 else 1 / (1 + np.exp(-(target - losses) / temperature))
+    grads, direction = _flat_rows(per_example_grads(STOCHASTIC_LOSS, params, forget, forget_keys)), _flat(g_r)
+    ascents = -grads
+    dots = ascents @ direction
+    coefficients = np.where(dots < 0, dots / (direction @ direction), 0.0)
+    expected = np.mean(weights[:, None] * (ascents - coefficients[:, None] * direction), axis=0)
+    update, metrics = steps.direction(
+        "sa_gated", params, forget, retain, key, stochastic=True, forget_loss_target=target, temperature=temperature
+    )
+    np.testing.assert_allclose(_flat(update), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["gated_fraction"]), 1 - weights.mean(), rtol=1e-5)
+    if temperature == 0:
+        assert 0.0 < float(metrics["gated_fraction"]) < 1.0
+
+
+# --------------------------------------------------------------------------------------------- guidance
+
+
+def test_guidance_gradient_is_added_after_the_projection(steps, problem):
+    params, forget, retain = problem
+    key = jax.random.key(14)
+    weight = 0.7
+    plain, _ = steps.direction("sa", params, forget, retain, key)
+    guided, metrics = steps.direction("sa", params, forget, retain, key, guidance_weight=weight)
+    _, _, guidance_key = split_step_keys(key, forget, retain)
+    guidance_value, guidance_grad = jax.value_and_grad(_guidance_loss)(params, guidance_key)
+    chex.assert_trees_all_close(
+        guided, jax.tree.map(lambda u, g: u + weight * g, plain, guidance_grad), rtol=1e-6, atol=1e-6
+    )
+    assert set(metrics) == METRIC_NAMES | {"guidance_loss"}
+    np.testing.assert_allclose(float(metrics["guidance_loss"]), float(guidance_value), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [
+        ("gradient_surgery", {}, "unknown unlearning method 'gradient_surgery'; allowed: ascent, ascent_descent"),
+        ("sa", {"num_directions": 4}, "method 'sa' has no hyperparameter num_directions; allowed: none"),
+        ("sa_span", {"directions": 4}, "has no hyperparameter directions; allowed: num_directions=8"),
+        ("sa_span", {"num_directions": 0}, "num_directions=0 is invalid; allowed: an integer >= 1"),
+        ("sa_span", {"chunk_size": 2.5}, "chunk_size=2.5 is invalid"),
+        ("sa_per_example", {"only_on_conflict": "yes"}, "only_on_conflict='yes' is invalid; allowed: True or False"),
+        ("uno", {"orthogonality_weight": -1.0}, "orthogonality_weight=-1.0 is invalid; allowed: a finite number >= 0"),
+        ("sa_gated", {}, "method 'sa_gated' needs forget_loss_target"),
+        ("sa_gated", {"forget_loss_target": math.nan}, "forget_loss_target=nan is invalid"),
+        ("sa_gated", {"forget_loss_target": 1.0, "combine": "sum"}, "combine='sum' is invalid; allowed: 'sa' or 'pcgrad'"),
+        ("sa", {"guidance_weight": 1.0}, "guidance_weight=1.0 needs a guidance_loss"),
+        ("sa", {"guidance_weight": -1.0}, "guidance_weight must be a finite number >= 0, got -1.0"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(name, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make_method(name, loss_fn=DETERMINISTIC_LOSS, optimizer=optax.sgd(0.1), **kwargs)
+
+
+def test_bad_callables_are_refused():
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        make_method("sa", loss_fn=None, optimizer=optax.sgd(0.1))
+    with pytest.raises(TypeError, match="optimizer must be an optax GradientTransformation"):
+        make_method("sa", loss_fn=DETERMINISTIC_LOSS, optimizer=0.1)
+    with pytest.raises(TypeError, match="guidance_loss must be callable"):
+        make_method("sa", loss_fn=DETERMINISTIC_LOSS, optimizer=optax.sgd(0.1), guidance_loss="kl")
+
+
+def test_sa_span_refuses_a_retain_batch_it_cannot_split(problem):
+    params, forget, retain = problem
+    method = make_method("sa_span", loss_fn=DETERMINISTIC_LOSS, optimizer=optax.sgd(0.1), num_directions=3)
+    with pytest.raises(ValueError, match="retain batch into num_directions=3 equal groups, but its size 8"):
+        jax.jit(method.step)(params, method.init(params), forget, retain, jax.random.key(0))
