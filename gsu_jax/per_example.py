@@ -1,0 +1,387 @@
+r"""Per-example gradients and what can be computed without them.
+
+Every function here takes a loss written for ONE example,
+``loss_fn(params, example, key) -> f32[]`` (the :data:`LossFn` contract of
+``gsu_jax.losses``), the params pytree, a ``batch`` (the example pytree with a
+leading axis ``B`` on every leaf) and ``keys`` (``B`` PRNG keys, one per
+example, e.g. ``jax.random.split(key, B)``). Examples and keys are vmapped
+together, so every example sees its own key.
+
+Materialising ``B`` gradients costs ``B x |params|`` floats. Most uses only
+need a weighted sum of them or their inner products with one direction ``v``,
+and those come cheaply from the vector of per-example losses
+``f(theta) = [loss(theta, x_1, k_1), ..., loss(theta, x_B, k_B)]``:
+
+* ``[<grad loss(x_i), v>]_i = J_f v``: one forward-mode product (``jax.jvp``);
+* ``sum_i w_i grad loss(x_i) = J_f^T w``: one reverse-mode product
+  (``jax.vjp``).
+
+:func:`per_example_projected_mean` combines both to give the mean of
+per-example normal-plane projections without ever holding ``B`` gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gsu_jax import surgery
+from gsu_jax import trees
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]
+
+
+def _check_loss_fn(loss_fn: Any) -> None:
+  if not callable(loss_fn):
+    raise TypeError(
+        "loss_fn must be a callable loss_fn(params, example, key) -> scalar, "
+        f"got {loss_fn!r}.")
+
+
+def _batch_size(batch: PyTree, keys: Any) -> int:
+  """The common leading axis of ``batch`` and ``keys``, checked."""
+  leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+  if not leaves:
+    raise ValueError("batch has no leaves; it must be the example pytree with "
+                     "a leading axis B on every leaf.")
+  size, first_path = None, None
+  for path, leaf in leaves:
+    shape = jnp.shape(leaf)
+    path_str = jax.tree_util.keystr(path)
+    if not shape:
+      raise ValueError(
+          f"batch{path_str} is a scalar; every leaf of batch needs a leading "
+          "example axis B.")
+    if size is None:
+      size, first_path = shape[0], path_str
+    elif shape[0] != size:
+      raise ValueError(
+          f"every leaf of batch must have the same leading axis: "
+          f"batch{first_path} has {size}, batch{path_str} has {shape[0]}.")
+  if size == 0:
+    raise ValueError("batch is empty (B = 0); at least one example is needed.")
+  key_shape = jnp.shape(keys)
+  if not key_shape or key_shape[0] != size:
+    raise ValueError(
+        f"keys must hold one PRNG key per example, i.e. have leading axis "
+        f"B = {size} (batch{first_path}); got keys of shape {key_shape}.")
+  return size
+
+
+def _check_batched(name: str, value: Any, size: int) -> None:
+  if jnp.shape(value) != (size,):
+    raise ValueError(
+        f"{name} must have shape ({size},), one entry per example; got shape "
+        f"{jnp.shape(value)}.")
+
+
+def _check_real_scalar(name: str, value: Any) -> None:
+  if isinstance(value, jax.core.Tracer):
+    if jnp.shape(value) != ():
+      raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}.")
+    return
+  array = np.asarray(value)
+  if array.shape != () or not np.isrealobj(array) or array.dtype == object:
+    raise TypeError(f"{name} must be a real scalar, got {value!r}.")
+  if not np.isfinite(array):
+    raise ValueError(f"{name} must be finite, got {value!r}.")
+
+
+def _cast_like(tree: PyTree, reference: PyTree) -> PyTree:
+  return jax.tree.map(lambda x, r: jnp.asarray(x, jnp.result_type(r)), tree,
+                      reference)
+
+
+def per_example_losses(
+    loss_fn: LossFn, params: PyTree, batch: PyTree, keys: jax.Array
+) -> jax.Array:
+  """The loss of every example of a batch, each with its own key.
+
+  Args:
+    loss_fn: ``loss_fn(params, example, key) -> f32[]`` for one example.
+    params: the parameter pytree (e.g. an ``nnx.State``).
+    batch: the example pytree with a leading axis ``B`` on every leaf.
+    keys: ``B`` PRNG keys (typed ``key<fry>[B]`` or raw ``u32[B, 2]``).
+
+  Returns:
+    ``f32[B]``: ``loss_fn(params, batch[i], keys[i])`` for every ``i``.
+
+  Raises:
+    TypeError: ``loss_fn`` is not callable.
+    ValueError: ``batch`` leaves or ``keys`` disagree on ``B`` (the message
+      names the leaf path), ``B = 0``, or ``loss_fn`` does not return a scalar.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from gsu_jax import per_example_losses
+    >>> def loss(params, example, key):
+    ...   return jnp.sum((params["w"] * example["x"] - example["y"]) ** 2)
+    >>> batch = {"x": jnp.arange(3.0)[:, None], "y": jnp.zeros((3, 1))}
+    >>> keys = jax.random.split(jax.random.key(0), 3)
+    >>> per_example_losses(loss, {"w": jnp.ones(1)}, batch, keys).tolist()
+    [0.0, 1.0, 4.0]
+  """
+  _check_loss_fn(loss_fn)
+  size = _batch_size(batch, keys)
+  losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, batch, keys)
+  if jnp.shape(losses) != (size,):
+    raise ValueError(
+        "loss_fn must return a scalar per example; the batched losses have "
+        f"shape {jnp.shape(losses)}, expected ({size},).")
+  return losses
+
+
+def per_example_grads(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    keys: jax.Array,
+    *,
+    chunk_size: int | None = None,
+) -> PyTree:
+  """Gradients of every example's loss: ``jax.vmap(jax.grad(loss_fn))``.
+
+  Args:
+    loss_fn: ``loss_fn(params, example, key) -> f32[]`` for one example.
+    params: the parameter pytree.
+    batch: the example pytree with a leading axis ``B`` on every leaf.
+    keys: ``B`` PRNG keys.
+    chunk_size: if set, compute the gradients ``chunk_size`` examples at a time
+      (``jax.lax.map`` over chunks; the last, shorter chunk when ``B`` is not a
+      multiple is computed on its own), so the intermediate activations held at
+      once scale with ``chunk_size`` rather than ``B``. The result is the same
+      as without chunking (each example's gradient is computed by the same
+      vmapped function); the output itself still holds ``B`` gradients.
+
+  Returns:
+    a tree like ``params`` with a leading axis ``B`` on every leaf:
+    ``grads[i] = grad loss_fn(params, batch[i], keys[i])``.
+
+  Raises:
+    TypeError: ``loss_fn`` not callable or ``chunk_size`` not an int.
+    ValueError: ``chunk_size < 1``, or the batch checks of
+      :func:`per_example_losses`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from gsu_jax import per_example_grads
+    >>> def loss(params, example, key):
+    ...   return jnp.sum((params["w"] * example["x"] - example["y"]) ** 2)
+    >>> batch = {"x": jnp.arange(3.0)[:, None], "y": jnp.zeros((3, 1))}
+    >>> keys = jax.random.split(jax.random.key(0), 3)
+    >>> grads = per_example_grads(loss, {"w": jnp.ones(1)}, batch, keys,
+    ...                           chunk_size=2)
+    >>> grads["w"].tolist()
+    [[0.0], [2.0], [8.0]]
+  """
+  _check_loss_fn(loss_fn)
+  if chunk_size is not None and (isinstance(chunk_size, bool)
+                                 or not isinstance(chunk_size, int)):
+    raise TypeError(f"chunk_size must be an int or None, got {chunk_size!r}.")
+  if chunk_size is not None and chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+  size = _batch_size(batch, keys)
+  grad_one = jax.grad(loss_fn)
+  if chunk_size is None or chunk_size >= size:
+    return jax.vmap(grad_one, in_axes=(None, 0, 0))(params, batch, keys)
+  return jax.lax.map(lambda example_key: grad_one(params, *example_key),
+                     (batch, keys), batch_size=chunk_size)
+
+
+def per_example_directional_derivatives(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    keys: jax.Array,
+    tangent: PyTree,
+) -> jax.Array:
+  """``<grad loss(x_i), tangent>`` for every example, by one ``jax.jvp``.
+
+  Forward-mode differentiation of the vector of per-example losses along
+  ``tangent``: about the cost of two forward passes, no gradient materialised.
+
+  Args:
+    loss_fn: ``loss_fn(params, example, key) -> f32[]`` for one example.
+    params: the parameter pytree.
+    batch: the example pytree with a leading axis ``B`` on every leaf.
+    keys: ``B`` PRNG keys.
+    tangent: a tree like ``params``; its leaves are cast to the dtypes of the
+      ``params`` leaves (``jax.jvp`` requires it).
+
+  Returns:
+    ``f32[B]`` (the loss dtype): the directional derivatives.
+
+  Raises:
+    ValueError, TypeError: ``tangent`` does not match ``params`` (naming the
+      first mismatching leaf path), or the checks of :func:`per_example_losses`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from gsu_jax import per_example_directional_derivatives
+    >>> def loss(params, example, key):
+    ...   return jnp.sum((params["w"] * example["x"] - example["y"]) ** 2)
+    >>> batch = {"x": jnp.arange(3.0)[:, None], "y": jnp.zeros((3, 1))}
+    >>> keys = jax.random.split(jax.random.key(0), 3)
+    >>> per_example_directional_derivatives(
+    ...     loss, {"w": jnp.ones(1)}, batch, keys, {"w": jnp.full(1, 0.5)}).tolist()
+    [0.0, 1.0, 4.0]
+  """
+  _check_loss_fn(loss_fn)
+  _batch_size(batch, keys)
+  trees.check_tree_match(tangent, params, tree_name="tangent",
+                         reference_name="params")
+  _, derivatives = jax.jvp(
+      lambda p: per_example_losses(loss_fn, p, batch, keys), (params,),
+      (_cast_like(tangent, params),))
+  return derivatives
+
+
+def weighted_grad_sum(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    keys: jax.Array,
+    weights: jax.Array,
+) -> PyTree:
+  """``sum_i weights[i] * grad loss(x_i)``, by one ``jax.vjp``.
+
+  Reverse-mode differentiation of the vector of per-example losses with
+  cotangent ``weights``: the cost of one forward and one backward pass over the
+  batch; with ``weights = 1/B`` this is the gradient of the mean loss.
+
+  Args:
+    loss_fn: ``loss_fn(params, example, key) -> f32[]`` for one example.
+    params: the parameter pytree.
+    batch: the example pytree with a leading axis ``B`` on every leaf.
+    keys: ``B`` PRNG keys.
+    weights: ``f32[B]``, cast to the loss dtype.
+
+  Returns:
+    a tree like ``params`` (its dtypes).
+
+  Raises:
+    ValueError: ``weights`` is not ``[B]``, or the checks of
+      :func:`per_example_losses`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from gsu_jax import weighted_grad_sum
+    >>> def loss(params, example, key):
+    ...   return jnp.sum((params["w"] * example["x"] - example["y"]) ** 2)
+    >>> batch = {"x": jnp.arange(3.0)[:, None], "y": jnp.zeros((3, 1))}
+    >>> keys = jax.random.split(jax.random.key(0), 3)
+    >>> weighted_grad_sum(loss, {"w": jnp.ones(1)}, batch, keys,
+    ...                   jnp.array([1.0, 1.0, -1.0]))["w"].tolist()
+    [-6.0]
+  """
+  _check_loss_fn(loss_fn)
+  size = _batch_size(batch, keys)
+  _check_batched("weights", weights, size)
+  losses, pullback = jax.vjp(
+      lambda p: per_example_losses(loss_fn, p, batch, keys), params)
+  (grad_sum,) = pullback(jnp.asarray(weights, losses.dtype))
+  return grad_sum
+
+
+def per_example_projected_mean(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    keys: jax.Array,
+    direction: PyTree,
+    *,
+    scale: jax.typing.ArrayLike = 1.0,
+    only_on_conflict: bool = False,
+    eps: jax.typing.ArrayLike = 0.0,
+) -> PyTree:
+  r"""Mean of per-example normal-plane projections, without per-example grads.
+
+  Computes, with ``u_i = scale * grad loss(x_i)`` and ``d = direction``,
+
+  .. math::
+
+    \frac1B \sum_i P_d(u_i)
+    = \frac{\text{scale}}{B} \sum_i \nabla \ell(x_i)
+      - \Big(\frac1B \sum_i c_i\Big) d,
+    \qquad c_i = \frac{\text{scale}\,\langle \nabla \ell(x_i), d\rangle}
+                      {\langle d, d\rangle + \epsilon}
+
+  (``c_i`` zeroed where ``scale <grad loss(x_i), d> >= 0`` when
+  ``only_on_conflict``): exactly what ``project_normal_plane(per_example=True,
+  only_on_conflict=..., eps=...)`` returns for the materialised updates
+  ``scale * per_example_grads(...)`` and ``direction`` (equal up to float
+  rounding). The ``B`` inner products are one Jacobian-vector product of the
+  per-example-loss vector, the weighted sum one vector-Jacobian product; both
+  reuse one ``jax.linearize`` of that vector, so the forward pass runs once by
+  construction. (Measured on CPU, 784-400-2 VAE, batch 128: a separate
+  ``jax.jvp`` plus ``jax.vjp`` compiles to the same FLOP count and time, since
+  XLA merges the duplicated forward pass; ``linearize`` does not rely on that.)
+  Memory is that of one forward/backward pass; no ``B x |params|`` array
+  exists.
+
+  First-order guarantee: the result is orthogonal to ``d``, so a small step
+  along it leaves the loss whose gradient is ``d`` unchanged to first order.
+  With ``only_on_conflict`` its inner product with ``d`` is non-negative: a
+  descent step along it does not increase that loss to first order.
+
+  Args:
+    loss_fn: ``loss_fn(params, example, key) -> f32[]`` for one example.
+    params: the parameter pytree.
+    batch: the example pytree with a leading axis ``B`` on every leaf.
+    keys: ``B`` PRNG keys.
+    direction: a tree like ``params`` (e.g. the retain-set gradient).
+    scale: real scalar multiplying every gradient before the projection (e.g.
+      ``-1.0`` for per-sample gradient ascent on a forget batch); its sign
+      matters with ``only_on_conflict``.
+    only_on_conflict: project an example's update only when it conflicts with
+      ``d`` (PCGrad).
+    eps: non-negative damping added to ``<d, d>``, as in
+      :func:`gsu_jax.project_normal_plane`.
+
+  Returns:
+    a tree like ``params`` (its dtypes).
+
+  Raises:
+    TypeError, ValueError: bad flags or scalars, ``direction`` not matching
+      ``params`` (naming the first mismatching leaf path), or the checks of
+      :func:`per_example_losses`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from gsu_jax import per_example_projected_mean
+    >>> def loss(params, example, key):
+    ...   return jnp.sum((params["w"] * example["x"] - example["y"]) ** 2)
+    >>> params = {"w": jnp.ones(2)}
+    >>> batch = {"x": jnp.array([[1.0, 0.0], [1.0, 1.0]]), "y": jnp.zeros((2, 2))}
+    >>> keys = jax.random.split(jax.random.key(0), 2)
+    >>> per_example_projected_mean(loss, params, batch, keys, {"w": jnp.array([1.0, 0.0])},
+    ...                            scale=-1.0)["w"].tolist()
+    [0.0, -1.0]
+  """
+  _check_loss_fn(loss_fn)
+  surgery.check_flag("only_on_conflict", only_on_conflict)
+  surgery.check_nonnegative("eps", eps)
+  _check_real_scalar("scale", scale)
+  size = _batch_size(batch, keys)
+  trees.check_tree_match(direction, params, tree_name="direction",
+                         reference_name="params")
+  dtype = trees.accumulation_dtype(
+      *(jnp.result_type(x) for x in jax.tree.leaves((params, direction))))
+  unit, scaled_eps = surgery.normalise_direction(direction, eps, dtype)
+  squared_norm = trees.tree_squared_norm(unit)
+
+  losses, losses_jvp = jax.linearize(
+      lambda p: per_example_losses(loss_fn, p, batch, keys), params)
+  inner = scale * losses_jvp(_cast_like(unit, params)).astype(dtype)
+  coefficients = surgery.removal_coefficients(inner, squared_norm, scaled_eps,
+                                              only_on_conflict)
+  weights = jnp.full((size,), scale / size, losses.dtype)
+  (mean_update,) = jax.linear_transpose(losses_jvp, params)(weights)
+  mean_coefficient = jnp.mean(coefficients)
+  return jax.tree.map(
+      lambda g, h: (jnp.asarray(g, dtype) - mean_coefficient * h).astype(
+          jnp.result_type(g)), mean_update, unit)
