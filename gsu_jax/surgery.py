@@ -204,8 +204,8 @@ def project_normal_plane(
   Numerics: inner products accumulate in float32 (float64 for float64 leaves);
   they are taken with ``d / max|d|`` so they cannot overflow or underflow. A
   zero direction returns ``u`` unchanged. The output has the dtype of each leaf
-  of ``updates``. The projection is invariant to positive (and negative)
-  rescaling of ``d`` when ``eps = 0``.
+  of ``updates``. With ``eps = 0`` the result is invariant to positive
+  rescaling of ``d`` (to any non-zero rescaling without ``only_on_conflict``).
 
   Args:
     only_on_conflict: remove the component only when ``<u, d> < 0``.
@@ -329,10 +329,10 @@ def _nonnegative_dual(
   ``lam = 0``; while some direction outside the active set has remaining
   conflict ``(conflict - (G + ridge I) lam)_j > tolerance``, add the largest,
   solve the equality-constrained problem on the active set, and if a
-  coefficient turns non-positive step back to the boundary and drop it. Each
-  pass ends with exact KKT conditions; at most ``4K + 2`` iterations run (a
-  safety cap: Lawson-Hanson terminates in finitely many, in practice about
-  ``K``), and every iterate has ``lam >= 0``.
+  coefficient turns non-positive step back to the boundary and drop it. At
+  termination the KKT conditions hold up to ``tolerance``; at most ``4K + 2``
+  iterations run (a safety cap: Lawson-Hanson terminates in finitely many, in
+  practice about ``K``), and every iterate has ``lam >= 0``.
 
   Args:
     gram: ``f32[K, K]`` Gram matrix of unit directions (zero rows for zero
