@@ -1,0 +1,287 @@
+"""Writers for the unlearning report: JSON, Markdown table, per-step CSV logs, PNG grids, forget-fraction plot.
+
+Everything here is plain host-side I/O on numbers that `gsu_jax.unlearning` has already computed; nothing here
+touches JAX. The report is a nested dict (see `gsu_jax.unlearning.unlearn_and_evaluate`):
+
+* ``report["original"]`` / ``report["oracle"]``: one evaluation of one model, ``{metric: float | None}``.
+* ``report["methods"][label]``: one summary per method label (``"sa"``, ``"sa_gated+guided"``, ...) where
+  every metric is the statistic of `gsu_jax.metrics.summarize`: ``{"mean", "std", "per_seed", "num_reached",
+  "num_seeds"}`` (``None`` entries in ``per_seed`` are seeds without a value, e.g. that never stopped).
+
+Example:
+  >>> import tempfile, os
+  >>> d = tempfile.mkdtemp()
+  >>> write_step_csv(os.path.join(d, "log.csv"), [{"seed": 0, "step": 1, "forget_fraction": 0.5}])
+  >>> open(os.path.join(d, "log.csv")).read().splitlines()[0]
+  'seed,step,forget_fraction'
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+# Columns of the results table: (header, key in a method summary, key in an original/oracle evaluation, format).
+# A method key names a statistic {mean, std, per_seed}; a reference key names a float of one model.
+_TABLE_COLUMNS: tuple[tuple[str, str | None, str | None, str], ...] = (
+    ("steps to threshold", "steps_to_threshold", None, "{:.1f}"),
+    ("steps to 0.02 @128 (published)", "steps_to_published_threshold", None, "{:.1f}"),
+    ("step time (ms)", "step_time_ms", None, "{:.1f}"),
+    ("time to unlearn (s)", "time_to_unlearn_s", None, "{:.3f}"),
+    ("forget fraction at stop", "forget_fraction_at_stop", "forget_fraction", "{:.3f}"),
+    ("FID retain: stop", "fid_retain_at_stop", "fid_retain", "{:.2f}"),
+    ("FID retain: end", "fid_retain_at_end", "fid_retain", "{:.2f}"),
+    ("FID all: stop", "fid_all_at_stop", "fid_all", "{:.2f}"),
+    ("FID all: end", "fid_all_at_end", "fid_all", "{:.2f}"),
+    ("IS at stop", "inception_score_at_stop", "inception_score", "{:.2f}"),
+    ("held-out -ELBO retain", "nelbo_heldout_retain_at_stop", "nelbo_heldout_retain", "{:.1f}"),
+    ("held-out -ELBO forget", "nelbo_heldout_forget_at_stop", "nelbo_heldout_forget", "{:.1f}"),
+    ("MIA AUC", "mia_auc", "mia_auc", "{:.3f}"),
+)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_to_jsonable(v) for v in value.tolist()]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return _finite_or_none(value)
+    return value
+
+
+def write_json(path: str, report: Mapping[str, Any]) -> None:
+    """Writes ``report`` as indented JSON (NaN/inf become ``null``; numpy scalars become Python numbers)."""
+    with open(path, "w") as f:
+        json.dump(_to_jsonable(report), f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def write_step_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Writes one row per (seed, step) with the union of the rows' keys as columns, in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _format_csv_value(v) for k, v in row.items()})
+
+
+def _format_csv_value(value: Any) -> Any:
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.6g}"
+    if isinstance(value, np.integer):
+        return int(value)
+    return "" if value is None else value
+
+
+def _format_stat(stat: Mapping[str, Any] | None, fmt: str) -> str:
+    if stat is None or stat.get("mean") is None:
+        return "—"
+    text = fmt.format(stat["mean"])
+    if stat.get("std") is not None:
+        text += " ± " + fmt.format(stat["std"])
+    return text
+
+
+def _format_steps(stat: Mapping[str, Any] | None) -> str:
+    if stat is None:
+        return "—"
+    runs, stopped = stat["num_seeds"], stat["num_reached"]
+    body = _format_stat(stat, "{:.1f}") if stopped else "none"
+    return body if stopped == runs else f"{body} ({stopped}/{runs} stopped)"
+
+
+def _format_value(value: float | None, fmt: str) -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def markdown_table(report: Mapping[str, Any]) -> str:
+    """The results table: original model, oracle, then every method (mean ± std over seeds).
+
+    ``steps to threshold`` is the number of updates applied when the monitored forget fraction first fell
+    below the threshold, averaged over the seeds that got there (the count in brackets says how many did).
+    FID columns are the classifier-FID of the evaluator's features, against the retained training data and
+    against all training data, at the stopping step (the budget when a seed never stopped) and at the end of
+    the budget. The original and the oracle have one value per column (no steps).
+    """
+    headers = ["model"] + [c[0] for c in _TABLE_COLUMNS]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for name in ("original", "oracle"):
+        evaluation = report.get(name)
+        if evaluation is None:
+            continue
+        cells = [f"{name} model" if name == "original" else "oracle (retrained without forget set)"]
+        for _, _, ref_key, fmt in _TABLE_COLUMNS:
+            cells.append("—" if ref_key is None else _format_value(evaluation.get(ref_key), fmt))
+        lines.append("| " + " | ".join(cells) + " |")
+    for label, summary in report.get("methods", {}).items():
+        cells = [label]
+        for _, key, _, fmt in _TABLE_COLUMNS:
+            if key in ("steps_to_threshold", "steps_to_published_threshold"):
+                cells.append(_format_steps(summary.get(key)))
+            else:
+                cells.append(_format_stat(summary.get(key), fmt))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(report: Mapping[str, Any]) -> str:
+    """The whole report.md: command, setting, threshold, the table, and how to read it."""
+    threshold = report["threshold"]
+    config = report["config"]
+    published = threshold["published"]
+    guided = any(summary.get("guided") for summary in report.get("methods", {}).values())
+    lines = [
+        "# Unlearning report",
+        "",
+        "Produced by:",
+        "",
+        "```",
+        report["command"],
+        "```",
+        "",
+        f"- forget classes: {report['forget_classes']}; data `{report['data']['spec']}` "
+        f"(fingerprint `{report['data']['fingerprint'][:16]}`), {report['data']['num_forget_train']} forget / "
+        f"{report['data']['num_retain_train']} retain training examples, "
+        f"{report['data']['num_heldout']} held-out examples",
+        f"- seeds: {report['seeds']}; budget {config['max_steps']} steps "
+        f"({'always run to the budget' if config['continue_to_budget'] else 'stopped at the threshold'}); "
+        f"batches {config['batch_size']} forget + {config['retain_batch_size']} retain per step; "
+        f"optimizer {config['optimizer']['name']} lr {config['optimizer']['learning_rate']}",
+        f"- threshold: {threshold['mode']} = {threshold['value']:.4f} on {threshold['monitor_samples']} fixed "
+        f"monitoring samples"
+        + (
+            f" (oracle forget fraction {threshold['oracle_forget_fraction']:.4f} + 2 binomial standard errors)"
+            if threshold["mode"] == "auto"
+            else ""
+        ),
+        f"- published setting reported beside it: threshold {published['value']} on the first "
+        f"{published['monitor_samples']} of the same monitoring samples (same runs, second stopping rule)",
+        f"- FID: classifier-FID on the evaluator's features, {config['fid_samples']} generated samples, against "
+        "the retained training images and against all training images",
+        f"- guidance: {'weight ' + str(config['guidance_weight']) + ' (rows labelled +guided)' if guided else 'none'}"
+        "; the evaluator that scores the runs is a separate model that no method sees",
+        f"- device: {report['device']}",
+        "",
+        markdown_table(report),
+        "",
+        "Steps count updates applied; mean ± sample std over seeds, over the seeds that stopped when "
+        "the bracket says fewer did. Time to unlearn = mean step time × steps to threshold (the protocol's "
+        "definition); step time is the jitted step alone after compilation, synchronised, without the "
+        "monitoring. `stop` = the stopping step (the budget for a seed that never stopped), `end` = the end of "
+        "the budget.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_markdown(path: str, report: Mapping[str, Any]) -> None:
+    """Writes `markdown_report(report)` to ``path``."""
+    with open(path, "w") as f:
+        f.write(markdown_report(report))
+
+
+def image_grid(images: np.ndarray, *, columns: int = 8) -> np.ndarray:
+    """Tiles ``f32[N, H, W, C]`` images into one ``f32[rows*H, columns*W, C]`` array (blank cells are 0)."""
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4:
+        raise ValueError(f"image_grid expects f32[N, H, W, C], got shape {images.shape}")
+    n, h, w, c = images.shape
+    rows = max(1, -(-n // columns))
+    grid = np.zeros((rows * h, columns * w, c), dtype=np.float32)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = images[i]
+    return grid
+
+
+def save_sample_panels(path: str, panels: Mapping[str, np.ndarray], *, columns: int = 8) -> None:
+    """Saves side-by-side grids of samples, one titled panel per entry (e.g. original / at stop / at end).
+
+    Args:
+      path: PNG file to write.
+      panels: title -> ``f32[N, H, W, C]`` images in [0, 1] (the same fixed z in every panel, so that the
+        panels compare the same latent points before and after unlearning).
+      columns: images per grid row.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    for ax, (title, images) in zip(axes[0], panels.items()):
+        grid = image_grid(images, columns=columns)
+        if grid.shape[-1] == 1:
+            ax.imshow(grid[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
+        else:
+            ax.imshow(np.clip(grid, 0.0, 1.0))
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_forget_fraction(
+    path: str,
+    curves: Mapping[str, Sequence[Sequence[float]]],
+    *,
+    threshold: float,
+    threshold_label: str,
+    oracle_fraction: float | None = None,
+) -> None:
+    """Plots the monitored forget fraction against the step for every method (mean bold, seeds thin).
+
+    Args:
+      path: PNG file to write.
+      curves: method label -> one sequence per seed of the forget fraction at steps 0, 1, ... (step 0 is the
+        original model); sequences may differ in length (runs that stopped early).
+      threshold: the stopping threshold, drawn as a dashed line.
+      threshold_label: legend text for the threshold line.
+      oracle_fraction: the oracle's forget fraction on the same samples, drawn as a dotted line when given.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, per_seed) in enumerate(curves.items()):
+        color = colors[i % len(colors)]
+        length = max(len(c) for c in per_seed)
+        padded = np.full((len(per_seed), length), np.nan)
+        for j, curve in enumerate(per_seed):
+            padded[j, : len(curve)] = curve
+            ax.plot(np.arange(len(curve)), curve, color=color, alpha=0.2, linewidth=0.7)
+        ax.plot(np.arange(length), np.nanmean(padded, axis=0), color=color, linewidth=1.8, label=label)
+    ax.axhline(threshold, color="black", linestyle="--", linewidth=1.0, label=threshold_label)
+    if oracle_fraction is not None:
+        ax.axhline(oracle_fraction, color="gray", linestyle=":", linewidth=1.0, label="oracle")
+    ax.set_xlabel("updates applied")
+    ax.set_ylabel("forget fraction (evaluator)")
+    ax.set_ylim(bottom=0.0)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,1084 @@
+r"""The main job: unlearn forget classes from a trained VAE with every requested method, evaluate, report.
+
+``unlearn_and_evaluate(config, workdir) -> report`` (``unlearn.py`` is its command line). Two phases:
+
+1. :func:`plan_run` validates *everything* before any work and writes nothing: every config field, the method
+   names and hyperparameters, the forget classes against the data (absent class, empty forget set, forget set
+   equal to all data), the threshold and budget, an explicit ``checkpoint`` (must hold a finished generative VAE),
+   and any models already cached in ``train_dir`` (must have been trained with the same config and data).
+   Refusals are :class:`UnlearnConfigError` (a ``ValueError``), one line naming the value and what is allowed.
+2. :func:`execute` trains what is missing through the same code as ``train.py``
+   (:func:`gsu_jax.training.train_and_evaluate`), runs every (method, seed), evaluates and writes the report.
+
+**Models.** Four, from three training runs of the same train config (``config.train``, a ``train.py`` config):
+
+* the *original* generative model, the *evaluator* and the *guidance classifier*: roles ``generative``,
+  ``evaluator``, ``guidance`` of one ``train.py`` workdir (``config.checkpoint``, or trained into
+  ``<train_dir>/model``). The training code gives the two classifiers different keys (the role folds into the
+  seed) and disjoint halves of the training digits: they are distinct models from distinct runs;
+* the *oracle*: the same config with ``exclude_classes`` = the forget classes (retrain from scratch without the
+  forget set), role ``generative`` of ``config.oracle_checkpoint`` or ``<train_dir>/oracle``.
+
+**Evaluation integrity.** The evaluator scores every run (forget fraction, FID, inception score) and is never
+passed to a method: a method's step closes over the loss and, for ``guidance_weight > 0``, the *guidance*
+classifier only. :func:`check_classifier_independence` refuses to run when the two classifiers are the same
+object, have the same parameters, the same role, the same training examples or were not trained as separate
+runs. Every guided result is labelled ``<method>+guided`` in every table and file name.
+
+**Randomness.** Independent streams folded from one root key (:func:`stream_key`): the monitoring latents
+(``monitor``), the FID latents (``fid``), the per-example ELBO keys of the evaluation (``elbo``) and, per seed, the
+step keys (``run``); the data order of seed ``s`` comes from ``numpy.random.default_rng([s, 1])``. The monitoring
+and FID latents therefore do not depend on the seed or the method (every run is read on the *same* fixed z, and
+every model of the table, original and oracle included, is scored on the same samples), and no loss key equals
+them.
+
+**The run** (per method, per seed): fresh permutations of the forget and retain training examples for the seed,
+consumed 128 + 128 per step (reshuffled at each pass); the method's step is compiled ONCE per method (ahead of
+time, reused across seeds) and timed alone, synchronised with ``block_until_ready``, excluding the monitoring.
+After every update the forget fraction is measured on ``monitor_samples`` images decoded from the fixed z and
+labelled by the evaluator. The run *stops* at the first update count ``t`` with fraction < threshold (updates
+applied, REFERENCE.md section 2) and, when ``continue_to_budget``, continues to ``max_steps`` so that the
+protocol's end-of-budget FID is measured too. Seeds that never cross the threshold are evaluated "at stop" at the
+budget and counted as not reached (the table says how many reached).
+
+The loop is a Python loop over the compiled step with a compiled monitor, not one ``lax.scan``: the step has to
+be timed alone anyway, the stopping step's parameters must be kept, and with the per-step host read of one
+scalar the overhead is a dispatch (~0.1 ms) against steps of several ms on CPU.
+
+**Thresholds.** ``threshold="auto"``: the oracle's forget fraction on the same fixed z plus two binomial standard
+errors (:func:`gsu_jax.metrics.auto_threshold`), on ``monitor_samples`` (1024) samples. The published setting
+(``published_threshold`` 0.02 on ``published_monitor_samples`` 128 samples) is evaluated on the *first 128 of the
+same monitoring samples* in the same runs (a second stopping rule read off the same trajectory; with
+``continue_to_budget=False`` a run ends at the main rule's stop, so the published stop is only seen if it came
+first).
+
+**``sa_gated``** needs ``forget_loss_target``: by default (``gated_target="oracle"``) the oracle's mean negative
+ELBO on the forget *training* examples, i.e. the level a model that never saw them reaches -- this uses the
+oracle, a reference model the user must have trained. Without an oracle, ``gated_target="heldout"`` uses the
+original model's mean negative ELBO on *held-out* examples of the forget classes (examples it never trained on: the
+same "unseen" level, estimated from the model itself); an explicit number can be given in
+``method_hparams.sa_gated.forget_loss_target``.
+
+**Evaluation** of a model (original, oracle, each method at the stop and at the end of the budget): forget
+fraction on the monitoring z; classifier-FID (evaluator features) of ``fid_samples`` samples against the retained
+training images and against all training images; inception score; mean held-out negative ELBO on retained and on
+forget classes, and on the forget training examples; membership-inference AUC of the loss attack, forget
+training examples (members) against held-out examples of the same classes. Losses average ``elbo_samples``
+reparameterisation draws per example with fixed keys, identical for every model.
+
+Outputs in the workdir: ``report.json``, ``report.md``, ``logs/<label>.csv`` (one row per seed and step),
+``samples/<label>.png`` (original / at stop / at end / oracle on the same z), ``forget_fraction.png``, and
+``unlearned/<label>/seed_<s>/`` (orbax, via :mod:`gsu_jax.checkpointing`) with the parameters at the stopping step.
+
+Example:
+    >>> import ml_collections
+    >>> from gsu_jax.unlearning import unlearn_and_evaluate
+    >>> config = ...  # configs/unlearn_smoke.py get_config()  # doctest: +SKIP
+    >>> report = unlearn_and_evaluate(config, "/tmp/unlearn_demo")  # doctest: +SKIP
+    >>> sorted(report["methods"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import platform
+import sys
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from gsu_jax import checkpointing, losses, methods, metrics, models, reporting, training
+from gsu_jax import data as data_lib
+from gsu_jax.config_validation import (
+    ROLES,
+    ConfigError,
+    Field,
+    at_least,
+    fields_in_scope,
+    one_of,
+    parse_class_list,
+    validate_config,
+    validate_train_config,
+    within,
+)
+
+__all__ = [
+    "OPTIMIZERS",
+    "UNLEARN_SCHEMA",
+    "RunPlan",
+    "UnlearnConfigError",
+    "build_optimizer",
+    "check_classifier_independence",
+    "default_unlearn_config",
+    "execute",
+    "format_summary",
+    "monitoring_latents",
+    "plan_run",
+    "seed_step_keys",
+    "stream_key",
+    "unlearn_and_evaluate",
+]
+
+
+class UnlearnConfigError(ConfigError):
+    """A request ``unlearn.py`` refuses before any work (exit status 2): one line, naming the value."""
+
+
+# Optimizers the config may name: optax factories taking the learning rate first.
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "rmsprop", "adabelief", "lion", "nadam", "radam")
+_SAVE_PARAMS = ("first_seed", "all", "none")
+_GATED_TARGETS = ("oracle", "heldout")
+# Generated images per compiled evaluation call (bounds activation memory for the convolutional models).
+_EVAL_CHUNK = 1000
+# Independent key streams (folded into the root key by name).
+_ROOT_SEED = 0
+_DATA_STREAM = 1
+
+UNLEARN_SCHEMA: dict[str, Field] = {
+    "forget_classes": Field("1", str, "a comma-separated list of class indices, e.g. '1' or '1,7'", None, "run",
+                            "Classes to unlearn."),
+    "methods": Field("sa_gated,pcgrad,sa,s,ascent", str,
+                     f"'all' or a comma-separated list of {', '.join(methods.METHODS)}", None, "run",
+                     "Unlearning methods to run (gsu_jax.methods registry), in table order."),
+    "seeds": Field(3, int, "an integer >= 1", at_least(1), "run", "Number of seeds per method."),
+    "first_seed": Field(0, int, "an integer >= 0", at_least(0), "run", "Seeds are first_seed .. first_seed+seeds-1."),
+    "threshold": Field("auto", str, "'auto' or a number in (0, 1)", None, "run",
+                       "Stop at the first step with forget fraction below this; auto = oracle + 2 binomial SE."),
+    "monitor_samples": Field(1024, int, "an integer >= 1", at_least(1), "run",
+                             "Samples decoded from the fixed monitoring z at every step."),
+    "published_threshold": Field(0.02, float, "a number in (0, 1)", within(0.0, 1.0, low_open=True, high_open=True),
+                                 "run", "The published stopping threshold, reported beside the main one."),
+    "published_monitor_samples": Field(128, int, "an integer >= 1", at_least(1), "run",
+                                       "Monitoring samples of the published setting (the first ones of the same z)."),
+    "max_steps": Field(50, int, "an integer >= 1", at_least(1), "run", "Step budget per run."),
+    "continue_to_budget": Field(True, bool, "True or False", None, "run",
+                                "Keep stepping after the stop to the budget (the protocol's FID at the end)."),
+    "batch_size": Field(128, int, "an integer >= 1", at_least(1), "run", "Forget examples per step."),
+    "retain_batch_size": Field(128, int, "an integer >= 1", at_least(1), "run", "Retain examples per step."),
+    "optimizer": Field({"name": "adam", "learning_rate": 1e-3}, dict,
+                       f"{{'name': one of {', '.join(OPTIMIZERS)}, 'learning_rate': a number > 0, ...kwargs}}",
+                       None, "run", "The unlearning optimizer (Adam 1e-3 in the protocol)."),
+    "method_hparams": Field({}, dict, "{method name: {hyperparameter: value}}", None, "run",
+                            "Hyperparameters per method (see gsu_jax.methods.METHODS[name].hparams)."),
+    "gated_target": Field("oracle", str, "'oracle', 'heldout' or a number", None, "run",
+                          "sa_gated's forget_loss_target: the oracle's mean forget loss, the original model's "
+                          "on held-out forget-class examples, or a given number."),
+    "guidance_weight": Field(0.0, float, "a number >= 0", at_least(0.0), "run",
+                             "Weight of the classifier uniformity term (guidance classifier); > 0 labels +guided."),
+    "guidance_samples": Field(128, int, "an integer >= 1", at_least(1), "run",
+                              "Latents decoded per step by the guidance term."),
+    "fid_samples": Field(5000, int, "an integer >= 2", at_least(2), "run", "Generated samples per FID."),
+    "elbo_samples": Field(4, int, "an integer >= 1", at_least(1), "run",
+                          "Reparameterisation draws averaged per example in held-out ELBO and MIA losses."),
+    "grid_samples": Field(64, int, "an integer in [1, 400]", within(1, 400), "run", "Samples per PNG panel."),
+    "save_params": Field("first_seed", str, "one of " + ", ".join(_SAVE_PARAMS), one_of(_SAVE_PARAMS), "run",
+                         "Which seeds' unlearned parameters are saved with orbax."),
+    "checkpoint": Field("", str, "'' (train what is missing) or a train.py workdir", None, "run",
+                        "train.py workdir holding the generative model (and evaluator/guidance roles)."),
+    "oracle_checkpoint": Field("", str, "'' (train it) or a train.py workdir of the oracle", None, "run",
+                               "train.py workdir of the model retrained without the forget classes."),
+    "train_dir": Field("", str, "'' (<workdir>/train) or a directory", None, "run",
+                       "Where missing models are trained (a cache that may be shared between workdirs)."),
+    "progress": Field(True, bool, "True or False", None, "run", "Print one progress line per phase and run."),
+    "train": Field({}, dict, "a train.py config (configs/mnist_vae.py)", None, "run",
+                   "The train config of every model trained here (oracle: + exclude_classes)."),
+}
+
+
+def default_unlearn_config() -> ml_collections.ConfigDict:
+    """Every field of :data:`UNLEARN_SCHEMA` at its default; ``method_hparams`` lists every method's defaults.
+
+    ``train`` starts as the default train config (configs/*.py replace it, e.g. by ``configs/mnist_vae.py``).
+    Hyperparameters without a default that can be typed on a command line (``sa_gated``'s required
+    ``forget_loss_target``, ``None`` defaults) are left out; ``gated_target`` sets the former.
+    """
+    from gsu_jax.config_validation import default_train_config
+
+    config = ml_collections.ConfigDict()
+    for name, field in UNLEARN_SCHEMA.items():
+        if name == "method_hparams":
+            config.method_hparams = ml_collections.ConfigDict({
+                method: {key: hparam.default for key, hparam in record.hparams.items()
+                         if hparam.default is not methods.REQUIRED and hparam.default is not None}
+                for method, record in methods.METHODS.items()})
+        elif name == "train":
+            config.train = default_train_config()
+        elif field.kind is dict:
+            setattr(config, name, ml_collections.ConfigDict(dict(field.default)))
+        else:
+            setattr(config, name, field.default)
+    return config
+
+
+# ------------------------------------------------------------------------------------------- keys
+
+
+def stream_key(name: str, *indices: int) -> jax.Array:
+    """The root key of the named independent stream (``monitor``, ``fid``, ``elbo``, ``run``), indices folded in.
+
+    Streams are folded from one root key by the CRC32 of their name, so they are independent of each other and
+    of the seeds (a seed is folded into the ``run`` stream only).
+    """
+    key = jax.random.fold_in(jax.random.key(_ROOT_SEED), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    for index in indices:
+        key = jax.random.fold_in(key, index)
+    return key
+
+
+def monitoring_latents(num_samples: int, latent_dim: int) -> jax.Array:
+    """The fixed monitoring latents ``f32[num_samples, latent_dim]``: the same for every seed, method and model."""
+    return jax.random.normal(stream_key("monitor"), (num_samples, latent_dim))
+
+
+def seed_step_keys(seed: int, num_steps: int) -> jax.Array:
+    """The step keys of one seed, ``key[num_steps]`` (everything a method's losses see comes from these)."""
+    return jax.random.split(stream_key("run", seed), num_steps)
+
+
+# ------------------------------------------------------------------------------------------- planning
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """A validated request (from :func:`plan_run`); :func:`execute` carries it out.
+
+    Attributes:
+        config: the validated unlearning config values (plain dict; ``train`` is the validated train config of
+            the original model's run).
+        workdir: absolute output directory (not created yet).
+        command: the command line recorded in the report.
+        forget_classes: the classes to unlearn.
+        method_names: registry names, in table order.
+        method_hparams: per method, the user's hyperparameters (validated against the registry).
+        seeds: the seeds.
+        threshold: the fixed threshold, or ``None`` for ``auto``.
+        model_dir: train workdir of the original model (existing checkpoint or to train).
+        oracle_dir: train workdir of the oracle.
+        train_model: roles to train into ``model_dir`` (empty when all exist in a given checkpoint).
+        classifier_dir: train workdir holding the evaluator and guidance roles.
+        train_classifiers: roles to train into ``classifier_dir``.
+        train_oracle: whether the oracle must be trained into ``oracle_dir``.
+        oracle_config: the oracle's train config values.
+        classifier_config: the train config values of the evaluator/guidance run.
+        run_data: the data split of the original model's training run.
+        forget_idx, retain_idx: positions in ``run_data.train`` of the forget and retain training examples.
+    """
+
+    config: dict[str, Any]
+    workdir: pathlib.Path
+    command: str
+    forget_classes: tuple[int, ...]
+    method_names: tuple[str, ...]
+    method_hparams: dict[str, dict[str, Any]]
+    seeds: tuple[int, ...]
+    threshold: float | None
+    model_dir: pathlib.Path
+    train_model: tuple[str, ...]
+    classifier_dir: pathlib.Path
+    train_classifiers: tuple[str, ...]
+    oracle_dir: pathlib.Path
+    train_oracle: bool
+    oracle_config: dict[str, Any]
+    classifier_config: dict[str, Any]
+    run_data: training.RunData
+    forget_idx: np.ndarray
+    retain_idx: np.ndarray
+
+    @property
+    def guided(self) -> bool:
+        return self.config["guidance_weight"] > 0
+
+    def label(self, name: str) -> str:
+        """The method's name in every table and file: ``+guided`` when the guidance term is on."""
+        return f"{name}+guided" if self.guided else name
+
+
+def _refuse(message: str) -> UnlearnConfigError:
+    return UnlearnConfigError(message)
+
+
+def _parse_methods(value: str) -> tuple[str, ...]:
+    names = tuple(token.strip() for token in value.split(",") if token.strip())
+    if names == ("all",):
+        return tuple(methods.METHODS)
+    if not names:
+        raise _refuse(f"config.methods={value!r} is empty; allowed: 'all' or a comma-separated list of "
+                      f"{', '.join(methods.METHODS)}")
+    for name in names:
+        if name not in methods.METHODS:
+            raise _refuse(f"config.methods: unknown method {name!r}; allowed: 'all' or any of "
+                          f"{', '.join(methods.METHODS)}")
+    if len(set(names)) != len(names):
+        raise _refuse(f"config.methods={value!r} lists a method twice; list each once")
+    return names
+
+
+def _parse_threshold(value: Any) -> float | None:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise _refuse(f"config.threshold={value!r} is invalid; allowed: 'auto' or a number in (0, 1)") from None
+    if not 0.0 < threshold < 1.0:
+        raise _refuse(f"config.threshold={value!r} is outside (0, 1); allowed: 'auto' or a number in (0, 1)")
+    return threshold
+
+
+def _parse_optimizer(value: Mapping[str, Any]) -> dict[str, Any]:
+    spec = dict(value)
+    name = spec.pop("name", None)
+    learning_rate = spec.pop("learning_rate", None)
+    if name not in OPTIMIZERS:
+        raise _refuse(f"config.optimizer.name={name!r} is invalid; allowed: {', '.join(OPTIMIZERS)}")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not (
+            math.isfinite(learning_rate) and learning_rate > 0):
+        raise _refuse(f"config.optimizer.learning_rate={learning_rate!r} is invalid; allowed: a number > 0")
+    try:
+        getattr(optax, name)(learning_rate, **spec)
+    except TypeError as err:
+        raise _refuse(f"config.optimizer={dict(value)!r} cannot build optax.{name}: {err}") from err
+    return {"name": name, "learning_rate": float(learning_rate), **spec}
+
+
+def build_optimizer(spec: Mapping[str, Any]) -> optax.GradientTransformation:
+    """``optax.<name>(learning_rate, **kwargs)`` from a validated ``config.optimizer``."""
+    kwargs = {k: v for k, v in spec.items() if k not in ("name", "learning_rate")}
+    return getattr(optax, spec["name"])(spec["learning_rate"], **kwargs)
+
+
+def _parse_method_hparams(value: Mapping[str, Any], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    result = {}
+    for name, hparams in value.items():
+        if name not in methods.METHODS:
+            raise _refuse(f"config.method_hparams: unknown method {name!r}; allowed: {', '.join(methods.METHODS)}")
+        if not isinstance(hparams, Mapping):
+            raise _refuse(f"config.method_hparams.{name}={hparams!r} is invalid; allowed: a mapping of "
+                          "hyperparameter names to values")
+        result[name] = dict(hparams)
+    for name in names:
+        trial = dict(result.get(name, {}))
+        if name == "sa_gated":
+            trial.setdefault("forget_loss_target", 0.0)  # filled from the oracle (or held-out data) at run time
+        try:
+            methods.resolve_hparams(name, **trial)
+        except ValueError as err:
+            raise _refuse(f"config.method_hparams.{name}: {err}") from err
+    return result
+
+
+def _train_values(config: Any, *, field: str) -> dict[str, Any]:
+    try:
+        return validate_train_config(config)
+    except ConfigError as err:
+        raise _refuse(str(err).replace("config.", f"config.{field}.", 1)) from err
+
+
+def _checkpoint_metadata(workdir: pathlib.Path, role: str) -> dict[str, Any] | None:
+    """The latest checkpoint metadata of ``role`` in a train workdir (read-only), ``None`` if it has none."""
+    directory = workdir / role / "checkpoints"
+    if not directory.is_dir():
+        return None
+    with checkpointing.Checkpointer(directory, create=False) as ckpt:
+        if ckpt.latest_step() is None:
+            return None
+        return ckpt.read_metadata()
+
+
+def _check_cached(workdir: pathlib.Path, role: str, values: Mapping[str, Any], run_data: training.RunData,
+                  *, field: str) -> None:
+    """Refuses a cached role in ``workdir`` that was trained with another config or data (before any work)."""
+    saved = _checkpoint_metadata(workdir, role)
+    if saved is None:
+        return
+    identity = {name: values[name] for name in fields_in_scope(role)}
+    saved_identity = saved.get("identity", {})
+    differences = checkpointing.metadata_differences(saved_identity, identity,
+                                                     sorted(set(saved_identity) | set(identity)))
+    if saved.get("train_fingerprint") != run_data.for_role(role).fingerprint():
+        differences.append("training data")
+    if differences:
+        raise _refuse(f"{field}: {str(workdir)!r} holds a {role} model trained with another config or data "
+                      f"({'; '.join(differences)}); use another {field} or delete it")
+
+
+def _loaded_checkpoint_config(path: pathlib.Path, *, field: str) -> dict[str, Any]:
+    """The train config of the finished generative VAE in a ``train.py`` workdir, or a refusal."""
+    if not path.exists():
+        raise _refuse(f"config.{field}={str(path)!r} not found; allowed: a train.py workdir (or '' to train one)")
+    roles_present = [role for role in ROLES if (path / role / "checkpoints").is_dir()]
+    if not roles_present:
+        raise _refuse(f"config.{field}={str(path)!r} holds no train.py checkpoint (no <role>/checkpoints); "
+                      "allowed: a train.py workdir")
+    try:
+        saved = _checkpoint_metadata(path, "generative")
+    except checkpointing.CheckpointError as err:
+        raise _refuse(f"config.{field}={str(path)!r}: {err}") from err
+    if saved is None:
+        raise _refuse(f"config.{field}={str(path)!r} holds no generative model (roles present: "
+                      f"{', '.join(roles_present)}); allowed: a train.py workdir with a trained VAE")
+    if saved.get("role") != "generative" or saved.get("model") not in models.VAE_MODELS:
+        raise _refuse(f"config.{field}={str(path)!r} holds a {saved.get('model')!r} {saved.get('role')!r} model, "
+                      f"not a VAE; allowed: a workdir with one of {', '.join(sorted(models.VAE_MODELS))}")
+    if not saved.get("finished"):
+        raise _refuse(f"config.{field}={str(path)!r}: its generative model is not finished (epoch "
+                      f"{saved.get('epoch')} of {saved.get('num_epochs')}); resume it with train.py first")
+    return _train_values(ml_collections.ConfigDict(saved["config"]), field=field)
+
+
+def _config_values(config: Any) -> dict[str, Any]:
+    if isinstance(config, ml_collections.ConfigDict):
+        raw = dict(config.items())
+    elif isinstance(config, Mapping):
+        raw = dict(config)
+    else:
+        raise _refuse(f"config must be an ml_collections.ConfigDict, got {type(config).__name__}")
+    # forget_classes may be given as an int (e.g. in Python); the contract is the comma-separated string.
+    if isinstance(raw.get("forget_classes"), (int, np.integer)) and not isinstance(raw.get("forget_classes"), bool):
+        raw["forget_classes"] = str(int(raw["forget_classes"]))
+    if isinstance(raw.get("threshold"), (int, float)) and not isinstance(raw.get("threshold"), bool):
+        raw["threshold"] = repr(float(raw["threshold"]))
+    try:
+        return validate_config(raw, UNLEARN_SCHEMA)
+    except ConfigError as err:
+        raise _refuse(str(err)) from err
+
+
+def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = None) -> RunPlan:
+    """Validates an unlearning request completely, touching nothing on disk; see the module docstring.
+
+    Args:
+        config: an unlearning config (``configs/unlearn_mnist.py``).
+        workdir: the output directory (created by :func:`execute`, not here).
+        command: the command line to record in the report (default: a ``unlearn_and_evaluate`` call).
+
+    Returns:
+        The :class:`RunPlan`.
+
+    Raises:
+        UnlearnConfigError: one line naming the bad value and what is allowed.
+    """
+    values = _config_values(config)
+    names = _parse_methods(values["methods"])
+    threshold = _parse_threshold(values["threshold"])
+    values["optimizer"] = _parse_optimizer(values["optimizer"])
+    method_hparams = _parse_method_hparams(values["method_hparams"], names)
+    if values["forget_classes"].strip() == "":
+        raise _refuse("config.forget_classes='' is empty; allowed: a comma-separated list of class indices, e.g. '1'")
+    try:
+        forget_classes = parse_class_list(values["forget_classes"], field="forget_classes")
+    except ConfigError as err:
+        raise _refuse(str(err)) from err
+    if not workdir or not str(workdir).strip():
+        raise _refuse("workdir is empty; allowed: a directory path")
+    workdir = pathlib.Path(workdir).expanduser().absolute()
+    if workdir.exists() and not workdir.is_dir():
+        raise _refuse(f"workdir {str(workdir)!r} exists and is not a directory")
+
+    train_dir = pathlib.Path(values["train_dir"]).expanduser().absolute() if values["train_dir"] else workdir / "train"
+    if values["checkpoint"]:
+        model_dir = pathlib.Path(values["checkpoint"]).expanduser().absolute()
+        train_values = _loaded_checkpoint_config(model_dir, field="checkpoint")
+        train_model: tuple[str, ...] = ()
+    else:
+        model_dir = train_dir / "model"
+        train_values = _train_values(values["train"], field="train")
+        train_model = ("generative",)
+    values["train"] = train_values
+    try:
+        run_data = training.prepare_data(train_values)
+    except ConfigError as err:
+        raise _refuse(str(err).replace("config.", "config.train.", 1)) from err
+    if run_data.excluded_classes:
+        raise _refuse(f"the original model's train config excludes classes {list(run_data.excluded_classes)}: it "
+                      "is an oracle, not a model to unlearn from; allowed: a config with exclude_classes=''")
+    out_of_range = [c for c in forget_classes if c >= run_data.train.num_classes]
+    if out_of_range:
+        raise _refuse(f"config.forget_classes={values['forget_classes']!r} names class {out_of_range[0]}; allowed: "
+                      f"classes 0..{run_data.train.num_classes - 1} of the data")
+    try:
+        forget_idx, retain_idx = data_lib.select_forget_retain(run_data.train.labels, classes=list(forget_classes))
+    except (ValueError, TypeError) as err:
+        raise _refuse(f"config.forget_classes={values['forget_classes']!r}: {err}") from err
+    values["threshold"] = "auto" if threshold is None else threshold
+    if values["gated_target"] not in _GATED_TARGETS:
+        try:
+            if math.isnan(float(values["gated_target"])):
+                raise ValueError
+        except ValueError:
+            raise _refuse(f"config.gated_target={values['gated_target']!r} is invalid; allowed: 'oracle', "
+                          "'heldout' or a number") from None
+
+    # Roles needed besides the generative model: the evaluator always, the guidance classifier when guided.
+    classifier_roles = ("evaluator", "guidance") if values["guidance_weight"] > 0 else ("evaluator",)
+    if not values["checkpoint"]:
+        # Everything trains into one train.py workdir (train_and_evaluate resumes or skips what is finished).
+        classifier_dir, train_classifiers = model_dir, classifier_roles
+    elif all(_checkpoint_metadata(model_dir, role) is not None for role in classifier_roles):
+        classifier_dir, train_classifiers = model_dir, ()
+    else:
+        # A given checkpoint without its classifiers: train them with its config into the train dir, never
+        # writing into the user's checkpoint.
+        classifier_dir, train_classifiers = train_dir / "classifiers", classifier_roles
+
+    oracle_values = dict(train_values, exclude_classes=",".join(str(c) for c in forget_classes),
+                         roles="generative")
+    oracle_values = _train_values(oracle_values, field="train")
+    if values["oracle_checkpoint"]:
+        oracle_dir = pathlib.Path(values["oracle_checkpoint"]).expanduser().absolute()
+        saved_oracle = _loaded_checkpoint_config(oracle_dir, field="oracle_checkpoint")
+        saved_excluded = tuple(sorted(parse_class_list(saved_oracle["exclude_classes"])))
+        if saved_excluded != tuple(sorted(forget_classes)):
+            raise _refuse(f"config.oracle_checkpoint={str(oracle_dir)!r} was trained without classes "
+                          f"{list(saved_excluded)}, not the forget classes {list(forget_classes)}; allowed: an "
+                          "oracle trained with exclude_classes equal to forget_classes")
+        oracle_values, train_oracle = saved_oracle, False
+    else:
+        oracle_dir, train_oracle = train_dir / "oracle", True
+
+    # Refuse cached models of another config now, rather than after the workdir has been written.
+    if train_model:
+        _check_cached(model_dir, "generative", train_values, run_data, field="config.train_dir")
+    for role in train_classifiers:
+        _check_cached(classifier_dir, role, train_values, run_data, field="config.train_dir")
+    if train_oracle:
+        _check_cached(oracle_dir, "generative", oracle_values, training.prepare_data(oracle_values),
+                      field="config.train_dir")
+
+    if values["monitor_samples"] < 2:
+        raise _refuse(f"config.monitor_samples={values['monitor_samples']} is too few; allowed: an integer >= 2")
+    return RunPlan(
+        config=values,
+        workdir=workdir,
+        command=command or f"unlearn_and_evaluate(config, {str(workdir)!r})",
+        forget_classes=forget_classes,
+        method_names=names,
+        method_hparams=method_hparams,
+        seeds=tuple(range(values["first_seed"], values["first_seed"] + values["seeds"])),
+        threshold=threshold,
+        model_dir=model_dir,
+        train_model=train_model,
+        classifier_dir=classifier_dir,
+        train_classifiers=tuple(train_classifiers),
+        oracle_dir=oracle_dir,
+        train_oracle=train_oracle,
+        oracle_config=oracle_values,
+        classifier_config=train_values,
+        run_data=run_data,
+        forget_idx=forget_idx,
+        retain_idx=retain_idx,
+    )
+
+
+# ------------------------------------------------------------------------------------------- integrity
+
+
+def check_classifier_independence(evaluator: training.TrainedModel, guidance: training.TrainedModel) -> dict:
+    """Refuses an evaluator and a guidance classifier that are not distinct models from distinct runs.
+
+    Checks: distinct parameter objects, different parameter digests, roles ``evaluator`` / ``guidance``,
+    different training examples (training-data fingerprints) and different training keys (the role folds into
+    the seed, so the same ``seed`` still gives different keys; identical role and seed would not).
+
+    Returns:
+        The evidence recorded in the report (digests, fingerprints, roles, seeds).
+
+    Raises:
+        RuntimeError: any check fails.
+    """
+    evidence = {
+        "evaluator": {"role": evaluator.metadata.get("role"), "seed": evaluator.metadata.get("seed"),
+                      "params_digest": evaluator.metadata.get("params_digest"),
+                      "train_fingerprint": evaluator.metadata.get("train_fingerprint"),
+                      "num_train": evaluator.metadata.get("num_train")},
+        "guidance": {"role": guidance.metadata.get("role"), "seed": guidance.metadata.get("seed"),
+                     "params_digest": guidance.metadata.get("params_digest"),
+                     "train_fingerprint": guidance.metadata.get("train_fingerprint"),
+                     "num_train": guidance.metadata.get("num_train")},
+    }
+    problems = []
+    if evaluator.params is guidance.params:
+        problems.append("they are the same parameter object")
+    if checkpointing.state_digest(evaluator.params) == checkpointing.state_digest(guidance.params):
+        problems.append("their parameters are identical")
+    if (evidence["evaluator"]["role"], evidence["guidance"]["role"]) != ("evaluator", "guidance"):
+        problems.append(f"roles are {evidence['evaluator']['role']!r}/{evidence['guidance']['role']!r}")
+    if evidence["evaluator"]["train_fingerprint"] == evidence["guidance"]["train_fingerprint"]:
+        problems.append("they were trained on the same examples")
+    if problems:
+        raise RuntimeError("the evaluator and the guidance classifier are not independent: " + "; ".join(problems))
+    return evidence
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+class _Evaluation:
+    """Compiled evaluation of generators by the evaluator on fixed latents and fixed per-example keys."""
+
+    def __init__(self, plan: RunPlan, generator: training.TrainedModel, evaluator: training.TrainedModel):
+        config = plan.config
+        self.gen_graphdef = generator.graphdef
+        self.eval_graphdef = evaluator.graphdef
+        self.eval_params = evaluator.params
+        latent_dim = int(generator.metadata["model_kwargs"]["latent_dim"])
+        self.num_monitor = config["monitor_samples"]
+        self.num_published = config["published_monitor_samples"]
+        self.z_monitor = monitoring_latents(max(self.num_monitor, self.num_published), latent_dim)
+        num_fid = config["fid_samples"]
+        padded = _EVAL_CHUNK * math.ceil(num_fid / _EVAL_CHUNK)
+        self.num_fid = num_fid
+        self.z_fid = jax.random.normal(stream_key("fid"), (padded, latent_dim)).reshape(-1, _EVAL_CHUNK, latent_dim)
+        forget = jnp.asarray(plan.forget_classes, jnp.int32)
+        gen_graphdef, eval_graphdef = self.gen_graphdef, self.eval_graphdef
+        num_monitor, num_published = self.num_monitor, self.num_published
+
+        @jax.jit
+        def monitor(gen_params, eval_params, z):
+            logits = models.classifier_logits(eval_graphdef, eval_params, models.generate_images(gen_graphdef,
+                                                                                                 gen_params, z))
+            return (metrics.forget_fraction_from_logits(logits[:num_monitor], forget),
+                    metrics.forget_fraction_from_logits(logits[:num_published], forget))
+
+        @jax.jit
+        def sample_outputs(gen_params, eval_params, z):
+            images = models.generate_images(gen_graphdef, gen_params, z)
+            features = models.classifier_features(eval_graphdef, eval_params, images)
+            logits = models.classifier_logits(eval_graphdef, eval_params, images)
+            return features, jax.nn.softmax(logits)
+
+        loss_fn = losses.negative_elbo(gen_graphdef, kl_weight=plan.config["train"]["kl_weight"])
+
+        @jax.jit
+        def example_losses(gen_params, images, keys):
+            def one(inputs):
+                image, example_keys = inputs
+                draws = jax.vmap(lambda key: loss_fn(gen_params, {"image": image}, key))(example_keys)
+                return jnp.mean(draws)
+
+            return jax.lax.map(one, (images, keys), batch_size=256)
+
+        self._monitor, self._sample_outputs, self._example_losses = monitor, sample_outputs, example_losses
+        self.loss_fn = loss_fn
+
+        run_data = plan.run_data
+        train = run_data.train
+        heldout_forget = np.flatnonzero(np.isin(run_data.heldout.labels, plan.forget_classes))
+        heldout_retain = np.flatnonzero(~np.isin(run_data.heldout.labels, plan.forget_classes))
+        if heldout_forget.size == 0 or heldout_retain.size == 0:
+            raise RuntimeError("the held-out data has no examples of the forget classes or none of the retained "
+                               "ones; membership inference and held-out ELBO need both (raise holdout_fraction)")
+        # One array of every example whose loss is read: forget training (members), held-out forget (non-members),
+        # held-out retained; one compiled call evaluates all of them.
+        images = np.concatenate([train.images[plan.forget_idx], run_data.heldout.images[heldout_forget],
+                                 run_data.heldout.images[heldout_retain]])
+        self._loss_images = jnp.asarray(images)
+        self._splits = np.cumsum([plan.forget_idx.size, heldout_forget.size])
+        self._loss_keys = jax.random.split(stream_key("elbo"), (images.shape[0], config["elbo_samples"]))
+
+        # Real-data feature statistics, once: retained training images and all training images.
+        features_all = self._features(jnp.asarray(train.images))
+        self.real_all = metrics.feature_statistics(features_all)
+        self.real_retain = metrics.feature_statistics(features_all[plan.retain_idx])
+
+    def _features(self, images: jax.Array) -> np.ndarray:
+        features = jax.jit(models.classifier_features, static_argnums=0)
+        chunks = [np.asarray(features(self.eval_graphdef, self.eval_params, images[i:i + _EVAL_CHUNK]))
+                  for i in range(0, images.shape[0], _EVAL_CHUNK)]
+        return np.concatenate(chunks).astype(np.float64)
+
+    def monitor(self, gen_params) -> tuple[float, float]:
+        """``(forget fraction on monitor_samples, on the published_monitor_samples)`` of the fixed z."""
+        main, published = self._monitor(gen_params, self.eval_params, self.z_monitor)
+        return float(main), float(published)
+
+    def grid(self, gen_params, count: int) -> np.ndarray:
+        return np.asarray(models.generate_images(self.gen_graphdef, gen_params, self.z_monitor[:count]))
+
+    def example_losses(self, gen_params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-example negative ELBO: (forget training, held-out forget, held-out retained)."""
+        values = np.asarray(self._example_losses(gen_params, self._loss_images, self._loss_keys), np.float64)
+        return tuple(np.split(values, self._splits))
+
+    def evaluate(self, gen_params, forget_classes: Sequence[int]) -> dict[str, float]:
+        """Every metric of one generator (see the module docstring)."""
+        features, probs = [], []
+        for chunk in self.z_fid:
+            f, p = self._sample_outputs(gen_params, self.eval_params, chunk)
+            features.append(np.asarray(f))
+            probs.append(np.asarray(p))
+        features = np.concatenate(features)[: self.num_fid].astype(np.float64)
+        probs = np.concatenate(probs)[: self.num_fid].astype(np.float64)
+        generated = metrics.feature_statistics(features)
+        forget_train, heldout_forget, heldout_retain = self.example_losses(gen_params)
+        main, published = self.monitor(gen_params)
+        return {
+            "forget_fraction": main,
+            "forget_fraction_published": published,
+            "forget_fraction_fid_samples": metrics.forget_fraction(np.argmax(probs, axis=1), list(forget_classes)),
+            "fid_retain": metrics.frechet_distance_from_stats(self.real_retain, generated),
+            "fid_all": metrics.frechet_distance_from_stats(self.real_all, generated),
+            "inception_score": metrics.inception_score(probs)[0],
+            "nelbo_heldout_retain": float(heldout_retain.mean()),
+            "nelbo_heldout_forget": float(heldout_forget.mean()),
+            "nelbo_forget_train": float(forget_train.mean()),
+            "mia_auc": metrics.membership_inference_auc(forget_train, heldout_forget),
+        }
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def _batch_schedule(indices: np.ndarray, batch: int, steps: int, rng: np.random.Generator) -> np.ndarray:
+    """``int64[steps, batch]`` positions: consecutive fresh permutations of ``indices``, cut into batches."""
+    passes = math.ceil(steps * batch / indices.size)
+    order = np.concatenate([rng.permutation(indices) for _ in range(passes)])
+    return order[: steps * batch].reshape(steps, batch)
+
+
+def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: methods.UnlearningMethod,
+             params0, seed: int, threshold: float, start_fractions: tuple[float, float]) -> dict[str, Any]:
+    """One (method, seed) run: steps, monitoring, stopping; returns the trajectory and the two parameter sets."""
+    config = plan.config
+    budget = config["max_steps"]
+    rng = np.random.default_rng([seed, _DATA_STREAM])
+    train = plan.run_data.train
+    forget_schedule = _batch_schedule(plan.forget_idx, config["batch_size"], budget, rng)
+    retain_schedule = _batch_schedule(plan.retain_idx, config["retain_batch_size"], budget, rng)
+    keys = seed_step_keys(seed, budget)
+
+    params, state = params0, method.init(params0)
+    fractions, published = [start_fractions[0]], [start_fractions[1]]
+    step_times, rows = [], [{"seed": seed, "step": 0, "forget_fraction": start_fractions[0],
+                             "forget_fraction_published": start_fractions[1]}]
+    stop = 0 if start_fractions[0] < threshold else None
+    stop_published = 0 if start_fractions[1] < config["published_threshold"] else None
+    params_at_stop = params0 if stop == 0 else None
+    for t in range(budget):
+        if stop is not None and not config["continue_to_budget"]:
+            break
+        forget_batch = jax.device_put(data_lib.as_batch(train, forget_schedule[t]))
+        retain_batch = jax.device_put(data_lib.as_batch(train, retain_schedule[t]))
+        jax.block_until_ready((forget_batch, retain_batch))
+        started = time.perf_counter()
+        params, state, step_metrics = compiled_step(params, state, forget_batch, retain_batch, keys[t])
+        jax.block_until_ready(params)
+        step_times.append(time.perf_counter() - started)
+        main, pub = evaluation.monitor(params)
+        fractions.append(main)
+        published.append(pub)
+        if stop is None and main < threshold:
+            stop, params_at_stop = t + 1, params
+        if stop_published is None and pub < config["published_threshold"]:
+            stop_published = t + 1
+        rows.append({"seed": seed, "step": t + 1, "forget_fraction": main, "forget_fraction_published": pub,
+                     "step_time_ms": 1e3 * step_times[-1],
+                     **{name: float(value) for name, value in step_metrics.items()}})
+    return {
+        "seed": seed,
+        "stop": stop,
+        "stop_published": stop_published,
+        "steps_run": len(step_times),
+        "fractions": fractions,
+        "published_fractions": published,
+        "step_times": step_times,
+        "rows": rows,
+        "params_at_stop": params_at_stop if params_at_stop is not None else params,
+        "params_at_end": params if len(step_times) == budget else None,
+    }
+
+
+def _per_seed_record(run: dict[str, Any], at_stop: dict[str, float], at_end: dict[str, float] | None,
+                     budget: int) -> dict[str, Any]:
+    step_ms = 1e3 * float(np.median(run["step_times"])) if run["step_times"] else None
+    record = {
+        "seed": run["seed"],
+        "steps_to_threshold": run["stop"],
+        "steps_to_published_threshold": run["stop_published"],
+        "evaluated_at_step": run["stop"] if run["stop"] is not None else budget,
+        "steps_run": run["steps_run"],
+        "step_time_ms": step_ms,
+        "step_time_ms_mean": 1e3 * float(np.mean(run["step_times"])) if run["step_times"] else None,
+        "time_to_unlearn_s": (None if run["stop"] is None or step_ms is None
+                              else metrics.time_to_unlearn(step_ms / 1e3, run["stop"])),
+    }
+    for key, value in at_stop.items():
+        record["mia_auc" if key == "mia_auc" else f"{key}_at_stop"] = value
+    for key, value in (at_end or {}).items():
+        record[f"{key}_at_end"] = value
+    return record
+
+
+_SUMMARY_KEYS = (
+    "step_time_ms", "step_time_ms_mean", "time_to_unlearn_s", "forget_fraction_at_stop",
+    "forget_fraction_published_at_stop", "forget_fraction_fid_samples_at_stop", "fid_retain_at_stop",
+    "fid_all_at_stop", "inception_score_at_stop", "nelbo_heldout_retain_at_stop", "nelbo_heldout_forget_at_stop",
+    "nelbo_forget_train_at_stop", "mia_auc", "forget_fraction_at_end", "forget_fraction_fid_samples_at_end",
+    "fid_retain_at_end", "fid_all_at_end", "inception_score_at_end", "nelbo_heldout_retain_at_end",
+    "nelbo_heldout_forget_at_end", "nelbo_forget_train_at_end", "mia_auc_at_end",
+)
+
+
+def _summarize_method(name: str, label: str, hparams: dict[str, Any], per_seed: list[dict[str, Any]],
+                      compile_seconds: float, guided: bool) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "method": name,
+        "label": label,
+        "guided": guided,
+        "rule": methods.METHODS[name].rule,
+        "source": methods.METHODS[name].source,
+        "hparams": hparams,
+        "compile_s": compile_seconds,
+        "steps_to_threshold": metrics.summarize([r["steps_to_threshold"] for r in per_seed]),
+        "steps_to_published_threshold": metrics.summarize([r["steps_to_published_threshold"] for r in per_seed]),
+    }
+    for key in _SUMMARY_KEYS:
+        summary[key] = metrics.summarize([r.get(key) for r in per_seed])
+    summary["per_seed"] = per_seed
+    return summary
+
+
+def _progress(plan: RunPlan, message: str) -> None:
+    if plan.config["progress"]:
+        print(f"[unlearn] {message}", file=sys.stderr, flush=True)
+
+
+def _device() -> str:
+    device = jax.devices()[0]
+    return f"{device.platform}:{device.device_kind} ({jax.device_count()} device(s), {platform.machine()}, " \
+           f"{platform.processor() or 'cpu'})"
+
+
+def _train_missing(plan: RunPlan) -> dict[str, Any]:
+    """Trains (or resumes, or finds finished) every model the plan needs, with train.py's own code."""
+    started = time.perf_counter()
+    trained = {}
+    model_roles = tuple(role for role in ROLES if role in plan.train_model + (
+        plan.train_classifiers if plan.classifier_dir == plan.model_dir else ()))
+    if model_roles:
+        config = ml_collections.ConfigDict(dict(plan.config["train"], roles=",".join(model_roles)))
+        trained["model"] = training.train_and_evaluate(config, plan.model_dir)
+    if plan.train_classifiers and plan.classifier_dir != plan.model_dir:
+        config = ml_collections.ConfigDict(dict(plan.classifier_config, roles=",".join(plan.train_classifiers)))
+        trained["classifiers"] = training.train_and_evaluate(config, plan.classifier_dir)
+    if plan.train_oracle:
+        trained["oracle"] = training.train_and_evaluate(ml_collections.ConfigDict(plan.oracle_config),
+                                                        plan.oracle_dir)
+    return {"seconds": time.perf_counter() - started, "runs": trained}
+
+
+def execute(plan: RunPlan) -> dict[str, Any]:
+    """Carries out a validated plan: trains what is missing, runs every (method, seed), writes the report.
+
+    Returns:
+        The report dict (also written to ``report.json``; see :mod:`gsu_jax.reporting`).
+    """
+    started = time.perf_counter()
+    config = plan.config
+    workdir = checkpointing.ensure_writable_directory(plan.workdir)
+    _progress(plan, f"models: {plan.model_dir} (original), {plan.oracle_dir} (oracle); training what is missing")
+    training_record = _train_missing(plan)
+    _progress(plan, f"models ready in {training_record['seconds']:.1f} s")
+
+    generator = training.load_trained(plan.model_dir, "generative")
+    evaluator = training.load_trained(plan.classifier_dir, "evaluator")
+    oracle = training.load_trained(plan.oracle_dir, "generative")
+    if generator.metadata["train_fingerprint"] != plan.run_data.generative.fingerprint():
+        raise RuntimeError(f"the generative model in {str(plan.model_dir)!r} was trained on other data than "
+                           "its config describes now (training-data fingerprints differ)")
+    integrity: dict[str, Any] = {
+        "evaluator_used_inside_runs": False,
+        "evaluator_params_digest": evaluator.metadata["params_digest"],
+        "monitoring_latents": "stream 'monitor' (independent of seeds and of every loss key)",
+    }
+    guidance_loss = None
+    if plan.guided:
+        guidance = training.load_trained(plan.classifier_dir, "guidance")
+        integrity["classifiers"] = check_classifier_independence(evaluator, guidance)
+        retained = [c for c in range(plan.run_data.train.num_classes) if c not in plan.forget_classes]
+        guidance_loss = losses.uniformity_guidance_loss(
+            generator.graphdef, guidance.graphdef, guidance.params, retained_classes=retained,
+            num_samples=config["guidance_samples"], latent_dim=int(generator.metadata["model_kwargs"]["latent_dim"]))
+        integrity["guidance_params_digest"] = guidance.metadata["params_digest"]
+
+    evaluation = _Evaluation(plan, generator, evaluator)
+    integrity["monitoring_latents_digest"] = checkpointing.state_digest(evaluation.z_monitor)
+    original_eval = evaluation.evaluate(generator.params, plan.forget_classes)
+    oracle_eval = evaluation.evaluate(oracle.params, plan.forget_classes)
+    if plan.threshold is None:
+        threshold = metrics.auto_threshold(oracle_eval["forget_fraction"], config["monitor_samples"])
+    else:
+        threshold = plan.threshold
+    if config["gated_target"] == "oracle":
+        gated_target = oracle_eval["nelbo_forget_train"]
+    elif config["gated_target"] == "heldout":
+        gated_target = original_eval["nelbo_heldout_forget"]
+    else:
+        gated_target = float(config["gated_target"])
+
+    _progress(plan, f"original: forget fraction {original_eval['forget_fraction']:.4f}, FID retain "
+                    f"{original_eval['fid_retain']:.2f}; oracle: {oracle_eval['forget_fraction']:.4f}, "
+                    f"{oracle_eval['fid_retain']:.2f}; threshold {threshold:.4f}")
+    optimizer = build_optimizer(config["optimizer"])
+    start_fractions = (original_eval["forget_fraction"], original_eval["forget_fraction_published"])
+    budget = config["max_steps"]
+    for sub in ("logs", "samples", "unlearned"):
+        (workdir / sub).mkdir(exist_ok=True)
+    original_grid = evaluation.grid(generator.params, config["grid_samples"])
+    oracle_grid = evaluation.grid(oracle.params, config["grid_samples"])
+
+    method_reports: dict[str, Any] = {}
+    curves: dict[str, list[list[float]]] = {}
+    for name in plan.method_names:
+        label = plan.label(name)
+        hparams = dict(plan.method_hparams.get(name, {}))
+        if name == "sa_gated":
+            hparams.setdefault("forget_loss_target", gated_target)
+        method = methods.make_method(name, loss_fn=evaluation.loss_fn, optimizer=optimizer,
+                                     guidance_loss=guidance_loss, guidance_weight=config["guidance_weight"],
+                                     **hparams)
+        # Compile once per method, ahead of time, on the shapes every seed uses.
+        example_state = method.init(generator.params)
+        forget_example = jax.device_put(data_lib.as_batch(plan.run_data.train, plan.forget_idx[:1].repeat(
+            config["batch_size"])))
+        retain_example = jax.device_put(data_lib.as_batch(plan.run_data.train, plan.retain_idx[:1].repeat(
+            config["retain_batch_size"])))
+        compile_started = time.perf_counter()
+        compiled_step = jax.jit(method.step).lower(generator.params, example_state, forget_example, retain_example,
+                                                   seed_step_keys(0, 1)[0]).compile()
+        compile_seconds = time.perf_counter() - compile_started
+        _progress(plan, f"{label}: step compiled in {compile_seconds:.1f} s")
+
+        per_seed, rows = [], []
+        curves[label] = []
+        for seed in plan.seeds:
+            run = _run_one(plan, evaluation, compiled_step, method, generator.params, seed, threshold,
+                           start_fractions)
+            at_stop = evaluation.evaluate(run["params_at_stop"], plan.forget_classes)
+            at_end = None
+            if run["params_at_end"] is not None:
+                at_end = at_stop if run["stop"] is None else evaluation.evaluate(run["params_at_end"],
+                                                                                 plan.forget_classes)
+            per_seed.append(_per_seed_record(run, at_stop, at_end, budget))
+            _progress(plan, f"{label} seed {seed}: stop {run['stop']} (published rule {run['stop_published']}), "
+                            f"FID retain {at_stop['fid_retain']:.2f} -> "
+                            f"{'n/a' if at_end is None else format(at_end['fid_retain'], '.2f')}, "
+                            f"step {per_seed[-1]['step_time_ms'] or float('nan'):.1f} ms")
+            rows.extend(run["rows"])
+            curves[label].append(run["fractions"])
+            first = seed == plan.seeds[0]
+            if first:
+                panels = {"original": original_grid,
+                          f"{label} at stop (step {per_seed[-1]['evaluated_at_step']})":
+                              evaluation.grid(run["params_at_stop"], config["grid_samples"])}
+                if run["params_at_end"] is not None:
+                    panels[f"at end (step {budget})"] = evaluation.grid(run["params_at_end"], config["grid_samples"])
+                panels["oracle"] = oracle_grid
+                reporting.save_sample_panels(str(workdir / "samples" / f"{label}.png"), panels)
+            if config["save_params"] == "all" or (config["save_params"] == "first_seed" and first):
+                _save_unlearned(workdir / "unlearned" / label / f"seed_{seed}", run, per_seed[-1], plan, label,
+                                hparams, generator)
+        reporting.write_step_csv(str(workdir / "logs" / f"{label}.csv"), rows)
+        method_reports[label] = _summarize_method(name, label, hparams, per_seed, compile_seconds, plan.guided)
+
+    report = {
+        "command": plan.command,
+        "config": _jsonable_config(config),
+        "forget_classes": list(plan.forget_classes),
+        "seeds": list(plan.seeds),
+        "threshold": {
+            "mode": "auto" if plan.threshold is None else "fixed",
+            "value": threshold,
+            "monitor_samples": config["monitor_samples"],
+            "oracle_forget_fraction": oracle_eval["forget_fraction"],
+            "original_forget_fraction": original_eval["forget_fraction"],
+            "original_already_below": original_eval["forget_fraction"] < threshold,
+            "published": {"value": config["published_threshold"],
+                          "monitor_samples": config["published_monitor_samples"],
+                          "original_forget_fraction": original_eval["forget_fraction_published"]},
+        },
+        "sa_gated_forget_loss_target": {"source": config["gated_target"], "value": gated_target},
+        "data": {
+            "spec": config["train"]["data"],
+            "fingerprint": plan.run_data.source_fingerprint,
+            "train_fingerprint": plan.run_data.train.fingerprint(),
+            "num_train": len(plan.run_data.train),
+            "num_forget_train": int(plan.forget_idx.size),
+            "num_retain_train": int(plan.retain_idx.size),
+            "num_heldout": len(plan.run_data.heldout),
+        },
+        "models": {
+            "original": _model_record(plan.model_dir, generator),
+            "evaluator": _model_record(plan.classifier_dir, evaluator),
+            "oracle": _model_record(plan.oracle_dir, oracle),
+        },
+        "integrity": integrity,
+        "versions": checkpointing.package_versions(),
+        "device": _device(),
+        "original": original_eval,
+        "oracle": oracle_eval,
+        "methods": method_reports,
+        "timing": {"training_s": training_record["seconds"], "total_s": time.perf_counter() - started},
+    }
+    reporting.plot_forget_fraction(str(workdir / "forget_fraction.png"), curves, threshold=threshold,
+                                   threshold_label=f"threshold {threshold:.4f} ({report['threshold']['mode']})",
+                                   oracle_fraction=oracle_eval["forget_fraction"])
+    report["timing"]["total_s"] = time.perf_counter() - started
+    reporting.write_json(str(workdir / "report.json"), report)
+    reporting.write_markdown(str(workdir / "report.md"), report)
+    return report
+
+
+def _model_record(workdir: pathlib.Path, model: training.TrainedModel) -> dict[str, Any]:
+    meta = model.metadata
+    return {"workdir": str(workdir), "role": meta.get("role"), "model": meta.get("model"),
+            "model_kwargs": meta.get("model_kwargs"), "seed": meta.get("seed"), "step": meta.get("step"),
+            "num_train": meta.get("num_train"), "train_fingerprint": meta.get("train_fingerprint"),
+            "excluded_classes": meta.get("excluded_classes"), "params_digest": meta.get("params_digest")}
+
+
+def _jsonable_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(checkpointing.json_normalize(dict(config))))
+
+
+def _save_unlearned(directory: pathlib.Path, run: dict[str, Any], record: dict[str, Any], plan: RunPlan,
+                    label: str, hparams: dict[str, Any], generator: training.TrainedModel) -> None:
+    """Saves the parameters at the stopping step (the unlearned model) with orbax, with what produced them."""
+    with checkpointing.Checkpointer(directory, max_to_keep=1) as ckpt:
+        ckpt.save(record["evaluated_at_step"], run["params_at_stop"], metadata={
+            "role": "unlearned",
+            "model": generator.metadata["model"],
+            "model_kwargs": generator.metadata["model_kwargs"],
+            "method": label,
+            "hparams": hparams,
+            "seed": run["seed"],
+            "forget_classes": list(plan.forget_classes),
+            "steps_to_threshold": run["stop"],
+            "original_params_digest": generator.metadata["params_digest"],
+            "train_fingerprint": generator.metadata["train_fingerprint"],
+            "config": _jsonable_config(plan.config),
+        })
+
+
+def format_summary(report: Mapping[str, Any]) -> str:
+    """The table printed at the end of a run (the same as in report.md), with the threshold line."""
+    threshold = report["threshold"]
+    head = (f"threshold {threshold['mode']} = {threshold['value']:.4f} on {threshold['monitor_samples']} samples "
+            f"(original {threshold['original_forget_fraction']:.4f}, oracle {threshold['oracle_forget_fraction']:.4f});"
+            f" seeds {report['seeds']}")
+    return head + "\n\n" + reporting.markdown_table(report)
+
+
+def unlearn_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Validates (:func:`plan_run`) and runs (:func:`execute`) an unlearning request; returns the report."""
+    return execute(plan_run(config, workdir))
