@@ -1,0 +1,409 @@
+"""Checkpoints of trained and unlearned models: one small layer over orbax's ``CheckpointManager``.
+
+A checkpoint directory holds one subdirectory per saved step; each step holds three orbax items:
+
+* ``params`` -- the model parameters (the ``nnx.State`` of ``graphdef, params = nnx.split(model)``);
+* ``opt_state`` -- the optax state (absent for a save without optimizer, e.g. an unlearned model);
+* ``metadata`` -- JSON: the config, the fingerprint of the data, the model name and hyperparameters, the role,
+  the step/epoch reached, the package versions, and ``params_digest``/``opt_state_digest``, sha256 digests of
+  every saved array (:func:`state_digest`).
+
+Guarantees:
+
+* **Atomic saves.** orbax writes a step into a temporary directory and renames it when complete, so a run killed
+  mid-save leaves the previous steps intact and no half step is ever listed; leftover temporary directories are
+  removed when the manager opens. Saves here are synchronous (the step is on disk when :meth:`Checkpointer.save`
+  returns) and :meth:`Checkpointer.wait_until_finished` is still called before every read.
+* **No silent loads.** A restore goes against an abstract target (shapes, dtypes and shardings, built with
+  ``jax.eval_shape``/``nnx.eval_shape`` from the model), and the restored arrays are hashed and compared with
+  the digests saved with them: a truncated, corrupted or mismatched step raises :class:`CheckpointCorruptError` naming the
+  step and its path and the earlier steps that remain.
+* **Clear refusals.** :class:`CheckpointNotFoundError` (no checkpoint where one is required),
+  :class:`CheckpointMismatchError` (a workdir of another config or data: the differing keys are named),
+  :class:`WorkdirError` (a directory that cannot be written, checked before any training).
+
+Example:
+    >>> import tempfile, jax.numpy as jnp
+    >>> with Checkpointer(tempfile.mkdtemp() + "/ckpt", max_to_keep=2) as ckpt:
+    ...     ckpt.save(10, {"w": jnp.ones(3)}, metadata={"role": "demo"})
+    ...     params, opt_state, metadata = ckpt.restore(10, abstract_params=abstract_like({"w": jnp.ones(3)}))
+    >>> params["w"].tolist(), metadata["role"], metadata["step"]
+    ([1.0, 1.0, 1.0], 'demo', 10)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import pathlib
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "Checkpointer",
+    "WorkdirError",
+    "abstract_like",
+    "ensure_writable_directory",
+    "json_normalize",
+    "metadata_differences",
+    "package_versions",
+    "state_digest",
+]
+
+METADATA_FORMAT = "gsu_jax.checkpoint/v1"
+_PACKAGES = ("gsu-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_collections")
+_MAX_LISTED = 8
+
+
+class CheckpointError(Exception):
+    """Base class of the checkpoint refusals below."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No (complete) checkpoint where one is required."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint belongs to another config, model or data than the one asked for."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint on disk cannot be read back intact (truncated, corrupted, edited)."""
+
+
+class WorkdirError(CheckpointError, OSError):
+    """A working directory cannot be created or written."""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages a checkpoint's numbers depend on (``"absent"`` if not installed)."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def json_normalize(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, numpy scalars plain numbers, keys strings).
+
+    Comparing a live config with a saved one goes through this so that ``(28, 28, 1)`` equals ``[28, 28, 1]``.
+    """
+    return json.loads(json.dumps(value, default=_json_default, sort_keys=True))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
+        return value.to_dict()
+    raise TypeError(f"cannot store {type(value).__name__} {value!r} in checkpoint metadata (JSON)")
+
+
+def metadata_differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
+    """Descriptions ``"key: saved -> current"`` of the ``keys`` whose JSON-normalised values differ.
+
+    A key missing on one side reads as ``<unset>``.
+    """
+    unset = object()
+    differences = []
+    for key in keys:
+        old = json_normalize(saved[key]) if key in saved else unset
+        new = json_normalize(current[key]) if key in current else unset
+        if old != new:
+            differences.append(f"{key}: {'<unset>' if old is unset else repr(old)} -> "
+                               f"{'<unset>' if new is unset else repr(new)}")
+    return differences
+
+
+def state_digest(tree: Any) -> str:
+    """sha256 hex digest of a pytree of arrays: its leaf count and each leaf's dtype, shape and bytes, in order.
+
+    Bit-identical trees give the same digest; any flipped bit, changed shape or reordered leaf changes it. The
+    treedef itself is left out (its printed form varies across flax versions); restoring against an abstract
+    target fixes the structure.
+    """
+    leaves = jax.tree.leaves(tree)
+    digest = hashlib.sha256(f"{len(leaves)} leaves".encode())
+    for leaf in leaves:
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def abstract_like(tree: Any) -> Any:
+    """The abstract restore target of a pytree: ``jax.ShapeDtypeStruct`` leaves with a single-device sharding.
+
+    ``tree`` may hold arrays or ``jax.ShapeDtypeStruct`` (e.g. the output of ``jax.eval_shape`` or the state of
+    ``nnx.eval_shape``); leaves without a sharding get the default device's.
+    """
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def to_abstract(leaf: Any) -> jax.ShapeDtypeStruct:
+        leaf_sharding = getattr(leaf, "sharding", None) or sharding
+        return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=leaf_sharding)
+
+    return jax.tree.map(to_abstract, tree)
+
+
+def ensure_writable_directory(path: str | os.PathLike, *, what: str = "workdir") -> pathlib.Path:
+    """Creates ``path`` (and parents) if needed and proves it writable by writing and removing a probe file.
+
+    Returns:
+        The absolute, resolved path.
+
+    Raises:
+        WorkdirError: the directory cannot be created, is a file, or cannot be written; the message names it.
+    """
+    directory = pathlib.Path(path).expanduser().absolute()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as err:
+        raise WorkdirError(f"{what} {str(directory)!r} exists and is not a directory") from err
+    except OSError as err:
+        raise WorkdirError(f"{what} {str(directory)!r} cannot be created: {err.strerror or err}") from err
+    probe = directory / f".write-probe-{uuid.uuid4().hex}"
+    try:
+        probe.write_bytes(b"probe")
+    except OSError as err:
+        raise WorkdirError(f"{what} {str(directory)!r} is not writable: {err.strerror or err}") from err
+    finally:
+        probe.unlink(missing_ok=True)
+    return directory.resolve()
+
+
+# ------------------------------------------------------------------------------------------- the checkpointer
+
+
+class Checkpointer:
+    """Saves and restores ``(params, opt_state, metadata)`` steps in one directory (an orbax CheckpointManager).
+
+    Args:
+        directory: where the steps live; made absolute (orbax requires it); created when ``create``.
+        max_to_keep: how many most recent steps to keep (older ones are deleted after each save).
+        create: create the directory if missing (``False`` for read-only use: then a missing directory raises
+            :class:`CheckpointNotFoundError`).
+
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = None, create: bool = True):
+        self.directory = pathlib.Path(directory).expanduser().absolute()
+        if not create and not self.directory.is_dir():
+            raise CheckpointNotFoundError(f"no checkpoint directory at {str(self.directory)!r}")
+        if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)
+                                        or max_to_keep < 1):
+            raise ValueError(f"max_to_keep must be an integer >= 1 or None, got {max_to_keep!r}")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=create,
+            # A run killed mid-save leaves a temporary directory; it is never a valid step, so remove it.
+            cleanup_tmp_directories=create,
+            # The caller donates its buffers to the next training step: the step must be on disk on return.
+            enable_async_checkpointing=False,
+        )
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as err:
+            raise WorkdirError(f"cannot open checkpoint directory {str(self.directory)!r}: {err}") from err
+
+    # -- context manager
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Waits for pending writes and releases the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def wait_until_finished(self) -> None:
+        """Blocks until every save issued so far is on disk."""
+        self._manager.wait_until_finished()
+
+    # -- listing
+    def all_steps(self) -> list[int]:
+        """The complete steps on disk, ascending."""
+        self._manager.reload()
+        return sorted(int(step) for step in self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or ``None`` when there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def step_path(self, step: int) -> pathlib.Path:
+        """The directory of ``step``."""
+        return self.directory / str(int(step))
+
+    def delete_after(self, step: int) -> None:
+        """Deletes every step newer than ``step`` (to restart from an earlier, good step)."""
+        for newer in self.all_steps():
+            if newer > step:
+                self._manager.delete(newer)
+
+    # -- saving
+    def save(self, step: int, params: Any, opt_state: Any = None, *, metadata: Mapping[str, Any]) -> None:
+        """Saves one step atomically and waits until it is on disk.
+
+        Args:
+            step: the step number (>= 0); the directory name.
+            params: pytree of arrays (an ``nnx.State``).
+            opt_state: optax state pytree, or ``None`` to save parameters only.
+            metadata: JSON-serialisable mapping (tuples, numpy scalars and ConfigDicts are converted); the keys
+                ``format``, ``step``, ``has_opt_state``, ``params_digest``, ``opt_state_digest`` and ``versions``
+                are filled in here.
+
+        Raises:
+            ValueError: a negative step, or ``metadata`` that cannot be stored as JSON.
+            WorkdirError: the write failed (disk full, permissions); the message names the step directory.
+        """
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        step = int(step)
+        try:
+            record = json_normalize(dict(metadata))
+        except TypeError as err:
+            raise ValueError(f"metadata of step {step} is not JSON-serialisable: {err}") from err
+        record.update(
+            format=METADATA_FORMAT,
+            step=step,
+            has_opt_state=opt_state is not None,
+            params_digest=state_digest(params),
+            opt_state_digest=None if opt_state is None else state_digest(opt_state),
+            versions=package_versions(),
+        )
+        items = {"params": ocp.args.StandardSave(params), "metadata": ocp.args.JsonSave(record)}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+            self._manager.wait_until_finished()
+        except OSError as err:
+            raise WorkdirError(f"could not write checkpoint step {step} to {str(self.step_path(step))!r}: "
+                               f"{err.strerror or err}") from err
+
+    # -- reading
+    def read_metadata(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON metadata of ``step`` (default: the latest), without touching the arrays.
+
+        Raises:
+            CheckpointNotFoundError: no such step (or no step at all).
+            CheckpointCorruptError: the metadata is missing or unreadable.
+        """
+        step = self._existing_step(step)
+        self._manager.wait_until_finished()
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+            record = restored.metadata
+        except Exception as err:  # orbax raises assorted types (OSError, ValueError, JSONDecodeError, KeyError)
+            raise self._corrupt(step, f"unreadable metadata ({type(err).__name__}: {_first_line(err)})") from err
+        if not isinstance(record, dict) or record.get("format") != METADATA_FORMAT or "params_digest" not in record:
+            raise self._corrupt(step, "metadata is missing or not a gsu_jax checkpoint record")
+        return record
+
+    def restore(
+        self, step: int | None = None, *, abstract_params: Any, abstract_opt_state: Any = None
+    ) -> tuple[Any, Any, dict[str, Any]]:
+        """Restores ``step`` (default: the latest) against abstract targets and verifies it bit for bit.
+
+        Args:
+            step: which step; ``None`` for the latest.
+            abstract_params: restore target of the parameters (``abstract_like`` of the model's state, or of
+                ``nnx.eval_shape(...)``'s state).
+            abstract_opt_state: restore target of the optimizer state (``abstract_like(jax.eval_shape(opt.init,
+                abstract_params))``), or ``None`` to restore the parameters only (then the digest is not
+                checked against the optimizer state, which is not read).
+
+        Returns:
+            ``(params, opt_state_or_None, metadata)``.
+
+        Raises:
+            CheckpointNotFoundError: no such step.
+            CheckpointCorruptError: arrays missing, unreadable, of other shapes, or not matching the digests
+                recorded at save time (the message names the step, its path and the earlier steps).
+            CheckpointMismatchError: an optimizer state is asked for but the step was saved without one.
+        """
+        metadata = self.read_metadata(step)
+        step = metadata["step"]
+        if abstract_opt_state is not None and not metadata.get("has_opt_state"):
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {str(self.step_path(step))!r} holds no optimizer state to resume from"
+            )
+        items = {"params": ocp.args.StandardRestore(abstract_params)}
+        if abstract_opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as err:  # orbax/tensorstore raise assorted types for damaged or mismatched arrays
+            raise self._corrupt(step, f"arrays cannot be restored ({type(err).__name__}: {_first_line(err)})") from err
+        params = restored.params
+        opt_state = restored.opt_state if abstract_opt_state is not None else None
+        self._check_shapes(step, abstract_params, params)
+        if state_digest(params) != metadata["params_digest"]:
+            raise self._corrupt(step, "restored parameters do not match the digest recorded at save time")
+        if abstract_opt_state is not None:
+            self._check_shapes(step, abstract_opt_state, opt_state)
+            if state_digest(opt_state) != metadata["opt_state_digest"]:
+                raise self._corrupt(step, "restored optimizer state does not match the digest recorded at save time")
+        return params, opt_state, metadata
+
+    def _check_shapes(self, step: int, abstract: Any, restored: Any) -> None:
+        expected = [(tuple(leaf.shape), np.dtype(leaf.dtype)) for leaf in jax.tree.leaves(abstract)]
+        got = [(tuple(np.shape(leaf)), np.dtype(leaf.dtype)) for leaf in jax.tree.leaves(restored)]
+        if expected != got:
+            raise self._corrupt(step, "restored arrays have other shapes or dtypes than the model's")
+
+    def _existing_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointNotFoundError(f"no checkpoint in {str(self.directory)!r}")
+        if step is None:
+            return steps[-1]
+        if int(step) not in steps:
+            raise CheckpointNotFoundError(
+                f"no checkpoint step {step} in {str(self.directory)!r}; steps present: {_listing(steps)}"
+            )
+        return int(step)
+
+    def _corrupt(self, step: int, reason: str) -> CheckpointCorruptError:
+        earlier = [s for s in self.all_steps() if s < step]
+        remedy = (f"earlier steps {_listing(earlier)} remain: delete {str(self.step_path(step))!r} to resume from "
+                  f"step {earlier[-1]}, or start over with --overwrite" if earlier
+                  else "no earlier step remains: start over with --overwrite")
+        return CheckpointCorruptError(
+            f"checkpoint step {step} at {str(self.step_path(step))!r} is corrupt: {reason}; {remedy}"
+        )
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _listing(values: Sequence[int]) -> str:
+    values = list(values)
+    shown = ", ".join(str(v) for v in values[:_MAX_LISTED])
+    return shown + (f", ... ({len(values)} in all)" if len(values) > _MAX_LISTED else "")

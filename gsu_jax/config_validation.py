@@ -1,0 +1,482 @@
+"""Up-front validation of run configs: every field typed, ranged and known, or a one-line :class:`ConfigError`.
+
+A config is an ``ml_collections.ConfigDict`` (or any mapping) checked against a *schema*: a mapping from field
+name to :class:`Field`, which holds the field's default, its type, what values are allowed (a predicate plus the
+sentence that says it), and its *scope* -- which trained roles its value influences. Scopes are how a checkpoint
+decides whether a workdir may be resumed under a new config: only fields in scope for a role must match
+(``run`` fields such as the checkpoint interval never do; ``data`` fields are compared through the
+fingerprint of the examples a role trains on, see :mod:`gsu_jax.training`).
+
+:data:`TRAIN_SCHEMA` is the schema of ``train.py``; ``unlearn.py`` builds its own from the same pieces
+(:class:`Field`, the predicate factories, :func:`validate_config`).
+
+Every refusal is ONE line naming the field, the value and what is allowed, e.g.::
+
+    config.latent_dim=0 is invalid: allowed: an integer >= 1
+    config.latnt_dim is not a known field; did you mean 'latent_dim'?
+
+Example:
+    >>> config = default_train_config()
+    >>> config.latent_dim = 16
+    >>> validate_train_config(config)["latent_dim"]
+    16
+    >>> config.latent_dim = 0
+    >>> validate_train_config(config)
+    Traceback (most recent call last):
+    ...
+    gsu_jax.config_validation.ConfigError: config.latent_dim=0 is invalid: allowed: an integer >= 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_collections
+
+__all__ = [
+    "ConfigError",
+    "Field",
+    "ROLES",
+    "SCOPES",
+    "TRAIN_SCHEMA",
+    "default_train_config",
+    "fields_in_scope",
+    "parse_class_list",
+    "parse_roles",
+    "unknown_key_message",
+    "validate_config",
+    "validate_train_config",
+]
+
+# The trained roles of a train workdir, in training order.
+ROLES: tuple[str, ...] = ("generative", "evaluator", "guidance")
+
+# Which roles a field's value influences:
+#   all        -- every role's parameters (e.g. the seed);
+#   generative -- the generative model only; classifier -- the evaluator and the guidance classifier only;
+#   data       -- which examples a role trains on: compared through the fingerprint of those examples, so moving
+#                 the same files elsewhere keeps a workdir resumable while different digits are refused;
+#   run        -- how the run is carried out, never its result (checkpoint interval, progress bar, roles).
+SCOPES: tuple[str, ...] = ("all", "generative", "classifier", "data", "run")
+
+_ROLE_SCOPES: dict[str, frozenset[str]] = {
+    "generative": frozenset({"all", "generative"}),
+    "evaluator": frozenset({"all", "classifier"}),
+    "guidance": frozenset({"all", "classifier"}),
+}
+
+_MAX_LISTED = 12
+
+
+class ConfigError(ValueError):
+    """A config field (or command-line override) is unknown, of the wrong type or out of range.
+
+    The message is one line naming the field, the value and what is allowed; ``train.py`` prints it and exits
+    with status 2.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One config field of a schema.
+
+    Attributes:
+        default: the value :func:`default_train_config` gives (its type fixes the type ``--config.x=...``
+            overrides are parsed as).
+        kind: the accepted Python type: ``int`` (not ``bool``), ``float`` (ints accepted and converted; must be
+            finite), ``str``, ``bool`` or ``dict`` (a nested mapping of keyword arguments, checked elsewhere).
+        allowed: the sentence a refusal prints after "allowed:", e.g. ``"an integer >= 1"``.
+        check: predicate on the type-checked value; ``None`` accepts every value of the right type.
+        scope: one of :data:`SCOPES`.
+        help: what the field means.
+    """
+
+    default: Any
+    kind: type
+    allowed: str
+    check: Callable[[Any], bool] | None
+    scope: str
+    help: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in (int, float, str, bool, dict):
+            raise TypeError(f"Field.kind must be int, float, str, bool or dict, got {self.kind!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"Field.scope must be one of {SCOPES}, got {self.scope!r}")
+
+
+# ------------------------------------------------------------------------------------------- predicates
+
+
+def at_least(low: float) -> Callable[[Any], bool]:
+    """Predicate ``value >= low``."""
+    return lambda value: value >= low
+
+
+def greater_than(low: float) -> Callable[[Any], bool]:
+    """Predicate ``value > low``."""
+    return lambda value: value > low
+
+
+def within(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
+    """Predicate ``low <= value <= high``; ``low_open``/``high_open`` make the ends strict."""
+
+    def check(value: Any) -> bool:
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        return above and below
+
+    return check
+
+
+def one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
+    """Predicate ``value in choices``."""
+    return lambda value: value in choices
+
+
+def is_data_spec(value: str, *, empty_ok: bool) -> bool:
+    """Whether ``value`` has the form of a data spec of :func:`gsu_jax.data.load_dataset`.
+
+    Only the form is checked here (``embedded``, ``idx:<dir>[:<prefix>]``, ``tfds:<name>[:<split>]``); whether the
+    files exist is checked when the data is loaded, before any training.
+    """
+    if value == "":
+        return empty_ok
+    if value == "embedded":
+        return True
+    for prefix in ("idx:", "tfds:"):
+        if value.startswith(prefix):
+            rest = value[len(prefix):]
+            return bool(rest) and not rest.startswith(":") and not rest.endswith(":")
+    return False
+
+
+_DATA_SPEC_FORMS = "'embedded', 'idx:<dir>[:<prefix>]' or 'tfds:<name>[:<split>]'"
+
+
+# ------------------------------------------------------------------------------------------- parsers
+
+
+def parse_class_list(value: str, *, field: str = "exclude_classes") -> tuple[int, ...]:
+    """Parses a comma-separated list of distinct class indices (``""`` -> ``()``; ``"1,7"`` -> ``(1, 7)``).
+
+    Raises:
+        ConfigError: a token that is not a non-negative integer, or a class given twice.
+
+    Example:
+        >>> parse_class_list("1, 7")
+        (1, 7)
+    """
+    if not isinstance(value, str):
+        raise ConfigError(f"config.{field}={value!r} is invalid: allowed: a comma-separated list of class indices")
+    if not value.strip():
+        return ()
+    classes = []
+    for token in value.split(","):
+        token = token.strip()
+        if not token.isdigit():
+            raise ConfigError(
+                f"config.{field}={value!r} is invalid: {token!r} is not a class index; "
+                "allowed: comma-separated non-negative integers, e.g. '1' or '1,7'"
+            )
+        classes.append(int(token))
+    if len(set(classes)) != len(classes):
+        raise ConfigError(f"config.{field}={value!r} is invalid: a class is listed twice; list each class once")
+    return tuple(classes)
+
+
+def parse_roles(value: str, *, field: str = "roles") -> tuple[str, ...]:
+    """Parses a comma-separated, non-empty list of distinct roles from :data:`ROLES` (returned in ROLES order).
+
+    Raises:
+        ConfigError: an empty list, an unknown role (with a "did you mean" hint) or a repeated role.
+
+    Example:
+        >>> parse_roles("guidance,generative")
+        ('generative', 'guidance')
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"config.{field}={value!r} is invalid: allowed: a comma-separated non-empty subset of {', '.join(ROLES)}"
+        )
+    names = [token.strip() for token in value.split(",")]
+    for name in names:
+        if name not in ROLES:
+            raise ConfigError(
+                f"config.{field}={value!r} is invalid: unknown role {name!r}{_did_you_mean(name, ROLES)}; "
+                f"allowed: a comma-separated subset of {', '.join(ROLES)}"
+            )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config.{field}={value!r} is invalid: a role is listed twice; list each role once")
+    return tuple(role for role in ROLES if role in names)
+
+
+# ------------------------------------------------------------------------------------------- the train schema
+
+
+def _train_schema() -> dict[str, Field]:
+    # Imported here so that importing this module (e.g. by train.py's flag parser) stays light.
+    from gsu_jax.models import CLASSIFIER_MODELS, VAE_MODELS
+
+    vae_models = tuple(sorted(VAE_MODELS))
+    classifier_models = tuple(sorted(CLASSIFIER_MODELS))
+    return {
+        # -- all roles
+        "seed": Field(0, int, "an integer >= 0", at_least(0), "all",
+                      "Seeds every role: initialisation, data order, augmentation and the evaluator/guidance split. "
+                      "Each role derives its own keys from (seed, role), so the evaluator and the guidance "
+                      "classifier never share a seed."),
+        # -- data (compared through fingerprints)
+        "data": Field("embedded", str, f"a data spec {_DATA_SPEC_FORMS}",
+                      lambda v: is_data_spec(v, empty_ok=False), "data",
+                      "Training data (gsu_jax.data.load_dataset spec)."),
+        "data_dir": Field("", str, "a directory path or '' (none)", None, "data",
+                          "TFDS data_dir for tfds: specs; base directory of relative idx: paths."),
+        "eval_data": Field("", str, f"'' (a stratified holdout of config.data) or a data spec {_DATA_SPEC_FORMS}",
+                           lambda v: is_data_spec(v, empty_ok=True), "data",
+                           "Held-out data for the held-out ELBO and classifier accuracy. '' holds out "
+                           "holdout_fraction of config.data (stratified, seeded) and trains on the rest; a spec "
+                           "(e.g. 'idx:../shared/data/mnist', the real MNIST test set) leaves all of config.data "
+                           "for training."),
+        "holdout_fraction": Field(0.1, float, "a number in (0, 0.5]", within(0.0, 0.5, low_open=True), "data",
+                                  "Share of each class of config.data held out when eval_data is ''."),
+        "exclude_classes": Field("", str, "'' or comma-separated class indices, e.g. '1' or '1,7'",
+                                 None, "data",
+                                 "Classes left out of the generative model's training data: the "
+                                 "retrain-from-scratch oracle. Classifiers always train on every class."),
+        "evaluator_data": Field("", str,
+                                f"'' (a disjoint split of the training data) or a data spec {_DATA_SPEC_FORMS}",
+                                lambda v: is_data_spec(v, empty_ok=True), "data",
+                                "Training data of the evaluator. '' splits the training data (every class) "
+                                "into two disjoint stratified parts: evaluator_fraction for the evaluator, the "
+                                "rest for the guidance classifier. A spec trains the evaluator on that data and "
+                                "the guidance classifier on all the training data."),
+        "evaluator_fraction": Field(0.5, float, "a number in (0, 1)", within(0.0, 1.0, low_open=True, high_open=True),
+                                    "data", "Share of each class of the training data given to the evaluator "
+                                    "when evaluator_data is ''."),
+        # -- generative model
+        "model": Field("mlp_vae", str, f"one of {', '.join(vae_models)}", one_of(vae_models), "generative",
+                       "Generative model (gsu_jax.models registry name)."),
+        "latent_dim": Field(2, int, "an integer >= 1", at_least(1), "generative", "Latent dimension of the VAE."),
+        "model_kwargs": Field({}, dict, "keyword arguments of the chosen model", None, "generative",
+                              "Other hyperparameters of the generative model (e.g. hidden=400 for mlp_vae; "
+                              "channels, num_groups for conv_vae); image_shape comes from the data."),
+        "kl_weight": Field(1.0, float, "a number >= 0", at_least(0.0), "generative",
+                           "Weight of the KL term of the negative ELBO (1 in the protocol)."),
+        "batch_size": Field(128, int, "an integer >= 1", at_least(1), "generative", "Generative training batch."),
+        "num_epochs": Field(150, int, "an integer >= 1", at_least(1), "generative", "Generative training epochs."),
+        "learning_rate": Field(1e-3, float, "a number > 0", greater_than(0.0), "generative",
+                               "Adam learning rate of the generative model (constant, 1e-3 in the protocol)."),
+        # -- classifiers (evaluator and guidance)
+        "classifier": Field("mlp_classifier", str, f"one of {', '.join(classifier_models)}",
+                            one_of(classifier_models), "classifier",
+                            "Model of the evaluator and the guidance classifier."),
+        "classifier_kwargs": Field({}, dict, "keyword arguments of the chosen classifier", None, "classifier",
+                                   "Other hyperparameters of the classifiers (e.g. hidden=200 for "
+                                   "mlp_classifier); image_shape and num_classes come from the data."),
+        "classifier_batch_size": Field(128, int, "an integer >= 1", at_least(1), "classifier",
+                                       "Classifier training batch."),
+        "classifier_num_epochs": Field(100, int, "an integer >= 1", at_least(1), "classifier",
+                                       "Classifier training epochs."),
+        "classifier_learning_rate": Field(2e-3, float, "a number > 0", greater_than(0.0), "classifier",
+                                          "Peak AdamW learning rate of the classifiers (cosine decay to 0)."),
+        "classifier_weight_decay": Field(1e-2, float, "a number >= 0", at_least(0.0), "classifier",
+                                         "Decoupled (AdamW) weight decay of the classifiers."),
+        "classifier_augment_shift": Field(2, int, "an integer in [0, 8]", within(0, 8), "classifier",
+                                          "Random translations of up to this many pixels (each axis, zero fill) "
+                                          "applied to each classifier training example; 0 disables."),
+        # -- how the run is carried out
+        "roles": Field(",".join(ROLES), str, f"a comma-separated subset of {', '.join(ROLES)}", None, "run",
+                       "Which roles to train (each in its own subdirectory of the workdir)."),
+        "checkpoint_every_steps": Field(1000, int, "an integer >= 1", at_least(1), "run",
+                                        "Save a checkpoint at the end of the first epoch that crosses each "
+                                        "multiple of this many steps (and always at the end)."),
+        "max_to_keep": Field(2, int, "an integer >= 1", at_least(1), "run", "Checkpoints kept per role."),
+        "num_sample_images": Field(64, int, "an integer in [1, 400]", within(1, 400), "run",
+                                   "Samples (and reconstructions) drawn in the PNG grid."),
+        "progress_bar": Field(True, bool, "True or False", None, "run", "Show a tqdm progress bar."),
+    }
+
+
+class _LazySchema(Mapping):
+    """The train schema, built on first use (it needs the model registry)."""
+
+    def __init__(self) -> None:
+        self._fields: dict[str, Field] | None = None
+
+    def _get(self) -> dict[str, Field]:
+        if self._fields is None:
+            self._fields = _train_schema()
+        return self._fields
+
+    def __getitem__(self, key: str) -> Field:
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+TRAIN_SCHEMA: Mapping[str, Field] = _LazySchema()
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+    """A ConfigDict holding every field of :data:`TRAIN_SCHEMA` at its default (configs/*.py start from it)."""
+    config = ml_collections.ConfigDict()
+    for name, field in TRAIN_SCHEMA.items():
+        setattr(config, name, ml_collections.ConfigDict(dict(field.default)) if field.kind is dict else field.default)
+    return config
+
+
+def fields_in_scope(role: str, schema: Mapping[str, Field] = TRAIN_SCHEMA) -> tuple[str, ...]:
+    """Names of the fields whose value influences ``role``'s parameters (scope ``all`` or the role's own)."""
+    if role not in _ROLE_SCOPES:
+        raise ValueError(f"unknown role {role!r}; allowed: {', '.join(ROLES)}")
+    return tuple(name for name, field in schema.items() if field.scope in _ROLE_SCOPES[role])
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def _did_you_mean(name: str, known: Any) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def unknown_key_message(name: str, known: Any, *, prefix: str = "config.") -> str:
+    """The one-line refusal of an unknown field, with a "did you mean" hint (or the known names)."""
+    hint = _did_you_mean(name, known)
+    if hint:
+        return f"{prefix}{name} is not a known field{hint}"
+    listed = sorted(known)
+    shown = ", ".join(listed[:_MAX_LISTED]) + (f", ... ({len(listed)} in all)" if len(listed) > _MAX_LISTED else "")
+    return f"{prefix}{name} is not a known field; known fields: {shown}"
+
+
+def _as_mapping(config: Any) -> dict[str, Any]:
+    if isinstance(config, ml_collections.ConfigDict):
+        return dict(config.items())
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise ConfigError(f"config must be an ml_collections.ConfigDict or a mapping, got {type(config).__name__}")
+
+
+def _check_type(name: str, value: Any, field: Field, prefix: str) -> Any:
+    def refuse() -> ConfigError:
+        return ConfigError(
+            f"{prefix}{name}={value!r} is invalid: expected {field.kind.__name__}, got "
+            f"{type(value).__name__}; allowed: {field.allowed}"
+        )
+
+    if field.kind is bool:
+        if not isinstance(value, bool):
+            raise refuse()
+        return value
+    if field.kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise refuse()
+        return int(value)
+    if field.kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise refuse()
+        if not math.isfinite(value):
+            raise ConfigError(f"{prefix}{name}={value!r} is invalid: not finite; allowed: {field.allowed}")
+        return float(value)
+    if field.kind is str:
+        if not isinstance(value, str):
+            raise refuse()
+        return value
+    # dict
+    if isinstance(value, ml_collections.ConfigDict):
+        return value.to_dict()
+    if not isinstance(value, Mapping):
+        raise refuse()
+    return dict(value)
+
+
+def validate_config(config: Any, schema: Mapping[str, Field], *, prefix: str = "config.") -> dict[str, Any]:
+    """Checks ``config`` against ``schema`` field by field, before any work.
+
+    Args:
+        config: a ConfigDict or mapping.
+        schema: field name -> :class:`Field`.
+        prefix: how fields are named in messages (``"config."`` matches the ``--config.x`` flags).
+
+    Returns:
+        A plain dict of the validated values (ints as int, floats as float, nested mappings as dicts).
+
+    Raises:
+        ConfigError: an unknown field (with a "did you mean" hint), a missing field, a value of the wrong type,
+            or a value outside what the field allows. One line each.
+    """
+    values = _as_mapping(config)
+    for name in values:
+        if name not in schema:
+            raise ConfigError(unknown_key_message(name, schema, prefix=prefix))
+    missing = [name for name in schema if name not in values]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]} is missing; every field of the schema must be set "
+                          f"(start from gsu_jax.config_validation.default_train_config())")
+    validated = {}
+    for name, field in schema.items():
+        value = _check_type(name, values[name], field, prefix)
+        if field.check is not None and not field.check(value):
+            raise ConfigError(f"{prefix}{name}={value!r} is invalid: allowed: {field.allowed}")
+        validated[name] = value
+    return validated
+
+
+def _check_model_kwargs(field_name: str, model: str, kwargs: dict[str, Any], *, reserved: tuple[str, ...]) -> None:
+    from gsu_jax.models import model_hyperparameters
+
+    accepted = {name: default for name, default in model_hyperparameters(model).items() if name not in reserved}
+    for name, value in kwargs.items():
+        if name in reserved:
+            raise ConfigError(
+                f"config.{field_name}.{name} cannot be set: it is fixed by "
+                f"{'the data' if name in ('image_shape', 'num_classes') else 'config.' + name}"
+            )
+        if name not in accepted:
+            hint = _did_you_mean(name, accepted)
+            raise ConfigError(
+                f"config.{field_name}.{name} is not a hyperparameter of {model!r}"
+                f"{hint or '; allowed: ' + ', '.join(sorted(accepted))}"
+            )
+        default = accepted[name]
+        expected = type(default)
+        bad_type = (isinstance(value, bool) != isinstance(default, bool)) or not isinstance(value, expected)
+        if default is not None and bad_type:
+            raise ConfigError(
+                f"config.{field_name}.{name}={value!r} is invalid: expected {expected.__name__} like the default "
+                f"{default!r} of {model!r}"
+            )
+
+
+def validate_train_config(config: Any) -> dict[str, Any]:
+    """Validates a ``train.py`` config (:data:`TRAIN_SCHEMA`) including the fields that depend on each other.
+
+    Beyond :func:`validate_config`: ``model_kwargs``/``classifier_kwargs`` must name hyperparameters of the chosen
+    models with values of the default's type; ``roles`` and ``exclude_classes`` must parse.
+    Whether the model accepts the data's image shape, whether excluded classes exist in the data and whether
+    data files exist are checked when the data is loaded, still before any training.
+
+    Returns:
+        The validated values as a plain dict (see :func:`validate_config`).
+
+    Raises:
+        ConfigError: one line naming the field, the value and what is allowed.
+    """
+    values = validate_config(config, TRAIN_SCHEMA)
+    parse_roles(values["roles"])
+    parse_class_list(values["exclude_classes"])
+    _check_model_kwargs("model_kwargs", values["model"], values["model_kwargs"],
+                        reserved=("image_shape", "latent_dim"))
+    _check_model_kwargs("classifier_kwargs", values["classifier"], values["classifier_kwargs"],
+                        reserved=("image_shape", "num_classes"))
+    return values

@@ -1,0 +1,818 @@
+"""Training of the generative model, the evaluator and the guidance classifier: resumable, checkpointed, exact.
+
+``train_and_evaluate(config, workdir)`` trains each *role* named by ``config.roles`` in its own subdirectory of the
+workdir, evaluates it on held-out data, and returns the metrics. ``load_trained(workdir, role)`` loads one role for
+the unlearning side.
+
+Roles and their data (``config.exclude_classes`` only ever changes the generative role):
+
+=============  ======================================================  =============================================
+role           trains                                                  on
+=============  ======================================================  =============================================
+``generative`` ``config.model`` (VAE), Adam, negative ELBO             the training data, minus ``exclude_classes``
+``evaluator``  ``config.classifier``, AdamW + cosine, cross-entropy,   ``evaluator_fraction`` of each class of the
+               random translations                                     training data (or ``config.evaluator_data``)
+``guidance``   same recipe, different seed                             the rest of the training data (all of it when
+                                                                       ``evaluator_data`` is given)
+=============  ======================================================  =============================================
+
+*Training data* is all of ``config.data`` when ``config.eval_data`` names held-out data (e.g. the real MNIST test
+set, ``idx:../shared/data/mnist``), else ``config.data`` minus a seeded stratified holdout of
+``holdout_fraction`` of each class, which is then the held-out data. The evaluator and the guidance classifier are
+separate models from separate runs: different keys (each role folds its index into the seed) and disjoint
+training examples, so that the classifier that scores an unlearning run has never seen the data or the
+randomness of the one that may guide it (issue 4, "evaluation integrity").
+
+Exactness and resumption: every epoch is ONE jitted ``lax.scan`` over the shuffled batches (the last partial
+batch dropped; it differs every epoch), compiled once per role with the parameter and optimizer buffers donated.
+Its data order and all its keys are derived from ``(seed, role, epoch)`` alone, so a run interrupted after any
+checkpoint and re-run with the same workdir continues with exactly the batches and keys the uninterrupted run
+would have used and ends with bit-identical parameters (on the same device and software). Checkpoints are taken
+at epoch ends: the first epoch end crossing each multiple of ``checkpoint_every_steps`` steps, and the last.
+
+Non-finite steps: the optimizer is wrapped in ``optax.apply_if_finite``, so a step whose gradient is not finite is
+skipped (and counted in the metrics); a run that ends an epoch with its last :data:`MAX_CONSECUTIVE_NONFINITE`
+steps (or its whole epoch, if shorter) all skipped stops with :class:`TrainingDivergedError` before writing
+anything of that epoch.
+
+Workdir layout::
+
+    <workdir>/
+      summary.json                    metrics of every role trained by the last run, with wall times
+      <role>/checkpoints/<step>/      orbax steps: params, opt_state, metadata (config, data fingerprints, ...)
+      <role>/metrics.json             held-out metrics of the final model
+      <role>/history.csv              epoch, step, mean training loss, skipped (non-finite) steps
+      generative/samples.png          samples from z ~ N(0, I) and reconstructions of held-out images
+
+Example:
+    >>> from gsu_jax.config_validation import default_train_config
+    >>> config = default_train_config()
+    >>> config.num_epochs, config.classifier_num_epochs = 1, 1
+    >>> metrics = train_and_evaluate(config, "/tmp/gsu_demo")  # doctest: +SKIP
+    >>> evaluator = load_trained("/tmp/gsu_demo", "evaluator")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from gsu_jax import data as data_lib
+from gsu_jax import losses
+from gsu_jax import models
+from gsu_jax.checkpointing import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    Checkpointer,
+    WorkdirError,
+    abstract_like,
+    ensure_writable_directory,
+    json_normalize,
+    metadata_differences,
+)
+from gsu_jax.config_validation import (
+    ROLES,
+    ConfigError,
+    fields_in_scope,
+    parse_class_list,
+    parse_roles,
+    validate_train_config,
+)
+
+__all__ = [
+    "MAX_CONSECUTIVE_NONFINITE",
+    "RunData",
+    "TrainedModel",
+    "TrainingDivergedError",
+    "load_trained",
+    "make_train_epoch",
+    "prepare_data",
+    "random_translate",
+    "train_and_evaluate",
+]
+
+# A run whose last this-many steps were all non-finite (skipped) has diverged.
+MAX_CONSECUTIVE_NONFINITE = 20
+# Each role folds its index into the seed: distinct keys for distinct roles.
+_ROLE_INDEX = {role: index for index, role in enumerate(ROLES)}
+# Independent key streams of one role, folded into its key.
+_INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _SAMPLE_STREAM = 0, 1, 2, 3
+# Examples per chunk when evaluating held-out data (bounds activation memory of the conv models).
+_EVAL_CHUNK = 500
+_CHECKPOINTS = "checkpoints"
+
+
+class TrainedModel(NamedTuple):
+    """A trained role, loaded by :func:`load_trained`.
+
+    Attributes:
+        graphdef: the model's ``nnx.GraphDef``.
+        params: its parameters (``nnx.State``); ``nnx.merge(graphdef, params)`` rebuilds the module.
+        config: the (validated) config it was trained with, as a ``ConfigDict``.
+        metadata: the checkpoint's JSON metadata (role, model, model_kwargs, data fingerprints, step, history,
+            package versions, ...).
+    """
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    config: ml_collections.ConfigDict
+    metadata: dict[str, Any]
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training kept producing non-finite gradients; nothing of the failing epoch was saved."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """The exact examples each role trains and is evaluated on (see the module docstring).
+
+    Attributes:
+        train: the training data (every class).
+        heldout: the held-out data (every class).
+        generative: what the generative role trains on (``train`` minus ``exclude_classes``).
+        evaluator: what the evaluator trains on.
+        guidance: what the guidance classifier trains on.
+        source_fingerprint: fingerprint of ``config.data`` as loaded (before any split).
+        excluded_classes: the classes left out of ``generative``.
+    """
+
+    train: data_lib.ImageDataset
+    heldout: data_lib.ImageDataset
+    generative: data_lib.ImageDataset
+    evaluator: data_lib.ImageDataset
+    guidance: data_lib.ImageDataset
+    source_fingerprint: str
+    excluded_classes: tuple[int, ...]
+
+    def for_role(self, role: str) -> data_lib.ImageDataset:
+        """The training examples of ``role``."""
+        return getattr(self, role)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def _load(spec: str, field: str, data_dir: str) -> data_lib.ImageDataset:
+    try:
+        return data_lib.load_dataset(spec, data_dir=data_dir or None)
+    except (ValueError, TypeError, ImportError, OSError) as err:
+        raise ConfigError(f"config.{field}={spec!r} cannot be loaded: {err}") from err
+
+
+def _check_compatible(reference: data_lib.ImageDataset, other: data_lib.ImageDataset, field: str) -> None:
+    if other.image_shape != reference.image_shape or other.num_classes != reference.num_classes:
+        raise ConfigError(
+            f"config.{field}={other.name!r} has images {other.image_shape} with {other.num_classes} classes but "
+            f"config.data={reference.name!r} has {reference.image_shape} with {reference.num_classes}; "
+            "they must match"
+        )
+
+
+def prepare_data(config: Any) -> RunData:
+    """Loads and splits the data of a train config exactly as :func:`train_and_evaluate` does.
+
+    The unlearning side uses it to draw forget/retain batches from the very examples a model trained on (compare
+    ``fingerprint()`` with the checkpoint's ``train_fingerprint``) and held-out examples it never saw.
+
+    Raises:
+        ConfigError: an invalid config, data that cannot be loaded, held-out or evaluator data whose image shape
+            or class count differs from ``config.data``, an excluded class absent from the data or excluding
+            every class, or a split that leaves a side empty.
+    """
+    values = validate_train_config(config)
+    source = _load(values["data"], "data", values["data_dir"])
+    seed = values["seed"]
+    if values["eval_data"]:
+        heldout = _load(values["eval_data"], "eval_data", values["data_dir"])
+        _check_compatible(source, heldout, "eval_data")
+        train = source
+    else:
+        try:
+            train, heldout = data_lib.train_test_split(source, test_fraction=values["holdout_fraction"], seed=seed)
+        except ValueError as err:
+            raise ConfigError(f"config.holdout_fraction={values['holdout_fraction']!r}: {err}") from err
+
+    excluded = parse_class_list(values["exclude_classes"])
+    if excluded:
+        out_of_range = [c for c in excluded if c >= train.num_classes]
+        if out_of_range:
+            raise ConfigError(f"config.exclude_classes={values['exclude_classes']!r} names class {out_of_range[0]}; "
+                              f"allowed: classes 0..{train.num_classes - 1}")
+        try:
+            _, kept = data_lib.select_forget_retain(train.labels, classes=list(excluded))
+        except ValueError as err:
+            raise ConfigError(f"config.exclude_classes={values['exclude_classes']!r}: {err}") from err
+        generative = train.subset(kept)
+    else:
+        generative = train
+
+    if values["evaluator_data"]:
+        evaluator = _load(values["evaluator_data"], "evaluator_data", values["data_dir"])
+        _check_compatible(source, evaluator, "evaluator_data")
+        guidance = train
+    else:
+        try:
+            guidance_idx, evaluator_idx = data_lib.stratified_split(
+                train.labels, test_fraction=values["evaluator_fraction"], seed=seed)
+        except ValueError as err:
+            raise ConfigError(f"config.evaluator_fraction={values['evaluator_fraction']!r}: {err}") from err
+        evaluator, guidance = train.subset(evaluator_idx), train.subset(guidance_idx)
+    return RunData(train=train, heldout=heldout, generative=generative, evaluator=evaluator, guidance=guidance,
+                   source_fingerprint=source.fingerprint(), excluded_classes=excluded)
+
+
+# ------------------------------------------------------------------------------------------- augmentation
+
+
+def random_translate(image: jax.Array, *, max_shift: int, key: jax.Array) -> jax.Array:
+    """Shifts ONE image by a uniform random offset in ``[-max_shift, max_shift]`` on each axis, filling with 0.
+
+    Args:
+        image: ``f32[H, W, C]``.
+        max_shift: the largest shift in pixels (>= 0; 0 returns the image unchanged).
+        key: the example's PRNG key.
+
+    Returns:
+        ``f32[H, W, C]``: ``out[i, j] = image[i - dy, j - dx]`` where in range, else 0.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> images = jnp.ones((4, 28, 28, 1))
+        >>> keys = jax.random.split(jax.random.key(0), 4)
+        >>> jax.vmap(lambda x, k: random_translate(x, max_shift=2, key=k))(images, keys).shape
+        (4, 28, 28, 1)
+    """
+    if max_shift == 0:
+        return image
+    height, width, _ = image.shape
+    offsets = jax.random.randint(key, (2,), 0, 2 * max_shift + 1)
+    padded = jnp.pad(image, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+    return jax.lax.dynamic_slice(padded, (offsets[0], offsets[1], 0), image.shape[:2] + image.shape[2:])
+
+
+# ------------------------------------------------------------------------------------------- the epoch
+
+
+def make_train_epoch(
+    loss_fn: losses.LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    num_batches: int,
+    batch_size: int,
+    augment_shift: int = 0,
+) -> Callable[..., tuple[Any, Any, jax.Array, jax.Array]]:
+    """One epoch of minibatch training as ONE jitted ``lax.scan``, buffers donated.
+
+    ``train_epoch(params, opt_state, images f32[N, H, W, C], labels i32[N], key) -> (params, opt_state,
+    losses f32[num_batches], finite bool[num_batches])``: the ``key`` fixes the epoch's data order (a permutation of
+    the N examples cut into ``num_batches`` batches of ``batch_size``, the rest dropped) and every per-example key
+    (augmentation, reparameterisation), so the epoch is a deterministic function of its inputs.
+
+    Args:
+        loss_fn: per-example loss ``(params, example, key) -> f32[]`` (batched with :func:`gsu_jax.losses.batch_mean`).
+        optimizer: the optax transformation (wrapped in ``optax.apply_if_finite`` by the caller).
+        num_batches: batches per epoch, ``<= N // batch_size``.
+        batch_size: examples per batch.
+        augment_shift: random translation of each example by up to this many pixels (0: none).
+
+    Returns:
+        The jitted ``train_epoch``; ``params`` and ``opt_state`` are donated (do not reuse them after the call).
+    """
+    batch_loss = losses.batch_mean(loss_fn)
+    translate = jax.vmap(lambda image, key: random_translate(image, max_shift=augment_shift, key=key))
+
+    def train_epoch(params, opt_state, images, labels, key):
+        def train_step(carry, inputs):
+            params, opt_state = carry
+            indices, step_key = inputs
+            augment_key, loss_key = jax.random.split(step_key)
+            batch = {"image": images[indices], "label": labels[indices]}
+            if augment_shift:
+                batch["image"] = translate(batch["image"], jax.random.split(augment_key, batch_size))
+            loss, grads = jax.value_and_grad(batch_loss)(params, batch, loss_key)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+            return (optax.apply_updates(params, updates), opt_state), (loss, finite)
+
+        order_key, steps_key = jax.random.split(key)
+        order = jax.random.permutation(order_key, images.shape[0])[: num_batches * batch_size]
+        order = order.reshape(num_batches, batch_size)
+        step_keys = jax.random.split(steps_key, num_batches)
+        (params, opt_state), (batch_losses, finite) = jax.lax.scan(train_step, (params, opt_state), (order, step_keys))
+        return params, opt_state, batch_losses, finite
+
+    return jax.jit(train_epoch, donate_argnums=(0, 1))
+
+
+# ------------------------------------------------------------------------------------------- compiled programs
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProgramSpec:
+    """Everything a role's compiled programs depend on; hashable, so equal specs share one compilation.
+
+    The evaluator and the guidance classifier (same recipe, same split sizes) and repeated runs in one process
+    (tests, the unlearning side training what is missing) reuse the programs instead of recompiling them.
+    """
+
+    model_name: str
+    model_kwargs: tuple[tuple[str, Any], ...]  # complete: includes image_shape and latent_dim / num_classes
+    generative: bool
+    kl_weight: float
+    learning_rate: float
+    weight_decay: float
+    num_epochs: int
+    num_batches: int
+    batch_size: int
+    augment_shift: int
+
+    def build(self, key: jax.Array) -> nnx.Module:
+        return models.build_model(self.model_name, rngs=nnx.Rngs(key), **dict(self.model_kwargs))
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """Adam (the protocol) for the VAE; AdamW with cosine decay for the classifiers; non-finite steps skipped."""
+        if self.generative:
+            inner = optax.adam(self.learning_rate)
+        else:
+            schedule = optax.cosine_decay_schedule(self.learning_rate, self.num_epochs * self.num_batches)
+            inner = optax.adamw(schedule, weight_decay=self.weight_decay)
+        # Never apply a non-finite update; when to give up is decided by MAX_CONSECUTIVE_NONFINITE.
+        return optax.apply_if_finite(inner, max_consecutive_errors=int(np.iinfo(np.int32).max))
+
+
+class _Programs(NamedTuple):
+    graphdef: nnx.GraphDef
+    abstract_params: nnx.State
+    optimizer: optax.GradientTransformation
+    init_state: Callable[[jax.Array], tuple[nnx.State, Any]]
+    train_epoch: Callable[..., tuple[Any, Any, jax.Array, jax.Array]]
+    evaluate: Callable[..., jax.Array]
+    draw: Callable[..., tuple[jax.Array, jax.Array]] | None
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(spec: _ProgramSpec) -> _Programs:
+    """The jitted programs of one role, compiled lazily on first call and cached per spec."""
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: spec.build(jax.random.key(0))))
+    optimizer = spec.optimizer()
+
+    @jax.jit
+    def init_state(key):
+        # One program for all initialisers (op-by-op initialisation compiles each random draw separately).
+        params = nnx.state(spec.build(key))
+        return params, optimizer.init(params)
+
+    if spec.generative:
+        loss_fn = losses.negative_elbo(graphdef, kl_weight=spec.kl_weight)
+        terms_fn = losses.elbo_terms(graphdef)
+
+        @jax.jit
+        def evaluate(params, images, key):
+            """``f32[N, 2]``: (reconstruction, KL) of each image, one posterior sample with its own key."""
+
+            def one(image_and_key):
+                image, example_key = image_and_key
+                terms = terms_fn(params, {"image": image}, example_key)
+                return jnp.stack([terms.reconstruction, terms.kl])
+
+            keys = jax.random.split(key, images.shape[0])
+            return jax.lax.map(one, (images, keys), batch_size=_EVAL_CHUNK)
+
+        @functools.partial(jax.jit, static_argnames="num_samples")
+        def draw(params, key, originals, *, num_samples):
+            """Samples from ``z ~ N(0, I)`` and posterior-mean reconstructions of ``originals``."""
+            z = jax.random.normal(key, (num_samples, dict(spec.model_kwargs)["latent_dim"]))
+            return models.generate_images(graphdef, params, z), models.reconstruct(graphdef, params, originals)
+    else:
+        loss_fn = losses.cross_entropy(graphdef)
+        draw = None
+
+        @jax.jit
+        def evaluate(params, images, key):
+            """``f32[N, K]`` logits."""
+            del key  # classifiers are deterministic; the argument keeps one signature
+            return jax.lax.map(lambda image: models.classifier_logits(graphdef, params, image[None])[0], images,
+                               batch_size=_EVAL_CHUNK)
+
+    train_epoch = make_train_epoch(loss_fn, optimizer, num_batches=spec.num_batches, batch_size=spec.batch_size,
+                                   augment_shift=spec.augment_shift)
+    return _Programs(graphdef, abstract_params, optimizer, init_state, train_epoch, evaluate, draw)
+
+
+# ------------------------------------------------------------------------------------------- role plans
+
+
+@dataclasses.dataclass(frozen=True)
+class _RolePlan:
+    """Everything that determines one role's training run."""
+
+    role: str
+    spec: _ProgramSpec
+    train: data_lib.ImageDataset
+    heldout: data_lib.ImageDataset
+    key: jax.Array
+    identity: dict[str, Any]
+    train_fingerprint: str
+
+    @property
+    def generative(self) -> bool:
+        return self.spec.generative
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        return dict(self.spec.model_kwargs)
+
+
+def _role_key(seed: int, role: str) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), _ROLE_INDEX[role])
+
+
+def _plan(role: str, values: Mapping[str, Any], run_data: RunData) -> _RolePlan:
+    train = run_data.for_role(role)
+    generative = role == "generative"
+    if generative:
+        model_field, kwargs_field, prefix = "model", "model_kwargs", ""
+        kwargs = {**values["model_kwargs"], "image_shape": train.image_shape, "latent_dim": values["latent_dim"]}
+    else:
+        model_field, kwargs_field, prefix = "classifier", "classifier_kwargs", "classifier_"
+        kwargs = {**values["classifier_kwargs"], "image_shape": train.image_shape, "num_classes": train.num_classes}
+    batch_size = values[f"{prefix}batch_size"]
+    if batch_size > len(train):
+        raise ConfigError(f"config.{prefix}batch_size={batch_size} exceeds the {len(train)} training examples of "
+                          f"the {role} role; allowed: 1..{len(train)}")
+    spec = _ProgramSpec(
+        model_name=values[model_field],
+        model_kwargs=tuple(sorted(kwargs.items())),
+        generative=generative,
+        kl_weight=values["kl_weight"] if generative else 0.0,
+        learning_rate=values[f"{prefix}learning_rate"],
+        weight_decay=0.0 if generative else values["classifier_weight_decay"],
+        num_epochs=values[f"{prefix}num_epochs"],
+        num_batches=len(train) // batch_size,
+        batch_size=batch_size,
+        augment_shift=0 if generative else values["classifier_augment_shift"],
+    )
+    try:
+        nnx.eval_shape(lambda: spec.build(jax.random.key(0)))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"config.{kwargs_field}={values[kwargs_field]!r} with config.{model_field}="
+                          f"{spec.model_name!r} cannot build a model for images {train.image_shape}: {err}") from err
+    return _RolePlan(role=role, spec=spec, train=train, heldout=run_data.heldout, key=_role_key(values["seed"], role),
+                     identity={field: values[field] for field in fields_in_scope(role)},
+                     train_fingerprint=train.fingerprint())
+
+
+def _checkpoint_dir(role_dir: pathlib.Path) -> pathlib.Path:
+    return role_dir / _CHECKPOINTS
+
+
+def _existing_checkpoint(plan: _RolePlan, role_dir: pathlib.Path) -> dict[str, Any] | None:
+    """The latest checkpoint's metadata if it belongs to this plan, ``None`` if there is none; else refuses."""
+    directory = _checkpoint_dir(role_dir)
+    if not directory.is_dir():
+        return None
+    with Checkpointer(directory, create=False) as ckpt:
+        if ckpt.latest_step() is None:
+            return None
+        saved = ckpt.read_metadata()
+    differences = []
+    if saved.get("role") != plan.role or saved.get("model") != plan.spec.model_name:
+        differences.append(f"role/model: {saved.get('role')!r}/{saved.get('model')!r} -> "
+                           f"{plan.role!r}/{plan.spec.model_name!r}")
+    saved_identity = saved.get("identity", {})
+    differences += metadata_differences(saved_identity, plan.identity, sorted(set(saved_identity) | set(plan.identity)))
+    if saved.get("train_fingerprint") != plan.train_fingerprint:
+        differences.append(
+            f"training data: fingerprint {str(saved.get('train_fingerprint'))[:12]}... -> "
+            f"{plan.train_fingerprint[:12]}... (the examples are selected by data, data_dir, eval_data, "
+            "holdout_fraction, exclude_classes, evaluator_data and evaluator_fraction)"
+        )
+    if differences:
+        raise CheckpointMismatchError(
+            f"{str(directory)!r} holds a {plan.role} checkpoint (step {saved['step']}) trained with a different "
+            f"config or data: {'; '.join(differences)}; pass --overwrite to discard it, or use another --workdir"
+        )
+    return saved
+
+
+def _check_free_space(workdir: pathlib.Path, plans: list[_RolePlan], max_to_keep: int) -> None:
+    needed = 16 * 2**20  # metrics, PNG, history and orbax's own files
+    for plan in plans:
+        abstract = nnx.state(nnx.eval_shape(lambda spec=plan.spec: spec.build(jax.random.key(0))))
+        param_bytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract))
+        # params + two Adam moments, for every kept step plus the one being written
+        needed += 3 * param_bytes * (max_to_keep + 1)
+    free = shutil.disk_usage(workdir).free
+    if free < needed:
+        raise WorkdirError(f"workdir {str(workdir)!r} has {free / 2**20:.1f} MiB free; the checkpoints of this run "
+                           f"need about {needed / 2**20:.1f} MiB")
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def _evaluate(plan: _RolePlan, programs: _Programs, params: nnx.State,
+              excluded: tuple[int, ...]) -> dict[str, Any]:
+    """Generative: negative ELBO (KL weight 1, one posterior sample per example, fixed key) on held-out and
+    training data. Classifiers: accuracy and mean cross-entropy on the held-out data."""
+    eval_key = jax.random.fold_in(plan.key, _EVAL_STREAM)
+    if not plan.generative:
+        logits = programs.evaluate(params, jnp.asarray(plan.heldout.images), eval_key)
+        labels = jnp.asarray(plan.heldout.labels)
+        return {
+            "heldout_accuracy": float(jnp.mean(jnp.argmax(logits, axis=-1) == labels)),
+            "heldout_cross_entropy": float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))),
+        }
+    # Held-out and training examples in one call (one compilation); every example has its own key.
+    both = np.concatenate([plan.heldout.images, plan.train.images])
+    terms = np.asarray(programs.evaluate(params, jnp.asarray(both), eval_key))
+    heldout, train = terms[: len(plan.heldout)], terms[len(plan.heldout):]
+    metrics = {
+        "heldout_neg_elbo": float(heldout.sum(axis=1).mean()),
+        "heldout_reconstruction": float(heldout[:, 0].mean()),
+        "heldout_kl": float(heldout[:, 1].mean()),
+        "train_neg_elbo": float(train.sum(axis=1).mean()),
+    }
+    if excluded:
+        is_excluded = np.isin(plan.heldout.labels, excluded)
+        for name, mask in (("retained", ~is_excluded), ("excluded", is_excluded)):
+            if mask.any():
+                metrics[f"heldout_neg_elbo_{name}_classes"] = float(heldout[mask].sum(axis=1).mean())
+    return metrics
+
+
+def _tile(images: np.ndarray, columns: int) -> np.ndarray:
+    """``f32[N, H, W, C]`` -> one ``f32[rows*(H+1)-1, columns*(W+1)-1, C]`` grid with 1-pixel white gaps."""
+    count, height, width, channels = images.shape
+    rows = math.ceil(count / columns)
+    grid = np.ones((rows * (height + 1) - 1, columns * (width + 1) - 1, channels), np.float32)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        grid[row * (height + 1): row * (height + 1) + height, column * (width + 1): column * (width + 1) + width] = image
+    return grid
+
+
+def _write_samples_png(path: pathlib.Path, plan: _RolePlan, programs: _Programs, params: nnx.State,
+                       *, num_images: int, title: str) -> None:
+    """PNG: samples decoded from ``z ~ N(0, I)`` (left); held-out images next to their reconstructions (right)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # Evenly spaced held-out examples: every class shows up even when the data is sorted by label.
+    picks = np.linspace(0, len(plan.heldout) - 1, max(1, num_images // 2)).astype(np.int64)
+    originals = plan.heldout.images[picks]
+    samples, reconstructions = jax.device_get(programs.draw(
+        params, jax.random.fold_in(plan.key, _SAMPLE_STREAM), jnp.asarray(originals), num_samples=num_images))
+    interleaved = np.stack([originals, reconstructions], axis=1).reshape(-1, *originals.shape[1:])
+
+    columns = max(2, 2 * math.ceil(math.sqrt(num_images) / 2))
+    panels = [(_tile(samples, columns), "samples, z ~ N(0, I)"),
+              (_tile(interleaved, columns), "held-out | reconstruction (posterior mean)")]
+    figure = Figure(figsize=(10, 5.4), dpi=100)
+    FigureCanvasAgg(figure)
+    for axis, (grid, label) in zip(figure.subplots(1, 2), panels):
+        gray = grid.shape[-1] == 1
+        axis.imshow(grid[..., 0] if gray else grid, cmap="gray" if gray else None, vmin=0.0, vmax=1.0,
+                    interpolation="nearest")
+        axis.set_title(label, fontsize=10)
+        axis.axis("off")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+# ------------------------------------------------------------------------------------------- training a role
+
+
+def _should_checkpoint(step: int, steps_per_epoch: int, every: int, last_epoch: bool) -> bool:
+    return last_epoch or step // every > (step - steps_per_epoch) // every
+
+
+def _train_role(plan: _RolePlan, role_dir: pathlib.Path, saved: dict[str, Any] | None,
+                values: Mapping[str, Any], run_data: RunData) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    spec = plan.spec
+    programs = _programs(spec)
+    started = time.perf_counter()
+    with Checkpointer(_checkpoint_dir(role_dir), max_to_keep=values["max_to_keep"]) as ckpt:
+        if saved is None:
+            # Committed to the device like restored arrays are, so that a fresh and a resumed run hit the same
+            # compiled programs (jit keys its cache on whether arguments are committed).
+            params, opt_state = jax.device_put(programs.init_state(jax.random.fold_in(plan.key, _INIT_STREAM)),
+                                               jax.devices()[0])
+            start_epoch, history, consecutive_nonfinite = 0, [], 0
+        else:
+            abstract_params = abstract_like(programs.abstract_params)
+            params, opt_state, saved = ckpt.restore(
+                saved["step"], abstract_params=abstract_params,
+                abstract_opt_state=abstract_like(jax.eval_shape(programs.optimizer.init, abstract_params)))
+            start_epoch, history = saved["epoch"], list(saved["history"])
+            consecutive_nonfinite = saved["consecutive_nonfinite"]
+            logging.info("%s: resuming from step %d (epoch %d of %d) in %s", plan.role, saved["step"],
+                         start_epoch, spec.num_epochs, ckpt.directory)
+        resumed_from = None if saved is None else saved["step"]
+
+        metadata = {
+            "role": plan.role,
+            "model": spec.model_name,
+            "model_kwargs": plan.model_kwargs,
+            "config": dict(values),
+            "identity": plan.identity,
+            "seed": values["seed"],
+            "source_fingerprint": run_data.source_fingerprint,
+            "train_fingerprint": plan.train_fingerprint,
+            "heldout_fingerprint": plan.heldout.fingerprint(),
+            "num_train": len(plan.train),
+            "num_heldout": len(plan.heldout),
+            "excluded_classes": list(run_data.excluded_classes) if plan.generative else [],
+            "num_epochs": spec.num_epochs,
+            "steps_per_epoch": spec.num_batches,
+            "batch_size": spec.batch_size,
+            "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+        }
+        divergence_window = min(MAX_CONSECUTIVE_NONFINITE, spec.num_batches)
+        if start_epoch < spec.num_epochs:
+            images, labels = jnp.asarray(plan.train.images), jnp.asarray(plan.train.labels)
+            train_key = jax.random.fold_in(plan.key, _TRAIN_STREAM)
+            bar = tqdm(total=spec.num_epochs, initial=start_epoch, desc=f"{plan.role:>10}", unit="epoch",
+                       disable=not values["progress_bar"], dynamic_ncols=True)
+            with bar:
+                for epoch in range(start_epoch, spec.num_epochs):
+                    params, opt_state, batch_losses, finite = programs.train_epoch(
+                        params, opt_state, images, labels, jax.random.fold_in(train_key, epoch))
+                    batch_losses, finite = np.asarray(batch_losses), np.asarray(finite)
+                    step = (epoch + 1) * spec.num_batches
+                    skipped = int((~finite).sum())
+                    # Non-finite steps at the end of this epoch, continuing the run from the previous epochs.
+                    trailing = int(np.argmax(finite[::-1])) if finite.any() else len(finite)
+                    consecutive_nonfinite = trailing if finite.any() else consecutive_nonfinite + trailing
+                    if consecutive_nonfinite >= divergence_window:
+                        raise TrainingDivergedError(
+                            f"{plan.role} training diverged: the last {consecutive_nonfinite} steps (up to step "
+                            f"{step}, epoch {epoch + 1}) had non-finite gradients and were skipped; nothing of "
+                            "this epoch was saved. Lower the learning rate (config."
+                            f"{'' if plan.generative else 'classifier_'}learning_rate) or check the data")
+                    mean_loss = float(batch_losses[finite].mean()) if finite.any() else float("nan")
+                    history.append({"epoch": epoch + 1, "step": step, "loss": mean_loss, "skipped_steps": skipped})
+                    bar.set_postfix(loss=f"{mean_loss:.4g}", refresh=False)
+                    bar.update()
+                    last = epoch + 1 == spec.num_epochs
+                    if _should_checkpoint(step, spec.num_batches, values["checkpoint_every_steps"], last):
+                        ckpt.save(step, params, opt_state, metadata={
+                            **metadata, "epoch": epoch + 1, "finished": last, "history": history,
+                            "nonfinite_steps": sum(h["skipped_steps"] for h in history),
+                            "consecutive_nonfinite": consecutive_nonfinite,
+                        })
+        final_step = spec.num_epochs * spec.num_batches
+        checkpoint_path = str(ckpt.step_path(final_step))
+    train_seconds = time.perf_counter() - started
+
+    metrics = _evaluate(plan, programs, params, run_data.excluded_classes)
+    if plan.generative:
+        samples_path = role_dir / "samples.png"
+        _write_samples_png(samples_path, plan, programs, params, num_images=values["num_sample_images"],
+                           title=f"{spec.model_name} latent {plan.model_kwargs['latent_dim']}, {spec.num_epochs} "
+                                 f"epochs, held-out -ELBO {metrics['heldout_neg_elbo']:.1f}")
+        metrics["samples_png"] = str(samples_path)
+    metrics.update(
+        role=plan.role,
+        model=spec.model_name,
+        num_train=len(plan.train),
+        num_heldout=len(plan.heldout),
+        heldout_data=(plan.heldout.name if values["eval_data"]
+                      else f"{values['data']} (stratified holdout {values['holdout_fraction']})"),
+        epochs=spec.num_epochs,
+        steps=final_step,
+        final_train_loss=history[-1]["loss"] if history else None,
+        nonfinite_steps=sum(h["skipped_steps"] for h in history),
+        resumed_from_step=resumed_from,
+        seconds=round(train_seconds, 2),
+        checkpoint=checkpoint_path,
+    )
+    (role_dir / "metrics.json").write_text(json.dumps(json_normalize(metrics), indent=2) + "\n")
+    with open(role_dir / "history.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["epoch", "step", "loss", "skipped_steps"])
+        writer.writeheader()
+        writer.writerows(history)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------- entry points
+
+
+def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Trains, checkpoints and evaluates every role in ``config.roles``; resumes what a workdir already holds.
+
+    Everything that can be refused is refused before any training or deletion: the config (every field), the
+    data (loaded and split), the models (built abstractly from the config and the data's image shape), the
+    workdir (created only then, probed for writing; free space for the checkpoints), and each role's existing
+    checkpoint (same role, model, config fields in scope and training-data fingerprint, or
+    :class:`CheckpointMismatchError` naming the differences). Then each role trains from scratch or from its latest checkpoint, is evaluated on the
+    held-out data, and its metrics, history and (generative) sample grid are written.
+
+    Args:
+        config: a train config (see :data:`gsu_jax.config_validation.TRAIN_SCHEMA`, ``configs/*.py``).
+        workdir: the run directory (created if missing).
+        overwrite: discard the existing checkpoints of the roles being trained and start them from scratch
+            (other roles' directories are left alone).
+
+    Returns:
+        ``{role: metrics}``; generative metrics hold ``heldout_neg_elbo`` (and its terms) and ``samples_png``,
+        classifier metrics ``heldout_accuracy`` and ``heldout_cross_entropy``; every role also ``num_train``,
+        ``steps``, ``final_train_loss``, ``nonfinite_steps``, ``resumed_from_step``, ``seconds`` and
+        ``checkpoint``.
+
+    Raises:
+        ConfigError: an invalid config or data that cannot be used (one line, naming the field).
+        WorkdirError: the workdir cannot be created or written, or lacks the space for the checkpoints.
+        CheckpointMismatchError: the workdir holds a checkpoint of another config or data (without ``overwrite``).
+        CheckpointCorruptError: the latest checkpoint of a role cannot be read back intact.
+        TrainingDivergedError: the gradients stayed non-finite.
+    """
+    started = time.perf_counter()
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
+    values = validate_train_config(config)
+    roles = parse_roles(values["roles"])
+    run_data = prepare_data(values)
+    plans = [_plan(role, values, run_data) for role in roles]
+    workdir = ensure_writable_directory(workdir)
+    saved = {plan.role: None if overwrite else _existing_checkpoint(plan, workdir / plan.role) for plan in plans}
+    _check_free_space(workdir, plans, values["max_to_keep"])
+    if overwrite:
+        for plan in plans:
+            shutil.rmtree(workdir / plan.role, ignore_errors=True)
+
+    results = {}
+    for plan in plans:
+        role_dir = workdir / plan.role
+        role_dir.mkdir(parents=True, exist_ok=True)
+        results[plan.role] = _train_role(plan, role_dir, saved[plan.role], values, run_data)
+        logging.info("%s: %s", plan.role, {k: v for k, v in results[plan.role].items() if isinstance(v, float)})
+    summary = {"workdir": str(workdir), "wall_seconds": round(time.perf_counter() - started, 2), "roles": results}
+    (workdir / "summary.json").write_text(json.dumps(json_normalize(summary), indent=2) + "\n")
+    return results
+
+
+def load_trained(workdir: str | pathlib.Path, role: str) -> TrainedModel:
+    """Loads the finished model of ``role`` from a train workdir (the latest checkpoint, verified bit for bit).
+
+    Args:
+        workdir: a directory written by :func:`train_and_evaluate` / ``train.py``.
+        role: ``"generative"``, ``"evaluator"`` or ``"guidance"``.
+
+    Returns:
+        :class:`TrainedModel` ``(graphdef, params, config, metadata)``.
+
+    Raises:
+        ValueError: an unknown role.
+        CheckpointNotFoundError: no checkpoint of that role, or its training has not finished (the message says
+            how to finish it).
+        CheckpointCorruptError: the checkpoint cannot be read back intact.
+
+    Example:
+        >>> evaluator = load_trained("runs/mnist_vae", "evaluator")  # doctest: +SKIP
+        >>> logits = models.classifier_logits(evaluator.graphdef, evaluator.params, images)  # doctest: +SKIP
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; allowed: {', '.join(ROLES)}")
+    directory = _checkpoint_dir(pathlib.Path(workdir).expanduser().absolute() / role)
+    hint = f"train it with: python train.py --config <config> --workdir {workdir}"
+    if not directory.is_dir():
+        raise CheckpointNotFoundError(f"no trained {role} model in workdir {str(workdir)!r}; {hint}")
+    with Checkpointer(directory, create=False) as ckpt:
+        if ckpt.latest_step() is None:
+            raise CheckpointNotFoundError(f"no complete {role} checkpoint in {str(directory)!r}; {hint}")
+        metadata = ckpt.read_metadata()
+        if metadata.get("role") != role:
+            raise CheckpointMismatchError(
+                f"{str(directory)!r} holds a {metadata.get('role')!r} checkpoint, not a {role!r} one")
+        if not metadata.get("finished"):
+            raise CheckpointNotFoundError(
+                f"the {role} model in {str(workdir)!r} is not finished (epoch {metadata.get('epoch')} of "
+                f"{metadata.get('num_epochs')}); re-run the same train.py command to resume it")
+        kwargs = dict(metadata["model_kwargs"])
+        kwargs["image_shape"] = tuple(kwargs["image_shape"])
+        abstract_model = nnx.eval_shape(
+            lambda: models.build_model(metadata["model"], rngs=nnx.Rngs(0), **kwargs))
+        graphdef, abstract_params = nnx.split(abstract_model)
+        params, _, metadata = ckpt.restore(metadata["step"], abstract_params=abstract_like(abstract_params))
+    return TrainedModel(graphdef, params, ml_collections.ConfigDict(metadata["config"]), metadata)

@@ -1,0 +1,208 @@
+"""Tests of gsu_jax.checkpointing: round trips, refusals and corruption detection (no training here)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from gsu_jax import checkpointing
+from gsu_jax.checkpointing import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    Checkpointer,
+    WorkdirError,
+    abstract_like,
+)
+from gsu_jax.models import build_model
+
+
+def _model_state(seed: int = 0):
+    model = build_model("mlp_classifier", hidden=8, rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(model)
+    return graphdef, params
+
+
+@pytest.fixture(scope="module")
+def trained_like():
+    """Parameters and an Adam state after one real update (non-zero moments and count)."""
+    graphdef, params = _model_state()
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return graphdef, params, optimizer, opt_state
+
+
+def _abstract(params, optimizer):
+    abstract_params = abstract_like(params)
+    return abstract_params, abstract_like(jax.eval_shape(optimizer.init, abstract_params))
+
+
+def _largest_data_file(step_dir: pathlib.Path, item: str = "params") -> pathlib.Path:
+    files = [path for path in (step_dir / item).rglob("*") if path.is_file() and path.parent.name == "d"]
+    return max(files, key=lambda path: path.stat().st_size)
+
+
+def test_round_trip_restores_params_opt_state_and_metadata(tmp_path, trained_like):
+    _, params, optimizer, opt_state = trained_like
+    metadata = {"role": "evaluator", "model_kwargs": {"image_shape": (28, 28, 1)}, "history": [{"loss": 0.5}]}
+    with Checkpointer(tmp_path / "ckpt", max_to_keep=3) as ckpt:
+        ckpt.save(7, params, opt_state, metadata=metadata)
+        abstract_params, abstract_opt = _abstract(params, optimizer)
+        restored_params, restored_opt, restored_meta = ckpt.restore(
+            abstract_params=abstract_params, abstract_opt_state=abstract_opt)
+    assert jax.tree.structure(restored_params) == jax.tree.structure(params)
+    assert jax.tree.structure(restored_opt) == jax.tree.structure(opt_state)
+    chex.assert_trees_all_equal(restored_params, params)
+    chex.assert_trees_all_equal(restored_opt, opt_state)
+    assert restored_meta["step"] == 7
+    assert restored_meta["role"] == "evaluator"
+    assert restored_meta["model_kwargs"] == {"image_shape": [28, 28, 1]}  # JSON form of the tuple
+    assert restored_meta["history"] == [{"loss": 0.5}]
+    assert restored_meta["versions"]["jax"] == jax.__version__
+
+
+def test_params_only_restore_and_a_save_without_optimizer(tmp_path, trained_like):
+    _, params, optimizer, opt_state = trained_like
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, params, opt_state, metadata={})
+        ckpt.save(2, params, metadata={})  # e.g. an unlearned model: parameters only
+        for step in (1, 2):
+            restored, no_opt, meta = ckpt.restore(step, abstract_params=abstract_like(params))
+            chex.assert_trees_all_equal(restored, params)
+            assert no_opt is None and meta["has_opt_state"] == (step == 1)
+        with pytest.raises(checkpointing.CheckpointMismatchError, match="no optimizer state"):
+            ckpt.restore(2, abstract_params=abstract_like(params),
+                         abstract_opt_state=_abstract(params, optimizer)[1])
+
+
+def test_latest_step_and_max_to_keep(tmp_path, trained_like):
+    _, params, _, _ = trained_like
+    with Checkpointer(tmp_path / "ckpt", max_to_keep=2) as ckpt:
+        assert ckpt.latest_step() is None
+        for step in (10, 20, 30):
+            ckpt.save(step, params, metadata={"at": step})
+        assert ckpt.all_steps() == [20, 30]
+        assert ckpt.latest_step() == 30
+        assert ckpt.read_metadata()["at"] == 30
+        assert ckpt.read_metadata(20)["at"] == 20
+
+
+def test_not_found(tmp_path, trained_like):
+    _, params, _, _ = trained_like
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint directory"):
+        Checkpointer(tmp_path / "absent", create=False)
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        with pytest.raises(CheckpointNotFoundError, match="no checkpoint in"):
+            ckpt.read_metadata()
+        ckpt.save(3, params, metadata={})
+        with pytest.raises(CheckpointNotFoundError, match="no checkpoint step 4 .* steps present: 3"):
+            ckpt.restore(4, abstract_params=abstract_like(params))
+
+
+def test_flipped_bit_in_saved_arrays_is_detected_not_loaded(tmp_path, trained_like):
+    _, params, optimizer, opt_state = trained_like
+    with Checkpointer(tmp_path / "ckpt", max_to_keep=3) as ckpt:
+        ckpt.save(1, params, opt_state, metadata={})
+        ckpt.save(2, params, opt_state, metadata={})
+        data_file = _largest_data_file(ckpt.step_path(2))
+        raw = bytearray(data_file.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        data_file.write_bytes(bytes(raw))
+        abstract_params, abstract_opt = _abstract(params, optimizer)
+        with pytest.raises(CheckpointCorruptError) as excinfo:
+            ckpt.restore(abstract_params=abstract_params, abstract_opt_state=abstract_opt)
+        message = str(excinfo.value)
+        assert "step 2" in message and str(ckpt.step_path(2)) in message
+        assert "earlier steps 1 remain" in message  # the previous good checkpoint is offered
+        # The earlier step is intact and still loads.
+        restored, _, _ = ckpt.restore(1, abstract_params=abstract_params, abstract_opt_state=abstract_opt)
+        chex.assert_trees_all_equal(restored, params)
+
+
+def test_truncated_array_file_is_detected(tmp_path, trained_like):
+    _, params, optimizer, opt_state = trained_like
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(5, params, opt_state, metadata={})
+        data_file = _largest_data_file(ckpt.step_path(5))
+        data_file.write_bytes(data_file.read_bytes()[:64])
+        abstract_params, abstract_opt = _abstract(params, optimizer)
+        with pytest.raises(CheckpointCorruptError, match=r"step 5 .* is corrupt.*no earlier step remains"):
+            ckpt.restore(abstract_params=abstract_params, abstract_opt_state=abstract_opt)
+
+
+def test_garbled_metadata_is_detected(tmp_path, trained_like):
+    _, params, _, _ = trained_like
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(4, params, metadata={"role": "guidance"})
+        metadata_file = ckpt.step_path(4) / "metadata" / "metadata"
+        assert metadata_file.is_file()
+        metadata_file.write_text("{not json")
+        with pytest.raises(CheckpointCorruptError, match=r"step 4 .*unreadable metadata"):
+            ckpt.read_metadata()
+
+
+def test_half_written_step_is_never_listed_and_does_not_block_saving(tmp_path, trained_like):
+    _, params, _, _ = trained_like
+    directory = tmp_path / "ckpt"
+    with Checkpointer(directory) as ckpt:
+        ckpt.save(1, params, metadata={})
+    # What a run killed during a save leaves behind: orbax's temporary directory, never renamed.
+    leftover = directory / "2.orbax-checkpoint-tmp"
+    (leftover / "params").mkdir(parents=True)
+    (leftover / "params" / "partial").write_bytes(b"\0" * 10)
+    with Checkpointer(directory) as ckpt:
+        assert ckpt.all_steps() == [1]
+        # The leftover does not block saving that step again (orbax removes leftovers in the background).
+        ckpt.save(2, params, metadata={})
+        assert ckpt.all_steps() == [1, 2]
+        restored, _, _ = ckpt.restore(2, abstract_params=abstract_like(params))
+    chex.assert_trees_all_equal(restored, params)
+
+
+def test_unwritable_and_non_directory_workdirs_are_refused(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(WorkdirError, match="exists and is not a directory"):
+        checkpointing.ensure_writable_directory(a_file)
+    with pytest.raises(WorkdirError, match="cannot be created"):
+        checkpointing.ensure_writable_directory(a_file / "below")
+    if os.geteuid() == 0:
+        pytest.skip("root writes to read-only directories; the permission refusal cannot be provoked")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        with pytest.raises(WorkdirError, match="not writable"):
+            checkpointing.ensure_writable_directory(read_only)
+    finally:
+        read_only.chmod(0o700)
+    assert checkpointing.ensure_writable_directory(tmp_path / "new" / "dir").is_dir()
+
+
+def test_metadata_differences_compare_json_forms():
+    saved = {"latent_dim": 2, "image_shape": [28, 28, 1], "model_kwargs": {"hidden": 400}}
+    current = {"latent_dim": 16, "image_shape": (28, 28, 1), "model_kwargs": {"hidden": 400}, "seed": 0}
+    differences = checkpointing.metadata_differences(saved, current, sorted(set(saved) | set(current)))
+    assert differences == ["latent_dim: 2 -> 16", "seed: <unset> -> 0"]
+
+
+def test_state_digest_sees_every_bit(trained_like):
+    _, params, _, opt_state = trained_like
+    tree = {"params": params, "opt_state": opt_state}
+    assert checkpointing.state_digest(tree) == checkpointing.state_digest(jax.tree.map(np.array, tree))
+    leaves, treedef = jax.tree.flatten(tree)
+    for index in (0, len(leaves) - 1):
+        flipped = np.array(leaves[index]).copy()
+        flipped.reshape(-1).view(np.uint8)[0] ^= 1
+        changed = jax.tree.unflatten(treedef, leaves[:index] + [flipped] + leaves[index + 1:])
+        assert checkpointing.state_digest(changed) != checkpointing.state_digest(tree)

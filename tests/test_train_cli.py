@@ -1,0 +1,99 @@
+"""End-to-end tests of train.py through its real entry point (subprocesses), on configs/smoke.py."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "configs" / "smoke.py")
+
+
+def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_usage_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit status 2, exactly one line on stderr starting 'train.py: error:', no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("cli") / "run"
+    result = run_train("--config", SMOKE, "--workdir", str(workdir))
+    return workdir, result
+
+
+@pytest.mark.slow
+def test_smoke_run_through_the_entry_point(smoke_run):
+    workdir, result = smoke_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    for role in ("generative", "evaluator", "guidance"):
+        metrics = summary["roles"][role]
+        checkpoint = pathlib.Path(metrics["checkpoint"])
+        assert checkpoint.is_dir() and checkpoint.parent == workdir / role / "checkpoints"
+        assert {"params", "opt_state", "metadata"} <= {p.name for p in checkpoint.iterdir()}
+        assert f"{role}:" in result.stdout
+    png = workdir / "generative" / "samples.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
+    assert "held-out -ELBO" in result.stdout and "held-out accuracy" in result.stdout
+
+
+@pytest.mark.slow
+def test_rerun_resumes_and_other_config_is_refused_with_status_2(smoke_run):
+    workdir, first = smoke_run
+    assert first.returncode == 0
+    again = run_train("--config", SMOKE, "--workdir", str(workdir))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("resumed from step") == 3
+    other = run_train("--config", SMOKE, "--workdir", str(workdir), "--config.latent_dim=3")
+    assert_usage_error(other, "latent_dim: 2 -> 3", "--overwrite")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--config.latent_dim=0"], ["config.latent_dim=0 is invalid", "an integer >= 1"]),
+        (["--config.latnt_dim=3"], ["config.latnt_dim is not a known field; did you mean 'latent_dim'?"]),
+        (["--config.num_epochs=abc"], ["--config.num_epochs=abc"]),
+        (["--config.model_kwargs.hiden=3"], ["hiden", "hidden"]),
+        (["--config.exclude_classes=1,1"], ["config.exclude_classes='1,1'", "listed twice"]),
+        (["--config.data=idx:/nonexistent/mnist"], ["config.data='idx:/nonexistent/mnist' cannot be loaded"]),
+        (["--bogus_flag"], ["bogus_flag"]),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(tmp_path, args, fragments):
+    result = run_train("--config", SMOKE, "--workdir", str(tmp_path / "never"), *args)
+    assert_usage_error(result, *fragments)
+    assert not (tmp_path / "never").exists()  # refused before anything is written
+
+
+def test_missing_config_file_and_missing_workdir_flag(tmp_path):
+    assert_usage_error(run_train("--config", str(tmp_path / "absent.py"), "--workdir", str(tmp_path)),
+                       "absent.py: no such file")
+    assert_usage_error(run_train("--config", SMOKE), "--workdir")
+
+
+def test_unwritable_workdir_is_refused_before_training(tmp_path):
+    a_file = tmp_path / "not_a_dir"
+    a_file.write_text("x")
+    assert_usage_error(run_train("--config", SMOKE, "--workdir", str(a_file)), "exists and is not a directory")
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    result = run_train("--config", SMOKE, "--workdir", str(tmp_path / "w"), "--config.latent_dim=0", "--debug")
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and "ConfigError" in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1].startswith("train.py: error: config.latent_dim=0")
