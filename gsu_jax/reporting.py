@@ -180,7 +180,9 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         "the retained training images and against all training images",
         f"- guidance: {'weight ' + str(config['guidance_weight']) + ' (rows labelled +guided)' if guided else 'none'}"
         "; the evaluator that scores the runs is a separate model that no method sees",
-        f"- device: {report['device']}",
+        f"- device: {report['device']}"
+        + (f"; code: commit {report['code']['git_commit'][:12]}{' with local changes' if report['code']['git_dirty'] else ''}"
+           if report.get("code", {}).get("git_commit") else ""),
         "",
         markdown_table(report),
         "",

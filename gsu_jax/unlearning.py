@@ -56,8 +56,10 @@ first).
 ELBO on the forget *training* examples, i.e. the level a model that never saw them reaches -- this uses the
 oracle, a reference model the user must have trained. Without an oracle, ``gated_target="heldout"`` uses the
 original model's mean negative ELBO on *held-out* examples of the forget classes (examples it never trained on: the
-same "unseen" level, estimated from the model itself); an explicit number can be given in
-``method_hparams.sa_gated.forget_loss_target``.
+same "unseen" level, estimated from the model itself); ``gated_target`` may also be a number.
+``gated_target_scale`` moves the target along the gap from the original model's own loss on the forget examples
+``L_orig`` to that reference ``L_ref``: ``L_orig + scale * (L_ref - L_orig)`` (2 = as far beyond the reference as the
+original is below it).
 
 **Evaluation** of a model (original, oracle, each method at the stop and at the end of the budget): forget
 fraction on the monitoring z; classifier-FID (evaluator features) of ``fid_samples`` samples against the retained
@@ -173,6 +175,9 @@ UNLEARN_SCHEMA: dict[str, Field] = {
     "gated_target": Field("oracle", str, "'oracle', 'heldout' or a number", None, "run",
                           "sa_gated's forget_loss_target: the oracle's mean forget loss, the original model's "
                           "on held-out forget-class examples, or a given number."),
+    "gated_target_scale": Field(1.0, float, "a number > 0", lambda v: v > 0, "run",
+                                "sa_gated's target = L_orig + scale * (L_ref - L_orig) on the forget training "
+                                "examples (L_ref from gated_target; 1 = the reference level itself)."),
     "guidance_weight": Field(0.0, float, "a number >= 0", at_least(0.0), "run",
                              "Weight of the classifier uniformity term (guidance classifier); > 0 labels +guided."),
     "guidance_samples": Field(128, int, "an integer >= 1", at_least(1), "run",
@@ -199,8 +204,8 @@ def default_unlearn_config() -> ml_collections.ConfigDict:
     """Every field of :data:`UNLEARN_SCHEMA` at its default; ``method_hparams`` lists every method's defaults.
 
     ``train`` starts as the default train config (configs/*.py replace it, e.g. by ``configs/mnist_vae.py``).
-    Hyperparameters without a default that can be typed on a command line (``sa_gated``'s required
-    ``forget_loss_target``, ``None`` defaults) are left out; ``gated_target`` sets the former.
+    Hyperparameters whose default is ``None`` become typed placeholders (so ``--config.method_hparams.<method>.
+    <name>=...`` can set them); ``sa_gated``'s required ``forget_loss_target`` is left out: ``gated_target`` sets it.
     """
     from gsu_jax.config_validation import default_train_config
 
@@ -208,8 +213,8 @@ def default_unlearn_config() -> ml_collections.ConfigDict:
     for name, field in UNLEARN_SCHEMA.items():
         if name == "method_hparams":
             config.method_hparams = ml_collections.ConfigDict({
-                method: {key: hparam.default for key, hparam in record.hparams.items()
-                         if hparam.default is not methods.REQUIRED and hparam.default is not None}
+                method: {key: _hparam_default(hparam) for key, hparam in record.hparams.items()
+                         if hparam.default is not methods.REQUIRED}
                 for method, record in methods.METHODS.items()})
         elif name == "train":
             config.train = default_train_config()
@@ -218,6 +223,16 @@ def default_unlearn_config() -> ml_collections.ConfigDict:
         else:
             setattr(config, name, field.default)
     return config
+
+
+def _hparam_default(hparam: methods.HParam) -> Any:
+    """The default, or for ``None`` a placeholder typed by what the hyperparameter accepts (str, int or float)."""
+    if hparam.default is not None:
+        return hparam.default
+    for kind, probe in ((int, 1), (float, 0.5), (str, "x")):
+        if hparam.is_valid(probe):
+            return ml_collections.config_dict.placeholder(kind)
+    return None
 
 
 # ------------------------------------------------------------------------------------------- keys
@@ -853,6 +868,21 @@ def _progress(plan: RunPlan, message: str) -> None:
         print(f"[unlearn] {message}", file=sys.stderr, flush=True)
 
 
+def _code_version() -> dict[str, Any]:
+    """The git commit of the code that produced a report, and whether tracked files had local changes."""
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": bool(dirty)}
+
+
 def _device() -> str:
     device = jax.devices()[0]
     return f"{device.platform}:{device.device_kind} ({jax.device_count()} device(s), {platform.machine()}, " \
@@ -919,12 +949,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         threshold = metrics.auto_threshold(oracle_eval["forget_fraction"], config["monitor_samples"])
     else:
         threshold = plan.threshold
-    if config["gated_target"] == "oracle":
-        gated_target = oracle_eval["nelbo_forget_train"]
-    elif config["gated_target"] == "heldout":
-        gated_target = original_eval["nelbo_heldout_forget"]
-    else:
-        gated_target = float(config["gated_target"])
+    gated_target = _gated_target(config, original_eval, oracle_eval)
 
     _progress(plan, f"original: forget fraction {original_eval['forget_fraction']:.4f}, FID retain "
                     f"{original_eval['fid_retain']:.2f}; oracle: {oracle_eval['forget_fraction']:.4f}, "
@@ -1007,7 +1032,9 @@ def execute(plan: RunPlan) -> dict[str, Any]:
                           "monitor_samples": config["published_monitor_samples"],
                           "original_forget_fraction": original_eval["forget_fraction_published"]},
         },
-        "sa_gated_forget_loss_target": {"source": config["gated_target"], "value": gated_target},
+        "sa_gated_forget_loss_target": {"source": config["gated_target"], "scale": config["gated_target_scale"],
+                                        "value": gated_target,
+                                        "original_forget_train_loss": original_eval["nelbo_forget_train"]},
         "data": {
             "spec": config["train"]["data"],
             "fingerprint": plan.run_data.source_fingerprint,
@@ -1024,6 +1051,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         },
         "integrity": integrity,
         "versions": checkpointing.package_versions(),
+        "code": _code_version(),
         "device": _device(),
         "original": original_eval,
         "oracle": oracle_eval,
@@ -1037,6 +1065,24 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     reporting.write_json(str(workdir / "report.json"), report)
     reporting.write_markdown(str(workdir / "report.md"), report)
     return report
+
+
+def _gated_target(config: Mapping[str, Any], original_eval: Mapping[str, float],
+                  oracle_eval: Mapping[str, float]) -> float:
+    """``sa_gated``'s forget-loss target: ``L_orig + scale * (L_ref - L_orig)`` (a given number is used as is).
+
+    ``L_orig`` is the original model's mean negative ELBO on the forget training examples; ``L_ref`` is the
+    oracle's on the same examples (``gated_target='oracle'``) or the original model's on held-out examples of the
+    forget classes (``'heldout'``: the fallback without an oracle, the loss level of examples it never saw).
+    """
+    if config["gated_target"] not in _GATED_TARGETS:
+        return float(config["gated_target"])
+    reference = (oracle_eval["nelbo_forget_train"] if config["gated_target"] == "oracle"
+                 else original_eval["nelbo_heldout_forget"])
+    if config["gated_target_scale"] == 1.0:
+        return reference
+    start = original_eval["nelbo_forget_train"]
+    return start + config["gated_target_scale"] * (reference - start)
 
 
 def _model_record(workdir: pathlib.Path, model: training.TrainedModel) -> dict[str, Any]:

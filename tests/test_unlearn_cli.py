@@ -57,7 +57,7 @@ def test_end_to_end_report(smoke_run):
         assert np.isfinite(report[reference]["fid_retain"]) and 0 <= report[reference]["mia_auc"] <= 1
     assert report["data"]["fingerprint"] and report["versions"]["jax"]
     # sa_gated's target is the oracle's mean loss on the forget training examples.
-    assert report["sa_gated_forget_loss_target"]["value"] == report["oracle"]["nelbo_forget_train"]
+    assert report["sa_gated_forget_loss_target"]["value"] == pytest.approx(report["oracle"]["nelbo_forget_train"])
     # The threshold is the oracle's fraction plus two binomial standard errors on the same samples.
     threshold = report["threshold"]
     assert threshold["value"] == metrics.auto_threshold(threshold["oracle_forget_fraction"],
