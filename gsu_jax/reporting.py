@@ -186,6 +186,10 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         "",
         markdown_table(report),
         "",
+        "Method settings (hyperparameters and optimizer of each row):",
+        "",
+        *[f"- `{label}`: {_settings(summary)}" for label, summary in report.get("methods", {}).items()],
+        "",
         "Steps count updates applied; mean ± sample std over seeds, over the seeds that stopped when "
         "the bracket says fewer did. Time to unlearn = mean step time × steps to threshold (the protocol's "
         "definition); step time is the jitted step alone after compilation, synchronised, without the "
@@ -194,6 +198,19 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _settings(summary: Mapping[str, Any]) -> str:
+    hparams = summary.get("hparams") or {}
+    text = ", ".join(f"{key}={_short(value)}" for key, value in sorted(hparams.items())) or "no hyperparameters"
+    optimizer = summary.get("optimizer")
+    if optimizer:
+        text += f"; optimizer {optimizer['name']} lr {optimizer['learning_rate']:g}"
+    return text
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else repr(value)
 
 
 def write_markdown(path: str, report: Mapping[str, Any]) -> None:

@@ -170,6 +170,9 @@ UNLEARN_SCHEMA: dict[str, Field] = {
     "optimizer": Field({"name": "adam", "learning_rate": 1e-3}, dict,
                        f"{{'name': one of {', '.join(OPTIMIZERS)}, 'learning_rate': a number > 0, ...kwargs}}",
                        None, "run", "The unlearning optimizer (Adam 1e-3 in the protocol)."),
+    "method_optimizers": Field({}, dict, "{method name: {'learning_rate': ..., 'name': ...}} (fields override "
+                               "config.optimizer)", None, "run",
+                               "Per-method optimizer overrides (recorded per method in the report)."),
     "method_hparams": Field({}, dict, "{method name: {hyperparameter: value}}", None, "run",
                             "Hyperparameters per method (see gsu_jax.methods.METHODS[name].hparams)."),
     "gated_target": Field("oracle", str, "'oracle', 'heldout' or a number", None, "run",
@@ -216,6 +219,10 @@ def default_unlearn_config() -> ml_collections.ConfigDict:
                 method: {key: _hparam_default(hparam) for key, hparam in record.hparams.items()
                          if hparam.default is not methods.REQUIRED}
                 for method, record in methods.METHODS.items()})
+        elif name == "method_optimizers":
+            # Unset (None) means "config.optimizer"; set e.g. --config.method_optimizers.sa_gated.learning_rate=3e-3.
+            config.method_optimizers = ml_collections.ConfigDict({
+                method: {"learning_rate": ml_collections.config_dict.placeholder(float)} for method in methods.METHODS})
         elif name == "train":
             config.train = default_train_config()
         elif field.kind is dict:
@@ -350,19 +357,19 @@ def _parse_threshold(value: Any) -> float | None:
     return threshold
 
 
-def _parse_optimizer(value: Mapping[str, Any]) -> dict[str, Any]:
+def _parse_optimizer(value: Mapping[str, Any], *, field: str = "optimizer") -> dict[str, Any]:
     spec = dict(value)
     name = spec.pop("name", None)
     learning_rate = spec.pop("learning_rate", None)
     if name not in OPTIMIZERS:
-        raise _refuse(f"config.optimizer.name={name!r} is invalid; allowed: {', '.join(OPTIMIZERS)}")
+        raise _refuse(f"config.{field}.name={name!r} is invalid; allowed: {', '.join(OPTIMIZERS)}")
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not (
             math.isfinite(learning_rate) and learning_rate > 0):
-        raise _refuse(f"config.optimizer.learning_rate={learning_rate!r} is invalid; allowed: a number > 0")
+        raise _refuse(f"config.{field}.learning_rate={learning_rate!r} is invalid; allowed: a number > 0")
     try:
         getattr(optax, name)(learning_rate, **spec)
     except TypeError as err:
-        raise _refuse(f"config.optimizer={dict(value)!r} cannot build optax.{name}: {err}") from err
+        raise _refuse(f"config.{field}={dict(value)!r} cannot build optax.{name}: {err}") from err
     return {"name": name, "learning_rate": float(learning_rate), **spec}
 
 
@@ -487,6 +494,19 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
     names = _parse_methods(values["methods"])
     threshold = _parse_threshold(values["threshold"])
     values["optimizer"] = _parse_optimizer(values["optimizer"])
+    method_optimizers = {}
+    for name, override in values["method_optimizers"].items():
+        if name not in methods.METHODS:
+            raise _refuse(f"config.method_optimizers: unknown method {name!r}; allowed: "
+                          f"{', '.join(methods.METHODS)}")
+        if not isinstance(override, Mapping):
+            raise _refuse(f"config.method_optimizers.{name}={override!r} is invalid; allowed: a mapping like "
+                          "{'learning_rate': 3e-3}")
+        override = {key: value for key, value in override.items() if value is not None}
+        if override:
+            method_optimizers[name] = _parse_optimizer({**values["optimizer"], **override},
+                                                       field=f"method_optimizers.{name}")
+    values["method_optimizers"] = method_optimizers
     method_hparams = _parse_method_hparams(values["method_hparams"], names)
     if values["forget_classes"].strip() == "":
         raise _refuse("config.forget_classes='' is empty; allowed: a comma-separated list of class indices, e.g. '1'")
@@ -954,7 +974,6 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     _progress(plan, f"original: forget fraction {original_eval['forget_fraction']:.4f}, FID retain "
                     f"{original_eval['fid_retain']:.2f}; oracle: {oracle_eval['forget_fraction']:.4f}, "
                     f"{oracle_eval['fid_retain']:.2f}; threshold {threshold:.4f}")
-    optimizer = build_optimizer(config["optimizer"])
     start_fractions = (original_eval["forget_fraction"], original_eval["forget_fraction_published"])
     budget = config["max_steps"]
     for sub in ("logs", "samples", "unlearned"):
@@ -969,7 +988,8 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         hparams = dict(plan.method_hparams.get(name, {}))
         if name == "sa_gated":
             hparams.setdefault("forget_loss_target", gated_target)
-        method = methods.make_method(name, loss_fn=evaluation.loss_fn, optimizer=optimizer,
+        optimizer_spec = config["method_optimizers"].get(name, config["optimizer"])
+        method = methods.make_method(name, loss_fn=evaluation.loss_fn, optimizer=build_optimizer(optimizer_spec),
                                      guidance_loss=guidance_loss, guidance_weight=config["guidance_weight"],
                                      **hparams)
         # Compile once per method, ahead of time, on the shapes every seed uses.
@@ -1015,6 +1035,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
                                 hparams, generator)
         reporting.write_step_csv(str(workdir / "logs" / f"{label}.csv"), rows)
         method_reports[label] = _summarize_method(name, label, hparams, per_seed, compile_seconds, plan.guided)
+        method_reports[label]["optimizer"] = optimizer_spec
 
     report = {
         "command": plan.command,
