@@ -566,3 +566,24 @@ def test_sa_span_refuses_a_retain_batch_it_cannot_split(problem):
     method = make_method("sa_span", loss_fn=vae_like_loss, optimizer=optax.sgd(0.1), num_directions=3)
     with pytest.raises(ValueError, match="retain batch into num_directions=3 equal groups, but its size 8"):
         jax.jit(method.step)(params, method.init(params), forget, retain, jax.random.key(0))
+
+
+def test_sa_gated_runs_on_the_real_vae_loss_with_nnx_state_params():
+    """The library's negative ELBO and an NNX VAE: the step jits on an nnx.State and ascends only the decoder."""
+    from flax import nnx
+
+    from gsu_jax.losses import negative_elbo
+    from gsu_jax.models import MLPVAE
+
+    graphdef, params = nnx.split(MLPVAE(image_shape=(4, 4, 1), hidden=8, latent_dim=2, rngs=nnx.Rngs(0)))
+    images = jax.random.uniform(jax.random.key(1), (8, 4, 4, 1))
+    forget, retain = {"image": images[:4]}, {"image": images[4:]}
+    method = make_method(
+        "sa_gated", loss_fn=negative_elbo(graphdef), optimizer=capture_direction(), forget_loss_target=math.inf,
+        combine="sa", ascend_only="decoder",
+    )
+    _, state, metrics = jax.jit(method.step)(params, method.init(params), forget, retain, jax.random.key(2))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.optimizer)[0]:
+        is_decoder = "decoder" in jax.tree_util.keystr(path)
+        assert bool(jnp.any(leaf != 0)) == is_decoder, jax.tree_util.keystr(path)
+    assert np.isfinite(float(metrics["update_norm"])) and float(metrics["update_norm"]) > 0
