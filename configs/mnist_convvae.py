@@ -1,7 +1,7 @@
 """A convolutional VAE on the embedded digits, with the same evaluator and guidance classifier as mnist_vae.
 
 ``generative``: ConvVAE (two stride-2 conv blocks of 32 and 64 channels with GroupNorm, latent 16; see
-``gsu_jax.models.ConvVAE``), negative ELBO, Adam 1e-3, batch 128, 30 epochs. The classifiers follow
+``gsu_jax.models.ConvVAE``), negative ELBO, Adam 1e-3, batch 128, 10 epochs. The classifiers follow
 ``configs/mnist_vae.py`` (same seed, same data: the same evaluator and guidance classifier).
 
 Commands (from the repository root)::
@@ -11,8 +11,14 @@ Commands (from the repository root)::
     # only the VAE (reuse the classifiers of runs/mnist_vae)
     python train.py --config configs/mnist_convvae.py --workdir runs/mnist_convvae --config.roles=generative
 
-Expected runtime on the 2-core development CPU: several minutes for the VAE (convolutions dominate; about
-10 s per epoch), plus about 20 s for the two classifiers. Much faster on a GPU.
+Expected runtime on the 2-core development CPU: about 3.5 minutes for the VAE (measured 3 min 18 s wall with
+the machine shared: 17 s per epoch; convolutions dominate, and on CPU each step is dispatched on its own because
+XLA:CPU runs convolution gradients inside a scanned loop ~25x slower), plus about 20 s for the two classifiers.
+Much faster on a GPU.
+
+Measured (seed 0, eval_data = the MNIST test set): held-out -ELBO 122.1 (reconstruction 99.3 + KL 22.8);
+reconstructions are sharp, but after 10 epochs samples from the prior are mostly not yet digit-like -- train
+longer (``--config.num_epochs=50``, on a GPU) when samples matter.
 """
 
 import ml_collections
@@ -33,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model_kwargs = ml_collections.ConfigDict({"channels": 32, "num_groups": 8})
     config.kl_weight = 1.0
     config.batch_size = 128
-    config.num_epochs = 30
+    config.num_epochs = 10
     config.learning_rate = 1e-3
 
     config.classifier = "mlp_classifier"

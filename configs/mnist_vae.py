@@ -22,9 +22,15 @@ Commands (from the repository root)::
     python train.py --config configs/mnist_vae.py --workdir runs/mnist_vae_oracle1 \\
         --config.exclude_classes=1 --config.roles=generative
 
-Expected runtime on the 2-core development CPU: about 1.5 minutes for all three roles (generative about 60 s,
-each classifier about 10 s, plus start-up and compilation); re-running the same command resumes (or, when
-finished, only re-evaluates) in seconds.
+Expected runtime on the 2-core development CPU: about 1.5 minutes for all three roles (measured 1 min 30 s -
+1 min 33 s wall with the machine shared, load 5-6: generative 67 s, evaluator 11 s including compilation,
+guidance 5 s; 2 min 38 s under load 9). Re-running the same command resumes, or, when finished, only re-evaluates
+in seconds.
+
+Measured results (seed 0): with eval_data = the MNIST test set, held-out -ELBO 162.0 (reconstruction 155.9 +
+KL 6.1), evaluator accuracy 95.92%, guidance 96.06% on the 10,000 test digits; with the default 10% holdout,
+-ELBO 163.3 on the 500 held-out digits, evaluator 95.4%, guidance 95.6%. Latent-2 samples are mostly
+recognisable but blurry digits (the latent-2 VAE of the protocol).
 
 Classifier recipe: chosen on a validation split of the training digits (the guidance half scored the evaluator
 trained on the other half), not on the test set: without augmentation the MLP reaches ~92% on the held-out

@@ -16,8 +16,8 @@ Guarantees:
   returns) and :meth:`Checkpointer.wait_until_finished` is still called before every read.
 * **No silent loads.** A restore goes against an abstract target (shapes, dtypes and shardings, built with
   ``jax.eval_shape``/``nnx.eval_shape`` from the model), and the restored arrays are hashed and compared with
-  the digests saved with them: a truncated, corrupted or mismatched step raises :class:`CheckpointCorruptError` naming the
-  step and its path and the earlier steps that remain.
+  the digests saved with them: a truncated, corrupted or mismatched step raises :class:`CheckpointCorruptError`
+  naming the step and its path and the earlier steps that remain.
 * **Clear refusals.** :class:`CheckpointNotFoundError` (no checkpoint where one is required),
   :class:`CheckpointMismatchError` (a workdir of another config or data: the differing keys are named),
   :class:`WorkdirError` (a directory that cannot be written, checked before any training).

@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from gsu_jax import checkpointing, config_validation, models, training
+from gsu_jax import checkpointing, config_validation, losses, models, training
 from gsu_jax.config_validation import ConfigError, validate_train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -263,6 +264,24 @@ def test_random_translate_is_a_zero_filled_shift():
     np.testing.assert_array_equal(same, image)
 
 
+def test_stepwise_epoch_draws_the_same_batches_as_the_scanned_epoch():
+    """The conv models' step-by-step epoch (see make_train_epoch) and the scanned epoch compute the same thing."""
+    graphdef, params = nnx.split(models.build_model("mlp_classifier", hidden=8, rngs=nnx.Rngs(0)))
+    optimizer = optax.adamw(1e-2, weight_decay=1e-2)
+    data = training.prepare_data(smoke_config())
+    images, labels = jnp.asarray(data.evaluator.images[:300]), jnp.asarray(data.evaluator.labels[:300])
+    outputs = []
+    for scan in (True, False):
+        epoch = training.make_train_epoch(losses.cross_entropy(graphdef), optimizer, num_batches=3, batch_size=64,
+                                          augment_shift=2, scan=scan)
+        start = jax.tree.map(jnp.copy, params)
+        outputs.append(epoch(start, optimizer.init(start), images, labels, jax.random.key(3)))
+    (scan_params, _, scan_losses, scan_finite), (step_params, _, step_losses, step_finite) = outputs
+    chex.assert_trees_all_close(scan_params, step_params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scan_losses, step_losses, rtol=1e-5)
+    assert scan_finite.all() and step_finite.all()
+
+
 # ------------------------------------------------------------------------------------------- config validation
 
 
@@ -300,10 +319,13 @@ def test_unknown_key_is_refused_with_a_did_you_mean_hint():
         ("roles", "generative,evaluater", r"unknown role 'evaluater'; did you mean 'evaluator'\?"),
         ("exclude_classes", "1,x", r"'x' is not a class index"),
         ("exclude_classes", "3,3", r"a class is listed twice"),
-        ("model_kwargs", {"hiden": 3}, r"config\.model_kwargs\.hiden is not a hyperparameter of 'mlp_vae'; did you mean 'hidden'\?"),
-        ("model_kwargs", {"latent_dim": 3}, r"config\.model_kwargs\.latent_dim cannot be set: it is fixed by config\.latent_dim"),
+        ("model_kwargs", {"hiden": 3},
+         r"config\.model_kwargs\.hiden is not a hyperparameter of 'mlp_vae'; did you mean 'hidden'\?"),
+        ("model_kwargs", {"latent_dim": 3},
+         r"config\.model_kwargs\.latent_dim cannot be set: it is fixed by config\.latent_dim"),
         ("model_kwargs", {"hidden": 1.5}, r"config\.model_kwargs\.hidden=1\.5 is invalid: expected int"),
-        ("classifier_kwargs", {"num_classes": 3}, r"classifier_kwargs\.num_classes cannot be set: it is fixed by the data"),
+        ("classifier_kwargs", {"num_classes": 3},
+         r"classifier_kwargs\.num_classes cannot be set: it is fixed by the data"),
     ],
 )
 def test_bad_values_are_refused_in_one_line_naming_field_and_value(field, value, expected):
