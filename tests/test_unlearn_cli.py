@@ -227,3 +227,29 @@ def test_reuses_a_given_checkpoint(smoke_run, tmp_path):
     rerun_seed = again["methods"]["sa+guided"]["per_seed"][0]
     for key in ("steps_to_threshold", "fid_retain_at_stop", "fid_retain_at_end", "mia_auc"):
         assert rerun_seed[key] == pytest.approx(first_seed[key], rel=1e-5, abs=1e-6), key
+
+
+def test_runtime_failure_is_one_line_exit_1(smoke_run, tmp_path):
+    """A checkpoint damaged on disk fails while running: exit 1, one line; --debug shows the traceback."""
+    import shutil
+
+    workdir, _, report = smoke_run
+    damaged = tmp_path / "damaged"
+    shutil.copytree(report["models"]["original"]["workdir"], damaged)
+    params_files = [path for path in (damaged / "generative" / "checkpoints").rglob("*")
+                    if path.is_file() and "params" in path.parts and path.stat().st_size > 1000]
+    target = max(params_files, key=lambda path: path.stat().st_size)
+    blob = bytearray(target.read_bytes())
+    blob[len(blob) // 2: len(blob) // 2 + 64] = bytes(64)  # zero a run of bytes in the middle of the arrays
+    target.write_bytes(bytes(blob))
+    overrides = (f"--config.checkpoint={damaged}", f"--config.oracle_checkpoint={report['models']['oracle']['workdir']}",
+                 "--config.methods=sa", "--config.seeds=1")
+    done = subprocess.run(_command(tmp_path / "out", *overrides), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("unlearn.py: error: CheckpointCorruptError"), done.stderr
+    assert "Traceback" not in done.stderr
+    debug = subprocess.run(_command(tmp_path / "out_debug", *overrides, "--debug"), cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
