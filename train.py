@@ -56,7 +56,7 @@ def _fail(message: str, status: int, *, debug: bool) -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every refusal as ONE line and exit status 2 (absl alone exits 1)."""
-    debug = "--debug" in argv
+    debug = any(arg == "--debug" or arg.lower() in ("--debug=true", "--debug=1") for arg in argv)
     for arg in argv[1:]:
         match = _OVERRIDE.match(arg)
         if match and match.group(1) not in TRAIN_SCHEMA:
@@ -68,11 +68,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         # config_flags reports a bad nested override (--config.model_kwargs.hiden=3) with ml_collections' own
         # KeyError, wrapped: unwrap it to its text ("'hiden' Did you mean "hidden" instead of "hiden"?").
+        unknown = isinstance(err, (AttributeError, KeyError))
         while err.args and isinstance(err.args[0], BaseException):
             err = err.args[0]
         text = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
         overrides = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
-        _fail(f"bad override among {', '.join(overrides) or '--config'}: unknown field {text}", 2, debug=debug)
+        _fail(f"bad override among {', '.join(overrides) or '--config'}: {'unknown field ' if unknown else ''}"
+              f"{text}", 2, debug=debug)
     except Exception as err:  # the config file itself failed to load (syntax error, import error, ...)
         _fail(f"--config cannot be loaded: {type(err).__name__}: {err}", 2, debug=debug)
     raise AssertionError("unreachable")

@@ -103,6 +103,7 @@ __all__ = [
     "RunData",
     "TrainedModel",
     "TrainingDivergedError",
+    "check_resumable",
     "load_trained",
     "make_train_epoch",
     "prepare_data",
@@ -536,6 +537,11 @@ def _existing_checkpoint(plan: _RolePlan, role_dir: pathlib.Path) -> dict[str, A
                            f"{plan.role!r}/{plan.spec.model_name!r}")
     saved_identity = saved.get("identity", {})
     differences += metadata_differences(saved_identity, plan.identity, sorted(set(saved_identity) | set(plan.identity)))
+    role_key = jax.random.key_data(plan.key).tolist()
+    if not saved.get("finished") and saved.get("role_key") != role_key:
+        # Resuming must continue with the keys the uninterrupted run would have drawn.
+        differences.append(f"PRNG key of the role: {saved.get('role_key')} -> {role_key} (same seed, other key "
+                           "derivation: another JAX version?); resuming would not reproduce the uninterrupted run")
     if saved.get("train_fingerprint") != plan.train_fingerprint:
         differences.append(
             f"training data: fingerprint {str(saved.get('train_fingerprint'))[:12]}... -> "
@@ -676,6 +682,8 @@ def _train_role(plan: _RolePlan, role_dir: pathlib.Path, saved: dict[str, Any] |
             "config": dict(values),
             "identity": plan.identity,
             "seed": values["seed"],
+            # Every key of the run derives from this one and the epoch (see the module docstring).
+            "role_key": jax.random.key_data(plan.key).tolist(),
             "source_fingerprint": run_data.source_fingerprint,
             "train_fingerprint": plan.train_fingerprint,
             "heldout_fingerprint": plan.heldout.fingerprint(),
@@ -790,6 +798,8 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
     started = time.perf_counter()
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
+    if not isinstance(workdir, (str, pathlib.Path)) or not str(workdir).strip():
+        raise WorkdirError(f"workdir must be a non-empty path, got {workdir!r}")
     values = validate_train_config(config)
     roles = parse_roles(values["roles"])
     run_data = prepare_data(values)
@@ -810,6 +820,25 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
     summary = {"workdir": str(workdir), "wall_seconds": round(time.perf_counter() - started, 2), "roles": results}
     (workdir / "summary.json").write_text(json.dumps(json_normalize(summary), indent=2) + "\n")
     return results
+
+
+def check_resumable(config: Any, workdir: str | pathlib.Path) -> dict[str, dict[str, Any] | None]:
+    """Dry run of :func:`train_and_evaluate`'s refusals: nothing is trained, created or written.
+
+    Returns:
+        ``{role: metadata of its latest checkpoint, or None when it has none}`` for the roles in ``config.roles``
+        (``metadata["finished"]`` tells whether the role would only be re-evaluated).
+
+    Raises:
+        ConfigError: an invalid config or unusable data.
+        CheckpointMismatchError: a role's checkpoint belongs to another config or data (the keys are named).
+        CheckpointCorruptError: a role's latest checkpoint metadata is unreadable.
+    """
+    values = validate_train_config(config)
+    run_data = prepare_data(values)
+    plans = [_plan(role, values, run_data) for role in parse_roles(values["roles"])]
+    directory = pathlib.Path(workdir).expanduser().absolute()
+    return {plan.role: _existing_checkpoint(plan, directory / plan.role) for plan in plans}
 
 
 def load_trained(workdir: str | pathlib.Path, role: str) -> TrainedModel:

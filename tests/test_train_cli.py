@@ -52,12 +52,10 @@ def test_smoke_run_through_the_entry_point(smoke_run):
 
 
 @pytest.mark.slow
-def test_rerun_resumes_and_other_config_is_refused_with_status_2(smoke_run):
+def test_workdir_of_another_config_is_refused_with_status_2(smoke_run):
+    # (Resumption itself is tested in-process in test_training.py; here: the refusal's exit status and line.)
     workdir, first = smoke_run
     assert first.returncode == 0
-    again = run_train("--config", SMOKE, "--workdir", str(workdir))
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("resumed from step") == 3
     other = run_train("--config", SMOKE, "--workdir", str(workdir), "--config.latent_dim=3")
     assert_usage_error(other, "latent_dim: 2 -> 3", "--overwrite")
 
@@ -69,7 +67,6 @@ def test_rerun_resumes_and_other_config_is_refused_with_status_2(smoke_run):
         (["--config.latnt_dim=3"], ["config.latnt_dim is not a known field; did you mean 'latent_dim'?"]),
         (["--config.num_epochs=abc"], ["--config.num_epochs=abc"]),
         (["--config.model_kwargs.hiden=3"], ["hiden", "hidden"]),
-        (["--config.exclude_classes=1,1"], ["config.exclude_classes='1,1'", "listed twice"]),
         (["--config.data=idx:/nonexistent/mnist"], ["config.data='idx:/nonexistent/mnist' cannot be loaded"]),
         (["--bogus_flag"], ["bogus_flag"]),
     ],

@@ -162,11 +162,16 @@ def test_workdir_of_another_config_or_data_is_refused_before_anything_is_written
     with pytest.raises(checkpointing.CheckpointMismatchError, match=expected) as excinfo:
         training.train_and_evaluate(smoke_config(**overrides), workdir)
     assert "--overwrite" in str(excinfo.value)
+    with pytest.raises(checkpointing.CheckpointMismatchError, match=expected):
+        training.check_resumable(smoke_config(**overrides), workdir)
     assert {path: path.stat().st_mtime_ns for path in workdir.rglob("*")} == before
 
 
 def test_a_classifier_change_leaves_the_generative_role_resumable(reference):
     workdir, results = reference
+    saved = training.check_resumable(smoke_config(roles="generative", classifier_num_epochs=4), workdir)
+    assert saved["generative"]["finished"] and saved["generative"]["step"] == results["generative"]["steps"]
+    assert training.check_resumable(smoke_config(), workdir / "fresh") == dict.fromkeys(results)
     again = training.train_and_evaluate(smoke_config(roles="generative", classifier_num_epochs=4), workdir)
     assert again["generative"]["resumed_from_step"] == results["generative"]["steps"]
 
