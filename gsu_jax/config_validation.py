@@ -32,10 +32,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
+
+from gsu_jax.models import CLASSIFIER_MODELS, VAE_MODELS, model_hyperparameters
 
 __all__ = [
     "ConfigError",
@@ -219,9 +222,6 @@ def parse_roles(value: str, *, field: str = "roles") -> tuple[str, ...]:
 
 
 def _train_schema() -> dict[str, Field]:
-    # Imported here so that importing this module (e.g. by train.py's flag parser) stays light.
-    from gsu_jax.models import CLASSIFIER_MODELS, VAE_MODELS
-
     vae_models = tuple(sorted(VAE_MODELS))
     classifier_models = tuple(sorted(CLASSIFIER_MODELS))
     return {
@@ -302,28 +302,7 @@ def _train_schema() -> dict[str, Field]:
     }
 
 
-class _LazySchema(Mapping):
-    """The train schema, built on first use (it needs the model registry)."""
-
-    def __init__(self) -> None:
-        self._fields: dict[str, Field] | None = None
-
-    def _get(self) -> dict[str, Field]:
-        if self._fields is None:
-            self._fields = _train_schema()
-        return self._fields
-
-    def __getitem__(self, key: str) -> Field:
-        return self._get()[key]
-
-    def __iter__(self):
-        return iter(self._get())
-
-    def __len__(self) -> int:
-        return len(self._get())
-
-
-TRAIN_SCHEMA: Mapping[str, Field] = _LazySchema()
+TRAIN_SCHEMA: Mapping[str, Field] = types.MappingProxyType(_train_schema())
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -433,8 +412,6 @@ def validate_config(config: Any, schema: Mapping[str, Field], *, prefix: str = "
 
 
 def _check_model_kwargs(field_name: str, model: str, kwargs: dict[str, Any], *, reserved: tuple[str, ...]) -> None:
-    from gsu_jax.models import model_hyperparameters
-
     accepted = {name: default for name, default in model_hyperparameters(model).items() if name not in reserved}
     for name, value in kwargs.items():
         if name in reserved:
