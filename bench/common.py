@@ -14,11 +14,13 @@ Timing protocol (every row of every table):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -583,3 +585,100 @@ def compiled_flops(compiled: Any) -> float | None:
     if not analysis or "flops" not in analysis:
         return None
     return float(analysis["flops"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimised HLO
+
+
+def _computations(text: str) -> tuple[dict[str, list[str]], str | None]:
+    """Splits an HLO module's text into ``{computation name: instruction lines}`` and names the entry."""
+    computations: dict[str, list[str]] = {}
+    entry = None
+    current = None
+    header = re.compile(r"^(ENTRY )?%?([\w.\-]+) [({]")
+    for line in text.splitlines():
+        if current is None:
+            match = header.match(line)
+            if match and line.rstrip().endswith("{"):
+                current = match.group(2)
+                computations[current] = []
+                if match.group(1):
+                    entry = current
+        elif line.startswith("}"):
+            current = None
+        else:
+            computations[current].append(line.strip())
+    return computations, entry
+
+
+def hlo_summary(text: str, *, min_elements: int = 1_000_000) -> dict[str, Any]:
+    """Counts the kernels of an optimised HLO module and lists its large outputs.
+
+    Counted: the instructions of the entry computation and of the computations it runs through ``call`` (GPU
+    command buffers) or ``async-start``, i.e. the kernels and library calls, not the insides of fusions. Returns
+    op counts, fusion kinds, custom-call targets (cuBLAS/cuDNN on GPU), every instruction writing >=
+    ``min_elements`` elements (shape, layout, op; each such write is one pass over that many bytes of device
+    memory, the quantity that bounds materialised per-example gradients) and the bytes all of them write.
+    """
+    computations, entry = _computations(text)
+    # "%name = SHAPE op(" where SHAPE is "f32[2,3]{1,0}" or a tuple "(f32[2,3]{1,0}, s8[64]{0})" (cuBLAS calls
+    # return their workspace too); the first array of a tuple is the result.
+    pattern = re.compile(r"^(?:ROOT )?%?([\w.\-]+) = (\([^()]*\)|\S+) ([\w\-]+)\(")
+    shape_pattern = re.compile(r"(\w+)\[([\d,]*)\](\{[^}]*\})?")
+    ops: collections.Counter = collections.Counter()
+    fusion_kinds: collections.Counter = collections.Counter()
+    custom_calls: collections.Counter = collections.Counter()
+    large = []
+    written = 0
+    pending, seen = [entry] if entry else [], set()
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in computations:
+            continue
+        seen.add(name)
+        for line in computations[name]:
+            match = pattern.match(line)
+            if not match:
+                continue
+            op = match.group(3)
+            if op in ("call", "async-start"):
+                pending += re.findall(r"(?:to_apply|calls)=%?([\w.\-]+)", line)
+                continue
+            if op in ("async-done", "async-update"):
+                continue
+            ops[op] += 1
+            if op == "fusion":
+                kind = re.search(r"kind=(\w+)", line)
+                fusion_kinds[kind.group(1) if kind else "?"] += 1
+            if op == "custom-call":
+                target = re.search(r'custom_call_target="([^"]+)"', line)
+                custom_calls[target.group(1) if target else "?"] += 1
+            shape = shape_pattern.search(match.group(2))
+            if shape and op not in ("parameter", "bitcast", "get-tuple-element", "tuple", "constant"):
+                dims = [int(d) for d in shape.group(2).split(",") if d]
+                elements = int(np.prod(dims)) if dims else 1
+                itemsize = {"f32": 4, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f64": 8, "pred": 1, "s8": 1}.get(
+                    shape.group(1), 4)
+                written += elements * itemsize
+                if elements >= min_elements:
+                    called = re.search(r"calls=%?([\w.\-]+)", line)
+                    large.append(f"{op} {shape.group(1)}[{shape.group(2)}]{shape.group(3) or ''}"
+                                 + (f" ({called.group(1)})" if called else ""))
+    return {
+        "entry_ops": dict(ops.most_common()),
+        "fusion_kinds": dict(fusion_kinds),
+        "custom_calls": dict(custom_calls),
+        "large_outputs": large,
+        "entry_bytes_written": written,
+    }
+
+
+def kernel_count(compiled: Any) -> int | None:
+    """Number of kernels and library calls one call of a compiled function launches (see :func:`hlo_summary`)."""
+    try:
+        ops = hlo_summary(compiled.as_text())["entry_ops"]
+    except Exception:  # noqa: BLE001 - optional diagnostic
+        return None
+    structural = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple"}
+    return sum(count for op, count in ops.items() if op not in structural)

@@ -28,8 +28,6 @@ projection computed directly from the checked gradients; torch against JAX on id
 
 from __future__ import annotations
 
-import collections
-import re
 from typing import Any
 
 import jax
@@ -37,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from bench.common import Budget, CorrectnessError, Report, Section, SectionTimeout, Target
+from bench.common import Budget, Report, Section, SectionTimeout, Target
 
 
 # Diagnostic row: the same vmap(grad), returned in the layout XLA computes it in (no transposing copy). Not a
@@ -126,89 +124,6 @@ def mlp_vae_per_example_grads(params: Any, batch: dict, keys: jax.Array) -> Any:
 # HLO summary (the explanation aid for the vmap(grad) vs torch.compile gap)
 
 
-def _computations(text: str) -> tuple[dict[str, list[str]], str | None]:
-    """Splits an HLO module's text into ``{computation name: instruction lines}`` and names the entry."""
-    computations: dict[str, list[str]] = {}
-    entry = None
-    current = None
-    header = re.compile(r"^(ENTRY )?%?([\w.\-]+) [({]")
-    for line in text.splitlines():
-        if current is None:
-            match = header.match(line)
-            if match and line.rstrip().endswith("{"):
-                current = match.group(2)
-                computations[current] = []
-                if match.group(1):
-                    entry = current
-        elif line.startswith("}"):
-            current = None
-        else:
-            computations[current].append(line.strip())
-    return computations, entry
-
-
-def hlo_summary(text: str, *, min_elements: int = 1_000_000) -> dict[str, Any]:
-    """Counts the kernels of an optimised HLO module and lists its large outputs.
-
-    Counted: the instructions of the entry computation and of the computations it runs through ``call`` (GPU
-    command buffers) or ``async-start``, i.e. the kernels and library calls, not the insides of fusions. Returns
-    op counts, fusion kinds, custom-call targets (cuBLAS/cuDNN on GPU), every instruction writing >=
-    ``min_elements`` elements (shape, layout, op; each such write is one pass over that many bytes of device
-    memory, the quantity that bounds materialised per-example gradients) and the bytes all of them write.
-    """
-    computations, entry = _computations(text)
-    # "%name = SHAPE op(" where SHAPE is "f32[2,3]{1,0}" or a tuple "(f32[2,3]{1,0}, s8[64]{0})" (cuBLAS calls
-    # return their workspace too); the first array of a tuple is the result.
-    pattern = re.compile(r"^(?:ROOT )?%?([\w.\-]+) = (\([^()]*\)|\S+) ([\w\-]+)\(")
-    shape_pattern = re.compile(r"(\w+)\[([\d,]*)\](\{[^}]*\})?")
-    ops: collections.Counter = collections.Counter()
-    fusion_kinds: collections.Counter = collections.Counter()
-    custom_calls: collections.Counter = collections.Counter()
-    large = []
-    written = 0
-    pending, seen = [entry] if entry else [], set()
-    while pending:
-        name = pending.pop()
-        if name in seen or name not in computations:
-            continue
-        seen.add(name)
-        for line in computations[name]:
-            match = pattern.match(line)
-            if not match:
-                continue
-            op = match.group(3)
-            if op in ("call", "async-start"):
-                pending += re.findall(r"(?:to_apply|calls)=%?([\w.\-]+)", line)
-                continue
-            if op in ("async-done", "async-update"):
-                continue
-            ops[op] += 1
-            if op == "fusion":
-                kind = re.search(r"kind=(\w+)", line)
-                fusion_kinds[kind.group(1) if kind else "?"] += 1
-            if op == "custom-call":
-                target = re.search(r'custom_call_target="([^"]+)"', line)
-                custom_calls[target.group(1) if target else "?"] += 1
-            shape = shape_pattern.search(match.group(2))
-            if shape and op not in ("parameter", "bitcast", "get-tuple-element", "tuple", "constant"):
-                dims = [int(d) for d in shape.group(2).split(",") if d]
-                elements = int(np.prod(dims)) if dims else 1
-                itemsize = {"f32": 4, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f64": 8, "pred": 1, "s8": 1}.get(
-                    shape.group(1), 4)
-                written += elements * itemsize
-                if elements >= min_elements:
-                    called = re.search(r"calls=%?([\w.\-]+)", line)
-                    large.append(f"{op} {shape.group(1)}[{shape.group(2)}]{shape.group(3) or ''}"
-                                 + (f" ({called.group(1)})" if called else ""))
-    return {
-        "entry_ops": dict(ops.most_common()),
-        "fusion_kinds": dict(fusion_kinds),
-        "custom_calls": dict(custom_calls),
-        "large_outputs": large,
-        "entry_bytes_written": written,
-    }
-
-
 def hlo_report(variants: dict[str, Any], args: tuple, *, floor_bytes: int) -> str:
     """Text file: a summary per variant (counts, large writes, bytes written vs the floor), then the full optimised
     HLO of each variant."""
@@ -226,7 +141,7 @@ def hlo_report(variants: dict[str, Any], args: tuple, *, floor_bytes: int) -> st
             parts.append(f"== {name}: could not compile: {type(error).__name__}: {error}")
             continue
         texts[name] = text
-        summary = hlo_summary(text)
+        summary = common.hlo_summary(text)
         parts += [
             f"== {name}",
             f"entry ops: {summary['entry_ops']}",
