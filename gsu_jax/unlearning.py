@@ -417,21 +417,14 @@ def _checkpoint_metadata(workdir: pathlib.Path, role: str) -> dict[str, Any] | N
         return ckpt.read_metadata()
 
 
-def _check_cached(workdir: pathlib.Path, role: str, values: Mapping[str, Any], run_data: training.RunData,
-                  *, field: str) -> None:
-    """Refuses a cached role in ``workdir`` that was trained with another config or data (before any work)."""
-    saved = _checkpoint_metadata(workdir, role)
-    if saved is None:
+def _check_cached(workdir: pathlib.Path, roles: Sequence[str], values: Mapping[str, Any], *, field: str) -> None:
+    """Refuses cached roles in ``workdir`` trained with another config or data, with train.py's own dry run."""
+    if not roles:
         return
-    identity = {name: values[name] for name in fields_in_scope(role)}
-    saved_identity = saved.get("identity", {})
-    differences = checkpointing.metadata_differences(saved_identity, identity,
-                                                     sorted(set(saved_identity) | set(identity)))
-    if saved.get("train_fingerprint") != run_data.for_role(role).fingerprint():
-        differences.append("training data")
-    if differences:
-        raise _refuse(f"{field}: {str(workdir)!r} holds a {role} model trained with another config or data "
-                      f"({'; '.join(differences)}); use another {field} or delete it")
+    try:
+        training.check_resumable(dict(values, roles=",".join(roles)), workdir)
+    except (checkpointing.CheckpointMismatchError, checkpointing.CheckpointCorruptError) as err:
+        raise _refuse(f"{field}: {err}") from err
 
 
 def _loaded_checkpoint_config(path: pathlib.Path, *, field: str) -> dict[str, Any]:
@@ -582,13 +575,13 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
         oracle_dir, train_oracle = train_dir / "oracle", True
 
     # Refuse cached models of another config now, rather than after the workdir has been written.
-    if train_model:
-        _check_cached(model_dir, "generative", train_values, run_data, field="config.train_dir")
-    for role in train_classifiers:
-        _check_cached(classifier_dir, role, train_values, run_data, field="config.train_dir")
+    if classifier_dir == model_dir:
+        _check_cached(model_dir, train_model + tuple(train_classifiers), train_values, field="config.train_dir")
+    else:
+        _check_cached(model_dir, train_model, train_values, field="config.train_dir")
+        _check_cached(classifier_dir, tuple(train_classifiers), train_values, field="config.train_dir")
     if train_oracle:
-        _check_cached(oracle_dir, "generative", oracle_values, training.prepare_data(oracle_values),
-                      field="config.train_dir")
+        _check_cached(oracle_dir, ("generative",), oracle_values, field="config.train_dir")
 
     if values["monitor_samples"] < 2:
         raise _refuse(f"config.monitor_samples={values['monitor_samples']} is too few; allowed: an integer >= 2")

@@ -207,7 +207,7 @@ def test_refuses_a_cached_model_of_another_config(smoke_run, tmp_path):
     workdir, _, _ = smoke_run
     _assert_refused(*_refuse_in_subprocess(tmp_path, f"--config.train_dir={workdir / 'train'}",
                                            "--config.train.latent_dim=3"),
-                    "trained with another config")
+                    "trained with a different config")
 
 
 def test_reuses_a_given_checkpoint(smoke_run, tmp_path):
