@@ -424,7 +424,9 @@ def _check_cached(workdir: pathlib.Path, roles: Sequence[str], values: Mapping[s
     try:
         training.check_resumable(dict(values, roles=",".join(roles)), workdir)
     except (checkpointing.CheckpointMismatchError, checkpointing.CheckpointCorruptError) as err:
-        raise _refuse(f"{field}: {err}") from err
+        # train.py's remedy names its own flags; unlearn.py's is another train_dir (or deleting the cache).
+        reason = str(err).split("; pass --overwrite")[0]
+        raise _refuse(f"{field}: {reason}; use another {field} (or delete {str(workdir)!r})") from err
 
 
 def _loaded_checkpoint_config(path: pathlib.Path, *, field: str) -> dict[str, Any]:
