@@ -21,38 +21,19 @@ reconstructions are sharp, but after 10 epochs samples from the prior are mostly
 longer (``--config.num_epochs=50``, on a GPU) when samples matter.
 """
 
+import pathlib
+
 import ml_collections
 
-from gsu_jax.config_validation import default_train_config
+from gsu_jax.config_validation import load_config_file
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """ConvVAE latent 16 plus the protocol classifiers."""
-    config = default_train_config()
-    config.seed = 0
-    config.data = "embedded"
-    config.eval_data = ""
-    config.holdout_fraction = 0.1
-
+    """ConvVAE latent 16 plus the protocol classifiers (everything else as configs/mnist_vae.py)."""
+    config = load_config_file(pathlib.Path(__file__).with_name("mnist_vae.py"))
     config.model = "conv_vae"
     config.latent_dim = 16
     config.model_kwargs = ml_collections.ConfigDict({"channels": 32, "num_groups": 8})
-    config.kl_weight = 1.0
-    config.batch_size = 128
     config.num_epochs = 10
-    config.learning_rate = 1e-3
-
-    config.classifier = "mlp_classifier"
-    config.classifier_kwargs = ml_collections.ConfigDict({"hidden": 200})
-    config.classifier_batch_size = 128
-    config.classifier_num_epochs = 100
-    config.classifier_learning_rate = 2e-3
-    config.classifier_weight_decay = 1e-2
-    config.classifier_augment_shift = 2
-    config.evaluator_fraction = 0.5
-
-    config.roles = "generative,evaluator,guidance"
     config.checkpoint_every_steps = 500
-    config.max_to_keep = 2
-    config.num_sample_images = 64
     return config

@@ -25,21 +25,12 @@ about 1 minute for the oracle, then about 1 minute of unlearning (5 methods x 3 
 evaluation), well under the 10-minute budget; re-runs reuse the trained models.
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
 
+from gsu_jax.config_validation import load_config_file
 from gsu_jax.unlearning import default_unlearn_config
-
-
-def _train_config(name: str) -> ml_collections.ConfigDict:
-    """get_config() of a sibling train config (configs/ is not a package)."""
-    path = pathlib.Path(__file__).with_name(name)
-    spec = importlib.util.spec_from_file_location(f"_gsu_configs_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -61,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint = ""
     config.oracle_checkpoint = ""
     config.train_dir = ""
-    train = _train_config("mnist_vae.py")
+    train = load_config_file(pathlib.Path(__file__).with_name("mnist_vae.py"))
     # The guidance classifier is only trained when guidance_weight > 0 (unlearning decides the roles).
     train.progress_bar = True
     config.train = train

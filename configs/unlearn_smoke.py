@@ -8,21 +8,12 @@ Expected runtime on the 2-core development CPU: about 20-30 seconds including JA
 models are far too small to forget anything meaningful; this checks the machinery, not the results).
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
 
+from gsu_jax.config_validation import load_config_file
 from gsu_jax.unlearning import default_unlearn_config
-
-
-def _train_config(name: str) -> ml_collections.ConfigDict:
-    """get_config() of a sibling train config (configs/ is not a package)."""
-    path = pathlib.Path(__file__).with_name(name)
-    spec = importlib.util.spec_from_file_location(f"_gsu_configs_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -43,6 +34,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.guidance_weight = 10.0  # exercises the guidance classifier, its independence check and +guided labels
     config.guidance_samples = 32
     config.progress = False
-    train = _train_config("smoke.py")
+    train = load_config_file(pathlib.Path(__file__).with_name("smoke.py"))
     config.train = train
     return config

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
+import pathlib
 import types
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -48,6 +50,7 @@ __all__ = [
     "TRAIN_SCHEMA",
     "default_train_config",
     "fields_in_scope",
+    "load_config_file",
     "parse_class_list",
     "parse_roles",
     "unknown_key_message",
@@ -311,6 +314,22 @@ def default_train_config() -> ml_collections.ConfigDict:
     for name, field in TRAIN_SCHEMA.items():
         setattr(config, name, ml_collections.ConfigDict(dict(field.default)) if field.kind is dict else field.default)
     return config
+
+
+def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """``get_config()`` of a config file (``configs/`` is not a package, so configs build on each other with this).
+
+    Example (inside ``configs/unlearn_mnist.py``): ``load_config_file(pathlib.Path(__file__).with_name("mnist_vae.py"))``.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_gsu_configs_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"config file {str(path)!r} defines no get_config()")
+    return module.get_config()
 
 
 def fields_in_scope(role: str, schema: Mapping[str, Field] = TRAIN_SCHEMA) -> tuple[str, ...]:
