@@ -486,28 +486,35 @@ def tree_copy(tree: Any) -> Any:
     return jax.tree_util.tree_map(jnp.copy, tree)
 
 
-def device_relative_error(got: Any, want: Any) -> float:
-    """:func:`relative_error` computed on the device (for per-example gradients too large to copy to the host):
-    sums of squares per leaf in float32, combined in float64 on the host."""
+def _squared_error_sums(got: Any, want: Any) -> tuple[Any, Any]:
     import jax
     import jax.numpy as jnp
+
+    diff2 = want2 = jnp.zeros((), jnp.float32)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        g32, w32 = jnp.asarray(g, jnp.float32), jnp.asarray(w, jnp.float32)
+        diff2 = diff2 + jnp.sum(jnp.square(g32 - w32))
+        want2 = want2 + jnp.sum(jnp.square(w32))
+    return diff2, want2
+
+
+def device_relative_error(got: Any, want: Any) -> float:
+    """:func:`relative_error` computed on the device (for per-example gradients too large to copy to the host),
+    in float32, by ONE compiled function per tree shape (it is called for every checked row)."""
+    import jax
 
     got_leaves, want_leaves = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
     if len(got_leaves) != len(want_leaves) or any(g.shape != w.shape for g, w in zip(got_leaves, want_leaves)):
         return math.inf
-
-    def sums(a, b):
-        a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-        return jnp.sum(jnp.square(a32 - b32)), jnp.sum(jnp.square(b32))
-
-    diff2 = want2 = 0.0
-    for g, w in zip(got_leaves, want_leaves):
-        # Compiled for the arrays' actual formats: an array returned in a non-default layout (jit with
-        # Format(Layout.AUTO) outputs) is read wrongly by a computation compiled for the default layout (seen with
-        # jax 0.10.2 on CPU: no relayout, no error), so the check states the layouts explicitly.
-        formats = tuple(getattr(x, "format", None) for x in (g, w))
-        d, n = jax.jit(sums, in_shardings=formats if None not in formats else None)(g, w)
-        diff2, want2 = diff2 + float(d), want2 + float(n)
+    # Compiled for the arrays' actual formats: an array returned in a non-default layout (jit with
+    # Format(Layout.AUTO) outputs) is read wrongly by a computation compiled for the default layout (seen with
+    # jax 0.10.2 on CPU: no relayout, no error), so the check states the layouts explicitly.
+    formats = [getattr(x, "format", None) for x in got_leaves + want_leaves]
+    in_shardings = None
+    if None not in formats:
+        in_shardings = (formats[: len(got_leaves)], formats[len(got_leaves) :])
+    diff2, want2 = jax.jit(_squared_error_sums, in_shardings=in_shardings)(got_leaves, want_leaves)
+    diff2, want2 = float(diff2), float(want2)
     if not (math.isfinite(diff2) and math.isfinite(want2)):
         return math.inf
     return math.sqrt(diff2 / want2) if want2 > 0 else math.sqrt(diff2)

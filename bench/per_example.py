@@ -254,12 +254,13 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
 
             def check_vmap(out):
                 first = jax.tree_util.tree_map(lambda leaf: leaf[:2], out)
-                singles = [jax.grad(loss_fn)(params, jax.tree_util.tree_map(lambda x: x[i], batch), keys[i])
-                           for i in range(2)]
+                with jax.default_matmul_precision("highest"):  # references: full float32 (GPU default: TF32)
+                    singles = [jax.grad(loss_fn)(params, jax.tree_util.tree_map(lambda x: x[i], batch), keys[i])
+                               for i in range(2)]
+                    mean_grad = jax.jit(jax.grad(lambda p: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(
+                        p, batch, keys))))(params)
                 want = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), *singles)
                 err1 = common.check_close("vmap(grad) vs single-example grad", first, want, rtol=tight)
-                mean_grad = jax.jit(jax.grad(lambda p: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(
-                    p, batch, keys))))(params)
                 err2 = common.check_close_device("mean of vmap(grad) vs grad of mean loss",
                                                  jax.tree_util.tree_map(common.leading_mean, out),
                                                  mean_grad, rtol=common.default_precision_tolerance())

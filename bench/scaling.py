@@ -50,12 +50,18 @@ def _s_reference(loss_fn, params, forget, retain, key) -> np.ndarray:
         return ravel_pytree(jax.grad(mean_loss)(p, forget, forget_keys))[0], ravel_pytree(
             jax.grad(mean_loss)(p, retain, retain_keys))[0]
 
-    g_f, g_r = (np.asarray(g, np.float64) for g in grads(params))
+    with jax.default_matmul_precision("highest"):  # the reference is the accurate side (GPU default: TF32)
+        g_f, g_r = (np.asarray(g, np.float64) for g in grads(params))
     return g_r - (g_f @ g_r) / (g_f @ g_f) * g_f
 
 
 def _per_example_sa_reference(loss_fn, params, forget, retain, key, *, chunk: int = 64) -> np.ndarray:
     """``mean_i P^c_{g_r}(-grad l(x_i))`` accumulated chunk by chunk (memory ``chunk x |params|``, any B)."""
+    with jax.default_matmul_precision("highest"):  # the reference is the accurate side (GPU default: TF32)
+        return _per_example_sa_sum(loss_fn, params, forget, retain, key, chunk=chunk)
+
+
+def _per_example_sa_sum(loss_fn, params, forget, retain, key, *, chunk: int) -> np.ndarray:
     from gsu_jax.methods import split_step_keys
 
     forget_keys, retain_keys, _ = split_step_keys(key, forget, retain)

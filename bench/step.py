@@ -81,7 +81,8 @@ class ReferenceRules:
     """Every method's update direction at fixed params, batches and key, in float64, from per-example gradients.
 
     The per-example gradients come from ``jax.vmap(jax.value_and_grad(loss_fn))`` over chunks (no code shared
-    with the library's step), with the keys the step itself uses (``gsu_jax.methods.split_step_keys``).
+    with the library's step), at matmul precision "highest", with the keys the step itself uses
+    (``gsu_jax.methods.split_step_keys``).
     """
 
     def __init__(self, loss_fn, params, forget, retain, key, *, chunk: int = 16):
@@ -107,8 +108,10 @@ class ReferenceRules:
                 grads.append(np.asarray(g))
             return np.concatenate(values), np.concatenate(grads)  # f64[B], f32[B, P]
 
-        self.forget_losses, self.forget_grads = per_example(forget, self.forget_keys)
-        _, self.retain_grads = per_example(retain, self.retain_keys)
+        # Full float32 matmuls: on GPU the default may be TF32, and the reference must be the accurate side.
+        with jax.default_matmul_precision("highest"):
+            self.forget_losses, self.forget_grads = per_example(forget, self.forget_keys)
+            _, self.retain_grads = per_example(retain, self.retain_keys)
         self.g_f = self.forget_grads.mean(axis=0, dtype=np.float64)
         self.g_r = self.retain_grads.mean(axis=0, dtype=np.float64)
 
@@ -154,10 +157,9 @@ class ReferenceRules:
             return [ravel_pytree(t)[0] for t in (hf_gr, hf_gf, hr_gf, hr_gr)]
 
         g_f, g_r = self.g_f, self.g_r
-        hf_gr, hf_gf, hr_gf, hr_gr = (
-            np.asarray(h, np.float64)
-            for h in hvps(self.unravel(g_f.astype(np.float32)), self.unravel(g_r.astype(np.float32)))
-        )
+        with jax.default_matmul_precision("highest"):
+            products = hvps(self.unravel(g_f.astype(np.float32)), self.unravel(g_r.astype(np.float32)))
+        hf_gr, hf_gf, hr_gf, hr_gr = (np.asarray(h, np.float64) for h in products)
         n_f, n_r = np.linalg.norm(g_f), np.linalg.norm(g_r)
         cos = (g_f @ g_r) / (n_f * n_r)
         grad_cos = (hf_gr + hr_gf) / (n_f * n_r) - cos * (hf_gf / n_f**2 + hr_gr / n_r**2)
