@@ -236,12 +236,13 @@ def test_runtime_failure_is_one_line_exit_1(smoke_run, tmp_path):
     workdir, _, report = smoke_run
     damaged = tmp_path / "damaged"
     shutil.copytree(report["models"]["original"]["workdir"], damaged)
-    params_files = [path for path in (damaged / "generative" / "checkpoints").rglob("*")
-                    if path.is_file() and "params" in path.parts and path.stat().st_size > 1000]
-    target = max(params_files, key=lambda path: path.stat().st_size)
-    blob = bytearray(target.read_bytes())
-    blob[len(blob) // 2: len(blob) // 2 + 64] = bytes(64)  # zero a run of bytes in the middle of the arrays
-    target.write_bytes(bytes(blob))
+    # Invert every byte of the parameters' array data files (not just a zeroed run, which can land on bytes that
+    # are already zero or on data the manifest no longer references): the restore must refuse, whichever way.
+    data_files = [path for path in (damaged / "generative" / "checkpoints").rglob("*")
+                  if path.is_file() and "params" in path.parts and path.parent.name == "d"]
+    assert data_files, "no parameter data files found to damage"
+    for target in data_files:
+        target.write_bytes(bytes(byte ^ 0xFF for byte in target.read_bytes()))
     overrides = (f"--config.checkpoint={damaged}", f"--config.oracle_checkpoint={report['models']['oracle']['workdir']}",
                  "--config.methods=sa", "--config.seeds=1")
     done = subprocess.run(_command(tmp_path / "out", *overrides), cwd=REPO, capture_output=True, text=True,
