@@ -275,8 +275,15 @@ def project_normal_plane(
 
     if per_example:
       inner = trees.stacked_vdot(updates, unit)
+      # The mean over examples as a contraction with uniform weights: XLA:CPU
+      # reduces over a leading (major) axis of a large [B, ...] array ~40x
+      # slower than it runs this dot (measured: 315 ms vs 4-8 ms at B=64 on the
+      # 784-400 VAE).
+      num_examples = jax.tree.leaves(updates)[0].shape[0]
+      uniform = jnp.full((num_examples,), 1.0 / num_examples, dtype)
       mean_update = jax.tree.map(
-          lambda u: jnp.mean(jnp.asarray(u, dtype), axis=0), updates)
+          lambda u: jnp.tensordot(uniform, jnp.asarray(u, dtype), axes=1,
+                                  precision=_HIGHEST), updates)
     else:
       inner = trees.tree_vdot(updates, unit)
       mean_update = updates
