@@ -142,6 +142,8 @@ _SAVE_PARAMS = ("first_seed", "all", "none")
 _GATED_TARGETS = ("oracle", "heldout")
 # Generated images per compiled evaluation call (bounds activation memory for the convolutional models).
 _EVAL_CHUNK = 1000
+# Built once at import: one compiled feature extractor per (graphdef, chunk shape), whatever the caller.
+_classifier_features = jax.jit(models.classifier_features, static_argnums=0)
 # Independent key streams (folded into the root key by name).
 _ROOT_SEED = 0
 _DATA_STREAM = 1
@@ -722,8 +724,7 @@ class _Evaluation:
         self.real_retain = metrics.feature_statistics(features_all[plan.retain_idx])
 
     def _features(self, images: jax.Array) -> np.ndarray:
-        features = jax.jit(models.classifier_features, static_argnums=0)
-        chunks = [np.asarray(features(self.eval_graphdef, self.eval_params, images[i:i + _EVAL_CHUNK]))
+        chunks = [np.asarray(_classifier_features(self.eval_graphdef, self.eval_params, images[i:i + _EVAL_CHUNK]))
                   for i in range(0, images.shape[0], _EVAL_CHUNK)]
         return np.concatenate(chunks).astype(np.float64)
 
