@@ -12,6 +12,8 @@ name                class                            hyperparameters (keyword-on
 ``mlp_classifier``  :class:`MLPClassifier`           image_shape=(28, 28, 1), hidden=200, num_classes=10
 ``cnn_classifier``  :class:`CNNClassifier`           image_shape=(28, 28, 1), channels=32, hidden=128,
                                                      num_classes=10, num_groups=8
+``ddpm_unet``       :class:`UNet`                    image_shape=(28, 28, 1), channels=32, channel_mults=(1, 2),
+                                                     num_groups=8, time_embed_dim=128, num_classes=0
 =================== ================================ ==========================================================
 
 After construction: ``graphdef, params = nnx.split(model)`` once; everything else (losses in
@@ -26,6 +28,7 @@ from flax import nnx
 
 from gsu_jax.models.batched import classifier_features, classifier_logits, generate_images, reconstruct
 from gsu_jax.models.classifier import CNNClassifier, MLPClassifier
+from gsu_jax.models.unet import UNet
 from gsu_jax.models.vae import ConvVAE, MLPVAE, reparameterize
 
 MODELS: dict[str, type[nnx.Module]] = {
@@ -33,10 +36,12 @@ MODELS: dict[str, type[nnx.Module]] = {
     "conv_vae": ConvVAE,
     "mlp_classifier": MLPClassifier,
     "cnn_classifier": CNNClassifier,
+    "ddpm_unet": UNet,
 }
-# Which registry names are generative (trained with gsu_jax.losses.negative_elbo) and which are classifiers
-# (trained with gsu_jax.losses.cross_entropy).
+# Which registry names are generative (VAEs trained with gsu_jax.losses.negative_elbo, diffusion models with
+# gsu_jax.diffusion.epsilon_loss) and which are classifiers (trained with gsu_jax.losses.cross_entropy).
 VAE_MODELS: frozenset[str] = frozenset({"mlp_vae", "conv_vae"})
+DIFFUSION_MODELS: frozenset[str] = frozenset({"ddpm_unet"})
 CLASSIFIER_MODELS: frozenset[str] = frozenset({"mlp_classifier", "cnn_classifier"})
 
 
@@ -54,7 +59,7 @@ def build_model(name: str, *, rngs: nnx.Rngs, **kwargs: object) -> nnx.Module:
     """Builds the registered model ``name`` with hyperparameters ``kwargs``.
 
     Args:
-      name: one of ``mlp_vae``, ``conv_vae``, ``mlp_classifier``, ``cnn_classifier``.
+      name: one of ``mlp_vae``, ``conv_vae``, ``mlp_classifier``, ``cnn_classifier``, ``ddpm_unet``.
       rngs: initialisation randomness (used only during construction; the model keeps no RNG state).
       **kwargs: the model's hyperparameters (see the module docstring); unknown names are refused.
 
@@ -92,9 +97,11 @@ __all__ = [
     "CLASSIFIER_MODELS",
     "CNNClassifier",
     "ConvVAE",
+    "DIFFUSION_MODELS",
     "MLPClassifier",
     "MLPVAE",
     "MODELS",
+    "UNet",
     "VAE_MODELS",
     "build_model",
     "classifier_features",
