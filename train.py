@@ -115,6 +115,9 @@ def main(argv: list[str]) -> None:
             headline = (f"held-out -ELBO {metrics['heldout_neg_elbo']:.2f} (reconstruction "
                         f"{metrics['heldout_reconstruction']:.2f} + KL {metrics['heldout_kl']:.2f}); "
                         f"samples: {metrics['samples_png']}")
+        elif "heldout_eps_loss" in metrics:
+            headline = (f"held-out epsilon MSE {metrics['heldout_eps_loss']:.4f} (one random timestep per "
+                        f"example); samples: {metrics['samples_png']}")
         else:
             headline = f"held-out accuracy {metrics['heldout_accuracy']:.4f}"
         resumed = "" if metrics["resumed_from_step"] is None else f", resumed from step {metrics['resumed_from_step']}"

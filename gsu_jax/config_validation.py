@@ -40,7 +40,7 @@ from typing import Any
 
 import ml_collections
 
-from gsu_jax.models import CLASSIFIER_MODELS, VAE_MODELS, model_hyperparameters
+from gsu_jax.models import CLASSIFIER_MODELS, DIFFUSION_MODELS, VAE_MODELS, model_hyperparameters
 
 __all__ = [
     "ConfigError",
@@ -161,6 +161,7 @@ def is_data_spec(value: str, *, empty_ok: bool) -> bool:
     return False
 
 
+_DIFFUSION_SCHEDULES = ("cosine", "linear")
 _DATA_SPEC_FORMS = "'embedded', 'idx:<dir>[:<prefix>]' or 'tfds:<name>[:<split>]'"
 
 
@@ -225,7 +226,7 @@ def parse_roles(value: str, *, field: str = "roles") -> tuple[str, ...]:
 
 
 def _train_schema() -> dict[str, Field]:
-    vae_models = tuple(sorted(VAE_MODELS))
+    generative_models = tuple(sorted(VAE_MODELS | DIFFUSION_MODELS))
     classifier_models = tuple(sorted(CLASSIFIER_MODELS))
     return {
         # -- all roles
@@ -262,14 +263,31 @@ def _train_schema() -> dict[str, Field]:
                                     "data", "Share of each class of the training data given to the evaluator "
                                     "when evaluator_data is ''."),
         # -- generative model
-        "model": Field("mlp_vae", str, f"one of {', '.join(vae_models)}", one_of(vae_models), "generative",
-                       "Generative model (gsu_jax.models registry name)."),
+        "model": Field("mlp_vae", str, f"one of {', '.join(generative_models)}", one_of(generative_models),
+                       "generative", "Generative model (gsu_jax.models registry name): a VAE or the DDPM "
+                       "U-Net (ddpm_unet; see gsu_jax.generative for what each family reads)."),
         "latent_dim": Field(2, int, "an integer >= 1", at_least(1), "generative", "Latent dimension of the VAE."),
         "model_kwargs": Field({}, dict, "keyword arguments of the chosen model", None, "generative",
                               "Other hyperparameters of the generative model (e.g. hidden=400 for mlp_vae; "
                               "channels, num_groups for conv_vae); image_shape comes from the data."),
         "kl_weight": Field(1.0, float, "a number >= 0", at_least(0.0), "generative",
                            "Weight of the KL term of the negative ELBO (1 in the protocol)."),
+        # -- DDPM only (model ddpm_unet); a VAE ignores these and they stay out of its checkpoints' identity
+        "diffusion_schedule": Field("cosine", str, f"one of {', '.join(_DIFFUSION_SCHEDULES)}",
+                                    one_of(_DIFFUSION_SCHEDULES), "generative",
+                                    "DDPM noise schedule (beta_t): cosine (Nichol & Dhariwal) or linear (Ho et al.)."),
+        "diffusion_steps": Field(1000, int, "an integer >= 2", at_least(2), "generative",
+                                 "DDPM training timesteps T (each example draws its own t in 1..T)."),
+        "class_conditional": Field(False, bool, "True or False", None, "generative",
+                                   "DDPM conditioned on the class label (null label for classifier-free guidance)."),
+        "class_dropout": Field(0.1, float, "a number in [0, 1)", within(0.0, 1.0, high_open=True), "generative",
+                               "Share of training examples whose label is replaced by the null label "
+                               "(class-conditional DDPM; what classifier-free guidance needs)."),
+        "sample_steps": Field(20, int, "an integer >= 1 (and <= diffusion_steps)", at_least(1), "run",
+                              "DDIM steps of the DDPM samples in the PNG."),
+        "guidance_scale": Field(0.0, float, "a number >= 0", at_least(0.0), "run",
+                                "Classifier-free guidance scale of class-conditional DDPM samples (0: the plain "
+                                "conditional model)."),
         "batch_size": Field(128, int, "an integer >= 1", at_least(1), "generative", "Generative training batch."),
         "num_epochs": Field(150, int, "an integer >= 1", at_least(1), "generative", "Generative training epochs."),
         "learning_rate": Field(1e-3, float, "a number > 0", greater_than(0.0), "generative",
@@ -471,8 +489,18 @@ def validate_train_config(config: Any) -> dict[str, Any]:
     values = validate_config(config, TRAIN_SCHEMA)
     parse_roles(values["roles"])
     parse_class_list(values["exclude_classes"])
-    _check_model_kwargs("model_kwargs", values["model"], values["model_kwargs"],
-                        reserved=("image_shape", "latent_dim"))
+    # Imported here: gsu_jax.generative builds on the models and losses, which this module must not import eagerly.
+    from gsu_jax.generative import family_of
+
+    family = family_of(values["model"])
+    _check_model_kwargs("model_kwargs", values["model"], values["model_kwargs"], reserved=family.reserved_kwargs)
+    if family.name == "ddpm":
+        if values["sample_steps"] > values["diffusion_steps"]:
+            raise ConfigError(f"config.sample_steps={values['sample_steps']} is invalid: allowed: an integer in "
+                              f"[1, config.diffusion_steps={values['diffusion_steps']}]")
+        if values["class_conditional"] and values["guidance_scale"] > 0 and values["class_dropout"] == 0:
+            raise ConfigError(f"config.guidance_scale={values['guidance_scale']!r} needs an unconditional model: "
+                              "allowed with config.class_dropout > 0 (the null label is never trained at 0)")
     _check_model_kwargs("classifier_kwargs", values["classifier"], values["classifier_kwargs"],
                         reserved=("image_shape", "num_classes"))
     return values

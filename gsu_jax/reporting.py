@@ -114,6 +114,30 @@ def _format_value(value: float | None, fmt: str) -> str:
     return "—" if value is None else fmt.format(value)
 
 
+# Added for a class-conditional generator (samples generated FROM the forget label, SalUn / Selective Amnesia).
+_CONDITIONAL_COLUMNS: tuple[tuple[str, str | None, str | None, str], ...] = (
+    ("p(forget label) on its samples", "forget_label_class_prob_at_stop", "forget_label_class_prob", "{:.3f}"),
+    ("entropy on forget-label samples", "forget_label_entropy_at_stop", "forget_label_entropy", "{:.3f}"),
+)
+
+
+def _table_columns(report: Mapping[str, Any]) -> tuple[tuple[str, str | None, str | None, str], ...]:
+    """The columns for the report's generative family: its loss names (VAE ``nelbo`` / ``-ELBO`` when the report
+    does not say) and, for a class-conditional model, the forget-label protocol."""
+    family = report.get("generative") or {}
+    prefix, label = family.get("loss_prefix", "nelbo"), family.get("loss_label", "-ELBO")
+    columns = []
+    for header, key, ref_key, fmt in _TABLE_COLUMNS:
+        if ref_key is not None and ref_key.startswith("nelbo_"):
+            header = header.replace("-ELBO", label)
+            key, ref_key = (name.replace("nelbo_", f"{prefix}_", 1) for name in (key, ref_key))
+            fmt = fmt if prefix == "nelbo" else "{:.4f}"
+        columns.append((header, key, ref_key, fmt))
+    if family.get("class_conditional"):
+        columns.extend(_CONDITIONAL_COLUMNS)
+    return tuple(columns)
+
+
 def markdown_table(report: Mapping[str, Any]) -> str:
     """The results table: original model, oracle, then every method (mean ± std over seeds).
 
@@ -121,21 +145,23 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     below the threshold, averaged over the seeds that got there (the count in brackets says how many did).
     FID columns are the classifier-FID of the evaluator's features, against the retained training data and
     against all training data, at the stopping step (the budget when a seed never stopped) and at the end of
-    the budget. The original and the oracle have one value per column (no steps).
+    the budget. The original and the oracle have one value per column (no steps). The loss columns are the
+    generative family's (VAE: negative ELBO; DDPM: epsilon MSE).
     """
-    headers = ["model"] + [c[0] for c in _TABLE_COLUMNS]
+    table_columns = _table_columns(report)
+    headers = ["model"] + [c[0] for c in table_columns]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for name in ("original", "oracle"):
         evaluation = report.get(name)
         if evaluation is None:
             continue
         cells = [f"{name} model" if name == "original" else "oracle (retrained without forget set)"]
-        for _, _, ref_key, fmt in _TABLE_COLUMNS:
+        for _, _, ref_key, fmt in table_columns:
             cells.append("—" if ref_key is None else _format_value(evaluation.get(ref_key), fmt))
         lines.append("| " + " | ".join(cells) + " |")
     for label, summary in report.get("methods", {}).items():
         cells = [label]
-        for _, key, _, fmt in _TABLE_COLUMNS:
+        for _, key, _, fmt in table_columns:
             if key in ("steps_to_threshold", "steps_to_published_threshold"):
                 cells.append(_format_steps(summary.get(key)))
             else:
@@ -178,6 +204,7 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         f"{published['monitor_samples']} of the same monitoring samples (same runs, second stopping rule)",
         f"- FID: classifier-FID on the evaluator's features, {config['fid_samples']} generated samples, against "
         "the retained training images and against all training images",
+        *_sampling_lines(report),
         f"- guidance: {'weight ' + str(config['guidance_weight']) + ' (rows labelled +guided)' if guided else 'none'}"
         "; the evaluator that scores the runs is a separate model that no method sees",
         f"- device: {report['device']}"
@@ -198,6 +225,21 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _sampling_lines(report: Mapping[str, Any]) -> list[str]:
+    """How a DDPM was sampled (nothing for a VAE: one decoder pass from fixed z)."""
+    family = report.get("generative") or {}
+    if family.get("family") != "ddpm":
+        return []
+    lines = [f"- DDPM: fixed x_T per sample, DDIM with {family['monitor_sample_steps']} steps for the per-step "
+             f"monitoring and {family['fid_sample_steps']} for the FID, grids and forget-label protocol; losses "
+             "are the epsilon MSE at one random timestep per fixed key"]
+    if family.get("class_conditional"):
+        lines.append(f"- class-conditional: monitoring and FID samples use labels i mod K, guidance scale "
+                     f"{family['guidance_scale']}; 'forget label' columns score samples generated FROM the forget "
+                     "label(s): the evaluator's probability of that label and the entropy of its prediction (nats)")
+    return lines
 
 
 def _settings(summary: Mapping[str, Any]) -> str:

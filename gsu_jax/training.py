@@ -77,6 +77,7 @@ from absl import logging
 from flax import nnx
 
 from gsu_jax import data as data_lib
+from gsu_jax import generative as families
 from gsu_jax import losses
 from gsu_jax import models
 from gsu_jax.checkpointing import (
@@ -121,7 +122,7 @@ _INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _SAMPLE_STREAM = 0, 1, 2, 3
 _EVAL_CHUNK = 500
 _CHECKPOINTS = "checkpoints"
 # Models whose epochs run step by step on CPU (convolution gradients are slow inside XLA:CPU loops).
-_CONV_MODELS = frozenset({"conv_vae", "cnn_classifier"})
+_CONV_MODELS = frozenset({"conv_vae", "cnn_classifier", "ddpm_unet"})
 
 
 class TrainedModel(NamedTuple):
@@ -369,7 +370,7 @@ class _ProgramSpec:
     model_name: str
     model_kwargs: tuple[tuple[str, Any], ...]  # complete: includes image_shape and latent_dim / num_classes
     generative: bool
-    kl_weight: float
+    family_settings: tuple[tuple[str, Any], ...]  # the generative family's own fields (kl_weight, DDPM schedule...)
     learning_rate: float
     weight_decay: float
     num_epochs: int
@@ -381,7 +382,7 @@ class _ProgramSpec:
         return models.build_model(self.model_name, rngs=nnx.Rngs(key), **dict(self.model_kwargs))
 
     def optimizer(self) -> optax.GradientTransformation:
-        """Adam (the protocol) for the VAE; AdamW with cosine decay for the classifiers; non-finite steps skipped."""
+        """Adam (the protocol) for the generative model; AdamW with cosine decay for the classifiers; non-finite steps skipped."""
         if self.generative:
             inner = optax.adam(self.learning_rate)
         else:
@@ -419,26 +420,36 @@ def _programs(spec: _ProgramSpec) -> _Programs:
         return params, optimizer.init(params)
 
     if spec.generative:
-        loss_fn = losses.negative_elbo(graphdef, kl_weight=spec.kl_weight)
-        terms_fn = losses.elbo_terms(graphdef)
+        family = families.family_of(spec.model_name)
+        settings, model_kwargs = dict(spec.family_settings), dict(spec.model_kwargs)
+        loss_fn = family.loss(graphdef, settings)
+        terms_fn = family.terms(graphdef, settings)
+        generate = family.generator(graphdef, settings, num_steps=settings.get("sample_steps", 1))
+        noise_shape = family.noise_shape(model_kwargs)
+        conditional = family.is_conditional(model_kwargs)
 
         @jax.jit
-        def evaluate(params, images, key):
-            """``f32[N, 2]``: (reconstruction, KL) of each image, one posterior sample with its own key."""
+        def evaluate(params, images, labels, key):
+            """``f32[N, T]``: the family's loss terms of each example (VAE: reconstruction, KL; DDPM: the
+            epsilon loss), one draw (posterior sample / timestep and noise) with its own key."""
 
-            def one(image_and_key):
-                image, example_key = image_and_key
-                terms = terms_fn(params, {"image": image}, example_key)
-                return jnp.stack([terms.reconstruction, terms.kl])
+            def one(inputs):
+                image, label, example_key = inputs
+                return terms_fn(params, {"image": image, "label": label}, example_key)
 
             keys = jax.random.split(key, images.shape[0])
-            return jax.lax.map(one, (images, keys), batch_size=_EVAL_CHUNK)
+            return jax.lax.map(one, (images, labels, keys), batch_size=_EVAL_CHUNK)
 
         @functools.partial(jax.jit, static_argnames="num_samples")
         def draw(params, key, originals, *, num_samples):
-            """Samples from ``z ~ N(0, I)`` and posterior-mean reconstructions of ``originals``."""
-            z = jax.random.normal(key, (num_samples, dict(spec.model_kwargs)["latent_dim"]))
-            return models.generate_images(graphdef, params, z), models.reconstruct(graphdef, params, originals)
+            """Samples from fixed noise (VAE ``z``, DDPM ``x_T``; class-conditional: labels 0, 1, ... in turn) and,
+            for a VAE, posterior-mean reconstructions of ``originals`` (``None`` for a DDPM)."""
+            noise = jax.random.normal(key, (num_samples, *noise_shape))
+            labels = jnp.arange(num_samples) % model_kwargs["num_classes"] if conditional else None
+            samples = generate(params, noise, labels)
+            if spec.model_name in models.VAE_MODELS:
+                return samples, models.reconstruct(graphdef, params, originals)
+            return samples, None
     else:
         loss_fn = losses.cross_entropy(graphdef)
         draw = None
@@ -486,9 +497,10 @@ def _role_key(seed: int, role: str) -> jax.Array:
 def _plan(role: str, values: Mapping[str, Any], run_data: RunData) -> _RolePlan:
     train = run_data.for_role(role)
     generative = role == "generative"
+    family = families.family_of(values["model"])
     if generative:
         model_field, kwargs_field, prefix = "model", "model_kwargs", ""
-        kwargs = {**values["model_kwargs"], "image_shape": train.image_shape, "latent_dim": values["latent_dim"]}
+        kwargs = family.model_kwargs(values, train.image_shape, train.num_classes)
     else:
         model_field, kwargs_field, prefix = "classifier", "classifier_kwargs", "classifier_"
         kwargs = {**values["classifier_kwargs"], "image_shape": train.image_shape, "num_classes": train.num_classes}
@@ -500,7 +512,7 @@ def _plan(role: str, values: Mapping[str, Any], run_data: RunData) -> _RolePlan:
         model_name=values[model_field],
         model_kwargs=tuple(sorted(kwargs.items())),
         generative=generative,
-        kl_weight=values["kl_weight"] if generative else 0.0,
+        family_settings=tuple(sorted(families.settings_of(family, values).items())) if generative else (),
         learning_rate=values[f"{prefix}learning_rate"],
         weight_decay=0.0 if generative else values["classifier_weight_decay"],
         num_epochs=values[f"{prefix}num_epochs"],
@@ -514,7 +526,9 @@ def _plan(role: str, values: Mapping[str, Any], run_data: RunData) -> _RolePlan:
         raise ConfigError(f"config.{kwargs_field}={values[kwargs_field]!r} with config.{model_field}="
                           f"{spec.model_name!r} cannot build a model for images {train.image_shape}: {err}") from err
     return _RolePlan(role=role, spec=spec, train=train, heldout=run_data.heldout, key=_role_key(values["seed"], role),
-                     identity={field: values[field] for field in fields_in_scope(role)},
+                     # Fields only another family reads never change this model (old workdirs stay resumable).
+                     identity={field: values[field] for field in fields_in_scope(role)
+                               if field not in families.other_families_fields(family)},
                      train_fingerprint=train.fingerprint())
 
 
@@ -574,8 +588,9 @@ def _check_free_space(workdir: pathlib.Path, plans: list[_RolePlan], max_to_keep
 
 def _evaluate(plan: _RolePlan, programs: _Programs, params: nnx.State,
               excluded: tuple[int, ...]) -> dict[str, Any]:
-    """Generative: negative ELBO (KL weight 1, one posterior sample per example, fixed key) on held-out and
-    training data. Classifiers: accuracy and mean cross-entropy on the held-out data."""
+    """Generative: the family's loss with a fixed key per example on held-out and training data (VAE: negative
+    ELBO with KL weight 1 and one posterior sample, ``heldout_neg_elbo`` and its terms; DDPM: the epsilon loss at one
+    random timestep, ``heldout_eps_loss``). Classifiers: accuracy and mean cross-entropy on the held-out data."""
     eval_key = jax.random.fold_in(plan.key, _EVAL_STREAM)
     if not plan.generative:
         logits = programs.evaluate(params, jnp.asarray(plan.heldout.images), eval_key)
@@ -584,21 +599,22 @@ def _evaluate(plan: _RolePlan, programs: _Programs, params: nnx.State,
             "heldout_accuracy": float(jnp.mean(jnp.argmax(logits, axis=-1) == labels)),
             "heldout_cross_entropy": float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))),
         }
+    family = families.family_of(plan.spec.model_name)
     # Held-out and training examples in one call (one compilation); every example has its own key.
     both = np.concatenate([plan.heldout.images, plan.train.images])
-    terms = np.asarray(programs.evaluate(params, jnp.asarray(both), eval_key))
+    labels = np.concatenate([plan.heldout.labels, plan.train.labels])
+    terms = np.asarray(programs.evaluate(params, jnp.asarray(both), jnp.asarray(labels), eval_key))
     heldout, train = terms[: len(plan.heldout)], terms[len(plan.heldout):]
-    metrics = {
-        "heldout_neg_elbo": float(heldout.sum(axis=1).mean()),
-        "heldout_reconstruction": float(heldout[:, 0].mean()),
-        "heldout_kl": float(heldout[:, 1].mean()),
-        "train_neg_elbo": float(train.sum(axis=1).mean()),
-    }
+    loss = family.loss_metric
+    metrics = {f"heldout_{loss}": float(heldout.sum(axis=1).mean())}
+    if len(family.term_names) > 1:
+        metrics.update({f"heldout_{term}": float(heldout[:, i].mean()) for i, term in enumerate(family.term_names)})
+    metrics[f"train_{loss}"] = float(train.sum(axis=1).mean())
     if excluded:
         is_excluded = np.isin(plan.heldout.labels, excluded)
         for name, mask in (("retained", ~is_excluded), ("excluded", is_excluded)):
             if mask.any():
-                metrics[f"heldout_neg_elbo_{name}_classes"] = float(heldout[mask].sum(axis=1).mean())
+                metrics[f"heldout_{loss}_{name}_classes"] = float(heldout[mask].sum(axis=1).mean())
     return metrics
 
 
@@ -616,7 +632,7 @@ def _tile(images: np.ndarray, columns: int) -> np.ndarray:
 
 def _write_samples_png(path: pathlib.Path, plan: _RolePlan, programs: _Programs, params: nnx.State,
                        *, num_images: int, title: str) -> None:
-    """PNG: samples decoded from ``z ~ N(0, I)`` (left); held-out images next to their reconstructions (right)."""
+    """PNG: samples from fixed noise (left); for a VAE, held-out images next to their reconstructions (right)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -625,14 +641,17 @@ def _write_samples_png(path: pathlib.Path, plan: _RolePlan, programs: _Programs,
     originals = plan.heldout.images[picks]
     samples, reconstructions = jax.device_get(programs.draw(
         params, jax.random.fold_in(plan.key, _SAMPLE_STREAM), jnp.asarray(originals), num_samples=num_images))
-    interleaved = np.stack([originals, reconstructions], axis=1).reshape(-1, *originals.shape[1:])
-
     columns = max(2, 2 * math.ceil(math.sqrt(num_images) / 2))
-    panels = [(_tile(samples, columns), "samples, z ~ N(0, I)"),
-              (_tile(interleaved, columns), "held-out | reconstruction (posterior mean)")]
-    figure = Figure(figsize=(10, 5.4), dpi=100)
+    if reconstructions is None:  # a DDPM: samples only
+        panels = [(_tile(samples, columns), "DDIM samples from x_T ~ N(0, I)"
+                   + (", labels 0, 1, ... row-wise" if families.Family.is_conditional(plan.model_kwargs) else ""))]
+    else:
+        interleaved = np.stack([originals, reconstructions], axis=1).reshape(-1, *originals.shape[1:])
+        panels = [(_tile(samples, columns), "samples, z ~ N(0, I)"),
+                  (_tile(interleaved, columns), "held-out | reconstruction (posterior mean)")]
+    figure = Figure(figsize=(5 * len(panels), 5.4), dpi=100)
     FigureCanvasAgg(figure)
-    for axis, (grid, label) in zip(figure.subplots(1, 2), panels):
+    for axis, (grid, label) in zip(np.atleast_1d(figure.subplots(1, len(panels))), panels):
         gray = grid.shape[-1] == 1
         axis.imshow(grid[..., 0] if gray else grid, cmap="gray" if gray else None, vmin=0.0, vmax=1.0,
                     interpolation="nearest")
@@ -734,10 +753,12 @@ def _train_role(plan: _RolePlan, role_dir: pathlib.Path, saved: dict[str, Any] |
 
     metrics = _evaluate(plan, programs, params, run_data.excluded_classes)
     if plan.generative:
+        family = families.family_of(spec.model_name)
         samples_path = role_dir / "samples.png"
+        description = family.describe(plan.model_kwargs, dict(spec.family_settings))
         _write_samples_png(samples_path, plan, programs, params, num_images=values["num_sample_images"],
-                           title=f"{spec.model_name} latent {plan.model_kwargs['latent_dim']}, {spec.num_epochs} "
-                                 f"epochs, held-out -ELBO {metrics['heldout_neg_elbo']:.1f}")
+                           title=f"{spec.model_name} {description}, {spec.num_epochs} epochs, held-out "
+                                 f"{family.loss_label} {metrics[f'heldout_{family.loss_metric}']:.4g}")
         metrics["samples_png"] = str(samples_path)
     metrics.update(
         role=plan.role,

@@ -101,11 +101,13 @@ import optax
 
 from gsu_jax import checkpointing, losses, methods, metrics, models, reporting, training
 from gsu_jax import data as data_lib
+from gsu_jax import generative as families
 from gsu_jax.config_validation import (
     ROLES,
     ConfigError,
     Field,
     at_least,
+    default_train_config,
     fields_in_scope,
     one_of,
     parse_class_list,
@@ -125,6 +127,7 @@ __all__ = [
     "execute",
     "format_summary",
     "monitoring_latents",
+    "monitoring_noise",
     "plan_run",
     "seed_step_keys",
     "stream_key",
@@ -188,6 +191,11 @@ UNLEARN_SCHEMA: dict[str, Field] = {
     "guidance_samples": Field(128, int, "an integer >= 1", at_least(1), "run",
                               "Latents decoded per step by the guidance term."),
     "fid_samples": Field(5000, int, "an integer >= 2", at_least(2), "run", "Generated samples per FID."),
+    "monitor_sample_steps": Field(10, int, "an integer >= 1", at_least(1), "run",
+                                  "DDIM steps of the monitoring samples (DDPM; a VAE decodes in one pass)."),
+    "fid_sample_steps": Field(50, int, "an integer >= 1", at_least(1), "run",
+                              "DDIM steps of the FID samples, the sample grids and the class-conditional protocol "
+                              "(DDPM; a VAE decodes in one pass)."),
     "elbo_samples": Field(4, int, "an integer >= 1", at_least(1), "run",
                           "Reparameterisation draws averaged per example in held-out ELBO and MIA losses."),
     "grid_samples": Field(64, int, "an integer in [1, 400]", within(1, 400), "run", "Samples per PNG panel."),
@@ -212,8 +220,6 @@ def default_unlearn_config() -> ml_collections.ConfigDict:
     Hyperparameters whose default is ``None`` become typed placeholders (so ``--config.method_hparams.<method>.
     <name>=...`` can set them); ``sa_gated``'s required ``forget_loss_target`` is left out: ``gated_target`` sets it.
     """
-    from gsu_jax.config_validation import default_train_config
-
     config = ml_collections.ConfigDict()
     for name, field in UNLEARN_SCHEMA.items():
         if name == "method_hparams":
@@ -259,9 +265,15 @@ def stream_key(name: str, *indices: int) -> jax.Array:
     return key
 
 
+def monitoring_noise(num_samples: int, noise_shape: Sequence[int]) -> jax.Array:
+    """The fixed monitoring noises ``f32[num_samples, *noise_shape]`` (VAE: ``z``; DDPM: ``x_T``): the same for
+    every seed, method and model."""
+    return jax.random.normal(stream_key("monitor"), (num_samples, *noise_shape))
+
+
 def monitoring_latents(num_samples: int, latent_dim: int) -> jax.Array:
-    """The fixed monitoring latents ``f32[num_samples, latent_dim]``: the same for every seed, method and model."""
-    return jax.random.normal(stream_key("monitor"), (num_samples, latent_dim))
+    """The fixed monitoring latents ``f32[num_samples, latent_dim]`` of a VAE (:func:`monitoring_noise`)."""
+    return monitoring_noise(num_samples, (latent_dim,))
 
 
 def seed_step_keys(seed: int, num_steps: int) -> jax.Array:
@@ -446,13 +458,17 @@ def _loaded_checkpoint_config(path: pathlib.Path, *, field: str) -> dict[str, An
     if saved is None:
         raise _refuse(f"config.{field}={str(path)!r} holds no generative model (roles present: "
                       f"{', '.join(roles_present)}); allowed: a train.py workdir with a trained VAE")
-    if saved.get("role") != "generative" or saved.get("model") not in models.VAE_MODELS:
+    generative_models = sorted(name for family in families.FAMILIES.values() for name in family.models)
+    if saved.get("role") != "generative" or saved.get("model") not in generative_models:
         raise _refuse(f"config.{field}={str(path)!r} holds a {saved.get('model')!r} {saved.get('role')!r} model, "
-                      f"not a VAE; allowed: a workdir with one of {', '.join(sorted(models.VAE_MODELS))}")
+                      f"not a generative one; allowed: a workdir with one of {', '.join(generative_models)}")
     if not saved.get("finished"):
         raise _refuse(f"config.{field}={str(path)!r}: its generative model is not finished (epoch "
                       f"{saved.get('epoch')} of {saved.get('num_epochs')}); resume it with train.py first")
-    return _train_values(ml_collections.ConfigDict(saved["config"]), field=field)
+    # Checkpoints written before the DDPM fields existed lack them; they never read them (see gsu_jax.generative).
+    defaults = default_train_config()
+    saved_config = {**{name: defaults[name] for name in families.FAMILIES["ddpm"].fields}, **saved["config"]}
+    return _train_values(ml_collections.ConfigDict(saved_config), field=field)
 
 
 def _config_values(config: Any) -> dict[str, Any]:
@@ -551,6 +567,9 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
             raise _refuse(f"config.gated_target={values['gated_target']!r} is invalid; allowed: 'oracle', "
                           "'heldout' or a number") from None
 
+    if values["guidance_weight"] > 0 and train_values["model"] not in models.VAE_MODELS:
+        raise _refuse(f"config.guidance_weight={values['guidance_weight']!r} is VAE-only (the uniformity term decodes "
+                      f"latents); allowed for model {train_values['model']!r}: 0")
     # Roles needed besides the generative model: the evaluator always, the guidance classifier when guided.
     classifier_roles = ("evaluator", "guidance") if values["guidance_weight"] > 0 else ("evaluator",)
     if not values["checkpoint"]:
@@ -656,51 +675,78 @@ def check_classifier_independence(evaluator: training.TrainedModel, guidance: tr
 
 
 class _Evaluation:
-    """Compiled evaluation of generators by the evaluator on fixed latents and fixed per-example keys."""
+    """Compiled evaluation of generators by the evaluator on fixed noises and fixed per-example keys.
+
+    Family-generic (:mod:`gsu_jax.generative`): a VAE decodes its fixed ``z`` once; a DDPM denoises its fixed
+    ``x_T`` with ``monitor_sample_steps`` DDIM steps for the per-step monitoring and ``fid_sample_steps`` for the
+    FID, the grids and the class-conditional protocol. A class-conditional DDPM is sampled with the fixed labels
+    ``i mod K`` (sample ``i``) and the train config's guidance scale; on top, samples generated FROM the forget
+    label(s) (cycled over the same monitoring noises) are scored as in SalUn / Selective Amnesia: the evaluator's
+    probability of the label, its accuracy and the entropy of its prediction.
+    """
 
     def __init__(self, plan: RunPlan, generator: training.TrainedModel, evaluator: training.TrainedModel):
         config = plan.config
         self.gen_graphdef = generator.graphdef
         self.eval_graphdef = evaluator.graphdef
         self.eval_params = evaluator.params
-        latent_dim = int(generator.metadata["model_kwargs"]["latent_dim"])
+        family = families.family_of(generator.metadata["model"])
+        model_kwargs = dict(generator.metadata["model_kwargs"])
+        settings = families.settings_of(family, config["train"])
+        noise_shape = family.noise_shape(model_kwargs)
+        self.family = family
+        self.loss_prefix = family.report_prefix
+        self.conditional = family.is_conditional(model_kwargs)
+        num_classes = int(model_kwargs.get("num_classes", 0) or 0)
         self.num_monitor = config["monitor_samples"]
         self.num_published = config["published_monitor_samples"]
-        self.z_monitor = monitoring_latents(max(self.num_monitor, self.num_published), latent_dim)
+        self.z_monitor = monitoring_noise(max(self.num_monitor, self.num_published), noise_shape)
         num_fid = config["fid_samples"]
-        padded = _EVAL_CHUNK * math.ceil(num_fid / _EVAL_CHUNK)
+        # The VAE keeps the padded draw of its earlier reports (same z, same numbers); a DDPM pays per sample.
+        chunk = _EVAL_CHUNK if family.name == "vae" else min(_EVAL_CHUNK, num_fid)
+        padded = chunk * math.ceil(num_fid / chunk)
         self.num_fid = num_fid
-        self.z_fid = jax.random.normal(stream_key("fid"), (padded, latent_dim)).reshape(-1, _EVAL_CHUNK, latent_dim)
+        self.z_fid = jax.random.normal(stream_key("fid"), (padded, *noise_shape)).reshape(-1, chunk, *noise_shape)
+
+        def cycled(count: int, classes: Sequence[int]) -> jax.Array | None:
+            return jnp.asarray(np.resize(np.asarray(classes, np.int32), count)) if self.conditional else None
+
+        self.monitor_labels = cycled(self.z_monitor.shape[0], range(num_classes))
+        self.fid_labels = None if not self.conditional else cycled(padded, range(num_classes)).reshape(-1, chunk)
+        self.forget_labels = cycled(self.num_monitor, plan.forget_classes)
+        monitor_generate = family.generator(self.gen_graphdef, settings, num_steps=config["monitor_sample_steps"])
+        final_generate = family.generator(self.gen_graphdef, settings, num_steps=config["fid_sample_steps"])
         forget = jnp.asarray(plan.forget_classes, jnp.int32)
         gen_graphdef, eval_graphdef = self.gen_graphdef, self.eval_graphdef
         num_monitor, num_published = self.num_monitor, self.num_published
 
         @jax.jit
-        def monitor(gen_params, eval_params, z):
-            logits = models.classifier_logits(eval_graphdef, eval_params, models.generate_images(gen_graphdef,
-                                                                                                 gen_params, z))
+        def monitor(gen_params, eval_params, z, labels):
+            images = monitor_generate(gen_params, z, labels)
+            logits = models.classifier_logits(eval_graphdef, eval_params, images)
             return (metrics.forget_fraction_from_logits(logits[:num_monitor], forget),
                     metrics.forget_fraction_from_logits(logits[:num_published], forget))
 
         @jax.jit
-        def sample_outputs(gen_params, eval_params, z):
-            images = models.generate_images(gen_graphdef, gen_params, z)
+        def sample_outputs(gen_params, eval_params, z, labels):
+            images = final_generate(gen_params, z, labels)
             features = models.classifier_features(eval_graphdef, eval_params, images)
             logits = models.classifier_logits(eval_graphdef, eval_params, images)
             return features, jax.nn.softmax(logits)
 
-        loss_fn = losses.negative_elbo(gen_graphdef, kl_weight=plan.config["train"]["kl_weight"])
+        loss_fn = family.loss(gen_graphdef, settings)
 
         @jax.jit
-        def example_losses(gen_params, images, keys):
+        def example_losses(gen_params, images, labels, keys):
             def one(inputs):
-                image, example_keys = inputs
-                draws = jax.vmap(lambda key: loss_fn(gen_params, {"image": image}, key))(example_keys)
+                image, label, example_keys = inputs
+                draws = jax.vmap(lambda key: loss_fn(gen_params, {"image": image, "label": label}, key))(example_keys)
                 return jnp.mean(draws)
 
-            return jax.lax.map(one, (images, keys), batch_size=256)
+            return jax.lax.map(one, (images, labels, keys), batch_size=256)
 
         self._monitor, self._sample_outputs, self._example_losses = monitor, sample_outputs, example_losses
+        self._grid = jax.jit(final_generate)
         self.loss_fn = loss_fn
 
         run_data = plan.run_data
@@ -709,12 +755,14 @@ class _Evaluation:
         heldout_retain = np.flatnonzero(~np.isin(run_data.heldout.labels, plan.forget_classes))
         if heldout_forget.size == 0 or heldout_retain.size == 0:
             raise RuntimeError("the held-out data has no examples of the forget classes or none of the retained "
-                               "ones; membership inference and held-out ELBO need both (raise holdout_fraction)")
+                               "ones; membership inference and held-out losses need both (raise holdout_fraction)")
         # One array of every example whose loss is read: forget training (members), held-out forget (non-members),
         # held-out retained; one compiled call evaluates all of them.
         images = np.concatenate([train.images[plan.forget_idx], run_data.heldout.images[heldout_forget],
                                  run_data.heldout.images[heldout_retain]])
-        self._loss_images = jnp.asarray(images)
+        labels = np.concatenate([train.labels[plan.forget_idx], run_data.heldout.labels[heldout_forget],
+                                 run_data.heldout.labels[heldout_retain]])
+        self._loss_images, self._loss_labels = jnp.asarray(images), jnp.asarray(labels)
         self._splits = np.cumsum([plan.forget_idx.size, heldout_forget.size])
         self._loss_keys = jax.random.split(stream_key("elbo"), (images.shape[0], config["elbo_samples"]))
 
@@ -729,23 +777,40 @@ class _Evaluation:
         return np.concatenate(chunks).astype(np.float64)
 
     def monitor(self, gen_params) -> tuple[float, float]:
-        """``(forget fraction on monitor_samples, on the published_monitor_samples)`` of the fixed z."""
-        main, published = self._monitor(gen_params, self.eval_params, self.z_monitor)
+        """``(forget fraction on monitor_samples, on the published_monitor_samples)`` of the fixed noises."""
+        main, published = self._monitor(gen_params, self.eval_params, self.z_monitor, self.monitor_labels)
         return float(main), float(published)
 
     def grid(self, gen_params, count: int) -> np.ndarray:
-        return np.asarray(models.generate_images(self.gen_graphdef, gen_params, self.z_monitor[:count]))
+        labels = None if self.monitor_labels is None else self.monitor_labels[:count]
+        return np.asarray(self._grid(gen_params, self.z_monitor[:count], labels))
 
     def example_losses(self, gen_params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per-example negative ELBO: (forget training, held-out forget, held-out retained)."""
-        values = np.asarray(self._example_losses(gen_params, self._loss_images, self._loss_keys), np.float64)
+        """Per-example family loss: (forget training, held-out forget, held-out retained)."""
+        values = np.asarray(self._example_losses(gen_params, self._loss_images, self._loss_labels, self._loss_keys),
+                            np.float64)
         return tuple(np.split(values, self._splits))
+
+    def _forget_label_protocol(self, gen_params) -> dict[str, float]:
+        """Samples generated FROM the forget label(s): the evaluator's probability of that label, its accuracy
+        (the complement of SalUn's unlearning accuracy) and the mean entropy of its prediction (nats)."""
+        z = self.z_monitor[: self.num_monitor]
+        _, probs = self._sample_outputs(gen_params, self.eval_params, z, self.forget_labels)
+        probs = np.asarray(probs, np.float64)
+        labels = np.asarray(self.forget_labels)
+        entropy = -np.sum(probs * np.log(np.clip(probs, 1e-12, None)), axis=1)
+        return {
+            "forget_label_class_prob": float(probs[np.arange(labels.size), labels].mean()),
+            "forget_label_accuracy": float(np.mean(np.argmax(probs, axis=1) == labels)),
+            "forget_label_entropy": float(entropy.mean()),
+        }
 
     def evaluate(self, gen_params, forget_classes: Sequence[int]) -> dict[str, float]:
         """Every metric of one generator (see the module docstring)."""
         features, probs = [], []
-        for chunk in self.z_fid:
-            f, p = self._sample_outputs(gen_params, self.eval_params, chunk)
+        for index, chunk in enumerate(self.z_fid):
+            labels = None if self.fid_labels is None else self.fid_labels[index]
+            f, p = self._sample_outputs(gen_params, self.eval_params, chunk, labels)
             features.append(np.asarray(f))
             probs.append(np.asarray(p))
         features = np.concatenate(features)[: self.num_fid].astype(np.float64)
@@ -753,18 +818,22 @@ class _Evaluation:
         generated = metrics.feature_statistics(features)
         forget_train, heldout_forget, heldout_retain = self.example_losses(gen_params)
         main, published = self.monitor(gen_params)
-        return {
+        prefix = self.loss_prefix
+        result = {
             "forget_fraction": main,
             "forget_fraction_published": published,
             "forget_fraction_fid_samples": metrics.forget_fraction(np.argmax(probs, axis=1), list(forget_classes)),
             "fid_retain": metrics.frechet_distance_from_stats(self.real_retain, generated),
             "fid_all": metrics.frechet_distance_from_stats(self.real_all, generated),
             "inception_score": metrics.inception_score(probs)[0],
-            "nelbo_heldout_retain": float(heldout_retain.mean()),
-            "nelbo_heldout_forget": float(heldout_forget.mean()),
-            "nelbo_forget_train": float(forget_train.mean()),
+            f"{prefix}_heldout_retain": float(heldout_retain.mean()),
+            f"{prefix}_heldout_forget": float(heldout_forget.mean()),
+            f"{prefix}_forget_train": float(forget_train.mean()),
             "mia_auc": metrics.membership_inference_auc(forget_train, heldout_forget),
         }
+        if self.conditional:
+            result.update(self._forget_label_protocol(gen_params))
+        return result
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -858,10 +927,21 @@ _SUMMARY_KEYS = (
     "fid_retain_at_end", "fid_all_at_end", "inception_score_at_end", "nelbo_heldout_retain_at_end",
     "nelbo_heldout_forget_at_end", "nelbo_forget_train_at_end", "mia_auc_at_end",
 )
+# Added to the summary of a class-conditional DDPM (the SalUn / Selective Amnesia protocol).
+_CONDITIONAL_KEYS = ("forget_label_class_prob", "forget_label_accuracy", "forget_label_entropy")
+
+
+def _summary_keys(loss_prefix: str, conditional: bool) -> tuple[str, ...]:
+    """:data:`_SUMMARY_KEYS` with the family's loss names (``nelbo`` for a VAE), plus the conditional protocol."""
+    keys = tuple(key.replace("nelbo_", f"{loss_prefix}_", 1) for key in _SUMMARY_KEYS)
+    if conditional:
+        keys += tuple(f"{key}_{when}" for key in _CONDITIONAL_KEYS for when in ("at_stop", "at_end"))
+    return keys
 
 
 def _summarize_method(name: str, label: str, hparams: dict[str, Any], per_seed: list[dict[str, Any]],
-                      compile_seconds: float, guided: bool) -> dict[str, Any]:
+                      compile_seconds: float, guided: bool, summary_keys: Sequence[str] = _SUMMARY_KEYS
+                      ) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "method": name,
         "label": label,
@@ -873,7 +953,7 @@ def _summarize_method(name: str, label: str, hparams: dict[str, Any], per_seed: 
         "steps_to_threshold": metrics.summarize([r["steps_to_threshold"] for r in per_seed]),
         "steps_to_published_threshold": metrics.summarize([r["steps_to_published_threshold"] for r in per_seed]),
     }
-    for key in _SUMMARY_KEYS:
+    for key in summary_keys:
         summary[key] = metrics.summarize([r.get(key) for r in per_seed])
     summary["per_seed"] = per_seed
     return summary
@@ -965,7 +1045,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         threshold = metrics.auto_threshold(oracle_eval["forget_fraction"], config["monitor_samples"])
     else:
         threshold = plan.threshold
-    gated_target = _gated_target(config, original_eval, oracle_eval)
+    gated_target = _gated_target(config, original_eval, oracle_eval, evaluation.loss_prefix)
 
     _progress(plan, f"original: forget fraction {original_eval['forget_fraction']:.4f}, FID retain "
                     f"{original_eval['fid_retain']:.2f}; oracle: {oracle_eval['forget_fraction']:.4f}, "
@@ -1030,7 +1110,9 @@ def execute(plan: RunPlan) -> dict[str, Any]:
                 _save_unlearned(workdir / "unlearned" / label / f"seed_{seed}", run, per_seed[-1], plan, label,
                                 hparams, generator)
         reporting.write_step_csv(str(workdir / "logs" / f"{label}.csv"), rows)
-        method_reports[label] = _summarize_method(name, label, hparams, per_seed, compile_seconds, plan.guided)
+        method_reports[label] = _summarize_method(
+            name, label, hparams, per_seed, compile_seconds, plan.guided,
+            _summary_keys(evaluation.loss_prefix, evaluation.conditional))
         method_reports[label]["optimizer"] = optimizer_spec
 
     report = {
@@ -1051,7 +1133,8 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         },
         "sa_gated_forget_loss_target": {"source": config["gated_target"], "scale": config["gated_target_scale"],
                                         "value": gated_target,
-                                        "original_forget_train_loss": original_eval["nelbo_forget_train"]},
+                                        "original_forget_train_loss":
+                                            original_eval[f"{evaluation.loss_prefix}_forget_train"]},
         "data": {
             "spec": config["train"]["data"],
             "fingerprint": plan.run_data.source_fingerprint,
@@ -1067,6 +1150,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
             "oracle": _model_record(plan.oracle_dir, oracle),
         },
         "integrity": integrity,
+        "generative": _generative_record(evaluation, config),
         "versions": checkpointing.package_versions(),
         "code": _code_version(),
         "device": _device(),
@@ -1085,21 +1169,34 @@ def execute(plan: RunPlan) -> dict[str, Any]:
 
 
 def _gated_target(config: Mapping[str, Any], original_eval: Mapping[str, float],
-                  oracle_eval: Mapping[str, float]) -> float:
+                  oracle_eval: Mapping[str, float], loss_prefix: str = "nelbo") -> float:
     """``sa_gated``'s forget-loss target: ``L_orig + scale * (L_ref - L_orig)`` (a given number is used as is).
 
-    ``L_orig`` is the original model's mean negative ELBO on the forget training examples; ``L_ref`` is the
+    ``L_orig`` is the original model's mean family loss (VAE: negative ELBO, key prefix ``nelbo``; DDPM: epsilon
+    loss, ``eps_loss``) on the forget training examples; ``L_ref`` is the
     oracle's on the same examples (``gated_target='oracle'``) or the original model's on held-out examples of the
     forget classes (``'heldout'``: the fallback without an oracle, the loss level of examples it never saw).
     """
     if config["gated_target"] not in _GATED_TARGETS:
         return float(config["gated_target"])
-    reference = (oracle_eval["nelbo_forget_train"] if config["gated_target"] == "oracle"
-                 else original_eval["nelbo_heldout_forget"])
+    reference = (oracle_eval[f"{loss_prefix}_forget_train"] if config["gated_target"] == "oracle"
+                 else original_eval[f"{loss_prefix}_heldout_forget"])
     if config["gated_target_scale"] == 1.0:
         return reference
-    start = original_eval["nelbo_forget_train"]
+    start = original_eval[f"{loss_prefix}_forget_train"]
     return start + config["gated_target_scale"] * (reference - start)
+
+
+def _generative_record(evaluation: _Evaluation, config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the report's loss columns and sampling are (``reporting`` names the loss columns from it)."""
+    record = {"family": evaluation.family.name, "loss_prefix": evaluation.loss_prefix,
+              "loss_label": evaluation.family.loss_label, "class_conditional": evaluation.conditional}
+    if evaluation.family.name == "ddpm":
+        record.update(sampler="ddim", monitor_sample_steps=config["monitor_sample_steps"],
+                      fid_sample_steps=config["fid_sample_steps"],
+                      guidance_scale=config["train"]["guidance_scale"] if evaluation.conditional else None,
+                      monitoring_labels="i mod K (all classes)" if evaluation.conditional else "none (unconditional)")
+    return record
 
 
 def _model_record(workdir: pathlib.Path, model: training.TrainedModel) -> dict[str, Any]:
