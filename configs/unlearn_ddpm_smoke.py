@@ -5,7 +5,7 @@ Command::
     python unlearn.py --config configs/unlearn_ddpm_smoke.py --workdir /tmp/gsu_unlearn_ddpm_smoke
 
 The models are ``configs/ddpm_smoke.py`` (tiny class-conditional DDPM, tiny MLP evaluator); two methods (``sa`` and
-the per-example ``sa_per_example``, jvp/vjp route), one seed, 2 steps, forget fraction monitored on 32 fixed
+the per-example ``sa_per_example``, jvp/vjp route), two seeds, 2 steps, forget fraction monitored on 32 fixed
 ``x_T`` sampled with 2 DDIM steps, FID on 64 samples with 3 steps, ``elbo_samples=1`` fixed epsilon-loss key.
 
 Expected runtime on the 2-core development CPU: about 1-2 minutes including JAX start-up and compilation (the
@@ -21,11 +21,11 @@ from gsu_jax.unlearning import default_unlearn_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """configs/ddpm_smoke.py models; sa and sa_per_example, 1 seed, 2 steps, few and short samples."""
+    """configs/ddpm_smoke.py models; sa and sa_per_example, 2 seeds, 2 steps, few and short samples."""
     config = default_unlearn_config()
     config.forget_classes = "1"
     config.methods = "sa,sa_per_example"
-    config.seeds = 1
+    config.seeds = 2
     config.threshold = "auto"
     config.monitor_samples = 32
     config.published_monitor_samples = 16

@@ -464,6 +464,9 @@ def _check_model_kwargs(field_name: str, model: str, kwargs: dict[str, Any], *, 
             )
         default = accepted[name]
         expected = type(default)
+        if isinstance(default, tuple) and isinstance(value, list):
+            # A tuple read back from a checkpoint's JSON config (or written as a list in a config file).
+            value = kwargs[name] = tuple(value)
         bad_type = (isinstance(value, bool) != isinstance(default, bool)) or not isinstance(value, expected)
         if default is not None and bad_type:
             raise ConfigError(

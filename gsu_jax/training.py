@@ -9,7 +9,8 @@ Roles and their data (``config.exclude_classes`` only ever changes the generativ
 =============  ======================================================  =============================================
 role           trains                                                  on
 =============  ======================================================  =============================================
-``generative`` ``config.model`` (VAE), Adam, negative ELBO             the training data, minus ``exclude_classes``
+``generative`` ``config.model`` (VAE or DDPM), Adam, the family's      the training data, minus ``exclude_classes``
+               loss (negative ELBO / epsilon MSE)
 ``evaluator``  ``config.classifier``, AdamW + cosine, cross-entropy,   ``evaluator_fraction`` of each class of the
                random translations                                     training data (or ``config.evaluator_data``)
 ``guidance``   same recipe, different seed                             the rest of the training data (all of it when
@@ -45,7 +46,14 @@ Workdir layout::
       <role>/checkpoints/<step>/      orbax steps: params, opt_state, metadata (config, data fingerprints, ...)
       <role>/metrics.json             held-out metrics of the final model
       <role>/history.csv              epoch, step, mean training loss, skipped (non-finite) steps
-      generative/samples.png          samples from z ~ N(0, I) and reconstructions of held-out images
+      generative/samples.png          samples from z ~ N(0, I) and reconstructions of held-out images (VAE), or
+                                      DDIM samples from x_T ~ N(0, I) with config.sample_steps steps (DDPM)
+
+Generative families (:mod:`gsu_jax.generative`): ``config.model`` picks the family -- a VAE (``mlp_vae``,
+``conv_vae``: negative ELBO, metrics ``heldout_neg_elbo`` and its terms) or the DDPM (``ddpm_unet``: epsilon loss at
+one random timestep per example, metric ``heldout_eps_loss``; ``diffusion_schedule``, ``diffusion_steps``,
+``class_conditional``, ``class_dropout``; samples with ``sample_steps`` DDIM steps and ``guidance_scale``). Each
+family reads only its own fields; the other family's fields are left out of the checkpoint identity.
 
 Example:
     >>> from gsu_jax.config_validation import default_train_config

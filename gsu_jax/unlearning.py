@@ -1,4 +1,4 @@
-r"""The main job: unlearn forget classes from a trained VAE with every requested method, evaluate, report.
+r"""The main job: unlearn forget classes from a trained VAE or DDPM with every requested method, evaluate, report.
 
 ``unlearn_and_evaluate(config, workdir) -> report`` (``unlearn.py`` is its command line). Two phases:
 
@@ -67,6 +67,15 @@ training images and against all training images; inception score; mean held-out 
 forget classes, and on the forget training examples; membership-inference AUC of the loss attack, forget
 training examples (members) against held-out examples of the same classes. Losses average ``elbo_samples``
 reparameterisation draws per example with fixed keys, identical for every model.
+
+**DDPMs** (:mod:`gsu_jax.generative`, ``config.train.model = "ddpm_unet"``): the same run, with the family's loss
+(epsilon MSE at one random timestep, averaged over ``elbo_samples`` fixed keys; report keys ``eps_loss_*`` where a
+VAE's are ``nelbo_*``), fixed initial noises ``x_T`` instead of ``z`` (streams ``monitor``/``fid`` as above) and a
+few-step DDIM sampler: ``monitor_sample_steps`` steps for the per-step monitoring, ``fid_sample_steps`` for the FID,
+the grids and the class-conditional protocol. A class-conditional DDPM is sampled with labels ``i mod K`` and the
+train config's ``guidance_scale``; its evaluation adds samples generated FROM the forget label(s) (SalUn, Selective
+Amnesia): ``forget_label_class_prob`` (the evaluator's probability of that label), ``forget_label_accuracy`` and
+``forget_label_entropy``. The guidance add-on (``guidance_weight > 0``) is VAE-only and refused for a DDPM.
 
 Outputs in the workdir: ``report.json``, ``report.md``, ``logs/<label>.csv`` (one row per seed and step),
 ``samples/<label>.png`` (original / at stop / at end / oracle on the same z), ``forget_fraction.png``, and
@@ -197,7 +206,8 @@ UNLEARN_SCHEMA: dict[str, Field] = {
                               "DDIM steps of the FID samples, the sample grids and the class-conditional protocol "
                               "(DDPM; a VAE decodes in one pass)."),
     "elbo_samples": Field(4, int, "an integer >= 1", at_least(1), "run",
-                          "Reparameterisation draws averaged per example in held-out ELBO and MIA losses."),
+                          "Loss draws averaged per example in held-out and MIA losses (VAE: reparameterisation "
+                          "samples; DDPM: timestep and noise), with fixed keys."),
     "grid_samples": Field(64, int, "an integer in [1, 400]", within(1, 400), "run", "Samples per PNG panel."),
     "save_params": Field("first_seed", str, "one of " + ", ".join(_SAVE_PARAMS), one_of(_SAVE_PARAMS), "run",
                          "Which seeds' unlearned parameters are saved with orbax."),

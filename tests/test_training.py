@@ -291,7 +291,7 @@ def test_stepwise_epoch_draws_the_same_batches_as_the_scanned_epoch():
 
 
 def test_all_shipped_configs_validate():
-    for name in ("smoke", "mnist_vae", "mnist_convvae"):
+    for name in ("smoke", "mnist_vae", "mnist_convvae", "ddpm_smoke", "mnist_ddpm"):
         values = validate_train_config(_load_config_module(name).get_config())
         assert set(values) == set(config_validation.TRAIN_SCHEMA)
 
@@ -313,7 +313,7 @@ def test_unknown_key_is_refused_with_a_did_you_mean_hint():
         ("learning_rate", float("nan"), r"config\.learning_rate=nan is invalid: not finite"),
         ("holdout_fraction", 0.9, r"allowed: a number in \(0, 0\.5\]"),
         ("evaluator_fraction", 1.0, r"allowed: a number in \(0, 1\)"),
-        ("model", "gan", r"config\.model='gan' is invalid: allowed: one of conv_vae, mlp_vae"),
+        ("model", "gan", r"config\.model='gan' is invalid: allowed: one of conv_vae, ddpm_unet, mlp_vae"),
         ("classifier", "mlp_vae", r"allowed: one of cnn_classifier, mlp_classifier"),
         ("data", "mnist", r"config\.data='mnist' is invalid: allowed: a data spec"),
         ("eval_data", "idx:", r"config\.eval_data='idx:' is invalid"),

@@ -160,7 +160,10 @@ def test_step_keys_differ_between_seeds_and_steps():
 
 def test_main_and_smoke_configs_validate_without_writing(tmp_path):
     workdir = tmp_path / "never_created"
-    for name in ("unlearn_mnist", "unlearn_smoke"):
+    names = ["unlearn_mnist", "unlearn_smoke", "unlearn_ddpm_smoke"]
+    if (REPO.parent / "shared" / "data" / "mnist").is_dir():  # the GPU run's data: the real MNIST test set
+        names.append("unlearn_mnist_ddpm")
+    for name in names:
         plan = unlearning.plan_run(_load_config(name), workdir)
         assert plan.forget_classes == (1,)
         assert not workdir.exists()

@@ -1,0 +1,222 @@
+"""The DDPM GPU run (issue 7) in one call: measure the step rate, train, unlearn with sa and s, collect under $OUT.
+
+Run through ``bench/ddpm_gpu.sh`` (which installs the carried wheels and wraps this in an outer ``timeout``)::
+
+    python bench/ddpm_gpu.py run --out $OUT [--budget-s 520] [--smoke]
+
+Phases, each its own process (so that each holds the accelerator alone) with a timeout from what is left of the
+budget, every phase's outputs copied to ``--out`` as soon as it ends (a phase killed by its timeout still leaves
+what the earlier ones wrote):
+
+1. ``probe``: compiles the DDPM's real training epoch (``gsu_jax.training``'s own programs) and times one epoch;
+2. ``train.py`` on ``configs/mnist_ddpm.py`` (DDPM + evaluator) with as many epochs as the budget affords (the
+   oracle is trained by ``unlearn.py`` with the same number, so both share the training time);
+3. ``unlearn.py`` on ``configs/unlearn_mnist_ddpm.py`` from that checkpoint: trains the oracle (DDPM without digit
+   1), runs ``sa`` and ``s`` and reports forget fraction, FID and the forget-label protocol before and after.
+
+``--smoke`` swaps in configs/ddpm_smoke.py / configs/unlearn_ddpm_smoke.py on the embedded digits (what the CPU
+check of this script runs). Only the standard library is imported here; the phases import gsu_jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+# Seconds reserved besides the training epochs (measured on CPU, estimated for the GPU): each train.py/unlearn.py
+# process start, held-out evaluation and sample PNG of a DDPM, the unlearning phase (two methods compiled, 50 steps
+# each with monitoring, six full evaluations), and a safety margin.
+_PROCESS_START_S = 15.0
+_EVALUATION_S = 30.0
+_UNLEARN_S = 150.0
+_MARGIN_S = 25.0
+# The oracle trains on the data minus digit 1: about 0.89 of the DDPM's steps.
+_ORACLE_SHARE = 0.9
+
+
+def _configs(smoke: bool) -> tuple[str, str, str]:
+    if smoke:
+        return "configs/ddpm_smoke.py", "configs/unlearn_ddpm_smoke.py", "embedded"
+    return "configs/mnist_ddpm.py", "configs/unlearn_mnist_ddpm.py", "idx:.carry/mnist"
+
+
+# ------------------------------------------------------------------------------------------- phase 1: probe
+
+
+def probe(train_config: str, data: str) -> dict:
+    """Compiles and times the generative role's training epoch exactly as train.py runs it (prints JSON)."""
+    import jax
+
+    from gsu_jax import training
+    from gsu_jax.config_validation import load_config_file, validate_train_config
+
+    config = load_config_file(REPO / train_config)
+    config.data = data
+    values = validate_train_config(config)
+    run_data = training.prepare_data(values)
+    plan = training._plan("generative", values, run_data)  # noqa: SLF001 - the bench times train.py's own programs
+    programs = training._programs(plan.spec)  # noqa: SLF001
+    params, opt_state = programs.init_state(jax.random.key(0))
+    images, labels = jax.numpy.asarray(plan.train.images), jax.numpy.asarray(plan.train.labels)
+    timings = []
+    for epoch in range(2):
+        started = time.perf_counter()
+        params, opt_state, losses, _ = programs.train_epoch(params, opt_state, images, labels, jax.random.key(epoch))
+        jax.block_until_ready(losses)
+        timings.append(time.perf_counter() - started)
+    return {"device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+            "first_epoch_s": timings[0], "epoch_s": timings[1], "compile_s": max(0.0, timings[0] - timings[1]),
+            "steps_per_epoch": plan.spec.num_batches, "batch_size": plan.spec.batch_size,
+            "num_train": len(plan.train), "config_epochs": values["num_epochs"],
+            "first_epoch_loss": float(losses.mean())}
+
+
+# ------------------------------------------------------------------------------------------- orchestration
+
+
+def _phase(name: str, command: list[str], *, timeout: float, out: pathlib.Path, record: dict) -> bool:
+    started = time.perf_counter()
+    print(f"[ddpm_gpu] {name}: {' '.join(command)} (timeout {timeout:.0f} s)", flush=True)
+    try:
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(1.0, timeout))
+        status, stdout, stderr = done.returncode, done.stdout, done.stderr
+    except subprocess.TimeoutExpired as err:
+        status = "timeout"
+        stdout = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        stderr = err.stderr.decode() if isinstance(err.stderr, bytes) else (err.stderr or "")
+    (out / f"{name}.log").write_text(f"$ {' '.join(command)}\n--- stdout\n{stdout}\n--- stderr\n{stderr[-20000:]}\n")
+    record["phases"][name] = {"status": status, "seconds": round(time.perf_counter() - started, 1)}
+    print(f"[ddpm_gpu] {name}: {status} in {record['phases'][name]['seconds']} s", flush=True)
+    if stdout.strip():
+        print(stdout.strip()[-4000:], flush=True)
+    return status == 0
+
+
+def _copy(source: pathlib.Path, target: pathlib.Path) -> None:
+    if source.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+
+
+def _collect_training(workdir: pathlib.Path, out: pathlib.Path, prefix: str, record: dict) -> None:
+    for role in ("generative", "evaluator"):
+        metrics_path = workdir / role / "metrics.json"
+        if metrics_path.is_file():
+            record[f"{prefix}_{role}"] = json.loads(metrics_path.read_text())
+            _copy(metrics_path, out / f"{prefix}_{role}_metrics.json")
+    _copy(workdir / "generative" / "samples.png", out / f"{prefix}_samples.png")
+
+
+def _collect_unlearning(workdir: pathlib.Path, out: pathlib.Path, record: dict) -> None:
+    for name in ("report.json", "report.md", "forget_fraction.png"):
+        _copy(workdir / name, out / name)
+    for sub in ("samples", "logs"):
+        for path in sorted((workdir / sub).glob("*")):
+            _copy(path, out / sub / path.name)
+    _collect_training(workdir / "train" / "oracle", out, "oracle", record)
+    report_path = workdir / "report.json"
+    if not report_path.is_file():
+        return
+    report = json.loads(report_path.read_text())
+    keys = ("forget_fraction", "fid_retain", "fid_all", "inception_score", "forget_label_class_prob",
+            "forget_label_entropy", "eps_loss_heldout_retain", "eps_loss_heldout_forget", "mia_auc")
+    summary = {name: {key: report[name].get(key) for key in keys} for name in ("original", "oracle")}
+    method_keys = [f"{key}_{when}" for key in keys if key != "mia_auc" for when in ("at_stop", "at_end")]
+    for label, method in report["methods"].items():
+        summary[label] = {"steps_to_threshold": method["steps_to_threshold"]["per_seed"],
+                          "step_time_ms": method["step_time_ms"]["mean"]}
+        for key in method_keys + ["mia_auc"]:
+            if method.get(key):
+                summary[label][key] = method[key]["mean"]
+    record["unlearning"] = {"threshold": report["threshold"]["value"], "device": report["device"],
+                            "summary": summary}
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    out = pathlib.Path(args.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    train_config, unlearn_config, data = _configs(args.smoke)
+    workdir = pathlib.Path(args.workdir).absolute()
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    record: dict = {"budget_s": args.budget_s, "smoke": args.smoke, "train_config": train_config,
+                    "unlearn_config": unlearn_config, "data": data, "phases": {}}
+
+    def left() -> float:
+        return args.budget_s - (time.perf_counter() - started)
+
+    def save() -> None:
+        record["elapsed_s"] = round(time.perf_counter() - started, 1)
+        (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    python = sys.executable
+    probe_out = workdir / "probe.json"
+    ok = _phase("probe", [python, "bench/ddpm_gpu.py", "probe", "--config", train_config, "--data", data,
+                          "--json", str(probe_out)], timeout=min(150.0, left()), out=out, record=record)
+    if not ok:
+        save()
+        return 1
+    record["probe"] = json.loads(probe_out.read_text())
+    epoch_s, compile_s = record["probe"]["epoch_s"], record["probe"]["compile_s"]
+    # Two trainings (DDPM, oracle) each pay a compile, an evaluation and a process start; the rest is epochs.
+    fixed = 2 * (compile_s + _EVALUATION_S + _PROCESS_START_S) + _UNLEARN_S + _MARGIN_S
+    affordable = math.floor((left() - fixed) / ((1 + _ORACLE_SHARE) * epoch_s))
+    epochs = max(1, min(record["probe"]["config_epochs"], affordable))
+    record["epochs"] = epochs
+    record["train_steps"] = epochs * record["probe"]["steps_per_epoch"]
+    print(f"[ddpm_gpu] epoch {epoch_s:.2f} s, compile {compile_s:.1f} s, {left():.0f} s left: {epochs} epochs "
+          f"({record['train_steps']} steps) of {record['probe']['config_epochs']} configured", flush=True)
+    save()
+
+    model_dir = workdir / "model"
+    train_command = [python, "train.py", "--config", train_config, "--workdir", str(model_dir),
+                     f"--config.data={data}", f"--config.num_epochs={epochs}", "--config.roles=generative,evaluator",
+                     "--config.progress_bar=False"]
+    record["train_command"] = " ".join(train_command[1:])
+    ok = _phase("train", train_command, timeout=left() - _UNLEARN_S / 2, out=out, record=record)
+    _collect_training(model_dir, out, "model", record)
+    save()
+    if not ok:
+        return 1
+
+    unlearn_command = [python, "unlearn.py", "--config", unlearn_config, "--workdir", str(workdir / "unlearn"),
+                       f"--config.checkpoint={model_dir}", "--config.progress=True"]
+    record["unlearn_command"] = " ".join(unlearn_command[1:])
+    ok = _phase("unlearn", unlearn_command, timeout=left() - 5, out=out, record=record)
+    _collect_unlearning(workdir / "unlearn", out, record)
+    save()
+    return 0 if ok else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    run_parser = sub.add_parser("run", help="the whole GPU run")
+    run_parser.add_argument("--out", default=os.environ.get("OUT", "bench/results/ddpm_gpu"))
+    run_parser.add_argument("--workdir", default="/tmp/gsu_ddpm_gpu", help="checkpoints (not copied to --out)")
+    run_parser.add_argument("--budget-s", type=float, default=520.0, help="the whole run's time budget")
+    run_parser.add_argument("--smoke", action="store_true", help="tiny configs on the embedded digits (CPU check)")
+    probe_parser = sub.add_parser("probe", help="time one training epoch (phase 1)")
+    probe_parser.add_argument("--config", required=True)
+    probe_parser.add_argument("--data", required=True)
+    probe_parser.add_argument("--json", required=True)
+    args = parser.parse_args()
+    if args.mode == "probe":
+        result = probe(args.config, args.data)
+        pathlib.Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result))
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The DDPM GPU run of issue 7 in ONE call, from the repository root on the GPU machine:
+#
+#     bash bench/ddpm_gpu.sh
+#
+# Trains the class-conditional MNIST DDPM of configs/mnist_ddpm.py (and its evaluator) on the carried MNIST test set
+# (.carry/mnist, 10,000 digits, stratified 10% held out) with as many epochs as the time budget affords (measured
+# step rate), then runs configs/unlearn_mnist_ddpm.py from it: trains the oracle (same recipe without digit 1),
+# unlearns digit 1 with sa and s, and reports forget fraction, FID and the forget-label protocol before and after.
+# Writes to $OUT: results.json (epochs, timings, headline numbers), report.md/report.json, model_samples.png,
+# oracle_samples.png, samples/<method>.png, forget_fraction.png, logs/<method>.csv, and one log per phase.
+#
+# Expected GPU runtime: about 8.5-9 minutes on one H100 (probe ~1 min, DDPM ~3 min, oracle ~3 min, unlearning
+# ~2 min); the phases keep inside DDPM_GPU_BUDGET_S (default 520 s) and the outer timeout (540 s) is the backstop.
+# Needs: Python 3.12 + JAX 0.11 (CUDA) + flax/optax/orbax/chex/absl; ml_collections from .whl/ (installed here);
+# no gsu_jax install (PYTHONPATH=.), no TFDS, no internet.
+# CPU check (tiny configs on the embedded digits, about 3-5 minutes on the 2-core machine):
+#     DDPM_GPU_SMOKE=1 DDPM_GPU_BUDGET_S=900 DDPM_GPU_TIMEOUT_S=960 OUT=/tmp/ddpm_gpu bash bench/ddpm_gpu.sh
+set -o pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results/ddpm_gpu}"
+mkdir -p "$OUT"
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install --no-index --no-deps .whl/*.whl > "$OUT/pip.log" 2>&1 || tail -3 "$OUT/pip.log"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia_smi.csv" 2>&1 || true
+SMOKE=()
+if [ "${DDPM_GPU_SMOKE:-0}" = 1 ]; then SMOKE=(--smoke); fi
+timeout "${DDPM_GPU_TIMEOUT_S:-540}" python3 bench/ddpm_gpu.py run --out "$OUT" \
+  --budget-s "${DDPM_GPU_BUDGET_S:-520}" "${SMOKE[@]}" 2>&1 | tee "$OUT/ddpm_gpu.log"
