@@ -390,7 +390,8 @@ class _ProgramSpec:
         return models.build_model(self.model_name, rngs=nnx.Rngs(key), **dict(self.model_kwargs))
 
     def optimizer(self) -> optax.GradientTransformation:
-        """Adam (the protocol) for the generative model; AdamW with cosine decay for the classifiers; non-finite steps skipped."""
+        """Adam (the protocol) for the generative model; AdamW with cosine decay for the classifiers; non-finite
+        steps skipped."""
         if self.generative:
             inner = optax.adam(self.learning_rate)
         else:
@@ -657,7 +658,7 @@ def _write_samples_png(path: pathlib.Path, plan: _RolePlan, programs: _Programs,
         interleaved = np.stack([originals, reconstructions], axis=1).reshape(-1, *originals.shape[1:])
         panels = [(_tile(samples, columns), "samples, z ~ N(0, I)"),
                   (_tile(interleaved, columns), "held-out | reconstruction (posterior mean)")]
-    figure = Figure(figsize=(5 * len(panels), 5.4), dpi=100)
+    figure = Figure(figsize=(10 if len(panels) > 1 else 7, 5.4), dpi=100)
     FigureCanvasAgg(figure)
     for axis, (grid, label) in zip(np.atleast_1d(figure.subplots(1, len(panels))), panels):
         gray = grid.shape[-1] == 1

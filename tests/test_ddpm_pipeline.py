@@ -1,10 +1,10 @@
 """The DDPM through the same entry points as the VAE: train.py, unlearn.py, resume, report, refusals.
 
-One tiny real run is shared by the module: ``train.py`` trains the class-conditional DDPM of configs/ddpm_smoke.py
-and its evaluator (a subprocess), then ``unlearn.py`` (configs/unlearn_ddpm_smoke.py, a subprocess) unlearns digit
-1 from that checkpoint with ``sa`` and ``sa_per_example`` (training the oracle through train.py's code). The resume
-test re-trains the same DDPM in this process, killed after its first checkpoint, and must end bit-identical to the
-CLI's uninterrupted run.
+One tiny real run is shared by the module: ``unlearn.py`` (configs/unlearn_ddpm_smoke.py, a subprocess) trains the
+class-conditional DDPM of configs/ddpm_smoke.py, its evaluator and the oracle through train.py's code, and unlearns
+digit 1 with ``sa`` and ``sa_per_example``; ``train.py`` then re-runs on the finished DDPM workdir. The resume test
+re-trains the same DDPM in this process, killed after its first checkpoint, and must end bit-identical to the
+subprocess's uninterrupted run.
 """
 
 from __future__ import annotations
@@ -42,32 +42,31 @@ def _train_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """``train.py`` on the tiny DDPM (generative + evaluator): (workdir, completed process)."""
-    workdir = tmp_path_factory.mktemp("ddpm") / "model"
-    done = _run("train.py", "--config", str(TRAIN_SMOKE), "--workdir", str(workdir),
-                "--config.roles=generative,evaluator")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return workdir, done
-
-
-@pytest.fixture(scope="module")
-def unlearned(trained):
-    """``unlearn.py`` from the trained checkpoint: (workdir, report)."""
-    model_dir, _ = trained
-    workdir = model_dir.parent / "unlearn"
-    done = _run("unlearn.py", "--config", str(UNLEARN_SMOKE), "--workdir", str(workdir),
-                f"--config.checkpoint={model_dir}")
+def unlearned(tmp_path_factory):
+    """``unlearn.py`` from nothing: trains the DDPM, its evaluator and the oracle DDPM (train.py's code; the two
+    DDPMs share their compiled programs), unlearns with sa and sa_per_example: (workdir, report)."""
+    workdir = tmp_path_factory.mktemp("ddpm") / "unlearn"
+    done = _run("unlearn.py", "--config", str(UNLEARN_SMOKE), "--workdir", str(workdir))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "eps-MSE" in done.stdout  # the printed table names the DDPM's loss
     return workdir, json.loads((workdir / "report.json").read_text())
 
 
-def test_train_cli_trains_the_ddpm_with_metrics_and_samples(trained):
+@pytest.fixture(scope="module")
+def trained(unlearned):
+    """The DDPM trained by the unlearning run: (its train.py workdir, train.py re-run on it)."""
+    workdir = unlearned[0] / "train" / "model"
+    # A finished workdir: train.py only re-evaluates (and prints the DDPM's headline).
+    done = _run("train.py", "--config", str(TRAIN_SMOKE), "--workdir", str(workdir), "--config.roles=generative")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir, done
+
+
+def test_train_cli_evaluates_the_ddpm_with_metrics_and_samples(trained):
     workdir, done = trained
     assert "generative: held-out epsilon MSE" in done.stdout
     metrics = json.loads((workdir / "generative" / "metrics.json").read_text())
-    assert metrics["model"] == "ddpm_unet"
+    assert metrics["model"] == "ddpm_unet" and metrics["resumed_from_step"] == metrics["steps"]
     assert 0 < metrics["heldout_eps_loss"] < 2 and 0 < metrics["train_eps_loss"] < 2
     assert "heldout_neg_elbo" not in metrics  # no VAE names on a DDPM
     assert pathlib.Path(metrics["samples_png"]).stat().st_size > 0
