@@ -36,7 +36,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # each with monitoring, six full evaluations), and a safety margin.
 _PROCESS_START_S = 15.0
 _EVALUATION_S = 30.0
-_UNLEARN_S = 150.0
+_UNLEARN_S = 200.0
 _MARGIN_S = 25.0
 # The oracle trains on the data minus digit 1: about 0.89 of the DDPM's steps.
 _ORACLE_SHARE = 0.9

@@ -32,8 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.class_conditional = True
     config.class_dropout = 0.1
     config.guidance_scale = 1.0
-    # 2 steps per epoch on the 2,500 training digits and on the oracle's ~2,220 (without digit 1) alike: equal shapes,
-    # so a process that trains both (unlearn.py) compiles the training programs once.
+    # 2 steps per epoch on the 2,500 training digits (and on the oracle's ~2,220 without digit 1).
     config.batch_size = 1000
     config.num_epochs = 2
     config.learning_rate = 2e-3
