@@ -188,3 +188,13 @@ def test_families_dispatch_on_the_model_name():
     ddpm = generative.FAMILIES["ddpm"]
     assert ddpm.noise_shape({"image_shape": [28, 28, 1]}) == (28, 28, 1)
     assert set(generative.other_families_fields(ddpm)) == {"latent_dim", "kl_weight"}
+
+
+def test_sa_gated_target_reads_the_family_loss():
+    """sa_gated's forget-loss target comes from the DDPM's epsilon loss (eps_loss_*), not the VAE's ELBO keys."""
+    config = {"gated_target": "oracle", "gated_target_scale": 2.0}
+    original = {"eps_loss_forget_train": 0.1, "eps_loss_heldout_forget": 0.3}
+    oracle = {"eps_loss_forget_train": 0.25}
+    assert unlearning._gated_target(config, original, oracle, "eps_loss") == pytest.approx(0.1 + 2.0 * 0.15)
+    held_out = dict(config, gated_target="heldout", gated_target_scale=1.0)
+    assert unlearning._gated_target(held_out, original, oracle, "eps_loss") == pytest.approx(0.3)
