@@ -678,10 +678,33 @@ def _should_checkpoint(step: int, steps_per_epoch: int, every: int, last_epoch: 
     return last_epoch or step // every > (step - steps_per_epoch) // every
 
 
-def _train_role(plan: _RolePlan, role_dir: pathlib.Path, saved: dict[str, Any] | None,
-                values: Mapping[str, Any], run_data: RunData) -> dict[str, Any]:
+class _NoProgressBar:
+    """Stands in for tqdm when ``progress_bar`` is off, so that tqdm is needed only for the bar (the GPU image
+    runs train.py from the source tree with no more than JAX, flax, optax, orbax and absl)."""
+
+    def __enter__(self) -> _NoProgressBar:
+        return self
+
+    def __exit__(self, *exc_info: object) -> bool:
+        return False
+
+    def set_postfix(self, **kwargs: object) -> None:
+        del kwargs
+
+    def update(self) -> None:
+        pass
+
+
+def _progress_bar(enabled: bool, **kwargs: Any) -> Any:
+    if not enabled:
+        return _NoProgressBar()
     from tqdm.auto import tqdm
 
+    return tqdm(**kwargs)
+
+
+def _train_role(plan: _RolePlan, role_dir: pathlib.Path, saved: dict[str, Any] | None,
+                values: Mapping[str, Any], run_data: RunData) -> dict[str, Any]:
     spec = plan.spec
     programs = _programs(spec)
     started = time.perf_counter()
@@ -727,8 +750,8 @@ def _train_role(plan: _RolePlan, role_dir: pathlib.Path, saved: dict[str, Any] |
         if start_epoch < spec.num_epochs:
             images, labels = jnp.asarray(plan.train.images), jnp.asarray(plan.train.labels)
             train_key = jax.random.fold_in(plan.key, _TRAIN_STREAM)
-            bar = tqdm(total=spec.num_epochs, initial=start_epoch, desc=f"{plan.role:>10}", unit="epoch",
-                       disable=not values["progress_bar"], dynamic_ncols=True)
+            bar = _progress_bar(values["progress_bar"], total=spec.num_epochs, initial=start_epoch,
+                                desc=f"{plan.role:>10}", unit="epoch", dynamic_ncols=True)
             with bar:
                 for epoch in range(start_epoch, spec.num_epochs):
                     params, opt_state, batch_losses, finite = programs.train_epoch(
