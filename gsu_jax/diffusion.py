@@ -243,6 +243,17 @@ def predict_epsilon(
 
     Returns:
       ``f32[H, W, C]``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from gsu_jax.models import UNet
+      >>> unet = UNet(channels=8, num_groups=4, time_embed_dim=16, num_classes=10, rngs=nnx.Rngs(0))
+      >>> graphdef, params = nnx.split(unet)
+      >>> guided = jax.jit(lambda x, w: predict_epsilon(graphdef, params, x, jnp.float32(0.5), label=jnp.int32(2),
+      ...                                               guidance_scale=w))
+      >>> guided(jnp.zeros((28, 28, 1)), 3.0).shape
+      (28, 28, 1)
     """
     model = nnx.merge(graphdef, params)
     if label is None:
