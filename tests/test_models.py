@@ -19,6 +19,7 @@ from gsu_jax.models import (
     ConvVAE,
     MLPClassifier,
     MLPVAE,
+    UNet,
     build_model,
     classifier_features,
     classifier_logits,
@@ -310,9 +311,12 @@ def test_single_example_methods_refuse_a_batch():
 
 
 def test_registry_builds_every_model_with_its_defaults():
-    expected = {"mlp_vae": MLPVAE, "conv_vae": ConvVAE, "mlp_classifier": MLPClassifier, "cnn_classifier": CNNClassifier}
+    expected = {"mlp_vae": MLPVAE, "conv_vae": ConvVAE, "mlp_classifier": MLPClassifier, "cnn_classifier": CNNClassifier,
+                "ddpm_unet": UNet}
     assert {name: cls for name, cls in gsu_jax.models.MODELS.items()} == expected
-    assert gsu_jax.models.VAE_MODELS | gsu_jax.models.CLASSIFIER_MODELS == set(expected)
+    families = (gsu_jax.models.VAE_MODELS, gsu_jax.models.CLASSIFIER_MODELS, gsu_jax.models.DIFFUSION_MODELS)
+    assert set().union(*families) == set(expected)
+    assert sum(len(family) for family in families) == len(expected)  # each model in exactly one family
     assert model_hyperparameters("mlp_vae") == {
         "image_shape": (28, 28, 1), "hidden": 400, "latent_dim": 2, "layer_norm": False
     }
@@ -323,7 +327,7 @@ def test_registry_builds_every_model_with_its_defaults():
 @pytest.mark.parametrize(
     "name,kwargs,error,match",
     [
-        ("vae", {}, ValueError, r"unknown model 'vae'; allowed: \['cnn_classifier', 'conv_vae', 'mlp_classifier', 'mlp_vae'\]"),
+        ("vae", {}, ValueError, r"unknown model 'vae'; allowed: \['cnn_classifier', 'conv_vae', 'ddpm_unet', 'mlp_classifier', 'mlp_vae'\]"),
         (None, {}, ValueError, "unknown model None"),
         ("mlp_vae", {"latent": 3}, ValueError, r"unknown hyperparameter\(s\) \['latent'\] for model 'mlp_vae'; allowed"),
         ("mlp_vae", {"latent_dim": 0}, ValueError, "latent_dim must be an integer >= 1, got 0"),
