@@ -5,7 +5,7 @@ Command::
     python unlearn.py --config configs/unlearn_ddpm_smoke.py --workdir /tmp/gsu_unlearn_ddpm_smoke
 
 The models are ``configs/ddpm_smoke.py`` (tiny class-conditional DDPM, tiny MLP evaluator); two methods (``sa`` and
-the per-example ``sa_per_example``, jvp/vjp route), two seeds, 2 steps, forget fraction monitored on 32 fixed
+the per-example ``sa_per_example``, jvp/vjp route), two seeds, 2 steps, forget fraction monitored on 64 fixed
 ``x_T`` sampled with 2 DDIM steps, FID on 64 samples with 3 steps, ``elbo_samples=1`` fixed epsilon-loss key.
 
 Expected runtime on the 2-core development CPU: about 1-2 minutes including JAX start-up and compilation (the
@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.methods = "sa,sa_per_example"
     config.seeds = 2
     config.threshold = "auto"
-    config.monitor_samples = 32
+    config.monitor_samples = 64  # = fid_samples: the forget-label samples share the FID chunk's compiled sampler
     config.published_monitor_samples = 16
     config.monitor_sample_steps = 2
     config.fid_sample_steps = 3
