@@ -17,6 +17,7 @@ anything unexpected: with its traceback). ``--debug`` shows the traceback of eve
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 import sys
 import traceback
@@ -118,6 +119,9 @@ def main(argv: list[str]) -> None:
         else:
             headline = f"held-out accuracy {metrics['heldout_accuracy']:.4f}"
         resumed = "" if metrics["resumed_from_step"] is None else f", resumed from step {metrics['resumed_from_step']}"
+        if metrics["skipped_checkpoints"]:
+            resumed += (f" (skipped corrupt step {', '.join(str(item['step']) for item in metrics['skipped_checkpoints'])}"
+                        f", moved to {pathlib.Path(metrics['skipped_checkpoints'][0]['moved_to']).parent})")
         print(f"{role}: {headline} [{metrics['num_train']} train / {metrics['num_heldout']} held-out "
               f"({metrics['heldout_data']}), {metrics['steps']} steps{resumed}, {metrics['seconds']:.1f} s]")
 

@@ -99,6 +99,8 @@ class Field:
         check: predicate on the type-checked value; ``None`` accepts every value of the right type.
         scope: one of :data:`SCOPES`.
         help: what the field means.
+        optional: a config without the field takes its default instead of being refused as incomplete: for
+            fields added after checkpoints were written (their saved configs lack them) that never change results.
     """
 
     default: Any
@@ -107,6 +109,7 @@ class Field:
     check: Callable[[Any], bool] | None
     scope: str
     help: str
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in (int, float, str, bool, dict):
@@ -302,6 +305,11 @@ def _train_schema() -> dict[str, Field]:
         "num_sample_images": Field(64, int, "an integer in [1, 400]", within(1, 400), "run",
                                    "Samples (and reconstructions) drawn in the PNG grid."),
         "progress_bar": Field(True, bool, "True or False", None, "run", "Show a tqdm progress bar."),
+        "restore_fallback": Field(False, bool, "True or False", None, "run",
+                                  "When a role's latest checkpoint fails verification (a file truncated or "
+                                  "corrupted on disk), resume from the newest earlier checkpoint that verifies, "
+                                  "moving the bad ones to <role>/corrupt_checkpoints/ and saying which and why. "
+                                  "False refuses to start, naming the bad step and file.", optional=True),
     }
 
 
@@ -410,13 +418,15 @@ def validate_config(config: Any, schema: Mapping[str, Field], *, prefix: str = "
         A plain dict of the validated values (ints as int, floats as float, nested mappings as dicts).
 
     Raises:
-        ConfigError: an unknown field (with a "did you mean" hint), a missing field, a value of the wrong type,
+        ConfigError: an unknown field (with a "did you mean" hint), a missing field (an ``optional`` one takes its
+            default), a value of the wrong type,
             or a value outside what the field allows. One line each.
     """
     values = _as_mapping(config)
     for name in values:
         if name not in schema:
             raise ConfigError(unknown_key_message(name, schema, prefix=prefix))
+    values.update({name: field.default for name, field in schema.items() if field.optional and name not in values})
     missing = [name for name in schema if name not in values]
     if missing:
         raise ConfigError(f"{prefix}{missing[0]} is missing; every field of the schema must be set "
