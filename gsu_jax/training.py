@@ -515,7 +515,8 @@ def _plan(role: str, values: Mapping[str, Any], run_data: RunData) -> _RolePlan:
         nnx.eval_shape(lambda: spec.build(jax.random.key(0)))
     except (ValueError, TypeError) as err:
         raise ConfigError(f"config.{kwargs_field}={values[kwargs_field]!r} with config.{model_field}="
-                          f"{spec.model_name!r} cannot build a model for images {train.image_shape}: {err}") from err
+                          f"{spec.model_name!r} cannot build a model for images {train.image_shape} (the images of "
+                          f"{train.name!r}): {err}") from err
     return _RolePlan(role=role, spec=spec, train=train, heldout=run_data.heldout, key=_role_key(values["seed"], role),
                      identity={field: values[field] for field in fields_in_scope(role)},
                      train_fingerprint=train.fingerprint())
