@@ -187,7 +187,7 @@ def parse_class_list(value: str, *, field: str = "exclude_classes") -> tuple[int
     classes = []
     for token in value.split(","):
         token = token.strip()
-        if not token.isdigit():
+        if not (token.isascii() and token.isdigit()):  # str.isdigit() also accepts '²', which int() refuses
             raise ConfigError(
                 f"config.{field}={value!r} is invalid: {token!r} is not a class index; "
                 "allowed: comma-separated non-negative integers, e.g. '1' or '1,7'"
@@ -350,19 +350,29 @@ def fields_in_scope(role: str, schema: Mapping[str, Field] = TRAIN_SCHEMA) -> tu
 # ------------------------------------------------------------------------------------------- validation
 
 
-def _did_you_mean(name: str, known: Any) -> str:
+def _did_you_mean(name: Any, known: Any) -> str:
+    if not isinstance(name, str):  # a plain mapping may hold keys of any type; no field is spelt like them
+        return ""
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _dotted(prefix: str, name: Any) -> str:
+    """``prefix + name`` for a plain name; ``prefix[repr(name)]`` for any other key (one that could span lines or
+    is not a string), so that a refusal stays one line."""
+    if isinstance(name, str) and name.isidentifier():
+        return f"{prefix}{name}"
+    return f"{prefix.rstrip('.')}[{name!r}]"
 
 
 def unknown_key_message(name: str, known: Any, *, prefix: str = "config.") -> str:
     """The one-line refusal of an unknown field, with a "did you mean" hint (or the known names)."""
     hint = _did_you_mean(name, known)
     if hint:
-        return f"{prefix}{name} is not a known field{hint}"
+        return f"{_dotted(prefix, name)} is not a known field{hint}"
     listed = sorted(known)
     shown = ", ".join(listed[:_MAX_LISTED]) + (f", ... ({len(listed)} in all)" if len(listed) > _MAX_LISTED else "")
-    return f"{prefix}{name} is not a known field; known fields: {shown}"
+    return f"{_dotted(prefix, name)} is not a known field; known fields: {shown}"
 
 
 def _as_mapping(config: Any) -> dict[str, Any]:
@@ -451,7 +461,7 @@ def _check_model_kwargs(field_name: str, model: str, kwargs: dict[str, Any], *, 
         if name not in accepted:
             hint = _did_you_mean(name, accepted)
             raise ConfigError(
-                f"config.{field_name}.{name} is not a hyperparameter of {model!r}"
+                f"{_dotted(f'config.{field_name}.', name)} is not a hyperparameter of {model!r}"
                 f"{hint or '; allowed: ' + ', '.join(sorted(accepted))}"
             )
         default = accepted[name]
