@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import pathlib
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import chex
 import numpy as np
 import pytest
 
-from gsu_jax import checkpointing, reporting, training, unlearning
+from gsu_jax import checkpointing, reporting, training
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ROLES = ("generative", "evaluator", "guidance")
@@ -156,7 +157,9 @@ def test_the_report_records_what_reproduces_it(unlearned, trained):
         assert versions[package] == checkpointing.package_versions()[package]
     assert report["device"].startswith("cpu:")
     assert report["jax_flags"]["jax_enable_x64"] is False and "jax_threefry_partitionable" in report["jax_flags"]
-    assert report["code"]["source_digest"] == unlearning._source_digest()
+    # The digest of the gsu_jax sources the run imported (not compared with today's: the tree may have changed since).
+    assert re.fullmatch(r"[0-9a-f]{64}", report["code"]["source_digest"])
+    assert set(report["code"]) >= {"git_commit", "git_dirty"}
     assert report["reproducibility"]["volatile_fields"] == list(reporting.VOLATILE_REPORT_FIELDS)
 
 
