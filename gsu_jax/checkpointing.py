@@ -336,7 +336,8 @@ class Checkpointer:
         files = {path.relative_to(step_dir).as_posix(): {"size": path.stat().st_size, "sha256": _file_sha256(path)}
                  for path in sorted(step_dir.rglob("*")) if path.is_file() and FILES_MANIFEST not in path.name}
         temporary = step_dir / f".{FILES_MANIFEST}.{uuid.uuid4().hex}.tmp"
-        temporary.write_text(json.dumps({"format": METADATA_FORMAT, "files": files}, indent=1, sort_keys=True))
+        record = {"format": METADATA_FORMAT, "files": files, "files_sha256": _records_sha256(files)}
+        temporary.write_text(json.dumps(record, indent=1, sort_keys=True))
         os.replace(temporary, step_dir / FILES_MANIFEST)
 
     def set_aside(self, step: int, into: str | os.PathLike) -> pathlib.Path:
@@ -376,9 +377,13 @@ class Checkpointer:
             record = json.loads(manifest.read_text())
             files = record["files"]
             expected = {str(name): (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
+            intact = record["files_sha256"] == _records_sha256(files)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise self._corrupt(step, f"file {str(manifest)!r} (the list of the step's files) is unreadable "
                                       f"({type(err).__name__}: {_first_line(err)})") from err
+        if not intact:
+            raise self._corrupt(step, f"file {str(manifest)!r} (the list of the step's files) does not match its "
+                                      "own digest (its bytes changed on disk)")
         for name, (size, sha256) in sorted(expected.items()):
             path = step_dir / name
             if not path.is_file():
@@ -522,6 +527,11 @@ class Checkpointer:
         )
         error.step, error.reason = step, reason
         return error
+
+
+def _records_sha256(files: Any) -> str:
+    """sha256 of the canonical JSON of a manifest's file records (so a damaged record names the manifest)."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def _file_sha256(path: pathlib.Path) -> str:

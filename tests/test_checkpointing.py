@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 
 import chex
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -213,6 +216,13 @@ def test_damaged_files_manifest_is_refused(tmp_path, trained_like):
     with Checkpointer(tmp_path / "ckpt") as ckpt:
         ckpt.save(6, params, metadata={})
         manifest = ckpt.step_path(6) / checkpointing.FILES_MANIFEST
+        record = json.loads(manifest.read_text())
+        first = sorted(record["files"])[0]
+        record["files"][first]["size"] += 1  # an edited record: caught by the manifest's own digest
+        manifest.write_text(json.dumps(record))
+        with pytest.raises(CheckpointCorruptError, match=rf"step 6 .*file '{manifest}' .*does not match its own "
+                                                         "digest"):
+            ckpt.read_metadata()
         manifest.write_text('{"files": 3}')
         with pytest.raises(CheckpointCorruptError, match=rf"step 6 .*file '{manifest}' \(the list of the step's "
                                                          r"files\) is unreadable"):
@@ -324,3 +334,45 @@ def test_state_digest_sees_every_bit(trained_like):
         flipped.reshape(-1).view(np.uint8)[0] ^= 1
         changed = jax.tree.unflatten(treedef, leaves[:index] + [flipped] + leaves[index + 1:])
         assert checkpointing.state_digest(changed) != checkpointing.state_digest(tree)
+
+
+@pytest.fixture(scope="module")
+def pristine_step(tmp_path_factory, trained_like):
+    """One saved step (params + Adam state) to damage copies of."""
+    _, params, optimizer, opt_state = trained_like
+    directory = tmp_path_factory.mktemp("pristine") / "ckpt"
+    with Checkpointer(directory) as ckpt:
+        ckpt.save(9, params, opt_state, metadata={"role": "demo"})
+        files = [p.relative_to(directory).as_posix() for p in _every_file(ckpt.step_path(9))]
+    return directory, files, _abstract(params, optimizer), params
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(data=st.data())
+def test_random_damage_to_any_file_is_refused_by_name_never_loaded(tmp_path_factory, pristine_step, data):
+    """Any file of a step, any offset: a flipped byte, a truncation or appended bytes is refused naming that
+    file (the manifest itself included); a restore never returns parameters other than those saved. (The one
+    harmless edit: whitespace of the manifest's JSON; then the step still restores bit for bit.)"""
+    source, files, (abstract_params, abstract_opt), params = pristine_step
+    directory = tmp_path_factory.mktemp("damaged") / "ckpt"
+    shutil.copytree(source, directory)
+    name = data.draw(st.sampled_from(files), label="file")
+    target = directory / name
+    raw = bytearray(target.read_bytes())
+    damage = data.draw(st.sampled_from(["flip", "truncate", "append"] if raw else ["append"]), label="damage")
+    if damage == "flip":
+        offset = data.draw(st.integers(0, len(raw) - 1), label="offset")
+        raw[offset] ^= data.draw(st.integers(1, 255), label="xor")
+    elif damage == "truncate":
+        del raw[data.draw(st.integers(0, len(raw) - 1), label="keep"):]
+    else:
+        raw += data.draw(st.binary(min_size=1, max_size=16), label="extra")
+    target.write_bytes(bytes(raw))
+    with Checkpointer(directory, create=False) as ckpt:
+        try:
+            restored, _, _ = ckpt.restore(abstract_params=abstract_params, abstract_opt_state=abstract_opt)
+        except CheckpointCorruptError as err:
+            assert err.step == 9 and f"'{target}'" in str(err), str(err)
+            return
+    assert name == checkpointing.FILES_MANIFEST, f"damaged {name} was loaded"
+    chex.assert_trees_all_equal(restored, params)
