@@ -330,6 +330,47 @@ def test_diverging_training_stops_with_an_error_and_writes_no_nan_model(tmp_path
             assert ckpt.read_metadata(step)["consecutive_nonfinite"] < 18
 
 
+def test_a_nan_gradient_skips_exactly_its_step_counts_it_and_the_rest_is_a_replay_without_it():
+    """One poisoned example (its loss times NaN: NaN gradients) in batch 1 of 3: that step is skipped (parameters
+    and Adam state untouched), flagged and counted; the epoch equals a replay of steps 0 and 2 alone."""
+    graphdef, params = nnx.split(models.build_model("mlp_classifier", hidden=8, rngs=nnx.Rngs(0)))
+    base = losses.cross_entropy(graphdef)
+    poison = 10  # a label no real example has
+
+    def loss_fn(params, example, key):
+        real = {"image": example["image"], "label": example["label"] % poison}
+        return base(params, real, key) * jnp.where(example["label"] == poison, jnp.nan, 1.0)
+
+    inner = optax.adam(1e-2)
+    optimizer = optax.apply_if_finite(inner, max_consecutive_errors=int(np.iinfo(np.int32).max))
+    data = training.prepare_data(smoke_config())
+    images, labels = np.asarray(data.evaluator.images[:300]), np.asarray(data.evaluator.labels[:300]).copy()
+    key = jax.random.key(5)
+    # The epoch's plan, as make_train_epoch documents it: a permutation cut into batches, one key per step.
+    order_key, steps_key = jax.random.split(key)
+    order = np.asarray(jax.random.permutation(order_key, 300))[:192].reshape(3, 64)
+    step_keys = jax.random.split(steps_key, 3)
+    labels[order[1, 7]] = poison
+    epoch = training.make_train_epoch(loss_fn, optimizer, num_batches=3, batch_size=64)
+    start = jax.tree.map(jnp.copy, params)
+    out_params, out_state, batch_losses, finite = epoch(start, optimizer.init(start), jnp.asarray(images),
+                                                        jnp.asarray(labels), key)
+    assert np.asarray(finite).tolist() == [True, False, True]
+    assert np.isnan(np.asarray(batch_losses)[1]) and np.isfinite(np.asarray(batch_losses)[[0, 2]]).all()
+    assert int(out_state.total_notfinite) == 1
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(out_params))
+
+    replay_params, replay_state = params, inner.init(params)
+    batch_loss = losses.batch_mean(base)
+    for index in (0, 2):
+        batch = {"image": jnp.asarray(images[order[index]]), "label": jnp.asarray(labels[order[index]])}
+        _, loss_key = jax.random.split(step_keys[index])
+        grads = jax.grad(batch_loss)(replay_params, batch, loss_key)
+        updates, replay_state = inner.update(grads, replay_state, replay_params)
+        replay_params = optax.apply_updates(replay_params, updates)
+    chex.assert_trees_all_close(out_params, replay_params, rtol=1e-5, atol=1e-6)
+
+
 def test_random_translate_is_a_zero_filled_shift():
     image = np.zeros((28, 28, 1), np.float32)
     image[5:23, 6:20] = np.random.default_rng(0).random((18, 14, 1))  # content at least 2 px from every edge
