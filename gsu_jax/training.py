@@ -80,6 +80,7 @@ from gsu_jax import data as data_lib
 from gsu_jax import losses
 from gsu_jax import models
 from gsu_jax.checkpointing import (
+    CheckpointCorruptError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
     Checkpointer,
@@ -538,8 +539,17 @@ def _newest_good_checkpoint(plan: _RolePlan, role_dir: pathlib.Path) -> tuple[di
     programs = _programs(plan.spec)
     abstract_params = abstract_like(programs.abstract_params)
     with Checkpointer(directory, create=False) as ckpt:
-        if ckpt.latest_step() is None:
+        steps = ckpt.all_steps()
+        if not steps:
             return None, []
+        # A checkpoint of another config would fail to restore like a damaged one: refuse it as what it is, from
+        # the newest metadata that reads (a directory's steps all come from one run).
+        for step in reversed(steps):
+            try:
+                _existing_checkpoint(plan, role_dir, step=step)
+                break
+            except CheckpointCorruptError:
+                continue
         _, _, good, skipped = ckpt.restore_newest_good(
             abstract_params=abstract_params,
             abstract_opt_state=abstract_like(jax.eval_shape(programs.optimizer.init, abstract_params)))

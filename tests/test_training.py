@@ -250,6 +250,9 @@ def test_restore_fallback_resumes_from_the_newest_good_checkpoint_and_ends_bit_i
     assert again["generative"]["heldout_neg_elbo"] == results["generative"]["heldout_neg_elbo"]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["roles"]["generative"]["skipped_checkpoints"] == skipped
+    # A checkpoint of another config is refused as such, not skipped as if damaged.
+    with pytest.raises(checkpointing.CheckpointMismatchError, match=r"latent_dim: 2 -> 3"):
+        training.train_and_evaluate(smoke_config(roles="generative", latent_dim=3, restore_fallback=True), workdir)
 
 
 def test_restore_fallback_refuses_when_no_checkpoint_verifies(tmp_path, reference):
