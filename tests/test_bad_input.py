@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import gzip
+import os
 import pathlib
 import shutil
 import subprocess
@@ -170,6 +171,30 @@ def test_cli_exit_status_and_one_line_error(results, name):
         assert fill(fragment) in lines[0], (fill(fragment), lines[0])
     if writes_nothing and not name.endswith("unwritable"):
         assert not workdir.exists(), f"{workdir} was created"
+
+
+@pytest.mark.slow
+def test_full_disk_exits_2_before_training(tmp_path):
+    """train.py on a disk reported (through a sitecustomize that patches shutil.disk_usage in the child) to have
+    1 MiB free: exit 2 in one line before any role trains."""
+    fake = tmp_path / "fake_full_disk"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(
+        "import shutil\n"
+        "_real = shutil.disk_usage\n"
+        "def _full(path):\n"
+        "    usage = _real(path)\n"
+        "    return type(usage)(usage.total, usage.total - 2**20, 2**20)\n"
+        "shutil.disk_usage = _full\n")
+    workdir = tmp_path / "run"
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(TRAIN + [f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=environment)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert lines[0].startswith("train.py: error: workdir ") and "has 1.0 MiB free" in lines[0], lines[0]
+    assert not any(workdir.iterdir())  # nothing trained or written
 
 
 # ------------------------------------------------------------------------------------------- the optax transforms
