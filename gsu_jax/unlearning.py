@@ -163,8 +163,8 @@ class UnlearningDivergedError(RuntimeError):
     """A run's updates stayed non-finite (or a model to save is not finite); nothing of that run was saved."""
 
 
-class SavedResultError(RuntimeError):
-    """A (method, seed) result saved in the workdir is damaged or belongs to other models or code."""
+class SavedResultError(checkpointing.CheckpointCorruptError):
+    """A (method, seed) result saved in the workdir is unreadable or damaged (``unlearn.py`` exits 1)."""
 
 
 # A run whose last this-many steps (or all its steps, for a shorter budget) had non-finite updates has diverged.
@@ -1083,7 +1083,11 @@ def _mismatch_message(path: pathlib.Path, workdir: pathlib.Path, differences: Se
 
 
 def _check_saved_results(workdir: pathlib.Path, config: Mapping[str, Any]) -> None:
-    """Refuses (before any work) a workdir whose saved runs used another config, code, packages or device."""
+    """Refuses (before any work) a workdir whose saved runs used another config, code, packages or device.
+
+    A damaged saved result is refused too, chained to its :class:`SavedResultError` (``unlearn.py`` exits 1 for
+    damage on disk, 2 for a workdir of another run).
+    """
     directory = workdir / _RESULTS_DIR
     if not directory.is_dir():
         return
@@ -1099,14 +1103,19 @@ def _check_saved_results(workdir: pathlib.Path, config: Mapping[str, Any]) -> No
 
 
 def _load_result(workdir: pathlib.Path, label: str, seed: int, identity: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The saved result of (label, seed), or ``None``; :class:`SavedResultError` if it is not this run's."""
+    """The saved result of (label, seed), or ``None``.
+
+    Raises:
+        SavedResultError: the file is unreadable or damaged.
+        checkpointing.CheckpointMismatchError: it was computed by another run (config, code, models, ...).
+    """
     path = _result_path(workdir, label, seed)
     if not path.is_file():
         return None
     content = _read_result(path)
     differences = _differences(content["identity"], _json_round_trip(identity))
     if differences:
-        raise SavedResultError(_mismatch_message(path, workdir, differences))
+        raise checkpointing.CheckpointMismatchError(_mismatch_message(path, workdir, differences))
     return content
 
 

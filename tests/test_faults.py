@@ -221,8 +221,15 @@ def test_an_edited_saved_result_is_refused_naming_the_file(unlearn_runs, train_r
     saved["content"]["record"]["fid_retain_at_end"] += 1.0
     path.write_text(json.dumps(saved))
     config = _smoke_config(checkpoint=str(train_runs.reference), oracle_checkpoint=str(train_runs.oracle))
-    with pytest.raises(unlearning.UnlearnConfigError, match=r"seed_1\.json' is damaged or was edited"):
+    with pytest.raises(unlearning.UnlearnConfigError, match=r"seed_1\.json' is damaged or was edited") as info:
         unlearning.plan_run(config, workdir)
+    assert isinstance(info.value.__cause__, unlearning.SavedResultError)
+    # Through the command line: damage on disk is a runtime failure, exit 1, one line naming the file.
+    done = subprocess.run([sys.executable, *UNLEARN, "--workdir", str(workdir), *unlearn_runs.models_args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert lines[0].startswith("unlearn.py: error: SavedResultError: ") and str(path) in lines[0]
     path.write_text(path.read_text()[:100])  # truncated
     with pytest.raises(unlearning.UnlearnConfigError, match=r"seed_1\.json' is unreadable"):
         unlearning.plan_run(config, workdir)
@@ -234,7 +241,8 @@ def test_a_saved_result_of_other_models_is_refused(unlearn_runs):
     identity = content["identity"]
     assert unlearning._load_result(workdir, "sa+guided", 0, identity) == content
     other = dict(identity, models=dict(identity["models"], original="0" * 64))
-    with pytest.raises(unlearning.SavedResultError, match=r"models\.original: '[0-9a-f]{64}' -> '0{64}'"):
+    with pytest.raises(checkpointing.CheckpointMismatchError,
+                       match=r"models\.original: '[0-9a-f]{64}' -> '0{64}'"):
         unlearning._load_result(workdir, "sa+guided", 0, other)
 
 
