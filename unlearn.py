@@ -18,6 +18,7 @@ prints the traceback above that line; the status stays the same.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import traceback
@@ -109,6 +110,11 @@ def main(argv: list[str]) -> None:
 
     # orbax logs every checkpoint operation (and read-only opens as warnings); the run prints its own progress.
     logging.set_verbosity(logging.INFO if _DEBUG.value else logging.ERROR)
+    if not _DEBUG.value:
+        # orbax logs what it cannot read while listing steps (e.g. a damaged _CHECKPOINT_METADATA) on its own; the
+        # checkpoint verification reports the same damage in the one error line, naming the file.
+        logging.get_absl_handler().addFilter(
+            lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
 
     command = " ".join([f"python {_PROG}"] + sys.argv[1:])
     debug = _DEBUG.value

@@ -37,8 +37,9 @@ UNLEARN = [sys.executable, str(REPO / "unlearn.py"), "--config", str(REPO / "con
 _PARALLEL = 3  # processes at once: each imports JAX; more would only queue on a small machine
 
 # name: (command, extra arguments, exit status, fragments of the one stderr line, whether --workdir stays absent).
-# "{data}" is the directory of malformed data files, "{ckpt}" a train workdir whose checkpoint is damaged,
-# "{ro}" a directory this process cannot write.
+# "{data}" is the directory of malformed data files, "{ckpt}" a train workdir whose checkpoint is damaged (an array
+# file truncated), "{ckpt_meta}" one whose orbax step metadata is damaged, "{ro}" a directory this process cannot
+# write.
 CASES = {
     # -- flags and config values (train.py; an unknown flag and a bad --config.model_kwargs key: test_train_cli.py)
     "train_positional_argument": (TRAIN, ["extra"], 2, ["unexpected arguments ['extra']"], True),
@@ -74,6 +75,8 @@ CASES = {
     "train_corrupt_checkpoint": (TRAIN, ["--workdir={ckpt}", "--config.roles=generative"], 1,
                                  ["checkpoint step", "is corrupt: file '{ckpt}/generative/checkpoints/",
                                   "is truncated", "--config.restore_fallback=True"], False),
+    "train_damaged_step_metadata": (TRAIN, ["--workdir={ckpt_meta}", "--config.roles=generative"], 1,
+                                    ["_CHECKPOINT_METADATA' does not match the sha256 recorded at save time"], False),
     "train_diverging": (TRAIN, ["--config.roles=generative", "--config.learning_rate=1e30"], 1,
                         ["generative training diverged", "non-finite gradients", "config.learning_rate"], False),
     # -- unlearn.py
@@ -119,14 +122,21 @@ def files(tmp_path_factory):
     data_file = max((p for p in (final / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
                     key=lambda p: p.stat().st_size)
     data_file.write_bytes(data_file.read_bytes()[:100])
-    return {"data": str(data), "ckpt": str(damaged), "good": str(good), "root": root}
+    # orbax's own step metadata damaged: orbax logs its failure to read it while listing steps; the CLI keeps to
+    # its one line.
+    damaged_meta = root / "damaged_meta"
+    shutil.copytree(good, damaged_meta)
+    step_metadata = damaged_meta / "generative" / "checkpoints" / final.name / "_CHECKPOINT_METADATA"
+    step_metadata.write_bytes(bytes(byte ^ 0xFF for byte in step_metadata.read_bytes()))
+    return {"data": str(data), "ckpt": str(damaged), "ckpt_meta": str(damaged_meta), "good": str(good), "root": root}
 
 
 @pytest.fixture(scope="module")
 def results(files, tmp_path_factory):
     """Runs every case (a few at a time); ``{name: (workdir, returncode, stderr)}``."""
     read_only = unwritable_directory(tmp_path_factory.mktemp("read_only"))
-    substitutions = {"{data}": files["data"], "{ckpt}": files["ckpt"], "{good}": files["good"], "{ro}": str(read_only)}
+    substitutions = {"{data}": files["data"], "{ckpt_meta}": files["ckpt_meta"], "{ckpt}": files["ckpt"],
+                     "{good}": files["good"], "{ro}": str(read_only)}
 
     def fill(text: str) -> str:
         for key, value in substitutions.items():
