@@ -16,7 +16,9 @@ anything unexpected: with its traceback). ``--debug`` shows the traceback of eve
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
+import pathlib
 import re
 import sys
 import traceback
@@ -52,6 +54,10 @@ def _fail(message: str, status: int, *, debug: bool) -> None:
         traceback.print_exc()
     print(f"train.py: error: {' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(status)
+
+
+def _not_from_orbax(record: std_logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -103,6 +109,10 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         # orbax logs every save at INFO; the progress bar and the summary below are the run's output.
         logging.set_verbosity(logging.WARNING)
+    if not debug:
+        # orbax logs what it cannot read while listing steps (e.g. a damaged _CHECKPOINT_METADATA) on its own; the
+        # verification here reports the same damage in its one line, naming the file.
+        logging.get_absl_handler().addFilter(_not_from_orbax)
     try:
         config = _load_config()
         results = training.train_and_evaluate(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
@@ -121,6 +131,9 @@ def main(argv: list[str]) -> None:
         else:
             headline = f"held-out accuracy {metrics['heldout_accuracy']:.4f}"
         resumed = "" if metrics["resumed_from_step"] is None else f", resumed from step {metrics['resumed_from_step']}"
+        if metrics["skipped_checkpoints"]:
+            resumed += (f" (skipped corrupt step {', '.join(str(item['step']) for item in metrics['skipped_checkpoints'])}"
+                        f", moved to {pathlib.Path(metrics['skipped_checkpoints'][0]['moved_to']).parent})")
         print(f"{role}: {headline} [{metrics['num_train']} train / {metrics['num_heldout']} held-out "
               f"({metrics['heldout_data']}), {metrics['steps']} steps{resumed}, {metrics['seconds']:.1f} s]")
 

@@ -10,15 +10,18 @@ Overrides use the config's field names, a contract that user scripts rely on, e.
 --config.monitor_samples=1024 --config.max_steps=50 --config.checkpoint=runs/mnist_vae``
 (see ``configs/unlearn_mnist.py`` for every field).
 
-Exit status: 0 on success; 2 for a usage or configuration error (one line on stderr, nothing written);
-1 for a failure while running (one line on stderr; ``--debug`` shows the traceback instead).
+Exit status: 0 on success; 2 for a usage or configuration error, an unwritable or full workdir included (one
+line on stderr, nothing written);
+1 for a failure while running, including a checkpoint found corrupt on disk (one line on stderr). ``--debug``
+prints the traceback above that line; the status stays the same.
 """
 
 from __future__ import annotations
 
-import sys
-
+import os
 import re
+import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
@@ -29,6 +32,7 @@ _DEBUG = flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-
 
 _PROG = "unlearn.py"
 _OVERRIDE = re.compile(r"^--config\.([^=.\s]+)")
+_TRAIN_OVERRIDE = re.compile(r"^--config\.train\.([^=.\s]+)")
 USAGE_ERROR = 2
 RUNTIME_ERROR = 1
 
@@ -43,9 +47,24 @@ def _one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _fail(code: int, message: str) -> None:
+def _fail(code: int, message: str, *, debug: bool = False) -> None:
+    if debug and sys.exc_info()[0] is not None:
+        traceback.print_exc()
     print(f"{_PROG}: error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def _corrupt_checkpoint_cause(error: BaseException) -> BaseException | None:
+    """The ``CheckpointCorruptError`` behind a refusal, if any: damage on disk is a runtime failure, not usage."""
+    from gsu_jax.checkpointing import CheckpointCorruptError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, CheckpointCorruptError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -58,13 +77,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
         for name in overrides:
             if name not in UNLEARN_SCHEMA:
                 _fail(USAGE_ERROR, unknown_key_message(name, UNLEARN_SCHEMA))
+        # --config.train.<field>: the nested train.py config, checked against its own schema for the same hint.
+        from gsu_jax.config_validation import TRAIN_SCHEMA
+
+        for name in (m.group(1) for m in map(_TRAIN_OVERRIDE.match, argv[1:]) if m):
+            if name not in TRAIN_SCHEMA:
+                _fail(USAGE_ERROR, unknown_key_message(name, TRAIN_SCHEMA, prefix="config.train."))
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-        if "--debug" in argv:
-            raise
         # absl's messages for config overrides can span lines; the first one names the flag and the problem.
-        _fail(USAGE_ERROR, _one_line(error))
+        _fail(USAGE_ERROR, _one_line(error), debug=any(arg in ("--debug", "--debug=true") for arg in argv))
     raise AssertionError("unreachable")
 
 
@@ -77,29 +100,38 @@ def main(argv: list[str]) -> None:
         try:
             config.to_dict()  # an unloadable --config holds an object that raises its loading error on any access
         except Exception as error:  # noqa: BLE001 - whatever the config file raised, it is the user's file
-            _fail(USAGE_ERROR, f"--config could not be loaded: {_one_line(error)}")
+            _fail(USAGE_ERROR, f"--config could not be loaded: {_one_line(error)}", debug=_DEBUG.value)
         _fail(USAGE_ERROR, "--config is required (e.g. --config configs/unlearn_mnist.py)")
     if not _WORKDIR.value:
         _fail(USAGE_ERROR, "--workdir is required (e.g. --workdir runs/unlearn)")
 
     from gsu_jax import unlearning
+    from gsu_jax.checkpointing import CheckpointError, WorkdirError
 
     # orbax logs every checkpoint operation (and read-only opens as warnings); the run prints its own progress.
     logging.set_verbosity(logging.INFO if _DEBUG.value else logging.ERROR)
+    if not _DEBUG.value:
+        # orbax logs what it cannot read while listing steps (e.g. a damaged _CHECKPOINT_METADATA) on its own; the
+        # checkpoint verification reports the same damage in the one error line, naming the file.
+        logging.get_absl_handler().addFilter(
+            lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
 
     command = " ".join([f"python {_PROG}"] + sys.argv[1:])
+    debug = _DEBUG.value
     try:
         plan = unlearning.plan_run(config, _WORKDIR.value, command=command)
-    except (ValueError, TypeError) as error:
-        if _DEBUG.value:
-            raise
-        _fail(USAGE_ERROR, _one_line(error))
+    except (ValueError, TypeError, CheckpointError) as error:  # refusals of the request (workdir, checkpoints too)
+        corrupt = _corrupt_checkpoint_cause(error)
+        if corrupt is not None:
+            _fail(RUNTIME_ERROR, f"{type(corrupt).__name__}: {_one_line(error)}", debug=debug)
+        _fail(USAGE_ERROR, _one_line(error), debug=debug)
     try:
         report = unlearning.execute(plan)
+    except WorkdirError as error:  # an unwritable or full workdir is refused like train.py does: a usage error
+        _fail(USAGE_ERROR, _one_line(error), debug=debug)
     except Exception as error:  # noqa: BLE001 - the CLI turns any runtime failure into one line and exit 1
-        if _DEBUG.value:
-            raise
-        _fail(RUNTIME_ERROR, f"{type(error).__name__}: {_one_line(error)} (rerun with --debug for the traceback)")
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        _fail(RUNTIME_ERROR, f"{type(error).__name__}: {_one_line(error)}{hint}", debug=debug)
     print(unlearning.format_summary(report))
 
 

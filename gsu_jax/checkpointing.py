@@ -14,10 +14,16 @@ Guarantees:
   mid-save leaves the previous steps intact and no half step is ever listed; leftover temporary directories are
   removed when the manager opens. Saves here are synchronous (the step is on disk when :meth:`Checkpointer.save`
   returns) and :meth:`Checkpointer.wait_until_finished` is still called before every read.
-* **No silent loads.** A restore goes against an abstract target (shapes, dtypes and shardings, built with
+* **No silent loads.** Every save ends by recording the size and sha256 of each file of the step in
+  ``<step>/gsu_files.json`` (:data:`FILES_MANIFEST`); every read first checks the step's files against it, so a
+  truncated, corrupted or deleted file is refused naming the step and the FILE before orbax opens anything
+  (orbax/tensorstore fed a damaged OCDBT index leave reader threads that print tracebacks at interpreter exit).
+  Then a restore goes against an abstract target (shapes, dtypes and shardings, built with
   ``jax.eval_shape``/``nnx.eval_shape`` from the model), and the restored arrays are hashed and compared with
-  the digests saved with them: a truncated, corrupted or mismatched step raises :class:`CheckpointCorruptError`
-  naming the step and its path and the earlier steps that remain.
+  the digests saved with them (this also covers a step whose manifest was never written: a run killed between
+  orbax's commit and the manifest). A bad step raises :class:`CheckpointCorruptError` naming the step, the file
+  (when known) and the earlier steps that remain; :meth:`Checkpointer.restore_newest_good` skips bad steps and
+  restores the newest one that verifies, saying which it skipped and why.
 * **Clear refusals.** :class:`CheckpointNotFoundError` (no checkpoint where one is required),
   :class:`CheckpointMismatchError` (a workdir of another config or data: the differing keys are named),
   :class:`WorkdirError` (a directory that cannot be written, checked before any training).
@@ -40,7 +46,7 @@ import os
 import pathlib
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -52,6 +58,8 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "Checkpointer",
+    "FILES_MANIFEST",
+    "SkippedStep",
     "WorkdirError",
     "abstract_like",
     "ensure_writable_directory",
@@ -62,6 +70,8 @@ __all__ = [
 ]
 
 METADATA_FORMAT = "gsu_jax.checkpoint/v1"
+# Written into each step directory after orbax has committed it: {relative path: {"size", "sha256"}}.
+FILES_MANIFEST = "gsu_files.json"
 _PACKAGES = ("gsu-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_collections")
 _MAX_LISTED = 8
 
@@ -79,11 +89,26 @@ class CheckpointMismatchError(CheckpointError):
 
 
 class CheckpointCorruptError(CheckpointError):
-    """A checkpoint on disk cannot be read back intact (truncated, corrupted, edited)."""
+    """A checkpoint on disk cannot be read back intact (truncated, corrupted, edited).
+
+    Attributes:
+        step: the bad step (``None`` when the error is about several steps).
+        reason: why it is bad, without the remedy (e.g. ``"file '.../d/ab12' is truncated: ..."``).
+    """
+
+    step: int | None = None
+    reason: str = ""
 
 
 class WorkdirError(CheckpointError, OSError):
     """A working directory cannot be created or written."""
+
+
+class SkippedStep(NamedTuple):
+    """A step :meth:`Checkpointer.restore_newest_good` passed over: its number and why it failed to verify."""
+
+    step: int
+    reason: str
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -300,20 +325,89 @@ class Checkpointer:
         try:
             self._manager.save(step, args=ocp.args.Composite(**items), force=True)
             self._manager.wait_until_finished()
+            self._write_files_manifest(step)
         except OSError as err:
             raise WorkdirError(f"could not write checkpoint step {step} to {str(self.step_path(step))!r}: "
                                f"{err.strerror or err}") from err
 
+    def _write_files_manifest(self, step: int) -> None:
+        """Records size and sha256 of every file of the committed ``step`` (atomically: temporary file + rename)."""
+        step_dir = self.step_path(step)
+        files = {path.relative_to(step_dir).as_posix(): {"size": path.stat().st_size, "sha256": _file_sha256(path)}
+                 for path in sorted(step_dir.rglob("*")) if path.is_file() and FILES_MANIFEST not in path.name}
+        temporary = step_dir / f".{FILES_MANIFEST}.{uuid.uuid4().hex}.tmp"
+        record = {"format": METADATA_FORMAT, "files": files, "files_sha256": _records_sha256(files)}
+        temporary.write_text(json.dumps(record, indent=1, sort_keys=True))
+        os.replace(temporary, step_dir / FILES_MANIFEST)
+
+    def set_aside(self, step: int, into: str | os.PathLike) -> pathlib.Path:
+        """Moves ``step``'s directory out of the checkpoint directory into ``into`` (kept for inspection).
+
+        Used after :meth:`restore_newest_good` skipped a bad step: the run then saves that step number again.
+
+        Returns:
+            Where the step now lives (``into/<step>-<random suffix>``).
+        """
+        destination = pathlib.Path(into).expanduser().absolute() / f"{int(step)}-{uuid.uuid4().hex[:8]}"
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.step_path(step), destination)
+        self._manager.reload()
+        return destination
+
     # -- reading
+    def verify_files(self, step: int) -> bool:
+        """Checks every file of ``step`` against the sizes and sha256 digests recorded when it was saved.
+
+        Nothing is handed to orbax, so a damaged OCDBT index or array file is refused here, by name.
+
+        Returns:
+            ``True`` when every recorded file matches; ``False`` when the step has no manifest (saved by an older
+            version, or a run killed between orbax's commit and the manifest): then only the array digests of
+            :meth:`restore` vouch for it.
+
+        Raises:
+            CheckpointCorruptError: a recorded file is missing, of another size or other content, or the manifest
+                itself is unreadable; the message names the step and the file.
+        """
+        step_dir = self.step_path(step)
+        manifest = step_dir / FILES_MANIFEST
+        if not manifest.is_file():
+            return False
+        try:
+            record = json.loads(manifest.read_text())
+            files = record["files"]
+            expected = {str(name): (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
+            intact = record["files_sha256"] == _records_sha256(files)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise self._corrupt(step, f"file {str(manifest)!r} (the list of the step's files) is unreadable "
+                                      f"({type(err).__name__}: {_first_line(err)})") from err
+        if not intact:
+            raise self._corrupt(step, f"file {str(manifest)!r} (the list of the step's files) does not match its "
+                                      "own digest (its bytes changed on disk)")
+        for name, (size, sha256) in sorted(expected.items()):
+            path = step_dir / name
+            if not path.is_file():
+                raise self._corrupt(step, f"file {str(path)!r} is missing")
+            found = path.stat().st_size
+            if found != size:
+                raise self._corrupt(step, f"file {str(path)!r} is {'truncated' if found < size else 'extended'}: "
+                                          f"{found} bytes, {size} were written")
+            if _file_sha256(path) != sha256:
+                raise self._corrupt(step, f"file {str(path)!r} does not match the sha256 recorded at save time "
+                                          "(its bytes changed on disk)")
+        return True
+
     def read_metadata(self, step: int | None = None) -> dict[str, Any]:
         """The JSON metadata of ``step`` (default: the latest), without touching the arrays.
 
         Raises:
             CheckpointNotFoundError: no such step (or no step at all).
-            CheckpointCorruptError: the metadata is missing or unreadable.
+            CheckpointCorruptError: a file of the step does not match its manifest (:meth:`verify_files`), or the
+                metadata is missing or unreadable.
         """
         step = self._existing_step(step)
         self._manager.wait_until_finished()
+        self.verify_files(step)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
             record = restored.metadata
@@ -369,6 +463,41 @@ class Checkpointer:
                 raise self._corrupt(step, "restored optimizer state does not match the digest recorded at save time")
         return params, opt_state, metadata
 
+    def restore_newest_good(
+        self, *, abstract_params: Any, abstract_opt_state: Any = None, at_most: int | None = None
+    ) -> tuple[Any, Any, dict[str, Any], list[SkippedStep]]:
+        """Restores the newest step (``<= at_most``) that verifies, passing over bad ones instead of failing.
+
+        Args:
+            abstract_params, abstract_opt_state: as for :meth:`restore`.
+            at_most: the newest step to consider (``None``: all).
+
+        Returns:
+            ``(params, opt_state_or_None, metadata, skipped)``; ``skipped`` lists the newer steps passed over,
+            newest first, each with why (:class:`SkippedStep`). Nothing is deleted or moved.
+
+        Raises:
+            CheckpointNotFoundError: no step at all.
+            CheckpointCorruptError: no step verifies (the reason of each is named).
+        """
+        steps = [step for step in self.all_steps() if at_most is None or step <= at_most]
+        if not steps:
+            raise CheckpointNotFoundError(f"no checkpoint in {str(self.directory)!r}")
+        skipped = []
+        for step in reversed(steps):
+            try:
+                params, opt_state, metadata = self.restore(
+                    step, abstract_params=abstract_params, abstract_opt_state=abstract_opt_state)
+            except CheckpointCorruptError as err:
+                skipped.append(SkippedStep(step, err.reason))
+                continue
+            return params, opt_state, metadata, skipped
+        error = CheckpointCorruptError(
+            f"no checkpoint in {str(self.directory)!r} verifies: "
+            + "; ".join(f"step {item.step}: {item.reason}" for item in skipped) + "; start over with --overwrite")
+        error.reason = "no step verifies"
+        raise error
+
     def _check_shapes(self, step: int, abstract: Any, restored: Any) -> None:
         expected = [(tuple(leaf.shape), np.dtype(leaf.dtype)) for leaf in jax.tree.leaves(abstract)]
         got = [(tuple(np.shape(leaf)), np.dtype(leaf.dtype)) for leaf in jax.tree.leaves(restored)]
@@ -389,12 +518,28 @@ class Checkpointer:
 
     def _corrupt(self, step: int, reason: str) -> CheckpointCorruptError:
         earlier = [s for s in self.all_steps() if s < step]
-        remedy = (f"earlier steps {_listing(earlier)} remain: delete {str(self.step_path(step))!r} to resume from "
-                  f"step {earlier[-1]}, or start over with --overwrite" if earlier
+        remedy = (f"earlier steps {_listing(earlier)} remain: resume from the newest of them that verifies with "
+                  "restore_fallback (train.py: --config.restore_fallback=True), or delete "
+                  f"{str(self.step_path(step))!r}; or start over with --overwrite" if earlier
                   else "no earlier step remains: start over with --overwrite")
-        return CheckpointCorruptError(
+        error = CheckpointCorruptError(
             f"checkpoint step {step} at {str(self.step_path(step))!r} is corrupt: {reason}; {remedy}"
         )
+        error.step, error.reason = step, reason
+        return error
+
+
+def _records_sha256(files: Any) -> str:
+    """sha256 of the canonical JSON of a manifest's file records (so a damaged record names the manifest)."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def _file_sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _first_line(err: BaseException, limit: int = 160) -> str:

@@ -99,6 +99,8 @@ class Field:
         check: predicate on the type-checked value; ``None`` accepts every value of the right type.
         scope: one of :data:`SCOPES`.
         help: what the field means.
+        optional: a config without the field takes its default instead of being refused as incomplete: for
+            fields added after checkpoints were written (their saved configs lack them) that never change results.
     """
 
     default: Any
@@ -107,6 +109,7 @@ class Field:
     check: Callable[[Any], bool] | None
     scope: str
     help: str
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in (int, float, str, bool, dict):
@@ -185,7 +188,7 @@ def parse_class_list(value: str, *, field: str = "exclude_classes") -> tuple[int
     classes = []
     for token in value.split(","):
         token = token.strip()
-        if not token.isdigit():
+        if not (token.isascii() and token.isdigit()):  # str.isdigit() also accepts '²', which int() refuses
             raise ConfigError(
                 f"config.{field}={value!r} is invalid: {token!r} is not a class index; "
                 "allowed: comma-separated non-negative integers, e.g. '1' or '1,7'"
@@ -320,6 +323,11 @@ def _train_schema() -> dict[str, Field]:
         "num_sample_images": Field(64, int, "an integer in [1, 400]", within(1, 400), "run",
                                    "Samples (and reconstructions) drawn in the PNG grid."),
         "progress_bar": Field(True, bool, "True or False", None, "run", "Show a tqdm progress bar."),
+        "restore_fallback": Field(False, bool, "True or False", None, "run",
+                                  "When a role's latest checkpoint fails verification (a file truncated or "
+                                  "corrupted on disk), resume from the newest earlier checkpoint that verifies, "
+                                  "moving the bad ones to <role>/corrupt_checkpoints/ and saying which and why. "
+                                  "False refuses to start, naming the bad step and file.", optional=True),
     }
 
 
@@ -360,19 +368,29 @@ def fields_in_scope(role: str, schema: Mapping[str, Field] = TRAIN_SCHEMA) -> tu
 # ------------------------------------------------------------------------------------------- validation
 
 
-def _did_you_mean(name: str, known: Any) -> str:
+def _did_you_mean(name: Any, known: Any) -> str:
+    if not isinstance(name, str):  # a plain mapping may hold keys of any type; no field is spelt like them
+        return ""
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _dotted(prefix: str, name: Any) -> str:
+    """``prefix + name`` for a plain name; ``prefix[repr(name)]`` for any other key (one that could span lines or
+    is not a string), so that a refusal stays one line."""
+    if isinstance(name, str) and name.isidentifier():
+        return f"{prefix}{name}"
+    return f"{prefix.rstrip('.')}[{name!r}]"
 
 
 def unknown_key_message(name: str, known: Any, *, prefix: str = "config.") -> str:
     """The one-line refusal of an unknown field, with a "did you mean" hint (or the known names)."""
     hint = _did_you_mean(name, known)
     if hint:
-        return f"{prefix}{name} is not a known field{hint}"
+        return f"{_dotted(prefix, name)} is not a known field{hint}"
     listed = sorted(known)
     shown = ", ".join(listed[:_MAX_LISTED]) + (f", ... ({len(listed)} in all)" if len(listed) > _MAX_LISTED else "")
-    return f"{prefix}{name} is not a known field; known fields: {shown}"
+    return f"{_dotted(prefix, name)} is not a known field; known fields: {shown}"
 
 
 def _as_mapping(config: Any) -> dict[str, Any]:
@@ -428,13 +446,15 @@ def validate_config(config: Any, schema: Mapping[str, Field], *, prefix: str = "
         A plain dict of the validated values (ints as int, floats as float, nested mappings as dicts).
 
     Raises:
-        ConfigError: an unknown field (with a "did you mean" hint), a missing field, a value of the wrong type,
+        ConfigError: an unknown field (with a "did you mean" hint), a missing field (an ``optional`` one takes its
+            default), a value of the wrong type,
             or a value outside what the field allows. One line each.
     """
     values = _as_mapping(config)
     for name in values:
         if name not in schema:
             raise ConfigError(unknown_key_message(name, schema, prefix=prefix))
+    values.update({name: field.default for name, field in schema.items() if field.optional and name not in values})
     missing = [name for name in schema if name not in values]
     if missing:
         raise ConfigError(f"{prefix}{missing[0]} is missing; every field of the schema must be set "
@@ -459,7 +479,7 @@ def _check_model_kwargs(field_name: str, model: str, kwargs: dict[str, Any], *, 
         if name not in accepted:
             hint = _did_you_mean(name, accepted)
             raise ConfigError(
-                f"config.{field_name}.{name} is not a hyperparameter of {model!r}"
+                f"{_dotted(f'config.{field_name}.', name)} is not a hyperparameter of {model!r}"
                 f"{hint or '; allowed: ' + ', '.join(sorted(accepted))}"
             )
         default = accepted[name]

@@ -61,6 +61,7 @@ import functools
 import gzip
 import hashlib
 import importlib.util
+import math
 import os
 import pathlib
 import re
@@ -456,7 +457,7 @@ def _read_idx(path: pathlib.Path, magic: int, kind: str) -> np.ndarray:
             f"(an IDX{ndim} unsigned-byte {kind} file, '{'images-idx3' if ndim == 3 else 'labels-idx1'}-ubyte')"
         )
     dims = struct.unpack(f">{ndim}I", raw[4:header_size])
-    expected = header_size + int(np.prod(dims, dtype=np.int64))
+    expected = header_size + math.prod(dims)  # Python ints: header counts up to 2**32 - 1 each cannot overflow
     if len(raw) != expected:
         state = "truncated" if len(raw) < expected else "has trailing bytes"
         raise ValueError(

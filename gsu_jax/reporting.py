@@ -18,10 +18,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
-from collections.abc import Mapping, Sequence
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,6 +49,60 @@ _TABLE_COLUMNS: tuple[tuple[str, str | None, str | None, str], ...] = (
 )
 
 
+# The process's file-creation mask (read once: os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+# Fields of report.json that are not reproducible numbers: wall-clock measurements, and how this process came
+# by its numbers (the command names the workdir; ``resumed`` lists the results read back from an interrupted
+# run). Every other field is identical between two runs of the same config and seeds on the same device and
+# software, and between an interrupted-and-resumed run and an uninterrupted one. ``*`` stands for any method
+# label or any per-seed record.
+VOLATILE_REPORT_FIELDS: tuple[str, ...] = (
+    "command",
+    "timing",
+    "resumed",
+    "methods.*.compile_s",
+    "methods.*.step_time_ms",
+    "methods.*.step_time_ms_mean",
+    "methods.*.time_to_unlearn_s",
+    "methods.*.per_seed.*.step_time_ms",
+    "methods.*.per_seed.*.step_time_ms_mean",
+    "methods.*.per_seed.*.time_to_unlearn_s",
+)
+# The same for the per-step CSV logs: one column.
+VOLATILE_LOG_COLUMNS: tuple[str, ...] = ("step_time_ms",)
+
+
+def without_volatile_fields(report: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``report`` without :data:`VOLATILE_REPORT_FIELDS`: what two runs of one config must share.
+
+    Example:
+        >>> without_volatile_fields({"timing": {"total_s": 3.1}, "methods": {"sa": {"compile_s": 2.0, "x": 1}}})
+        {'methods': {'sa': {'x': 1}}}
+    """
+    kept = json.loads(json.dumps(_to_jsonable(report)))
+    for field in VOLATILE_REPORT_FIELDS:
+        _drop(kept, field.split("."))
+    return kept
+
+
+def _drop(node: Any, path: list[str]) -> None:
+    head, rest = path[0], path[1:]
+    if head == "*":
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if rest:
+                _drop(child, rest)
+        return
+    if not isinstance(node, dict) or head not in node:
+        return
+    if rest:
+        _drop(node[head], rest)
+    else:
+        del node[head]
+
+
 def _finite_or_none(value: Any) -> float | None:
     if value is None:
         return None
@@ -66,19 +124,56 @@ def _to_jsonable(value: Any) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[Any]:
+    """Opens a temporary file beside ``path``; on a clean exit, fsyncs it and renames it over ``path``.
+
+    A process killed (even by SIGKILL) or failing while writing leaves ``path`` as it was (absent or the previous
+    complete file) and at most a ``.<name>.tmp-*`` file beside it, never a truncated ``path``: ``os.replace`` is
+    atomic on POSIX file systems, and the directory is fsynced so the rename survives a crash.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "out.txt")
+        >>> with atomic_file(path) as f:
+        ...     _ = f.write("complete")
+        >>> open(path).read()
+        'complete'
+    """
+    directory, name = os.path.split(os.path.abspath(os.fspath(path)))
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=directory)
+    try:
+        os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
+        with os.fdopen(handle, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, os.path.join(directory, name))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    with contextlib.suppress(OSError):  # some file systems cannot open a directory; the rename is done anyway
+        directory_handle = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(directory_handle)
+        finally:
+            os.close(directory_handle)
+
+
 def write_json(path: str, report: Mapping[str, Any]) -> None:
-    """Writes ``report`` as indented JSON (NaN/inf become ``null``; numpy scalars become Python numbers)."""
-    with open(path, "w") as f:
+    """Writes ``report`` atomically as indented JSON (NaN/inf become ``null``; numpy scalars Python numbers)."""
+    with atomic_file(path) as f:
         json.dump(_to_jsonable(report), f, indent=2, sort_keys=False)
         f.write("\n")
 
 
 def write_step_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Writes one row per (seed, step) with the union of the rows' keys as columns, in first-seen order."""
+    """Writes (atomically) one row per (seed, step), the union of the rows' keys as columns in first-seen order."""
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    with open(path, "w", newline="") as f:
+    with atomic_file(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         for row in rows:
@@ -248,6 +343,8 @@ def _settings(summary: Mapping[str, Any]) -> str:
     optimizer = summary.get("optimizer")
     if optimizer:
         text += f"; optimizer {optimizer['name']} lr {optimizer['learning_rate']:g}"
+    if summary.get("nonfinite_steps"):
+        text += f"; {summary['nonfinite_steps']} step(s) with a non-finite update skipped (all seeds)"
     return text
 
 
@@ -256,9 +353,17 @@ def _short(value: Any) -> str:
 
 
 def write_markdown(path: str, report: Mapping[str, Any]) -> None:
-    """Writes `markdown_report(report)` to ``path``."""
-    with open(path, "w") as f:
+    """Writes `markdown_report(report)` to ``path`` (atomically)."""
+    with atomic_file(path) as f:
         f.write(markdown_report(report))
+
+
+def _save_figure(fig: Any, path: str) -> None:
+    """Renders ``fig`` as PNG in memory, then writes it atomically (a killed run never leaves half a PNG)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    with atomic_file(path, "wb") as f:
+        f.write(buffer.getvalue())
 
 
 def image_grid(images: np.ndarray, *, columns: int = 8) -> np.ndarray:
@@ -299,7 +404,7 @@ def save_sample_panels(path: str, panels: Mapping[str, np.ndarray], *, columns: 
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -344,5 +449,5 @@ def plot_forget_fraction(
     ax.set_ylim(bottom=0.0)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)

@@ -89,9 +89,11 @@ from gsu_jax import generative as families
 from gsu_jax import losses
 from gsu_jax import models
 from gsu_jax.checkpointing import (
+    CheckpointCorruptError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
     Checkpointer,
+    SkippedStep,
     WorkdirError,
     abstract_like,
     ensure_writable_directory,
@@ -129,6 +131,8 @@ _INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _SAMPLE_STREAM = 0, 1, 2, 3
 # Examples per chunk when evaluating held-out data (bounds activation memory of the conv models).
 _EVAL_CHUNK = 500
 _CHECKPOINTS = "checkpoints"
+# Where config.restore_fallback moves the checkpoints it skipped (beside <role>/checkpoints, outside orbax's view).
+_CORRUPT_CHECKPOINTS = "corrupt_checkpoints"
 # Models whose epochs run step by step on CPU (convolution gradients are slow inside XLA:CPU loops).
 _CONV_MODELS = frozenset({"conv_vae", "cnn_classifier", "ddpm_unet"})
 
@@ -533,7 +537,8 @@ def _plan(role: str, values: Mapping[str, Any], run_data: RunData) -> _RolePlan:
         nnx.eval_shape(lambda: spec.build(jax.random.key(0)))
     except (ValueError, TypeError) as err:
         raise ConfigError(f"config.{kwargs_field}={values[kwargs_field]!r} with config.{model_field}="
-                          f"{spec.model_name!r} cannot build a model for images {train.image_shape}: {err}") from err
+                          f"{spec.model_name!r} cannot build a model for images {train.image_shape} (the images of "
+                          f"{train.name!r}): {err}") from err
     return _RolePlan(role=role, spec=spec, train=train, heldout=run_data.heldout, key=_role_key(values["seed"], role),
                      # Fields only another family reads never change this model (old workdirs stay resumable).
                      identity={field: values[field] for field in fields_in_scope(role)
@@ -545,15 +550,60 @@ def _checkpoint_dir(role_dir: pathlib.Path) -> pathlib.Path:
     return role_dir / _CHECKPOINTS
 
 
-def _existing_checkpoint(plan: _RolePlan, role_dir: pathlib.Path) -> dict[str, Any] | None:
-    """The latest checkpoint's metadata if it belongs to this plan, ``None`` if there is none; else refuses."""
+def _newest_good_checkpoint(plan: _RolePlan, role_dir: pathlib.Path) -> tuple[dict[str, Any] | None,
+                                                                             list[SkippedStep]]:
+    """``config.restore_fallback``: the metadata of the newest checkpoint that verifies completely (files, arrays,
+    digests) and the newer steps passed over; ``(None, [])`` without checkpoints. Refuses like
+    :func:`_existing_checkpoint` a checkpoint of another run, and raises :class:`CheckpointCorruptError` when no
+    step verifies."""
+    directory = _checkpoint_dir(role_dir)
+    if not directory.is_dir():
+        return None, []
+    programs = _programs(plan.spec)
+    abstract_params = abstract_like(programs.abstract_params)
+    with Checkpointer(directory, create=False) as ckpt:
+        steps = ckpt.all_steps()
+        if not steps:
+            return None, []
+        # A checkpoint of another config would fail to restore like a damaged one: refuse it as what it is, from
+        # the newest metadata that reads (a directory's steps all come from one run).
+        for step in reversed(steps):
+            try:
+                _existing_checkpoint(plan, role_dir, step=step)
+                break
+            except CheckpointCorruptError:
+                continue
+        _, _, good, skipped = ckpt.restore_newest_good(
+            abstract_params=abstract_params,
+            abstract_opt_state=abstract_like(jax.eval_shape(programs.optimizer.init, abstract_params)))
+    return _existing_checkpoint(plan, role_dir, step=good["step"]), skipped
+
+
+def _set_aside_bad_steps(plan: _RolePlan, role_dir: pathlib.Path, skipped: list[SkippedStep]) -> list[dict[str, Any]]:
+    """Moves the steps :func:`_newest_good_checkpoint` passed over to ``<role>/corrupt_checkpoints/`` (the run
+    saves those step numbers again) and warns about each; returns what was moved, for the role's metrics."""
+    moved = []
+    if skipped:
+        with Checkpointer(_checkpoint_dir(role_dir), create=False) as ckpt:
+            for item in skipped:
+                destination = ckpt.set_aside(item.step, role_dir / _CORRUPT_CHECKPOINTS)
+                logging.warning("%s: skipped corrupt checkpoint step %d (%s); moved it to %s", plan.role, item.step,
+                                item.reason, destination)
+                moved.append({"step": item.step, "reason": item.reason, "moved_to": str(destination)})
+    return moved
+
+
+def _existing_checkpoint(plan: _RolePlan, role_dir: pathlib.Path, *, step: int | None = None
+                         ) -> dict[str, Any] | None:
+    """The latest checkpoint's (or ``step``'s) metadata if it belongs to this plan, ``None`` if there is none; else
+    refuses."""
     directory = _checkpoint_dir(role_dir)
     if not directory.is_dir():
         return None
     with Checkpointer(directory, create=False) as ckpt:
         if ckpt.latest_step() is None:
             return None
-        saved = ckpt.read_metadata()
+        saved = ckpt.read_metadata(step)
     differences = []
     if saved.get("role") != plan.role or saved.get("model") != plan.spec.model_name:
         differences.append(f"role/model: {saved.get('role')!r}/{saved.get('model')!r} -> "
@@ -825,9 +875,14 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
     data (loaded and split), the models (built abstractly from the config and the data's image shape), the
     workdir (created only then, probed for writing; free space for the checkpoints), and each role's existing
     checkpoint (same role, model, config fields in scope and training-data fingerprint, or
-    :class:`CheckpointMismatchError` naming the differences). Then each role trains from scratch or from its
-    latest checkpoint, is evaluated on the held-out data, and its metrics, history and (generative) sample grid
-    are written.
+    :class:`CheckpointMismatchError` naming the differences), every file of whose latest step is checked against
+    the sizes and digests recorded at save time. Then each role trains from scratch or from its latest checkpoint,
+    is evaluated on the held-out data, and its metrics, history and (generative) sample grid are written.
+
+    A latest checkpoint that fails verification is refused (:class:`CheckpointCorruptError` naming the step and
+    the file), unless ``config.restore_fallback``: then the newest step that verifies completely (files, arrays,
+    digests) is resumed from, and each newer step passed over is moved to ``<role>/corrupt_checkpoints/`` with a
+    warning naming it and why (also listed in the role's ``skipped_checkpoints``).
 
     Args:
         config: a train config (see :data:`gsu_jax.config_validation.TRAIN_SCHEMA`, ``configs/*.py``).
@@ -838,14 +893,16 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
     Returns:
         ``{role: metrics}``; generative metrics hold ``heldout_neg_elbo`` (and its terms) and ``samples_png``,
         classifier metrics ``heldout_accuracy`` and ``heldout_cross_entropy``; every role also ``num_train``,
-        ``steps``, ``final_train_loss``, ``nonfinite_steps``, ``resumed_from_step``, ``seconds`` and
-        ``checkpoint``.
+        ``steps``, ``final_train_loss``, ``nonfinite_steps``, ``resumed_from_step``, ``seconds``,
+        ``checkpoint`` and ``skipped_checkpoints`` (``[{"step", "reason", "moved_to"}]``, empty unless
+        ``restore_fallback`` passed over a bad step).
 
     Raises:
         ConfigError: an invalid config or data that cannot be used (one line, naming the field).
         WorkdirError: the workdir cannot be created or written, or lacks the space for the checkpoints.
         CheckpointMismatchError: the workdir holds a checkpoint of another config or data (without ``overwrite``).
-        CheckpointCorruptError: the latest checkpoint of a role cannot be read back intact.
+        CheckpointCorruptError: the latest checkpoint of a role cannot be read back intact (with
+            ``restore_fallback``: no checkpoint of the role can).
         TrainingDivergedError: the gradients stayed non-finite.
     """
     started = time.perf_counter()
@@ -858,17 +915,26 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
     run_data = prepare_data(values)
     plans = [_plan(role, values, run_data) for role in roles]
     workdir = ensure_writable_directory(workdir)
-    saved = {plan.role: None if overwrite else _existing_checkpoint(plan, workdir / plan.role) for plan in plans}
+    saved, skipped = {}, {}
+    for plan in plans:
+        if overwrite:
+            saved[plan.role], skipped[plan.role] = None, []
+        elif values["restore_fallback"]:
+            saved[plan.role], skipped[plan.role] = _newest_good_checkpoint(plan, workdir / plan.role)
+        else:
+            saved[plan.role], skipped[plan.role] = _existing_checkpoint(plan, workdir / plan.role), []
     _check_free_space(workdir, plans, values["max_to_keep"])
     if overwrite:
         for plan in plans:
             shutil.rmtree(workdir / plan.role, ignore_errors=True)
+    set_aside = {plan.role: _set_aside_bad_steps(plan, workdir / plan.role, skipped[plan.role]) for plan in plans}
 
     results = {}
     for plan in plans:
         role_dir = workdir / plan.role
         role_dir.mkdir(parents=True, exist_ok=True)
         results[plan.role] = _train_role(plan, role_dir, saved[plan.role], values, run_data)
+        results[plan.role]["skipped_checkpoints"] = set_aside[plan.role]
         logging.info("%s: %s", plan.role, {k: v for k, v in results[plan.role].items() if isinstance(v, float)})
     summary = {"workdir": str(workdir), "wall_seconds": round(time.perf_counter() - started, 2), "roles": results}
     (workdir / "summary.json").write_text(json.dumps(json_normalize(summary), indent=2) + "\n")

@@ -77,9 +77,26 @@ train config's ``guidance_scale``; its evaluation adds samples generated FROM th
 Amnesia): ``forget_label_class_prob`` (the evaluator's probability of that label), ``forget_label_accuracy`` and
 ``forget_label_entropy``. The guidance add-on (``guidance_weight > 0``) is VAE-only and refused for a DDPM.
 
+**Non-finite steps.** A step whose new parameters or optimizer state are not finite is skipped (parameters and
+optimizer state kept, the step's batch and key consumed) and counted: ``nonfinite_skipped`` in the log rows,
+``nonfinite_steps`` per seed and per method in the report. :data:`MAX_CONSECUTIVE_NONFINITE` skipped steps in a row
+stop the job with :class:`UnlearningDivergedError` (``unlearn.py`` exits 1), and parameters are checked finite
+before every save: a NaN model is never written.
+
+**Reproducibility and resumption.** Everything random derives from the config (see *Randomness*), so the same
+config gives the same report on the same device and software, except the fields listed in
+:data:`gsu_jax.reporting.VOLATILE_REPORT_FIELDS` (wall-clock times, the command line, which results were resumed).
+The report records the full config, the data fingerprints, the models' parameter digests, the package versions,
+JAX's numeric flags, the device and the code (git commit and a digest of the ``gsu_jax`` sources). Every finished
+(method, seed) run is saved atomically to ``results/<label>/seed_<s>.json``; a run killed at any point and re-run
+with the same command and workdir reads those back (after checking they were computed by the same config, code,
+packages, device and models, else it refuses to mix them), redoes the rest, and writes the same report.
+
 Outputs in the workdir: ``report.json``, ``report.md``, ``logs/<label>.csv`` (one row per seed and step),
-``samples/<label>.png`` (original / at stop / at end / oracle on the same z), ``forget_fraction.png``, and
-``unlearned/<label>/seed_<s>/`` (orbax, via :mod:`gsu_jax.checkpointing`) with the parameters at the stopping step.
+``samples/<label>.png`` (original / at stop / at end / oracle on the same z), ``forget_fraction.png``,
+``results/<label>/seed_<s>.json`` (each finished run), and ``unlearned/<label>/seed_<s>/`` (orbax, via
+:mod:`gsu_jax.checkpointing`) with the parameters at the stopping step. JSON, Markdown, CSV and PNG files are
+written atomically (a killed run leaves the previous file or none, never half of one).
 
 Example:
     >>> import ml_collections
@@ -92,10 +109,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import pathlib
 import platform
+import shutil
 import sys
 import time
 import zlib
@@ -126,10 +146,13 @@ from gsu_jax.config_validation import (
 )
 
 __all__ = [
+    "MAX_CONSECUTIVE_NONFINITE",
     "OPTIMIZERS",
     "UNLEARN_SCHEMA",
     "RunPlan",
+    "SavedResultError",
     "UnlearnConfigError",
+    "UnlearningDivergedError",
     "build_optimizer",
     "check_classifier_independence",
     "default_unlearn_config",
@@ -148,6 +171,18 @@ class UnlearnConfigError(ConfigError):
     """A request ``unlearn.py`` refuses before any work (exit status 2): one line, naming the value."""
 
 
+class UnlearningDivergedError(RuntimeError):
+    """A run's updates stayed non-finite (or a model to save is not finite); nothing of that run was saved."""
+
+
+class SavedResultError(checkpointing.CheckpointCorruptError):
+    """A (method, seed) result saved in the workdir is unreadable or damaged (``unlearn.py`` exits 1)."""
+
+
+# A run whose last this-many steps (or all its steps, for a shorter budget) had non-finite updates has diverged.
+MAX_CONSECUTIVE_NONFINITE = 5
+
+
 # Optimizers the config may name: optax factories taking the learning rate first.
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "rmsprop", "adabelief", "lion", "nadam", "radam")
 _SAVE_PARAMS = ("first_seed", "all", "none")
@@ -156,6 +191,13 @@ _GATED_TARGETS = ("oracle", "heldout")
 _EVAL_CHUNK = 1000
 # Built once at import: one compiled feature extractor per (graphdef, chunk shape), whatever the caller.
 _classifier_features = jax.jit(models.classifier_features, static_argnums=0)
+
+
+@jax.jit
+def _tree_all_finite(tree: Any) -> jax.Array:
+    """``bool[]``: every element of every leaf is finite (integer leaves always are)."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.bool_(True)
 # Independent key streams (folded into the root key by name).
 _ROOT_SEED = 0
 _DATA_STREAM = 1
@@ -618,6 +660,7 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
 
     if values["monitor_samples"] < 2:
         raise _refuse(f"config.monitor_samples={values['monitor_samples']} is too few; allowed: an integer >= 2")
+    _check_saved_results(workdir, values)
     return RunPlan(
         config=values,
         workdir=workdir,
@@ -857,8 +900,19 @@ def _batch_schedule(indices: np.ndarray, batch: int, steps: int, rng: np.random.
 
 
 def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: methods.UnlearningMethod,
-             params0, seed: int, threshold: float, start_fractions: tuple[float, float]) -> dict[str, Any]:
-    """One (method, seed) run: steps, monitoring, stopping; returns the trajectory and the two parameter sets."""
+             params0, seed: int, threshold: float, start_fractions: tuple[float, float], *,
+             label: str = "run") -> dict[str, Any]:
+    """One (method, seed) run: steps, monitoring, stopping; returns the trajectory and the two parameter sets.
+
+    Non-finite guard: a step whose new parameters or optimizer state are not finite (a NaN or infinite gradient
+    or update) is skipped -- the parameters and the optimizer state stay as they were, the step's batch and key
+    are consumed -- and counted (``nonfinite_steps``; the log row has ``nonfinite_skipped=1``). The check runs on
+    the step's outputs outside the compiled step, so finite runs execute exactly the program they always did.
+
+    Raises:
+        UnlearningDivergedError: the last :data:`MAX_CONSECUTIVE_NONFINITE` steps (all steps, for a shorter
+            budget) were skipped.
+    """
     config = plan.config
     budget = config["max_steps"]
     rng = np.random.default_rng([seed, _DATA_STREAM])
@@ -868,6 +922,8 @@ def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: meth
     keys = seed_step_keys(seed, budget)
 
     params, state = params0, method.init(params0)
+    divergence_window = min(MAX_CONSECUTIVE_NONFINITE, budget)
+    nonfinite_steps = consecutive_nonfinite = 0
     fractions, published = [start_fractions[0]], [start_fractions[1]]
     step_times, rows = [], [{"seed": seed, "step": 0, "forget_fraction": start_fractions[0],
                              "forget_fraction_published": start_fractions[1]}]
@@ -881,10 +937,23 @@ def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: meth
         retain_batch = jax.device_put(data_lib.as_batch(train, retain_schedule[t]))
         jax.block_until_ready((forget_batch, retain_batch))
         started = time.perf_counter()
-        params, state, step_metrics = compiled_step(params, state, forget_batch, retain_batch, keys[t])
-        jax.block_until_ready(params)
+        new_params, new_state, step_metrics = compiled_step(params, state, forget_batch, retain_batch, keys[t])
+        jax.block_until_ready(new_params)
         step_times.append(time.perf_counter() - started)
-        main, pub = evaluation.monitor(params)
+        finite = bool(_tree_all_finite((new_params, new_state)))
+        if finite:
+            params, state, consecutive_nonfinite = new_params, new_state, 0
+            main, pub = evaluation.monitor(params)
+        else:
+            # Skip the step: keep the parameters and optimizer state; the fractions are those of the kept model.
+            nonfinite_steps += 1
+            consecutive_nonfinite += 1
+            if consecutive_nonfinite >= divergence_window:
+                raise UnlearningDivergedError(
+                    f"{label} seed {seed} diverged: the last {consecutive_nonfinite} steps (up to step {t + 1}) had "
+                    "non-finite updates and were skipped; nothing of this run was saved. Lower the learning rate "
+                    "(config.optimizer.learning_rate or config.method_optimizers) or check the data")
+            main, pub = fractions[-1], published[-1]
         fractions.append(main)
         published.append(pub)
         if stop is None and main < threshold:
@@ -892,13 +961,14 @@ def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: meth
         if stop_published is None and pub < config["published_threshold"]:
             stop_published = t + 1
         rows.append({"seed": seed, "step": t + 1, "forget_fraction": main, "forget_fraction_published": pub,
-                     "step_time_ms": 1e3 * step_times[-1],
+                     "step_time_ms": 1e3 * step_times[-1], "nonfinite_skipped": int(not finite),
                      **{name: float(value) for name, value in step_metrics.items()}})
     return {
         "seed": seed,
         "stop": stop,
         "stop_published": stop_published,
         "steps_run": len(step_times),
+        "nonfinite_steps": nonfinite_steps,
         "fractions": fractions,
         "published_fractions": published,
         "step_times": step_times,
@@ -917,6 +987,7 @@ def _per_seed_record(run: dict[str, Any], at_stop: dict[str, float], at_end: dic
         "steps_to_published_threshold": run["stop_published"],
         "evaluated_at_step": run["stop"] if run["stop"] is not None else budget,
         "steps_run": run["steps_run"],
+        "nonfinite_steps": run.get("nonfinite_steps", 0),
         "step_time_ms": step_ms,
         "step_time_ms_mean": 1e3 * float(np.mean(run["step_times"])) if run["step_times"] else None,
         "time_to_unlearn_s": (None if run["stop"] is None or step_ms is None
@@ -962,6 +1033,7 @@ def _summarize_method(name: str, label: str, hparams: dict[str, Any], per_seed: 
         "compile_s": compile_seconds,
         "steps_to_threshold": metrics.summarize([r["steps_to_threshold"] for r in per_seed]),
         "steps_to_published_threshold": metrics.summarize([r["steps_to_published_threshold"] for r in per_seed]),
+        "nonfinite_steps": sum(r.get("nonfinite_steps", 0) for r in per_seed),
     }
     for key in summary_keys:
         summary[key] = metrics.summarize([r.get(key) for r in per_seed])
@@ -985,14 +1057,166 @@ def _code_version() -> dict[str, Any]:
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return {"git_commit": None, "git_dirty": None}
-    return {"git_commit": commit, "git_dirty": bool(dirty)}
+        return {"git_commit": None, "git_dirty": None, "source_digest": _source_digest()}
+    return {"git_commit": commit, "git_dirty": bool(dirty), "source_digest": _source_digest()}
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+    """sha256 of every ``gsu_jax`` source file (relative path and bytes, sorted): the code behind the numbers.
+
+    Unlike the git commit it also pins uncommitted changes, and it exists outside a git checkout.
+    """
+    root = pathlib.Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+# JAX settings that change numbers (precision, random bits) without changing any config field.
+_JAX_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_partitionable",
+              "jax_default_prng_impl")
+
+
+def _jax_flags() -> dict[str, Any]:
+    return {name: getattr(jax.config, name) for name in _JAX_FLAGS}
 
 
 def _device() -> str:
     device = jax.devices()[0]
     return f"{device.platform}:{device.device_kind} ({jax.device_count()} device(s), {platform.machine()}, " \
            f"{platform.processor() or 'cpu'})"
+
+
+# ------------------------------------------------------------------------------------------- saved results
+#
+# Each finished (method, seed) run is saved as ONE JSON file, results/<label>/seed_<s>.json, written atomically
+# (temporary file, fsync, rename) as the run's last act, after its sample grid and its unlearned parameters: the
+# file's presence means everything of that run is on disk. A re-run in the same workdir reads these files back
+# instead of recomputing the runs (the resumed report equals the uninterrupted one but for
+# reporting.VOLATILE_REPORT_FIELDS), after checking that each was computed by the same config, code, packages,
+# device and models; a run killed before its file was written is redone from its first step.
+
+_RESULT_FORMAT = "gsu_jax.unlearn_result/v1"
+_RESULTS_DIR = "results"
+# Config fields that choose which runs to do or where the models come from, not what one (method, seed) run
+# computes: saved runs stay valid when they change. The models enter a run's identity by their parameter digests,
+# the method's own optimizer and hyperparameters as resolved for it.
+_SELECTION_FIELDS = ("methods", "seeds", "first_seed", "progress", "checkpoint", "oracle_checkpoint", "train_dir",
+                     "optimizer", "method_optimizers", "method_hparams")
+_MAX_DIFFERENCES = 3
+
+
+def _json_round_trip(value: Any) -> Any:
+    """``value`` as JSON reads it back (key order and NaN kept): fresh and read-back results are the same object."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if isinstance(v, np.generic) else v.tolist()))
+
+
+def _environment_identity() -> dict[str, Any]:
+    """Besides the config, what fixes a run's numbers: code, package versions, Python, device, JAX flags."""
+    return {"code": _source_digest(), "versions": checkpointing.package_versions(),
+            "python": platform.python_version(), "device": _device(), "jax_flags": _jax_flags()}
+
+
+def _config_identity(config: Mapping[str, Any]) -> dict[str, Any]:
+    return _json_round_trip({key: value for key, value in config.items() if key not in _SELECTION_FIELDS})
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """``"path: saved -> current"`` for every leaf where two JSON values differ (dicts compared key by key)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        found = []
+        for key in list(saved) + [k for k in current if k not in saved]:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in saved or key not in current:
+                found.append(f"{path}: {'<unset>' if key not in saved else repr(saved[key])} -> "
+                             f"{'<unset>' if key not in current else repr(current[key])}")
+            else:
+                found.extend(_differences(saved[key], current[key], path))
+        return found
+    same = saved == current or (isinstance(saved, float) and isinstance(current, float)
+                                and math.isnan(saved) and math.isnan(current))
+    return [] if same else [f"{prefix}: {saved!r} -> {current!r}"]
+
+
+def _result_path(workdir: pathlib.Path, label: str, seed: int) -> pathlib.Path:
+    return workdir / _RESULTS_DIR / label / f"seed_{seed}.json"
+
+
+def _content_digest(content: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _read_result(path: pathlib.Path) -> dict[str, Any]:
+    """A saved result, checked against the digest stored with it; :class:`SavedResultError` names a bad file."""
+    remedy = "delete it to recompute that run"
+    try:
+        saved = json.loads(path.read_text())
+        content = saved["content"]
+        intact = saved["format"] == _RESULT_FORMAT and saved["digest"] == _content_digest(content)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SavedResultError(f"saved result {str(path)!r} is unreadable ({type(err).__name__}: "
+                               f"{' '.join(str(err).split())[:120]}); {remedy}") from err
+    if not intact:
+        raise SavedResultError(f"saved result {str(path)!r} is damaged or was edited (its content does not match "
+                               f"the digest saved with it); {remedy}")
+    return content
+
+
+def _mismatch_message(path: pathlib.Path, workdir: pathlib.Path, differences: Sequence[str]) -> str:
+    shown = "; ".join(differences[:_MAX_DIFFERENCES])
+    more = f" (and {len(differences) - _MAX_DIFFERENCES} more)" if len(differences) > _MAX_DIFFERENCES else ""
+    return (f"workdir {str(workdir)!r} holds results of another run, which are not mixed with this one: "
+            f"{str(path.relative_to(workdir))!r} differs in {shown}{more}; use another workdir, or delete "
+            f"{str(workdir / _RESULTS_DIR)!r} to recompute every run")
+
+
+def _check_saved_results(workdir: pathlib.Path, config: Mapping[str, Any]) -> None:
+    """Refuses (before any work) a workdir whose saved runs used another config, code, packages or device.
+
+    A damaged saved result is refused too, chained to its :class:`SavedResultError` (``unlearn.py`` exits 1 for
+    damage on disk, 2 for a workdir of another run).
+    """
+    directory = workdir / _RESULTS_DIR
+    if not directory.is_dir():
+        return
+    current = {"config": _config_identity(config), **_environment_identity()}
+    for path in sorted(directory.glob("*/seed_*.json")):
+        try:
+            identity = _read_result(path)["identity"]
+        except SavedResultError as err:
+            raise _refuse(str(err)) from err
+        differences = _differences({key: identity.get(key) for key in current}, current)
+        if differences:
+            raise _refuse(_mismatch_message(path, workdir, differences))
+
+
+def _load_result(workdir: pathlib.Path, label: str, seed: int, identity: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The saved result of (label, seed), or ``None``.
+
+    Raises:
+        SavedResultError: the file is unreadable or damaged.
+        checkpointing.CheckpointMismatchError: it was computed by another run (config, code, models, ...).
+    """
+    path = _result_path(workdir, label, seed)
+    if not path.is_file():
+        return None
+    content = _read_result(path)
+    differences = _differences(content["identity"], _json_round_trip(identity))
+    if differences:
+        raise checkpointing.CheckpointMismatchError(_mismatch_message(path, workdir, differences))
+    return content
+
+
+def _save_result(workdir: pathlib.Path, label: str, seed: int, content: Mapping[str, Any]) -> dict[str, Any]:
+    """Writes a finished run's result atomically; returns it as it reads back (what the report is built from)."""
+    content = _json_round_trip(content)
+    path = _result_path(workdir, label, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with reporting.atomic_file(path) as handle:
+        json.dump({"format": _RESULT_FORMAT, "digest": _content_digest(content), "content": content}, handle)
+    return content
 
 
 def _train_missing(plan: RunPlan) -> dict[str, Any]:
@@ -1069,6 +1293,11 @@ def execute(plan: RunPlan) -> dict[str, Any]:
 
     method_reports: dict[str, Any] = {}
     curves: dict[str, list[list[float]]] = {}
+    resumed: list[str] = []
+    model_digests = {"original": generator.metadata["params_digest"], "oracle": oracle.metadata["params_digest"],
+                     **{role: digest for role, digest in integrity.items() if role.endswith("params_digest")}}
+    run_identity = {"config": _config_identity(config), **_environment_identity(), "models": model_digests,
+                    "threshold": threshold, "gated_target": gated_target}
     for name in plan.method_names:
         label = plan.label(name)
         hparams = dict(plan.method_hparams.get(name, {}))
@@ -1078,47 +1307,48 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         method = methods.make_method(name, loss_fn=evaluation.loss_fn, optimizer=build_optimizer(optimizer_spec),
                                      guidance_loss=guidance_loss, guidance_weight=config["guidance_weight"],
                                      **hparams)
-        # Compile once per method, ahead of time, on the shapes every seed uses.
-        example_state = method.init(generator.params)
-        forget_example = jax.device_put(data_lib.as_batch(plan.run_data.train, plan.forget_idx[:1].repeat(
-            config["batch_size"])))
-        retain_example = jax.device_put(data_lib.as_batch(plan.run_data.train, plan.retain_idx[:1].repeat(
-            config["retain_batch_size"])))
-        compile_started = time.perf_counter()
-        compiled_step = jax.jit(method.step).lower(generator.params, example_state, forget_example, retain_example,
-                                                   seed_step_keys(0, 1)[0]).compile()
-        compile_seconds = time.perf_counter() - compile_started
-        _progress(plan, f"{label}: step compiled in {compile_seconds:.1f} s")
+        identities = {seed: {**run_identity, "method": label, "hparams": hparams, "optimizer": optimizer_spec,
+                             "seed": seed} for seed in plan.seeds}
+        saved = {seed: _load_result(workdir, label, seed, identities[seed]) for seed in plan.seeds}
+        compiled_step, compile_seconds = None, None
+        if any(result is None for result in saved.values()):
+            # Compile once per method, ahead of time, on the shapes every seed uses.
+            example_state = method.init(generator.params)
+            forget_example = jax.device_put(data_lib.as_batch(plan.run_data.train, plan.forget_idx[:1].repeat(
+                config["batch_size"])))
+            retain_example = jax.device_put(data_lib.as_batch(plan.run_data.train, plan.retain_idx[:1].repeat(
+                config["retain_batch_size"])))
+            compile_started = time.perf_counter()
+            compiled_step = jax.jit(method.step).lower(generator.params, example_state, forget_example,
+                                                       retain_example, seed_step_keys(0, 1)[0]).compile()
+            compile_seconds = time.perf_counter() - compile_started
+            _progress(plan, f"{label}: step compiled in {compile_seconds:.1f} s")
 
         per_seed, rows = [], []
         curves[label] = []
         for seed in plan.seeds:
-            run = _run_one(plan, evaluation, compiled_step, method, generator.params, seed, threshold,
-                           start_fractions)
-            at_stop = evaluation.evaluate(run["params_at_stop"], plan.forget_classes)
-            at_end = None
-            if run["params_at_end"] is not None:
-                at_end = at_stop if run["stop"] is None else evaluation.evaluate(run["params_at_end"],
-                                                                                 plan.forget_classes)
-            per_seed.append(_per_seed_record(run, at_stop, at_end, budget))
-            _progress(plan, f"{label} seed {seed}: stop {run['stop']} (published rule {run['stop_published']}), "
-                            f"FID retain {at_stop['fid_retain']:.2f} -> "
-                            f"{'n/a' if at_end is None else format(at_end['fid_retain'], '.2f')}, "
-                            f"step {per_seed[-1]['step_time_ms'] or float('nan'):.1f} ms")
-            rows.extend(run["rows"])
-            curves[label].append(run["fractions"])
-            first = seed == plan.seeds[0]
-            if first:
-                panels = {"original": original_grid,
-                          f"{label} at stop (step {per_seed[-1]['evaluated_at_step']})":
-                              evaluation.grid(run["params_at_stop"], config["grid_samples"])}
-                if run["params_at_end"] is not None:
-                    panels[f"at end (step {budget})"] = evaluation.grid(run["params_at_end"], config["grid_samples"])
-                panels["oracle"] = oracle_grid
-                reporting.save_sample_panels(str(workdir / "samples" / f"{label}.png"), panels)
-            if config["save_params"] == "all" or (config["save_params"] == "first_seed" and first):
-                _save_unlearned(workdir / "unlearned" / label / f"seed_{seed}", run, per_seed[-1], plan, label,
-                                hparams, generator)
+            result = saved[seed]
+            if result is None:
+                result = _run_seed(plan, evaluation, compiled_step, method, generator, seed, threshold,
+                                   start_fractions, label=label, hparams=hparams, compile_seconds=compile_seconds,
+                                   grids=(original_grid, oracle_grid), identity=identities[seed])
+            else:
+                resumed.append(f"{label} seed {seed}")
+                _progress(plan, f"{label} seed {seed}: finished before; read back from "
+                                f"{_result_path(workdir, label, seed)}")
+            if compile_seconds is None:  # every seed was read back: the compile time of the run that did them
+                compile_seconds = result["compile_s"]
+            record = result["record"]
+            per_seed.append(record)
+            at_end = record.get("fid_retain_at_end")
+            _progress(plan, f"{label} seed {seed}: stop {record['steps_to_threshold']} (published rule "
+                            f"{record['steps_to_published_threshold']}), FID retain "
+                            f"{record['fid_retain_at_stop']:.2f} -> {'n/a' if at_end is None else format(at_end, '.2f')}"
+                            f", step {record['step_time_ms'] or float('nan'):.1f} ms"
+                            + (f", {record['nonfinite_steps']} non-finite step(s) skipped"
+                               if record["nonfinite_steps"] else ""))
+            rows.extend(result["rows"])
+            curves[label].append(result["fractions"])
         reporting.write_step_csv(str(workdir / "logs" / f"{label}.csv"), rows)
         method_reports[label] = _summarize_method(
             name, label, hparams, per_seed, compile_seconds, plan.guided,
@@ -1149,6 +1379,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
             "spec": config["train"]["data"],
             "fingerprint": plan.run_data.source_fingerprint,
             "train_fingerprint": plan.run_data.train.fingerprint(),
+            "heldout_fingerprint": plan.run_data.heldout.fingerprint(),
             "num_train": len(plan.run_data.train),
             "num_forget_train": int(plan.forget_idx.size),
             "num_retain_train": int(plan.retain_idx.size),
@@ -1161,12 +1392,16 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         },
         "integrity": integrity,
         "generative": _generative_record(evaluation, config),
-        "versions": checkpointing.package_versions(),
+        "versions": {**checkpointing.package_versions(), "python": platform.python_version()},
+        "jax_flags": _jax_flags(),
         "code": _code_version(),
         "device": _device(),
         "original": original_eval,
         "oracle": oracle_eval,
         "methods": method_reports,
+        "reproducibility": {"volatile_fields": list(reporting.VOLATILE_REPORT_FIELDS),
+                            "volatile_log_columns": list(reporting.VOLATILE_LOG_COLUMNS)},
+        "resumed": resumed,
         "timing": {"training_s": training_record["seconds"], "total_s": time.perf_counter() - started},
     }
     reporting.plot_forget_fraction(str(workdir / "forget_fraction.png"), curves, threshold=threshold,
@@ -1221,9 +1456,52 @@ def _jsonable_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(checkpointing.json_normalize(dict(config))))
 
 
+def _run_seed(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: methods.UnlearningMethod,
+              generator: training.TrainedModel, seed: int, threshold: float, start_fractions: tuple[float, float], *,
+              label: str, hparams: dict[str, Any], compile_seconds: float, grids: tuple[np.ndarray, np.ndarray],
+              identity: dict[str, Any]) -> dict[str, Any]:
+    """Runs and evaluates one (method, seed), writes its grid and unlearned model, then its result (last)."""
+    config, workdir, budget = plan.config, plan.workdir, plan.config["max_steps"]
+    run = _run_one(plan, evaluation, compiled_step, method, generator.params, seed, threshold, start_fractions,
+                   label=label)
+    at_stop = evaluation.evaluate(run["params_at_stop"], plan.forget_classes)
+    at_end = None
+    if run["params_at_end"] is not None:
+        at_end = at_stop if run["stop"] is None else evaluation.evaluate(run["params_at_end"], plan.forget_classes)
+    record = _per_seed_record(run, at_stop, at_end, budget)
+    record["params_digest_at_stop"] = checkpointing.state_digest(run["params_at_stop"])
+    record["params_digest_at_end"] = (None if run["params_at_end"] is None
+                                      else checkpointing.state_digest(run["params_at_end"]))
+    first = seed == plan.seeds[0]
+    if first:
+        original_grid, oracle_grid = grids
+        panels = {"original": original_grid,
+                  f"{label} at stop (step {record['evaluated_at_step']})":
+                      evaluation.grid(run["params_at_stop"], config["grid_samples"])}
+        if run["params_at_end"] is not None:
+            panels[f"at end (step {budget})"] = evaluation.grid(run["params_at_end"], config["grid_samples"])
+        panels["oracle"] = oracle_grid
+        reporting.save_sample_panels(str(workdir / "samples" / f"{label}.png"), panels)
+    saved_params = config["save_params"] == "all" or (config["save_params"] == "first_seed" and first)
+    if saved_params:
+        _save_unlearned(workdir / "unlearned" / label / f"seed_{seed}", run, record, plan, label, hparams, generator)
+    return _save_result(workdir, label, seed, {
+        "identity": identity, "record": record, "rows": run["rows"], "fractions": run["fractions"],
+        "compile_s": compile_seconds, "unlearned_saved": saved_params})
+
+
 def _save_unlearned(directory: pathlib.Path, run: dict[str, Any], record: dict[str, Any], plan: RunPlan,
                     label: str, hparams: dict[str, Any], generator: training.TrainedModel) -> None:
-    """Saves the parameters at the stopping step (the unlearned model) with orbax, with what produced them."""
+    """Saves the parameters at the stopping step (the unlearned model) with orbax, with what produced them.
+
+    Refuses non-finite parameters (nothing is written). A directory left by an earlier, interrupted attempt at
+    this run is replaced: its run had not finished (its result file, written after this, was missing).
+    """
+    if not bool(_tree_all_finite(run["params_at_stop"])):
+        raise UnlearningDivergedError(f"{label} seed {run['seed']}: the parameters at step "
+                                      f"{record['evaluated_at_step']} are not finite; refusing to save them to "
+                                      f"{str(directory)!r}")
+    shutil.rmtree(directory, ignore_errors=True)
     with checkpointing.Checkpointer(directory, max_to_keep=1) as ckpt:
         ckpt.save(record["evaluated_at_step"], run["params_at_stop"], metadata={
             "role": "unlearned",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pathlib
+import re
 import struct
 import subprocess
 import sys
@@ -587,3 +588,66 @@ def test_load_indices_file_refusals(tmp_path):
     np.save(matrix, np.zeros((2, 2), np.int64))
     with pytest.raises(ValueError, match=r"matrix.npy: must hold a 1-D integer array, got shape \(2, 2\)"):
         data.load_indices_file(matrix)
+
+
+# ------------------------------------------------------------------------------------------ malformed IDX (property)
+
+IDX_PROPERTY = settings(max_examples=60, deadline=None)
+
+
+@IDX_PROPERTY
+@given(
+    which=st.sampled_from(["images", "labels"]),
+    magic=st.one_of(st.just(None), st.integers(0, 2**32 - 1)),
+    dims=st.one_of(st.just(None), st.lists(st.integers(0, 2**32 - 1), min_size=3, max_size=3)),
+    cut=st.one_of(st.just(None), st.integers(0, 200)),
+    extra=st.binary(max_size=8),
+    gz=st.booleans(),
+)
+def test_malformed_idx_files_load_exactly_or_are_refused_naming_the_file(tmp_path_factory, which, magic, dims, cut,
+                                                                        extra, gz):
+    """A valid IDX pair with one file's magic number, header counts, length or trailing bytes drawn at random (raw
+    or gzipped): it loads exactly the data written, or raises ValueError naming that file -- never another
+    exception type, never a hang (header counts up to 2**32 - 1 claim terabytes: checked before allocating)."""
+    directory = tmp_path_factory.mktemp("idx")
+    images, labels = tiny_digits(count=6, rows=3, cols=2)
+    images_path, labels_path = write_idx(directory, "p", images, labels, gz=False)
+    target = images_path if which == "images" else labels_path
+    raw = bytearray(target.read_bytes())
+    if magic is not None:
+        raw[:4] = struct.pack(">I", magic)
+    if dims is not None:
+        count = 3 if which == "images" else 1
+        raw[4: 4 + 4 * count] = struct.pack(f">{count}I", *dims[:count])
+    if cut is not None:
+        del raw[cut:]
+    raw += extra
+    if gz:
+        target.unlink()
+        target = target.with_name(target.name + ".gz")
+        target.write_bytes(gzip.compress(bytes(raw)))
+    else:
+        target.write_bytes(bytes(raw))
+    try:
+        dataset = data.load_dataset(f"idx:{directory}")
+    except ValueError as err:
+        assert target.name in str(err), str(err)
+        return
+    # Accepted: then it must be exactly the pair that was written (only harmless edits survive).
+    np.testing.assert_array_equal(np.rint(dataset.images[..., 0] * 255).astype(np.uint8), images)
+    np.testing.assert_array_equal(dataset.labels, labels)
+
+
+@IDX_PROPERTY
+@given(payload=st.binary(max_size=64), gz=st.booleans())
+def test_random_bytes_as_an_idx_file_are_refused_naming_the_file(tmp_path_factory, payload, gz):
+    directory = tmp_path_factory.mktemp("idx")
+    images, labels = tiny_digits(count=4, rows=2, cols=2)
+    images_path, _ = write_idx(directory, "p", images, labels, gz=False)
+    if gz:
+        images_path.unlink()
+        images_path = images_path.with_name(images_path.name + ".gz")
+        payload = gzip.compress(payload) if len(payload) % 2 else payload  # also bytes that are not gzip at all
+    images_path.write_bytes(payload)
+    with pytest.raises(ValueError, match=re.escape(images_path.name)):
+        data.load_dataset(f"idx:{directory}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -58,6 +59,34 @@ def test_workdir_of_another_config_is_refused_with_status_2(smoke_run):
     assert first.returncode == 0
     other = run_train("--config", SMOKE, "--workdir", str(workdir), "--config.latent_dim=3")
     assert_usage_error(other, "latent_dim: 2 -> 3", "--overwrite")
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_exits_1_without_traceback_and_restore_fallback_resumes(smoke_run, tmp_path):
+    """The OCDBT index of the latest step damaged on disk: one line naming step and file, exit 1, and no
+    traceback from orbax/tensorstore threads at exit; --config.restore_fallback=True resumes from the step before."""
+    reference, first = smoke_run
+    assert first.returncode == 0
+    workdir = tmp_path / "copy"
+    shutil.copytree(reference, workdir)
+    steps = sorted(int(p.name) for p in (workdir / "generative" / "checkpoints").iterdir() if p.name.isdigit())
+    index = workdir / "generative" / "checkpoints" / str(steps[-1]) / "params" / "manifest.ocdbt"
+    index.write_bytes(bytes(byte ^ 0xFF for byte in index.read_bytes()))
+    refused = run_train("--config", SMOKE, "--workdir", str(workdir), "--config.roles=generative")
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in refused.stderr and "Event loop" not in refused.stderr, lines
+    assert f"checkpoint step {steps[-1]}" in lines[0] and f"file '{index}'" in lines[0]
+    assert "--config.restore_fallback=True" in lines[0]
+
+    resumed = run_train("--config", SMOKE, "--workdir", str(workdir), "--config.roles=generative",
+                        "--config.restore_fallback=True")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"skipped corrupt checkpoint step {steps[-1]}" in resumed.stderr and "Traceback" not in resumed.stderr
+    assert f"resumed from step {steps[-2]} (skipped corrupt step {steps[-1]}" in resumed.stdout
+    # The run ends where the uninterrupted one did: same held-out -ELBO line.
+    elbo = lambda text: text.split("held-out -ELBO ")[1].split(" ")[0]  # noqa: E731
+    assert elbo(resumed.stdout) == elbo(first.stdout)
 
 
 @pytest.mark.parametrize(

@@ -211,6 +211,86 @@ def test_corrupt_latest_checkpoint_is_refused_naming_step_and_path(tmp_path, ref
         assert f"step {step}" in str(excinfo.value) and str(step_dir) in str(excinfo.value)
 
 
+def _damage_largest_params_file(step_dir: pathlib.Path) -> pathlib.Path:
+    data_file = max((p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
+                    key=lambda p: p.stat().st_size)
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])  # truncated on disk
+    return data_file
+
+
+def test_restore_fallback_resumes_from_the_newest_good_checkpoint_and_ends_bit_identical(tmp_path, reference):
+    """Latest generative step truncated: refused before any work without the flag (naming step and file); with
+    ``restore_fallback`` the run resumes from the step before, sets the bad one aside, and ends identical."""
+    reference_dir, results = reference
+    workdir = tmp_path / "copy"
+    shutil.copytree(reference_dir, workdir)
+    final = results["generative"]["steps"]
+    steps = _steps(workdir, "generative")
+    assert steps[-1] == final and len(steps) >= 2
+    bad_file = _damage_largest_params_file(workdir / "generative" / "checkpoints" / str(final))
+    config = smoke_config(roles="generative")
+    before = {path: path.stat().st_mtime_ns for path in workdir.rglob("*")}
+    with pytest.raises(checkpointing.CheckpointCorruptError) as excinfo:
+        training.train_and_evaluate(config, workdir)
+    message = str(excinfo.value)
+    assert f"step {final}" in message and f"file '{bad_file}' is truncated" in message
+    assert f"earlier steps {', '.join(map(str, steps[:-1]))} remain" in message
+    assert "--config.restore_fallback=True" in message
+    assert {path: path.stat().st_mtime_ns for path in workdir.rglob("*")} == before  # refused before any work
+
+    again = training.train_and_evaluate(smoke_config(roles="generative", restore_fallback=True), workdir)
+    skipped = again["generative"]["skipped_checkpoints"]
+    assert [item["step"] for item in skipped] == [final] and str(bad_file) in skipped[0]["reason"]
+    moved = pathlib.Path(skipped[0]["moved_to"])
+    assert moved.parent == workdir / "generative" / "corrupt_checkpoints" and moved.is_dir()
+    assert again["generative"]["resumed_from_step"] == steps[-2]
+    resumed = training.load_trained(workdir, "generative")
+    uninterrupted = training.load_trained(reference_dir, "generative")
+    chex.assert_trees_all_equal(resumed.params, uninterrupted.params)  # bit for bit
+    assert again["generative"]["heldout_neg_elbo"] == results["generative"]["heldout_neg_elbo"]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["roles"]["generative"]["skipped_checkpoints"] == skipped
+    # A checkpoint of another config is refused as such, not skipped as if damaged.
+    with pytest.raises(checkpointing.CheckpointMismatchError, match=r"latent_dim: 2 -> 3"):
+        training.train_and_evaluate(smoke_config(roles="generative", latent_dim=3, restore_fallback=True), workdir)
+
+
+def test_restore_fallback_refuses_when_no_checkpoint_verifies(tmp_path, reference):
+    reference_dir, _ = reference
+    workdir = tmp_path / "copy"
+    shutil.copytree(reference_dir / "evaluator", workdir / "evaluator")
+    for step in _steps(workdir, "evaluator"):
+        _damage_largest_params_file(workdir / "evaluator" / "checkpoints" / str(step))
+    with pytest.raises(checkpointing.CheckpointCorruptError, match=r"no checkpoint in .* verifies: step \d+: file"):
+        training.train_and_evaluate(smoke_config(roles="evaluator", restore_fallback=True), workdir)
+
+
+def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
+    real_disk_usage = shutil.disk_usage
+
+    def nearly_full(path):
+        total, used, _ = real_disk_usage(path)
+        return type(real_disk_usage(path))(total, used, 3 * 2**20)  # 3 MiB free
+
+    monkeypatch.setattr(training.shutil, "disk_usage", nearly_full)
+    workdir = tmp_path / "full"
+    with pytest.raises(checkpointing.WorkdirError, match=r"has 3\.0 MiB free; the checkpoints of this run need "
+                                                         r"about \d+\.\d MiB"):
+        training.train_and_evaluate(smoke_config(), workdir)
+    assert list(workdir.iterdir()) == []  # nothing trained or written
+
+
+def test_workdir_that_is_a_file_or_unwritable_is_refused_before_training(tmp_path):
+    from test_checkpointing import unwritable_directory
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for workdir, expected in ((a_file, "exists and is not a directory"), (a_file / "below", "cannot be created"),
+                              (unwritable_directory(tmp_path), "is not writable")):
+        with pytest.raises(checkpointing.WorkdirError, match=expected):
+            training.train_and_evaluate(smoke_config(), workdir)
+
+
 def test_load_trained_gives_a_usable_model(reference):
     workdir, results = reference
     evaluator = training.load_trained(workdir, "evaluator")
@@ -251,6 +331,47 @@ def test_diverging_training_stops_with_an_error_and_writes_no_nan_model(tmp_path
         # Whatever was saved before the divergence was detected is finite.
         with checkpointing.Checkpointer(workdir / "generative" / "checkpoints") as ckpt:
             assert ckpt.read_metadata(step)["consecutive_nonfinite"] < 18
+
+
+def test_a_nan_gradient_skips_exactly_its_step_counts_it_and_the_rest_is_a_replay_without_it():
+    """One poisoned example (its loss times NaN: NaN gradients) in batch 1 of 3: that step is skipped (parameters
+    and Adam state untouched), flagged and counted; the epoch equals a replay of steps 0 and 2 alone."""
+    graphdef, params = nnx.split(models.build_model("mlp_classifier", hidden=8, rngs=nnx.Rngs(0)))
+    base = losses.cross_entropy(graphdef)
+    poison = 10  # a label no real example has
+
+    def loss_fn(params, example, key):
+        real = {"image": example["image"], "label": example["label"] % poison}
+        return base(params, real, key) * jnp.where(example["label"] == poison, jnp.nan, 1.0)
+
+    inner = optax.adam(1e-2)
+    optimizer = optax.apply_if_finite(inner, max_consecutive_errors=int(np.iinfo(np.int32).max))
+    data = training.prepare_data(smoke_config())
+    images, labels = np.asarray(data.evaluator.images[:300]), np.asarray(data.evaluator.labels[:300]).copy()
+    key = jax.random.key(5)
+    # The epoch's plan, as make_train_epoch documents it: a permutation cut into batches, one key per step.
+    order_key, steps_key = jax.random.split(key)
+    order = np.asarray(jax.random.permutation(order_key, 300))[:192].reshape(3, 64)
+    step_keys = jax.random.split(steps_key, 3)
+    labels[order[1, 7]] = poison
+    epoch = training.make_train_epoch(loss_fn, optimizer, num_batches=3, batch_size=64)
+    start = jax.tree.map(jnp.copy, params)
+    out_params, out_state, batch_losses, finite = epoch(start, optimizer.init(start), jnp.asarray(images),
+                                                        jnp.asarray(labels), key)
+    assert np.asarray(finite).tolist() == [True, False, True]
+    assert np.isnan(np.asarray(batch_losses)[1]) and np.isfinite(np.asarray(batch_losses)[[0, 2]]).all()
+    assert int(out_state.total_notfinite) == 1
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(out_params))
+
+    replay_params, replay_state = params, inner.init(params)
+    batch_loss = losses.batch_mean(base)
+    for index in (0, 2):
+        batch = {"image": jnp.asarray(images[order[index]]), "label": jnp.asarray(labels[order[index]])}
+        _, loss_key = jax.random.split(step_keys[index])
+        grads = jax.grad(batch_loss)(replay_params, batch, loss_key)
+        updates, replay_state = inner.update(grads, replay_state, replay_params)
+        replay_params = optax.apply_updates(replay_params, updates)
+    chex.assert_trees_all_close(out_params, replay_params, rtol=1e-5, atol=1e-6)
 
 
 def test_random_translate_is_a_zero_filled_shift():
@@ -346,6 +467,15 @@ def test_missing_field_is_refused():
     del values["kl_weight"]
     with pytest.raises(ConfigError, match=r"config\.kl_weight is missing"):
         validate_train_config(values)
+
+
+def test_optional_field_missing_from_an_older_config_takes_its_default():
+    """Configs saved in checkpoints before restore_fallback existed still validate (it never changes results)."""
+    values = dict(smoke_config().items())
+    del values["restore_fallback"]
+    assert validate_train_config(values)["restore_fallback"] is False
+    assert "restore_fallback" not in values
+    assert config_validation.TRAIN_SCHEMA["restore_fallback"].scope == "run"
 
 
 def test_a_model_the_data_cannot_feed_is_refused_before_training(tmp_path):

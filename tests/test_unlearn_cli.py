@@ -83,6 +83,12 @@ def test_end_to_end_files(smoke_run):
         same_as_original = metadata["params_digest"] == report["models"]["original"]["params_digest"]
         assert same_as_original == (stopped_at == 0)
         assert not (workdir / "unlearned" / label / "seed_1").exists()  # save_params="first_seed"
+        # Each finished run is saved for resumption, and its numbers are the report's.
+        for record in report["methods"][label]["per_seed"]:
+            saved = unlearning._read_result(workdir / "results" / label / f"seed_{record['seed']}.json")
+            assert saved["record"]["fid_retain_at_stop"] == record["fid_retain_at_stop"]
+            assert saved["identity"]["seed"] == record["seed"] and saved["identity"]["method"] == label
+    assert report["resumed"] == [] and not list(workdir.rglob(".*.tmp-*"))
     assert (workdir / "forget_fraction.png").read_bytes()[:4] == b"\x89PNG"
 
 

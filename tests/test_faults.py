@@ -1,0 +1,365 @@
+"""Faults caused for real: SIGKILLed runs resumed, NaN gradients, diverging runs, damaged or foreign saved results.
+
+* ``train.py`` and ``unlearn.py`` subprocesses are killed with SIGKILL at a random (seeded) moment after their first
+  checkpoint / first finished (method, seed) result reaches the disk, re-run with the same command and workdir, and
+  must end bit-identical to an uninterrupted run started beside them. A kill that comes too late (the process had
+  already finished) is retried on a fresh workdir with no delay, so every assertion is about a real interruption.
+* NaN gradients are injected through the loss (NaN on marked forget examples; data with NaN pixels is refused by
+  the loader) into the real compiled step of a real method: the poisoned steps are skipped and counted and the result equals a replay without them; poison on
+  every step stops the run with an error; ``unlearn.py`` with an exploding learning rate exits 1 in one line and
+  writes no model.
+* Saved results that were edited, or computed by another config or other models, are refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from gsu_jax import checkpointing, losses, methods, models, reporting, training, unlearning
+from gsu_jax import data as data_lib
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+ROLES = ("generative", "evaluator", "guidance")
+TRAIN = ("train.py", "--config", "configs/smoke.py")
+# One guided method, two seeds, three steps: two results, so a kill after the first leaves one to redo.
+UNLEARN = ("unlearn.py", "--config", "configs/unlearn_smoke.py", "--config.methods=sa", "--config.seeds=2",
+           "--config.save_params=all")
+KILL_DELAYS = random.Random(8)  # seeded: the kill moments are random but the same on every test run
+
+pytestmark = pytest.mark.slow
+
+
+def _start(args: tuple[str, ...], workdir: pathlib.Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args, "--workdir", str(workdir), *extra], cwd=REPO, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _finish(process: subprocess.Popen) -> None:
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+
+
+def _kill_after(args: tuple[str, ...], workdir: pathlib.Path, extra: tuple[str, ...],
+                saved: Callable[[pathlib.Path], bool], finished: Callable[[pathlib.Path], bool]) -> pathlib.Path:
+    """Starts a run, SIGKILLs it a random moment after ``saved(workdir)`` holds; returns the interrupted workdir.
+
+    If the run finished before the kill landed, it is started again on a fresh workdir and killed at once.
+    """
+    for attempt, delay in enumerate((KILL_DELAYS.uniform(0.0, 1.0), 0.0)):
+        target = workdir.with_name(f"{workdir.name}_{attempt}")
+        process = _start(args, target, *extra)
+        deadline = time.monotonic() + 600
+        while not saved(target) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+        assert saved(target), f"the run ended before saving anything (status {process.returncode}): {stderr[-2000:]}"
+        if process.returncode == -signal.SIGKILL and not finished(target):
+            return target
+    pytest.fail("both runs finished before the SIGKILL landed")
+
+
+def _train_checkpoint_saved(workdir: pathlib.Path) -> bool:
+    return any(path.name.isdigit() for path in workdir.glob("*/checkpoints/*"))
+
+
+def _unlearn_result_saved(workdir: pathlib.Path) -> bool:
+    return any(workdir.glob("results/*/seed_*.json"))
+
+
+@pytest.fixture(scope="module")
+def train_runs(tmp_path_factory):
+    """An uninterrupted train.py run, the oracle's, and a run SIGKILLed after its first checkpoint, re-run."""
+    root = tmp_path_factory.mktemp("faults_train")
+    reference = _start(TRAIN, root / "reference")
+    oracle = _start(TRAIN, root / "oracle", "--config.exclude_classes=1", "--config.roles=generative")
+    interrupted = _kill_after(TRAIN, root / "killed", (), _train_checkpoint_saved,
+                              lambda workdir: (workdir / "summary.json").exists())
+    steps_at_kill = {role: sorted(int(p.name) for p in (interrupted / role / "checkpoints").glob("*")
+                                  if p.name.isdigit())
+                     for role in ROLES if (interrupted / role / "checkpoints").is_dir()}
+    rerun = _start(TRAIN, interrupted)
+    for process in (reference, oracle, rerun):
+        _finish(process)
+    return types.SimpleNamespace(reference=root / "reference", oracle=root / "oracle", resumed=interrupted,
+                                 steps_at_kill=steps_at_kill)
+
+
+@pytest.fixture(scope="module")
+def unlearn_runs(train_runs, tmp_path_factory):
+    """Beside an uninterrupted unlearn.py run: one SIGKILLed after its first saved result and re-run, and one that
+    diverges (learning rate 1e30)."""
+    root = tmp_path_factory.mktemp("faults_unlearn")
+    models_args = (f"--config.checkpoint={train_runs.reference}", f"--config.oracle_checkpoint={train_runs.oracle}")
+    reference = _start(UNLEARN, root / "reference", *models_args)
+    diverging = subprocess.Popen(
+        [sys.executable, *UNLEARN, "--workdir", str(root / "diverging"), *models_args, "--config.seeds=1",
+         "--config.max_steps=8", "--config.optimizer.learning_rate=1e30"],
+        cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    interrupted = _kill_after(UNLEARN, root / "killed", models_args, _unlearn_result_saved,
+                              lambda workdir: (workdir / "report.json").exists())
+    saved_at_kill = sorted(str(p.relative_to(interrupted)) for p in interrupted.glob("results/*/seed_*.json"))
+    rerun = _start(UNLEARN, interrupted, *models_args)
+    for process in (reference, rerun):
+        _finish(process)
+    diverged = diverging.communicate(timeout=600)
+    return types.SimpleNamespace(
+        reference=root / "reference", resumed=interrupted, saved_at_kill=saved_at_kill,
+        reference_report=json.loads((root / "reference" / "report.json").read_text()),
+        resumed_report=json.loads((interrupted / "report.json").read_text()),
+        diverging=root / "diverging", diverged_status=diverging.returncode, diverged_stderr=diverged[1],
+        models_args=models_args)
+
+
+# ------------------------------------------------------------------------------------------- SIGKILL, train.py
+
+
+def test_train_run_killed_with_sigkill_resumes_bit_identical(train_runs):
+    assert train_runs.steps_at_kill["generative"], "the kill came before the first checkpoint"
+    for role in ROLES:
+        resumed = training.load_trained(train_runs.resumed, role)
+        uninterrupted = training.load_trained(train_runs.reference, role)
+        chex.assert_trees_all_equal(resumed.params, uninterrupted.params)  # bit for bit
+        assert resumed.metadata["opt_state_digest"] == uninterrupted.metadata["opt_state_digest"]
+        assert resumed.metadata["history"] == uninterrupted.metadata["history"]
+    # The re-run continued from what the killed run had saved, not from scratch.
+    summary = json.loads((train_runs.resumed / "summary.json").read_text())
+    for role, steps in train_runs.steps_at_kill.items():
+        if steps:
+            assert summary["roles"][role]["resumed_from_step"] == steps[-1], role
+
+
+# ------------------------------------------------------------------------------------------- SIGKILL, unlearn.py
+
+
+def test_unlearn_run_killed_with_sigkill_resumes_to_the_same_report(unlearn_runs):
+    resumed, reference = unlearn_runs.resumed_report, unlearn_runs.reference_report
+    assert unlearn_runs.saved_at_kill, "the kill came before the first result"
+    # The results on disk at the kill were read back, the others recomputed: together, the uninterrupted report.
+    read_back = {f"results/{entry.replace(' seed ', '/seed_')}.json" for entry in resumed["resumed"]}
+    assert read_back == set(unlearn_runs.saved_at_kill)
+    assert reporting.without_volatile_fields(resumed) == reporting.without_volatile_fields(reference)
+    assert reference["resumed"] == []
+    for label in reference["methods"]:
+        logs = []
+        for workdir in (unlearn_runs.resumed, unlearn_runs.reference):
+            with open(workdir / "logs" / f"{label}.csv") as handle:
+                logs.append([{k: v for k, v in row.items() if k not in reporting.VOLATILE_LOG_COLUMNS}
+                             for row in csv.DictReader(handle)])
+        assert logs[0] == logs[1]
+
+
+def test_unlearn_run_killed_with_sigkill_saves_bit_identical_unlearned_models(unlearn_runs, train_runs):
+    target = checkpointing.abstract_like(training.load_trained(train_runs.reference, "generative").params)
+    for label, summary in unlearn_runs.reference_report["methods"].items():
+        for record in summary["per_seed"]:
+            restored = []
+            for workdir in (unlearn_runs.resumed, unlearn_runs.reference):
+                with checkpointing.Checkpointer(workdir / "unlearned" / label / f"seed_{record['seed']}",
+                                                create=False) as ckpt:
+                    params, _, metadata = ckpt.restore(abstract_params=target)
+                assert metadata["params_digest"] == record["params_digest_at_stop"]
+                restored.append(params)
+            chex.assert_trees_all_equal(*restored)
+
+
+# ------------------------------------------------------------------------------------------- saved results
+
+
+def _smoke_config(**overrides):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_faults_unlearn_smoke", REPO / "configs" / "unlearn_smoke.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.methods, config.seeds, config.save_params = "sa", 2, "all"
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
+
+
+def _mtimes(workdir: pathlib.Path) -> dict[pathlib.Path, int]:
+    return {path: path.stat().st_mtime_ns for path in workdir.rglob("*")}
+
+
+def test_results_of_another_config_are_refused_before_any_work(unlearn_runs, train_runs):
+    workdir = unlearn_runs.reference
+    before = _mtimes(workdir)
+    models_dirs = {"checkpoint": str(train_runs.reference), "oracle_checkpoint": str(train_runs.oracle)}
+    with pytest.raises(unlearning.UnlearnConfigError, match=r"holds results of another run.*config\.max_steps: 3 -> 4"):
+        unlearning.plan_run(_smoke_config(max_steps=4, **models_dirs), workdir)
+    # Selecting other seeds or methods is not another run: the saved ones stay usable.
+    unlearning.plan_run(_smoke_config(seeds=3, **models_dirs), workdir)
+    assert _mtimes(workdir) == before
+
+
+def test_an_edited_saved_result_is_refused_naming_the_file(unlearn_runs, train_runs, tmp_path):
+    workdir = tmp_path / "edited"
+    shutil.copytree(unlearn_runs.reference, workdir)
+    path = workdir / "results" / "sa+guided" / "seed_1.json"
+    saved = json.loads(path.read_text())
+    saved["content"]["record"]["fid_retain_at_end"] += 1.0
+    path.write_text(json.dumps(saved))
+    config = _smoke_config(checkpoint=str(train_runs.reference), oracle_checkpoint=str(train_runs.oracle))
+    with pytest.raises(unlearning.UnlearnConfigError, match=r"seed_1\.json' is damaged or was edited") as info:
+        unlearning.plan_run(config, workdir)
+    assert isinstance(info.value.__cause__, unlearning.SavedResultError)
+    # Through the command line: damage on disk is a runtime failure, exit 1, one line naming the file.
+    done = subprocess.run([sys.executable, *UNLEARN, "--workdir", str(workdir), *unlearn_runs.models_args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert lines[0].startswith("unlearn.py: error: SavedResultError: ") and str(path) in lines[0]
+    path.write_text(path.read_text()[:100])  # truncated
+    with pytest.raises(unlearning.UnlearnConfigError, match=r"seed_1\.json' is unreadable"):
+        unlearning.plan_run(config, workdir)
+
+
+def test_a_saved_result_of_other_models_is_refused(unlearn_runs):
+    workdir = unlearn_runs.reference
+    content = unlearning._read_result(workdir / "results" / "sa+guided" / "seed_0.json")
+    identity = content["identity"]
+    assert unlearning._load_result(workdir, "sa+guided", 0, identity) == content
+    other = dict(identity, models=dict(identity["models"], original="0" * 64))
+    with pytest.raises(checkpointing.CheckpointMismatchError,
+                       match=r"models\.original: '[0-9a-f]{64}' -> '0{64}'"):
+        unlearning._load_result(workdir, "sa+guided", 0, other)
+
+
+def test_atomic_writes_leave_the_previous_file_when_interrupted(tmp_path):
+    path = tmp_path / "report.json"
+    reporting.write_json(str(path), {"version": 1})
+    with pytest.raises(RuntimeError, match="interrupted"), reporting.atomic_file(path) as handle:
+        handle.write('{"version": 2, "trunc')
+        raise RuntimeError("interrupted mid-write")
+    assert json.loads(path.read_text()) == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left behind
+
+
+# ------------------------------------------------------------------------------------------- non-finite steps
+
+
+class _ConstantMonitor:
+    """Stands in for the compiled monitor: the forget fraction never crosses the threshold."""
+
+    @staticmethod
+    def monitor(params):
+        del params
+        return 0.5, 0.5
+
+
+# Examples with this label make their loss (and so their gradient) NaN in the poisoned loss below.
+POISON = 2
+
+
+def _nan_plan(poisoned: np.ndarray, *, budget: int):
+    """Six forget and six retain 4x4 images; the forget examples at ``poisoned`` carry the POISON label."""
+    images = np.random.default_rng(0).uniform(size=(12, 4, 4, 1)).astype(np.float32)
+    labels = np.array([1] * 6 + [0] * 6, np.int32)
+    labels[poisoned] = POISON
+    train = data_lib.ImageDataset(images=images, labels=labels, name="nan_injected", num_classes=3)
+    return types.SimpleNamespace(
+        config={"max_steps": budget, "batch_size": 2, "retain_batch_size": 2, "continue_to_budget": True,
+                "published_threshold": 0.02},
+        run_data=types.SimpleNamespace(train=train), forget_idx=np.arange(6), retain_idx=np.arange(6, 12))
+
+
+def _poisoned(loss_fn: losses.LossFn) -> losses.LossFn:
+    """``loss_fn``, times NaN on POISON examples: their gradient is NaN (as an overflow or a log(0) would make it)."""
+
+    def loss(params, example, key):
+        return loss_fn(params, example, key) * jnp.where(example["label"] == POISON, jnp.nan, 1.0)
+
+    return loss
+
+
+@pytest.fixture(scope="module")
+def tiny_method():
+    """A real method ('sa', Adam) on a tiny VAE with the poisoned loss, its compiled step, its parameters."""
+    graphdef, params = nnx.split(models.build_model("mlp_vae", image_shape=(4, 4, 1), hidden=8, latent_dim=2,
+                                                    rngs=nnx.Rngs(0)))
+    method = methods.make_method("sa", loss_fn=_poisoned(losses.negative_elbo(graphdef)),
+                                 optimizer=optax.adam(1e-2))
+    return method, jax.jit(method.step), params
+
+
+def test_nan_gradients_are_skipped_counted_and_the_rest_matches_a_replay_without_them(tiny_method):
+    method, step, params0 = tiny_method
+    budget, seed, poisoned = 9, 3, np.array([4])
+    plan = _nan_plan(poisoned, budget=budget)
+    run = unlearning._run_one(plan, _ConstantMonitor(), step, method, params0, seed=seed, threshold=0.01,
+                              start_fractions=(0.5, 0.5), label="sa")
+    # The schedule _run_one draws (forget first, then retain, from the seed's generator).
+    rng = np.random.default_rng([seed, 1])
+    forget_schedule = unlearning._batch_schedule(plan.forget_idx, 2, budget, rng)
+    retain_schedule = unlearning._batch_schedule(plan.retain_idx, 2, budget, rng)
+    poisoned_steps = [t for t in range(budget) if np.isin(forget_schedule[t], poisoned).any()]
+    assert 0 < len(poisoned_steps) < budget
+    assert run["nonfinite_steps"] == len(poisoned_steps)
+    assert [row["step"] for row in run["rows"] if row.get("nonfinite_skipped")] == [t + 1 for t in poisoned_steps]
+    assert all(np.isnan(row["forget_loss"]) for row in run["rows"] if row.get("nonfinite_skipped"))
+    record = unlearning._per_seed_record(run, {}, None, budget=budget)
+    assert record["nonfinite_steps"] == len(poisoned_steps)
+
+    # Replay: the same batches and keys, the poisoned steps left out entirely.
+    keys = unlearning.seed_step_keys(seed, budget)
+    params, state = params0, method.init(params0)
+    for t in range(budget):
+        if t in poisoned_steps:
+            continue
+        params, state, _ = step(params, state, data_lib.as_batch(plan.run_data.train, forget_schedule[t]),
+                                data_lib.as_batch(plan.run_data.train, retain_schedule[t]), keys[t])
+    chex.assert_trees_all_equal(run["params_at_end"], params)
+    chex.assert_tree_all_finite(run["params_at_end"])
+
+
+def test_nan_gradients_on_every_step_stop_the_run_with_an_error(tiny_method):
+    method, step, params0 = tiny_method
+    plan = _nan_plan(np.arange(6), budget=20)
+    with pytest.raises(unlearning.UnlearningDivergedError,
+                       match=r"sa seed 0 diverged: the last 5 steps \(up to step 5\) had non-finite updates"):
+        unlearning._run_one(plan, _ConstantMonitor(), step, method, params0, seed=0, threshold=0.01,
+                            start_fractions=(0.5, 0.5), label="sa")
+    # A budget shorter than the window: every step skipped is a divergence too.
+    with pytest.raises(unlearning.UnlearningDivergedError, match=r"the last 3 steps \(up to step 3\)"):
+        unlearning._run_one(_nan_plan(np.arange(6), budget=3), _ConstantMonitor(), step, method, params0, seed=0,
+                            threshold=0.01, start_fractions=(0.5, 0.5), label="sa")
+
+
+def test_non_finite_parameters_are_never_saved(tmp_path):
+    directory = tmp_path / "unlearned" / "sa" / "seed_0"
+    run = {"seed": 0, "params_at_stop": {"w": jnp.array([1.0, jnp.nan])}}
+    with pytest.raises(unlearning.UnlearningDivergedError, match="not finite; refusing to save"):
+        unlearning._save_unlearned(directory, run, {"evaluated_at_step": 3}, None, "sa", {}, None)
+    assert not directory.exists()
+
+
+def test_a_diverging_unlearn_run_exits_1_in_one_line_and_writes_no_model(unlearn_runs):
+    lines = [line for line in unlearn_runs.diverged_stderr.splitlines() if line.strip()]
+    assert unlearn_runs.diverged_status == 1, unlearn_runs.diverged_stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("unlearn.py: error: UnlearningDivergedError: sa+guided seed 0 "
+                                                   "diverged"), lines
+    assert "Traceback" not in unlearn_runs.diverged_stderr
+    workdir = unlearn_runs.diverging
+    assert not list(workdir.glob("unlearned/*/*")) and not list(workdir.glob("results/*/*"))
+    assert not (workdir / "report.json").exists()
