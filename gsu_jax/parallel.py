@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -51,10 +51,12 @@ __all__ = [
     "batch_sharding",
     "check_batch_size",
     "initialize_distributed",
+    "initialize_from_config",
     "is_main_process",
     "jit_sharded",
     "localize",
     "make_mesh",
+    "mesh_from_config",
     "param_shardings",
     "put",
     "replicated",
@@ -113,6 +115,32 @@ def make_mesh(*, data: int = -1, model: int = 1, devices: Sequence[jax.Device] |
                          f"available ({devices[0].platform}); allowed: data * model <= {count}")
     grid = np.asarray(devices[: data * model], dtype=object).reshape(data, model)
     return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
+
+
+def mesh_from_config(mesh: Mapping[str, int]) -> Mesh | None:
+    """The mesh a run's ``config.mesh`` (``{"data": d, "model": m}``) asks for, or ``None`` for one device.
+
+    ``None`` (one device in all, e.g. the default ``data=1, model=1``, or ``data=-1`` on a one-device machine) means
+    the plain single-device programs, bit for bit the results of a run without a mesh.
+
+    Raises:
+        ValueError: see :func:`make_mesh`.
+    """
+    built = make_mesh(data=mesh["data"], model=mesh["model"])
+    return None if built.size == 1 else built
+
+
+def initialize_from_config(distributed: Mapping[str, Any]) -> None:
+    """:func:`initialize_distributed` as a run's ``config.distributed`` asks (nothing when ``enabled`` is false).
+
+    ``coordinator_address`` ``''``, ``num_processes`` 0 and ``process_id`` -1 mean auto-detection.
+    """
+    if not distributed["enabled"]:
+        return
+    explicit = distributed["coordinator_address"] != ""
+    initialize_distributed(coordinator_address=distributed["coordinator_address"] if explicit else None,
+                           num_processes=distributed["num_processes"] if explicit else None,
+                           process_id=distributed["process_id"] if explicit else None)
 
 
 def _divisors(count: int) -> list[int]:
