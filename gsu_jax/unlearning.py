@@ -99,9 +99,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from gsu_jax import checkpointing, losses, methods, metrics, models, reporting, training
+from gsu_jax import checkpointing, losses, methods, metrics, models, parallel, reporting, training
 from gsu_jax import data as data_lib
 from gsu_jax.config_validation import (
+    PARALLEL_SCHEMA,
     ROLES,
     ConfigError,
     Field,
@@ -110,6 +111,7 @@ from gsu_jax.config_validation import (
     one_of,
     parse_class_list,
     validate_config,
+    validate_parallel,
     validate_train_config,
     within,
 )
@@ -202,6 +204,9 @@ UNLEARN_SCHEMA: dict[str, Field] = {
     "progress": Field(True, bool, "True or False", None, "run", "Print one progress line per phase and run."),
     "train": Field({}, dict, "a train.py config (configs/mnist_vae.py)", None, "run",
                    "The train config of every model trained here (oracle: + exclude_classes)."),
+    # Devices and hosts of everything this run computes, the models it trains included (they replace
+    # train.mesh / train.distributed, which never change a result).
+    **PARALLEL_SCHEMA,
 }
 
 
@@ -296,6 +301,7 @@ class RunPlan:
         classifier_config: the train config values of the evaluator/guidance run.
         run_data: the data split of the original model's training run.
         forget_idx, retain_idx: positions in ``run_data.train`` of the forget and retain training examples.
+        mesh: the device mesh of the method steps (``config.mesh``), ``None`` for one device.
     """
 
     config: dict[str, Any]
@@ -317,6 +323,7 @@ class RunPlan:
     run_data: training.RunData
     forget_idx: np.ndarray
     retain_idx: np.ndarray
+    mesh: jax.sharding.Mesh | None = None
 
     @property
     def guided(self) -> bool:
@@ -467,10 +474,26 @@ def _config_values(config: Any) -> dict[str, Any]:
         raw["forget_classes"] = str(int(raw["forget_classes"]))
     if isinstance(raw.get("threshold"), (int, float)) and not isinstance(raw.get("threshold"), bool):
         raw["threshold"] = repr(float(raw["threshold"]))
+    raw = {**{name: field.default for name, field in PARALLEL_SCHEMA.items()}, **raw}
     try:
-        return validate_config(raw, UNLEARN_SCHEMA)
+        values = validate_config(raw, UNLEARN_SCHEMA)
+        values.update(validate_parallel(values))
     except ConfigError as err:
         raise _refuse(str(err)) from err
+    return values
+
+
+def _run_mesh(values: Mapping[str, Any]) -> jax.sharding.Mesh | None:
+    """Joins the hosts and builds the mesh of ``config.mesh``; refuses batches its data axis cannot split."""
+    try:
+        parallel.initialize_from_config(values["distributed"])
+        mesh = parallel.mesh_from_config(values["mesh"])
+        if mesh is not None:
+            parallel.check_batch_size(values["batch_size"], mesh, field="config.batch_size")
+            parallel.check_batch_size(values["retain_batch_size"], mesh, field="config.retain_batch_size")
+    except (ValueError, RuntimeError) as err:
+        raise _refuse(f"config.mesh={values['mesh']!r}, config.distributed: {err}") from err
+    return mesh
 
 
 def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = None) -> RunPlan:
@@ -488,6 +511,7 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
         UnlearnConfigError: one line naming the bad value and what is allowed.
     """
     values = _config_values(config)
+    mesh = _run_mesh(values)
     names = _parse_methods(values["methods"])
     threshold = _parse_threshold(values["threshold"])
     values["optimizer"] = _parse_optimizer(values["optimizer"])
@@ -526,6 +550,7 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
         model_dir = train_dir / "model"
         train_values = _train_values(values["train"], field="train")
         train_model = ("generative",)
+    train_values = dict(train_values, mesh=values["mesh"], distributed=values["distributed"])
     values["train"] = train_values
     try:
         run_data = training.prepare_data(train_values)
@@ -574,7 +599,7 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
             raise _refuse(f"config.oracle_checkpoint={str(oracle_dir)!r} was trained without classes "
                           f"{list(saved_excluded)}, not the forget classes {list(forget_classes)}; allowed: an "
                           "oracle trained with exclude_classes equal to forget_classes")
-        oracle_values, train_oracle = saved_oracle, False
+        oracle_values, train_oracle = dict(saved_oracle, mesh=values["mesh"], distributed=values["distributed"]), False
     else:
         oracle_dir, train_oracle = train_dir / "oracle", True
 
@@ -609,6 +634,7 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
         run_data=run_data,
         forget_idx=forget_idx,
         retain_idx=retain_idx,
+        mesh=mesh,
     )
 
 
@@ -778,8 +804,14 @@ def _batch_schedule(indices: np.ndarray, batch: int, steps: int, rng: np.random.
 
 
 def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: methods.UnlearningMethod,
-             params0, seed: int, threshold: float, start_fractions: tuple[float, float]) -> dict[str, Any]:
-    """One (method, seed) run: steps, monitoring, stopping; returns the trajectory and the two parameter sets."""
+             params0, seed: int, threshold: float, start_fractions: tuple[float, float],
+             state_shardings: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """One (method, seed) run: steps, monitoring, stopping; returns the trajectory and the two parameter sets.
+
+    With ``plan.mesh`` the steps run on the mesh (state placed as ``state_shardings``, batches split over the data
+    axis) and the monitoring, like everything host-side, on this process's copy of the parameters.
+    """
+    mesh = plan.mesh
     config = plan.config
     budget = config["max_steps"]
     rng = np.random.default_rng([seed, _DATA_STREAM])
@@ -789,7 +821,10 @@ def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: meth
     keys = seed_step_keys(seed, budget)
 
     params, state = params0, method.init(params0)
+    if mesh is not None:
+        params, state = parallel.put((params, state), state_shardings)
     fractions, published = [start_fractions[0]], [start_fractions[1]]
+    local_params = params0
     step_times, rows = [], [{"seed": seed, "step": 0, "forget_fraction": start_fractions[0],
                              "forget_fraction_published": start_fractions[1]}]
     stop = 0 if start_fractions[0] < threshold else None
@@ -798,18 +833,25 @@ def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: meth
     for t in range(budget):
         if stop is not None and not config["continue_to_budget"]:
             break
-        forget_batch = jax.device_put(data_lib.as_batch(train, forget_schedule[t]))
-        retain_batch = jax.device_put(data_lib.as_batch(train, retain_schedule[t]))
-        jax.block_until_ready((forget_batch, retain_batch))
+        forget_batch = data_lib.as_batch(train, forget_schedule[t])
+        retain_batch = data_lib.as_batch(train, retain_schedule[t])
+        if mesh is None:
+            forget_batch, retain_batch, key = jax.device_put(forget_batch), jax.device_put(retain_batch), keys[t]
+        else:
+            forget_batch, retain_batch = parallel.shard_batch(forget_batch, mesh), parallel.shard_batch(retain_batch,
+                                                                                                       mesh)
+            key = parallel.put(keys[t], parallel.replicated(mesh))
+        jax.block_until_ready((forget_batch, retain_batch, key))
         started = time.perf_counter()
-        params, state, step_metrics = compiled_step(params, state, forget_batch, retain_batch, keys[t])
+        params, state, step_metrics = compiled_step(params, state, forget_batch, retain_batch, key)
         jax.block_until_ready(params)
         step_times.append(time.perf_counter() - started)
-        main, pub = evaluation.monitor(params)
+        local_params = params if mesh is None else parallel.localize(params)
+        main, pub = evaluation.monitor(local_params)
         fractions.append(main)
         published.append(pub)
         if stop is None and main < threshold:
-            stop, params_at_stop = t + 1, params
+            stop, params_at_stop = t + 1, local_params
         if stop_published is None and pub < config["published_threshold"]:
             stop_published = t + 1
         rows.append({"seed": seed, "step": t + 1, "forget_fraction": main, "forget_fraction_published": pub,
@@ -824,8 +866,8 @@ def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: meth
         "published_fractions": published,
         "step_times": step_times,
         "rows": rows,
-        "params_at_stop": params_at_stop if params_at_stop is not None else params,
-        "params_at_end": params if len(step_times) == budget else None,
+        "params_at_stop": params_at_stop if params_at_stop is not None else local_params,
+        "params_at_end": local_params if len(step_times) == budget else None,
     }
 
 
@@ -880,7 +922,7 @@ def _summarize_method(name: str, label: str, hparams: dict[str, Any], per_seed: 
 
 
 def _progress(plan: RunPlan, message: str) -> None:
-    if plan.config["progress"]:
+    if plan.config["progress"] and parallel.is_main_process():
         print(f"[unlearn] {message}", file=sys.stderr, flush=True)
 
 
@@ -897,6 +939,17 @@ def _code_version() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None, "git_dirty": None}
     return {"git_commit": commit, "git_dirty": bool(dirty)}
+
+
+def _load(plan: RunPlan, workdir: pathlib.Path, role: str) -> training.TrainedModel:
+    """A trained role, restored through the run's mesh (every process reads its shards) into this process's copy."""
+    model = training.load_trained(workdir, role, mesh=plan.mesh)
+    return model if plan.mesh is None else model._replace(params=parallel.localize(model.params))
+
+
+def _parallel_record(plan: RunPlan) -> dict[str, Any]:
+    return {"mesh": None if plan.mesh is None else dict(plan.mesh.shape), "process_count": jax.process_count(),
+            "device_count": jax.device_count()}
 
 
 def _device() -> str:
@@ -936,9 +989,9 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     training_record = _train_missing(plan)
     _progress(plan, f"models ready in {training_record['seconds']:.1f} s")
 
-    generator = training.load_trained(plan.model_dir, "generative")
-    evaluator = training.load_trained(plan.classifier_dir, "evaluator")
-    oracle = training.load_trained(plan.oracle_dir, "generative")
+    generator = _load(plan, plan.model_dir, "generative")
+    evaluator = _load(plan, plan.classifier_dir, "evaluator")
+    oracle = _load(plan, plan.oracle_dir, "generative")
     if generator.metadata["train_fingerprint"] != plan.run_data.generative.fingerprint():
         raise RuntimeError(f"the generative model in {str(plan.model_dir)!r} was trained on other data than "
                            "its config describes now (training-data fingerprints differ)")
@@ -949,7 +1002,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     }
     guidance_loss = None
     if plan.guided:
-        guidance = training.load_trained(plan.classifier_dir, "guidance")
+        guidance = _load(plan, plan.classifier_dir, "guidance")
         integrity["classifiers"] = check_classifier_independence(evaluator, guidance)
         retained = [c for c in range(plan.run_data.train.num_classes) if c not in plan.forget_classes]
         guidance_loss = losses.uniformity_guidance_loss(
@@ -995,8 +1048,18 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         retain_example = jax.device_put(data_lib.as_batch(plan.run_data.train, plan.retain_idx[:1].repeat(
             config["retain_batch_size"])))
         compile_started = time.perf_counter()
-        compiled_step = jax.jit(method.step).lower(generator.params, example_state, forget_example, retain_example,
-                                                   seed_step_keys(0, 1)[0]).compile()
+        if plan.mesh is None:
+            state_shardings = None
+            compiled_step = jax.jit(method.step).lower(generator.params, example_state, forget_example,
+                                                       retain_example, seed_step_keys(0, 1)[0]).compile()
+        else:
+            step, *shardings = parallel.shard_method_step(method.step, plan.mesh, generator.params, example_state)
+            state_shardings = tuple(shardings)
+            compiled_step = step.lower(
+                *parallel.put((generator.params, example_state), state_shardings),
+                parallel.shard_batch(jax.device_get(forget_example), plan.mesh),
+                parallel.shard_batch(jax.device_get(retain_example), plan.mesh),
+                parallel.put(seed_step_keys(0, 1)[0], parallel.replicated(plan.mesh))).compile()
         compile_seconds = time.perf_counter() - compile_started
         _progress(plan, f"{label}: step compiled in {compile_seconds:.1f} s")
 
@@ -1004,7 +1067,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         curves[label] = []
         for seed in plan.seeds:
             run = _run_one(plan, evaluation, compiled_step, method, generator.params, seed, threshold,
-                           start_fractions)
+                           start_fractions, state_shardings)
             at_stop = evaluation.evaluate(run["params_at_stop"], plan.forget_classes)
             at_end = None
             if run["params_at_end"] is not None:
@@ -1018,7 +1081,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
             rows.extend(run["rows"])
             curves[label].append(run["fractions"])
             first = seed == plan.seeds[0]
-            if first:
+            if first and parallel.is_main_process():
                 panels = {"original": original_grid,
                           f"{label} at stop (step {per_seed[-1]['evaluated_at_step']})":
                               evaluation.grid(run["params_at_stop"], config["grid_samples"])}
@@ -1029,7 +1092,8 @@ def execute(plan: RunPlan) -> dict[str, Any]:
             if config["save_params"] == "all" or (config["save_params"] == "first_seed" and first):
                 _save_unlearned(workdir / "unlearned" / label / f"seed_{seed}", run, per_seed[-1], plan, label,
                                 hparams, generator)
-        reporting.write_step_csv(str(workdir / "logs" / f"{label}.csv"), rows)
+        if parallel.is_main_process():
+            reporting.write_step_csv(str(workdir / "logs" / f"{label}.csv"), rows)
         method_reports[label] = _summarize_method(name, label, hparams, per_seed, compile_seconds, plan.guided)
         method_reports[label]["optimizer"] = optimizer_spec
 
@@ -1070,17 +1134,20 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         "versions": checkpointing.package_versions(),
         "code": _code_version(),
         "device": _device(),
+        "parallel": _parallel_record(plan),
         "original": original_eval,
         "oracle": oracle_eval,
         "methods": method_reports,
         "timing": {"training_s": training_record["seconds"], "total_s": time.perf_counter() - started},
     }
-    reporting.plot_forget_fraction(str(workdir / "forget_fraction.png"), curves, threshold=threshold,
-                                   threshold_label=f"threshold {threshold:.4f} ({report['threshold']['mode']})",
-                                   oracle_fraction=oracle_eval["forget_fraction"])
     report["timing"]["total_s"] = time.perf_counter() - started
-    reporting.write_json(str(workdir / "report.json"), report)
-    reporting.write_markdown(str(workdir / "report.md"), report)
+    if parallel.is_main_process():
+        reporting.plot_forget_fraction(str(workdir / "forget_fraction.png"), curves, threshold=threshold,
+                                       threshold_label=f"threshold {threshold:.4f} ({report['threshold']['mode']})",
+                                       oracle_fraction=oracle_eval["forget_fraction"])
+        report["timing"]["total_s"] = time.perf_counter() - started
+        reporting.write_json(str(workdir / "report.json"), report)
+        reporting.write_markdown(str(workdir / "report.md"), report)
     return report
 
 
@@ -1116,9 +1183,15 @@ def _jsonable_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _save_unlearned(directory: pathlib.Path, run: dict[str, Any], record: dict[str, Any], plan: RunPlan,
                     label: str, hparams: dict[str, Any], generator: training.TrainedModel) -> None:
-    """Saves the parameters at the stopping step (the unlearned model) with orbax, with what produced them."""
+    """Saves the parameters at the stopping step (the unlearned model) with orbax, with what produced them.
+
+    With a mesh, every process saves its shards of the parameters placed on the mesh (orbax writes each once).
+    """
+    params = run["params_at_stop"]
+    if plan.mesh is not None:
+        params = parallel.put(params, parallel.param_shardings(params, plan.mesh))
     with checkpointing.Checkpointer(directory, max_to_keep=1) as ckpt:
-        ckpt.save(record["evaluated_at_step"], run["params_at_stop"], metadata={
+        ckpt.save(record["evaluated_at_step"], params, metadata={
             "role": "unlearned",
             "model": generator.metadata["model"],
             "model_kwargs": generator.metadata["model_kwargs"],
