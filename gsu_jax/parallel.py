@@ -48,6 +48,7 @@ __all__ = [
     "DATA_AXIS",
     "MIN_SHARDED_SIZE",
     "MODEL_AXIS",
+    "barrier",
     "batch_sharding",
     "check_batch_size",
     "initialize_distributed",
@@ -385,6 +386,18 @@ def initialize_distributed(*, coordinator_address: str | None = None, num_proces
         raise RuntimeError(f"jax.distributed could not detect a cluster ({err}); outside SLURM, Open MPI or a "
                            "Cloud TPU pod, give coordinator_address, num_processes and process_id") from err
     _initialized = True
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier ``name`` (a no-op in a one-process run).
+
+    Needed wherever processes read the disk and then write it: a process that is ahead must not change what a
+    slower one is still deciding from (orbax's own synchronisation points must be reached in the same order).
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def is_main_process() -> bool:

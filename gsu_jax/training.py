@@ -865,11 +865,13 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
     workdir = ensure_writable_directory(workdir)
     saved = {plan.role: None if overwrite else _existing_checkpoint(plan, workdir / plan.role) for plan in plans}
     _check_free_space(workdir, plans, values["max_to_keep"])
+    # Every process has read the workdir's checkpoints before any of them changes it.
+    parallel.barrier("train_and_evaluate:checked")
     if overwrite:
         if parallel.is_main_process():
             for plan in plans:
                 shutil.rmtree(workdir / plan.role, ignore_errors=True)
-        _sync("overwrite")
+        parallel.barrier("train_and_evaluate:overwrite")
 
     results = {}
     for plan in plans:
@@ -898,14 +900,6 @@ def _run_mesh(values: Mapping[str, Any], plans: list[_RolePlan]) -> jax.sharding
             except ValueError as err:
                 raise ConfigError(str(err)) from err
     return mesh
-
-
-def _sync(name: str) -> None:
-    """Waits for every process (a no-op in a one-process run)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _on_shardings(abstract: Any, shardings: Any) -> Any:

@@ -984,6 +984,8 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     """
     started = time.perf_counter()
     config = plan.config
+    # Every process has planned from the disk as it was before any of them writes to it.
+    parallel.barrier("execute:planned")
     workdir = checkpointing.ensure_writable_directory(plan.workdir)
     _progress(plan, f"models: {plan.model_dir} (original), {plan.oracle_dir} (oracle); training what is missing")
     training_record = _train_missing(plan)
