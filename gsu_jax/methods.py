@@ -920,3 +920,102 @@ def make_method(
         return new_params, MethodState(step=state.step + 1, optimizer=optimizer_state), metrics
 
     return UnlearningMethod(init=init, step=step)
+
+
+# ------------------------------------------------------------------------------------------- memory budget
+
+
+def _abstract(tree: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` of every leaf (arrays, numpy arrays or structs already), for compiling only."""
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf)), tree)
+
+
+def step_temp_bytes(method: UnlearningMethod, params: Params, forget_batch: Batch, retain_batch: Batch) -> int:
+    """Bytes of temporaries XLA assigns to one compiled ``method.step`` (arguments and outputs excluded).
+
+    The step is compiled for the shapes of its arguments, never run (arrays or ``jax.ShapeDtypeStruct``
+    accepted). This is ``compiled.memory_analysis().temp_size_in_bytes``: the working memory the step needs
+    beyond its inputs and outputs, where the activations of the per-example passes live.
+
+    Raises:
+      RuntimeError: the backend reports no memory analysis.
+    """
+    abstract_params = _abstract(params)
+    state = jax.eval_shape(method.init, abstract_params)
+    compiled = jax.jit(method.step).lower(
+        abstract_params, state, _abstract(forget_batch), _abstract(retain_batch), jax.random.key(0)
+    ).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        raise RuntimeError(f"the {jax.default_backend()} backend reports no memory analysis of a compiled step")
+    return int(analysis.temp_size_in_bytes)
+
+
+def chunk_size_for_budget(
+    name: str,
+    *,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    params: Params,
+    forget_batch: Batch,
+    retain_batch: Batch,
+    budget_bytes: int,
+    guidance_loss: GuidanceLossFn | None = None,
+    guidance_weight: float = 0.0,
+    **hparams: Any,
+) -> int | None:
+    """The ``chunk_size`` for :func:`make_method` whose step fits ``budget_bytes`` of temporaries.
+
+    Compiles (never runs) the step for the given shapes: ``None`` when the unchunked step's
+    :func:`step_temp_bytes` is within the budget, otherwise the largest power of two ``c`` below the larger batch
+    whose chunked step is (bisection over the exponents: about ``log2(log2 B)`` + 2 compilations; the temporary
+    memory grows with ``c``). Parameters, optimizer state and batches are not counted: they are the step's
+    arguments.
+
+    Args:
+      name, loss_fn, optimizer, guidance_loss, guidance_weight, **hparams: as for :func:`make_method`.
+      params, forget_batch, retain_batch: arrays or ``jax.ShapeDtypeStruct`` of the step's shapes.
+      budget_bytes: the most bytes of temporaries allowed (> 0).
+
+    Returns:
+      ``None`` (no chunking needed) or the chunk size.
+
+    Raises:
+      ValueError: ``budget_bytes`` not a positive integer, or even ``chunk_size=1`` exceeds it (the message gives
+        that step's bytes); the refusals of :func:`make_method`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> def loss_fn(params, example, key):
+      ...     return jnp.sum(jnp.tanh(example["x"] @ params["w"]) ** 2)
+      >>> params = {"w": jnp.ones((64, 64))}
+      >>> batch = {"x": jax.ShapeDtypeStruct((256, 64), jnp.float32)}
+      >>> chunk_size_for_budget("sa", loss_fn=loss_fn, optimizer=optax.sgd(0.1), params=params,
+      ...                       forget_batch=batch, retain_batch=batch, budget_bytes=1 << 30) is None
+      True
+    """
+    if not _is_positive_int(budget_bytes):
+        raise ValueError(f"budget_bytes must be an integer > 0, got {budget_bytes!r}")
+
+    def temp_bytes(chunk_size: int | None) -> int:
+        method = make_method(name, loss_fn=loss_fn, optimizer=optimizer, guidance_loss=guidance_loss,
+                             guidance_weight=guidance_weight, chunk_size=chunk_size, **hparams)
+        return step_temp_bytes(method, params, forget_batch, retain_batch)
+
+    if temp_bytes(None) <= budget_bytes:
+        return None
+    smallest = temp_bytes(1)
+    if smallest > budget_bytes:
+        raise ValueError(
+            f"method {name!r} needs {smallest} bytes of temporaries even with chunk_size=1, over "
+            f"budget_bytes={budget_bytes}; allowed: a budget of at least {smallest} bytes"
+        )
+    largest = max(batch_size(forget_batch), batch_size(retain_batch))
+    low, high = 0, max(0, math.ceil(math.log2(largest)) - 1)  # 2**low fits; find the largest exponent that fits
+    while low < high:
+        middle = (low + high + 1) // 2
+        if temp_bytes(2**middle) <= budget_bytes:
+            low = middle
+        else:
+            high = middle - 1
+    return 2**low

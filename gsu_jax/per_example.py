@@ -111,14 +111,29 @@ def _leading_size(data: PyTree) -> int:
 
 def _split_chunks(data: PyTree, chunk_size: int) -> tuple[PyTree, PyTree]:
   """``(head, tail)``: the first ``n * chunk_size`` rows as ``[n, chunk_size,
-  ...]`` and the ``B mod chunk_size`` rows left over (``None`` when none)."""
+  ...]`` and the ``B mod chunk_size`` rows left over (``None`` when none).
+
+  Chunk ``j`` holds the rows ``j, j + n, j + 2n, ...`` (strided, not
+  contiguous): the rows of one chunk then lie along the leading axis as in
+  ``data``, so a batch sharded over devices along that axis stays sharded
+  inside every chunk (each device works on its own examples of each chunk)
+  instead of being gathered to split it into contiguous pieces.
+  """
   size = _leading_size(data)
   count = size // chunk_size
   full = count * chunk_size
   head = jax.tree.map(
-      lambda x: x[:full].reshape((count, chunk_size) + x.shape[1:]), data)
+      lambda x: jnp.swapaxes(
+          x[:full].reshape((chunk_size, count) + x.shape[1:]), 0, 1), data)
   tail = jax.tree.map(lambda x: x[full:], data) if full < size else None
   return head, tail
+
+
+def _merge_chunks(rows: PyTree) -> PyTree:
+  """Inverse of :func:`_split_chunks`'s head: ``[n, chunk_size, ...]`` rows
+  back to ``[n * chunk_size, ...]`` in the original order."""
+  return jax.tree.map(
+      lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:]), rows)
 
 
 def scan_over_chunks(fn: Callable[[PyTree], tuple[PyTree, PyTree]],
@@ -132,7 +147,9 @@ def scan_over_chunks(fn: Callable[[PyTree], tuple[PyTree, PyTree]],
   The chunks are visited by one ``jax.lax.scan`` whose carry is the running
   total and whose outputs are the rows, so ``fn``'s intermediates are held for
   one chunk at a time; the last ``B mod chunk_size`` rows (if any) form a
-  shorter chunk computed on its own, so any ``B`` is accepted. The result
+  shorter chunk computed on its own, so any ``B`` is accepted. With ``n =
+  B // chunk_size`` chunk ``j`` holds rows ``j, j + n, ...`` (strided), which
+  keeps a batch sharded along its leading axis sharded inside each chunk. The result
   equals ``fn(data)`` up to float rounding (the additions happen in another
   order); ``chunk_size=None`` or ``>= B`` calls ``fn(data)``.
 
@@ -168,7 +185,7 @@ def scan_over_chunks(fn: Callable[[PyTree], tuple[PyTree, PyTree]],
   total_shape, _ = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], head))
   zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), total_shape)
   total, rows = jax.lax.scan(accumulate, zero, head)
-  rows = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), rows)
+  rows = _merge_chunks(rows)
   if tail is not None:
     tail_total, tail_rows = fn(tail)
     total = jax.tree.map(jnp.add, total, tail_total)
