@@ -100,7 +100,10 @@ def main(argv: list[str]) -> None:
         if _DEBUG.value:
             raise
         _fail(RUNTIME_ERROR, f"{type(error).__name__}: {_one_line(error)} (rerun with --debug for the traceback)")
-    print(unlearning.format_summary(report))
+    from gsu_jax import parallel
+
+    if parallel.is_main_process():
+        print(unlearning.format_summary(report))
 
 
 if __name__ == "__main__":

@@ -858,6 +858,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
     if not isinstance(workdir, (str, pathlib.Path)) or not str(workdir).strip():
         raise WorkdirError(f"workdir must be a non-empty path, got {workdir!r}")
     values = validate_train_config(config)
+    parallel.initialize_from_config(values["distributed"])  # before anything touches a device
     roles = parse_roles(values["roles"])
     run_data = prepare_data(values)
     plans = [_plan(role, values, run_data) for role in roles]
@@ -886,8 +887,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
 
 
 def _run_mesh(values: Mapping[str, Any], plans: list[_RolePlan]) -> jax.sharding.Mesh | None:
-    """Joins the hosts (``config.distributed``) and builds ``config.mesh``; refuses batches it cannot split."""
-    parallel.initialize_from_config(values["distributed"])
+    """Builds ``config.mesh`` (after ``config.distributed`` joined the hosts); refuses batches it cannot split."""
     try:
         mesh = parallel.mesh_from_config(values["mesh"])
     except ValueError as err:
@@ -921,6 +921,7 @@ def check_resumable(config: Any, workdir: str | pathlib.Path) -> dict[str, dict[
         CheckpointCorruptError: a role's latest checkpoint metadata is unreadable.
     """
     values = validate_train_config(config)
+    parallel.initialize_from_config(values["distributed"])
     run_data = prepare_data(values)
     plans = [_plan(role, values, run_data) for role in parse_roles(values["roles"])]
     _run_mesh(values, plans)
