@@ -805,13 +805,13 @@ def _batch_schedule(indices: np.ndarray, batch: int, steps: int, rng: np.random.
 
 def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: methods.UnlearningMethod,
              params0, seed: int, threshold: float, start_fractions: tuple[float, float],
-             state_shardings: tuple[Any, Any] | None = None) -> dict[str, Any]:
+             mesh: jax.sharding.Mesh | None = None, state_shardings: tuple[Any, Any] | None = None
+             ) -> dict[str, Any]:
     """One (method, seed) run: steps, monitoring, stopping; returns the trajectory and the two parameter sets.
 
-    With ``plan.mesh`` the steps run on the mesh (state placed as ``state_shardings``, batches split over the data
-    axis) and the monitoring, like everything host-side, on this process's copy of the parameters.
+    With a ``mesh`` (the plan's) the steps run on it (state placed as ``state_shardings``, batches split over the
+    data axis) and the monitoring, like everything host-side, on this process's copy of the parameters.
     """
-    mesh = plan.mesh
     config = plan.config
     budget = config["max_steps"]
     rng = np.random.default_rng([seed, _DATA_STREAM])
@@ -1069,7 +1069,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         curves[label] = []
         for seed in plan.seeds:
             run = _run_one(plan, evaluation, compiled_step, method, generator.params, seed, threshold,
-                           start_fractions, state_shardings)
+                           start_fractions, mesh=plan.mesh, state_shardings=state_shardings)
             at_stop = evaluation.evaluate(run["params_at_stop"], plan.forget_classes)
             at_end = None
             if run["params_at_end"] is not None:
