@@ -33,6 +33,12 @@ with exactly the batches and keys the uninterrupted run would have used and ends
 the same device and software). Checkpoints are taken at epoch ends: the first epoch end crossing each multiple of
 ``checkpoint_every_steps`` steps, and the last.
 
+Devices: ``config.mesh`` runs the epochs on a :mod:`gsu_jax.parallel` mesh (batches split over the ``data``
+devices, parameters and optimizer state replicated or split over ``model``; the same parameters as one device up
+to float32 summation order); ``config.distributed`` joins several hosts first. Checkpoints restore onto whatever
+mesh the resuming run has; evaluation runs on each process's own copy of the parameters, and only process 0
+writes metrics, history, PNGs and the summary. The default mesh (one device) runs the single-device programs.
+
 Non-finite steps: the optimizer is wrapped in ``optax.apply_if_finite``, so a step whose gradient is not finite is
 skipped (and counted in the metrics); a run that ends an epoch with its last :data:`MAX_CONSECUTIVE_NONFINITE`
 steps (or its whole epoch, if shorter) all skipped stops with :class:`TrainingDivergedError` before writing

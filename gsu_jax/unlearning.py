@@ -45,6 +45,11 @@ The loop is a Python loop over the compiled step with a compiled monitor, not on
 be timed alone anyway, the stopping step's parameters must be kept, and with the per-step host read of one
 scalar the overhead is a dispatch (~0.1 ms) against steps of several ms on CPU.
 
+**Devices.** ``config.mesh`` / ``config.distributed`` (:mod:`gsu_jax.parallel`) run each method's step on a
+mesh: forget and retain batches split over the ``data`` devices, parameters and optimizer state replicated or split
+over ``model``; the monitoring and the evaluation run on each process's copy of the parameters, and process 0
+alone prints and writes the report, logs and PNGs (every process saves its shards of the unlearned parameters).
+
 **Thresholds.** ``threshold="auto"``: the oracle's forget fraction on the same fixed z plus two binomial standard
 errors (:func:`gsu_jax.metrics.auto_threshold`), on ``monitor_samples`` (1024) samples. The published setting
 (``published_threshold`` 0.02 on ``published_monitor_samples`` 128 samples) is evaluated on the *first 128 of the
