@@ -864,7 +864,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
     if not isinstance(workdir, (str, pathlib.Path)) or not str(workdir).strip():
         raise WorkdirError(f"workdir must be a non-empty path, got {workdir!r}")
     values = validate_train_config(config)
-    parallel.initialize_from_config(values["distributed"])  # before anything touches a device
+    _join_hosts(values)  # before anything touches a device
     roles = parse_roles(values["roles"])
     run_data = prepare_data(values)
     plans = [_plan(role, values, run_data) for role in roles]
@@ -890,6 +890,14 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
     if parallel.is_main_process():
         (workdir / "summary.json").write_text(json.dumps(json_normalize(summary), indent=2) + "\n")
     return results
+
+
+def _join_hosts(values: Mapping[str, Any]) -> None:
+    """``config.distributed``: joins the processes of a multi-host run (nothing when not enabled)."""
+    try:
+        parallel.initialize_from_config(values["distributed"])
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"config.distributed: {err}") from err
 
 
 def _run_mesh(values: Mapping[str, Any], plans: list[_RolePlan]) -> jax.sharding.Mesh | None:
@@ -927,7 +935,7 @@ def check_resumable(config: Any, workdir: str | pathlib.Path) -> dict[str, dict[
         CheckpointCorruptError: a role's latest checkpoint metadata is unreadable.
     """
     values = validate_train_config(config)
-    parallel.initialize_from_config(values["distributed"])
+    _join_hosts(values)
     run_data = prepare_data(values)
     plans = [_plan(role, values, run_data) for role in parse_roles(values["roles"])]
     _run_mesh(values, plans)

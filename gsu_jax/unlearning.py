@@ -492,12 +492,18 @@ def _run_mesh(values: Mapping[str, Any]) -> jax.sharding.Mesh | None:
     """Joins the hosts and builds the mesh of ``config.mesh``; refuses batches its data axis cannot split."""
     try:
         parallel.initialize_from_config(values["distributed"])
-        mesh = parallel.mesh_from_config(values["mesh"])
-        if mesh is not None:
-            parallel.check_batch_size(values["batch_size"], mesh, field="config.batch_size")
-            parallel.check_batch_size(values["retain_batch_size"], mesh, field="config.retain_batch_size")
     except (ValueError, RuntimeError) as err:
-        raise _refuse(f"config.mesh={values['mesh']!r}, config.distributed: {err}") from err
+        raise _refuse(f"config.distributed: {err}") from err
+    try:
+        mesh = parallel.mesh_from_config(values["mesh"])
+    except ValueError as err:
+        raise _refuse(f"config.mesh={values['mesh']!r}: {err}") from err
+    if mesh is not None:
+        for field in ("batch_size", "retain_batch_size"):
+            try:
+                parallel.check_batch_size(values[field], mesh, field=f"config.{field}")
+            except ValueError as err:
+                raise _refuse(str(err)) from err
     return mesh
 
 

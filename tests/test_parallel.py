@@ -141,3 +141,19 @@ def test_mesh_and_distributed_refusals(overrides, message):
         config[field].update(values)
     with pytest.raises(ConfigError, match=message):
         validate_train_config(config)
+
+
+def test_runs_refuse_a_mesh_larger_than_the_machine_before_any_work(tmp_path):
+    from gsu_jax import training, unlearning
+    from gsu_jax.config_validation import load_config_file
+
+    count = jax.device_count()
+    train = load_config_file(ROOT / "configs" / "smoke.py")
+    train.mesh.data = count + 1
+    with pytest.raises(ConfigError, match=rf"config.mesh=.*needs {count + 1} devices but only {count}"):
+        training.train_and_evaluate(train, tmp_path / "train")
+    config = load_config_file(ROOT / "configs" / "unlearn_smoke.py")
+    config.mesh.data, config.mesh.model = -1, count + 1
+    with pytest.raises(unlearning.UnlearnConfigError, match=r"config.mesh=.*does not divide"):
+        unlearning.plan_run(config, tmp_path / "unlearn")
+    assert not (tmp_path / "train").exists() and not (tmp_path / "unlearn").exists()
