@@ -27,7 +27,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gsu_jax import training
+from gsu_jax import parallel, training
 from gsu_jax.checkpointing import (
     CheckpointCorruptError,
     CheckpointMismatchError,
@@ -120,6 +120,8 @@ def main(argv: list[str]) -> None:
         _fail(str(err), 2, debug=debug)
     except RUNTIME_ERRORS as err:
         _fail(str(err), 1, debug=debug)
+    if not parallel.is_main_process():
+        return
     for role, metrics in results.items():
         if "heldout_neg_elbo" in metrics:
             headline = (f"held-out -ELBO {metrics['heldout_neg_elbo']:.2f} (reconstruction "

@@ -132,7 +132,10 @@ def main(argv: list[str]) -> None:
     except Exception as error:  # noqa: BLE001 - the CLI turns any runtime failure into one line and exit 1
         hint = "" if debug else " (rerun with --debug for the traceback)"
         _fail(RUNTIME_ERROR, f"{type(error).__name__}: {_one_line(error)}{hint}", debug=debug)
-    print(unlearning.format_summary(report))
+    from gsu_jax import parallel
+
+    if parallel.is_main_process():
+        print(unlearning.format_summary(report))
 
 
 if __name__ == "__main__":

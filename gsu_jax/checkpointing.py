@@ -169,6 +169,12 @@ def state_digest(tree: Any) -> str:
     leaves = jax.tree.leaves(tree)
     digest = hashlib.sha256(f"{len(leaves)} leaves".encode())
     for leaf in leaves:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable and not leaf.is_fully_replicated:
+            # Split over several hosts (a model-sharded multi-process run): every process gathers the whole array
+            # (a collective; every process hashes the same trees in the same order).
+            from jax.experimental import multihost_utils
+
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
         array = np.ascontiguousarray(np.asarray(leaf))
         digest.update(f"{array.dtype.str}{array.shape}".encode())
         digest.update(array.tobytes())
@@ -179,9 +185,10 @@ def abstract_like(tree: Any) -> Any:
     """The abstract restore target of a pytree: ``jax.ShapeDtypeStruct`` leaves with a single-device sharding.
 
     ``tree`` may hold arrays or ``jax.ShapeDtypeStruct`` (e.g. the output of ``jax.eval_shape`` or the state of
-    ``nnx.eval_shape``); leaves without a sharding get the default device's.
+    ``nnx.eval_shape``); leaves without a sharding get this process's first device (the default device; in a
+    multi-process run each process restores its own copy).
     """
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def to_abstract(leaf: Any) -> jax.ShapeDtypeStruct:
         leaf_sharding = getattr(leaf, "sharding", None) or sharding

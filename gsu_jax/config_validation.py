@@ -45,6 +45,7 @@ from gsu_jax.models import CLASSIFIER_MODELS, DIFFUSION_MODELS, VAE_MODELS, mode
 __all__ = [
     "ConfigError",
     "Field",
+    "PARALLEL_SCHEMA",
     "ROLES",
     "SCOPES",
     "TRAIN_SCHEMA",
@@ -55,6 +56,7 @@ __all__ = [
     "parse_roles",
     "unknown_key_message",
     "validate_config",
+    "validate_parallel",
     "validate_train_config",
 ]
 
@@ -225,6 +227,80 @@ def parse_roles(value: str, *, field: str = "roles") -> tuple[str, ...]:
     return tuple(role for role in ROLES if role in names)
 
 
+# ------------------------------------------------------------------------------------------- devices and hosts
+
+# Fields of how a run is spread over devices and hosts (train.py and unlearn.py); never part of a result.
+MESH_DEFAULT = {"data": 1, "model": 1}
+DISTRIBUTED_DEFAULT = {"enabled": False, "coordinator_address": "", "num_processes": 0, "process_id": -1}
+_MESH_ALLOWED = "{'data': an integer >= 1 or -1 (all devices), 'model': an integer >= 1}"
+_DISTRIBUTED_ALLOWED = ("{'enabled': True/False, and for a cluster JAX cannot detect: 'coordinator_address': "
+                        "'host:port', 'num_processes': n >= 1, 'process_id': 0..n-1 (else '', 0, -1: auto-detect)}")
+PARALLEL_SCHEMA: Mapping[str, Field] = types.MappingProxyType({
+    "mesh": Field(dict(MESH_DEFAULT), dict, _MESH_ALLOWED, None, "run",
+                  "Device mesh of the training/unlearning steps (gsu_jax.parallel): batches split over 'data' "
+                  "devices, parameters split over 'model' devices; data=1, model=1 is the single-device run, "
+                  "data=-1 uses every device."),
+    "distributed": Field(dict(DISTRIBUTED_DEFAULT), dict, _DISTRIBUTED_ALLOWED, None, "run",
+                         "Multi-host run (jax.distributed): enabled=True joins the processes, auto-detected on "
+                         "SLURM / Cloud TPU / Open MPI or from the explicit coordinator fields."),
+})
+
+
+def validate_parallel(values: Mapping[str, Any], *, prefix: str = "config.") -> dict[str, Any]:
+    """Checks the ``mesh`` and ``distributed`` fields (their form; device counts are checked against the devices
+    when the mesh is built). Missing fields take their defaults (configs and checkpoints older than them).
+
+    Returns:
+        ``{"mesh": {...}, "distributed": {...}}`` with every key present.
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type or range, or explicit coordinator fields given
+            only in part.
+    """
+    result = {}
+    for name, default, allowed in (("mesh", MESH_DEFAULT, _MESH_ALLOWED),
+                                   ("distributed", DISTRIBUTED_DEFAULT, _DISTRIBUTED_ALLOWED)):
+        given = values.get(name, default)
+        given = given.to_dict() if isinstance(given, ml_collections.ConfigDict) else given
+        if not isinstance(given, Mapping):
+            raise ConfigError(f"{prefix}{name}={given!r} is invalid: allowed: {allowed}")
+        for key in given:
+            if key not in default:
+                raise ConfigError(unknown_key_message(key, default, prefix=f"{prefix}{name}."))
+        merged = {**default, **given}
+        for key, value in merged.items():
+            kind = type(default[key])
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+                raise ConfigError(f"{prefix}{name}.{key}={value!r} is invalid: expected {kind.__name__}; "
+                                  f"allowed: {allowed}")
+        result[name] = merged
+    mesh, dist = result["mesh"], result["distributed"]
+    if not (mesh["data"] >= 1 or mesh["data"] == -1):
+        raise ConfigError(f"{prefix}mesh.data={mesh['data']!r} is invalid: allowed: an integer >= 1 or -1 "
+                          "(all devices)")
+    if mesh["model"] < 1:
+        raise ConfigError(f"{prefix}mesh.model={mesh['model']!r} is invalid: allowed: an integer >= 1")
+    explicit = (dist["coordinator_address"] != "", dist["num_processes"] != 0, dist["process_id"] != -1)
+    if any(explicit) and not all(explicit):
+        raise ConfigError(f"{prefix}distributed: give all of coordinator_address, num_processes and process_id "
+                          f"(or none, to auto-detect the cluster); got {dist['coordinator_address']!r}, "
+                          f"{dist['num_processes']!r}, {dist['process_id']!r}")
+    if all(explicit):
+        if not dist["enabled"]:
+            raise ConfigError(f"{prefix}distributed: coordinator fields are set but enabled=False; set "
+                              f"--{prefix}distributed.enabled=True")
+        if dist["num_processes"] < 1 or not 0 <= dist["process_id"] < dist["num_processes"]:
+            raise ConfigError(f"{prefix}distributed.process_id={dist['process_id']!r} with num_processes="
+                              f"{dist['num_processes']!r} is invalid: allowed: num_processes >= 1 and process_id "
+                              "in 0..num_processes-1")
+        address = dist["coordinator_address"]
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{prefix}distributed.coordinator_address={address!r} is invalid: allowed: "
+                              "'host:port', e.g. '10.0.0.1:1234'")
+    return result
+
+
 # ------------------------------------------------------------------------------------------- the train schema
 
 
@@ -328,6 +404,7 @@ def _train_schema() -> dict[str, Field]:
                                   "corrupted on disk), resume from the newest earlier checkpoint that verifies, "
                                   "moving the bad ones to <role>/corrupt_checkpoints/ and saying which and why. "
                                   "False refuses to start, naming the bad step and file.", optional=True),
+        **PARALLEL_SCHEMA,
     }
 
 
@@ -509,7 +586,11 @@ def validate_train_config(config: Any) -> dict[str, Any]:
     Raises:
         ConfigError: one line naming the field, the value and what is allowed.
     """
-    values = validate_config(config, TRAIN_SCHEMA)
+    raw = _as_mapping(config)
+    # Configs (and checkpoint records) written before the mesh existed ran on one device: the defaults.
+    raw = {**{name: field.default for name, field in PARALLEL_SCHEMA.items()}, **raw}
+    values = validate_config(raw, TRAIN_SCHEMA)
+    values.update(validate_parallel(values))
     parse_roles(values["roles"])
     parse_class_list(values["exclude_classes"])
     # Imported here: gsu_jax.generative builds on the models and losses, which this module must not import eagerly.

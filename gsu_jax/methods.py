@@ -138,6 +138,8 @@ class StepInputs(NamedTuple):
       forget_keys, retain_keys: ``key[B_f]``, ``key[B_r]``, one per example.
       forget_losses: ``f32[B_f]``, the per-example forget losses ``l(x_i)``.
       forget_grad, retain_grad: ``g_f``, ``g_r`` (trees like ``params``).
+      chunk_size: examples processed at once by every pass over a batch (``None``: whole batches), the
+        :func:`make_method` step option.
     """
 
     loss_fn: LossFn
@@ -150,6 +152,7 @@ class StepInputs(NamedTuple):
     forget_losses: jax.Array
     forget_grad: Params
     retain_grad: Params
+    chunk_size: int | None = None
 
 
 class Direction(NamedTuple):
@@ -366,11 +369,13 @@ def _gated_ascent(
         retain_grad,
         scale=-1.0,
         only_on_conflict=only_on_conflict,
+        chunk_size=inputs.chunk_size,
     )
     if only_on_conflict:
         # -grad l(x_i) conflicts with g_r exactly when <grad l(x_i), g_r> > 0.
         derivatives = per_example.per_example_directional_derivatives(
-            loss_fn, inputs.params, inputs.forget_batch, inputs.forget_keys, retain_grad
+            loss_fn, inputs.params, inputs.forget_batch, inputs.forget_keys, retain_grad,
+            chunk_size=inputs.chunk_size,
         )
         conflicts = (derivatives > 0).astype(jnp.float32)
         projected = jnp.sum(weights * conflicts) / jnp.maximum(jnp.sum(weights), 1e-12)
@@ -414,11 +419,14 @@ def _sa_gated(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
     return Direction(update, jnp.maximum(gated.projected, conflict), gated.gated_fraction)
 
 
-def _group_mean_grads(inputs: StepInputs, *, num_groups: int, chunk_size: int | None) -> Params:
+def _group_mean_grads(inputs: StepInputs, *, num_groups: int) -> Params:
     """``G_k = grad mean_{i in group k} l(x_i)`` for K contiguous equal groups of the retain batch (leading K).
 
     Uses the retain batch's own per-example keys, so ``mean_k G_k = g_r`` exactly. Computed as the per-example
-    gradients of a "group loss" whose one example is a whole group, ``chunk_size`` groups at a time.
+    gradients of a "group loss" whose one example is a whole group. With the step's ``chunk_size`` at most that
+    many examples are differentiated at once: ``chunk_size // group_size`` groups at a time, or, for groups larger
+    than a chunk, one group at a time with its mean gradient accumulated over chunks. The K gradients themselves
+    (``K x |params|``, what the span projection needs) are always held.
     """
     size = batch_size(inputs.retain_batch)
     if size % num_groups:
@@ -439,20 +447,66 @@ def _group_mean_grads(inputs: StepInputs, *, num_groups: int, chunk_size: int | 
         return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, group["examples"], group["keys"]))
 
     group_keys = groups["keys"][:, 0]  # one (unused) key per group, for the common per-example signature
-    return per_example.per_example_grads(group_loss, inputs.params, groups, group_keys, chunk_size=chunk_size)
+    chunk_size = inputs.chunk_size
+    if chunk_size is None or chunk_size >= group_size:
+        groups_per_chunk = None if chunk_size is None else chunk_size // group_size
+        return per_example.per_example_grads(
+            group_loss, inputs.params, groups, group_keys, chunk_size=groups_per_chunk
+        )
+
+    def group_grad(group: Mapping[str, Any]) -> Params:
+        return _losses_and_mean_grad(loss_fn, inputs.params, group["examples"], group["keys"], chunk_size)[1]
+
+    return jax.lax.map(group_grad, groups)
 
 
 def _sa_span(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
-    directions = _group_mean_grads(inputs, num_groups=hparams["num_directions"], chunk_size=hparams["chunk_size"])
+    directions = _group_mean_grads(inputs, num_groups=hparams["num_directions"])
     ascent = _negate(inputs.forget_grad)
     update = _project_off_span(ascent, directions, only_on_conflict=hparams["only_on_conflict"])
     return Direction(update, _changed(ascent, update), _zero())
 
 
+def _mean_hessian_vector_product(
+    loss_fn: LossFn, params: Params, batch: Batch, keys: jax.Array, vector: Params, chunk_size: int | None
+) -> Params:
+    """``H v`` with ``H`` the Hessian of ``mean_i l(x_i)``: forward-over-reverse, summed ``chunk_size`` examples at
+    a time (:func:`gsu_jax.per_example.sum_over_chunks`), so the activations of one chunk are held."""
+
+    def chunk_hvp(chunk: tuple[Batch, jax.Array]) -> Params:
+        batch_chunk, keys_chunk = chunk
+
+        def summed_grad(p: Params) -> Params:
+            return jax.grad(lambda q: jnp.sum(jax.vmap(loss_fn, in_axes=(None, 0, 0))(q, batch_chunk, keys_chunk)))(p)
+
+        return jax.jvp(summed_grad, (params,), (vector,))[1]
+
+    total = per_example.sum_over_chunks(chunk_hvp, (batch, keys), chunk_size=chunk_size)
+    return jax.tree.map(lambda leaf: leaf / batch_size(batch), total)
+
+
 def _uno(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
-    """``grad_theta [L_r(theta) + lambda cos^2(grad L_f(theta), grad L_r(theta))]``: nested ``jax.grad``."""
+    """``grad_theta [L_r(theta) + lambda cos^2(grad L_f(theta), grad L_r(theta))]``: nested ``jax.grad``.
+
+    With the step's ``chunk_size`` the same gradient comes from the chain rule instead of differentiating through
+    the (chunked) gradients: with ``(a, b) = grad_{(g_f, g_r)} lambda cos^2(g_f, g_r)`` and the Hessians ``H_f``,
+    ``H_r`` of ``L_f``, ``L_r`` (symmetric), ``u = g_r + H_f a + H_r b``, each Hessian-vector product accumulated
+    over chunks, so no pass holds more than ``chunk_size`` examples' activations.
+    """
     loss_fn = inputs.loss_fn
     weight = hparams["orthogonality_weight"]
+    if inputs.chunk_size is not None:
+        forget_cotangent, retain_cotangent = jax.grad(
+            lambda g_f, g_r: weight * jnp.square(_cosine(g_f, g_r)), argnums=(0, 1)
+        )(inputs.forget_grad, inputs.retain_grad)
+        forget_part = _mean_hessian_vector_product(
+            loss_fn, inputs.params, inputs.forget_batch, inputs.forget_keys, forget_cotangent, inputs.chunk_size
+        )
+        retain_part = _mean_hessian_vector_product(
+            loss_fn, inputs.params, inputs.retain_batch, inputs.retain_keys, retain_cotangent, inputs.chunk_size
+        )
+        update = jax.tree.map(lambda g, f, r: g + f + r, inputs.retain_grad, forget_part, retain_part)
+        return Direction(update, _zero(), _zero())
 
     def mean_loss(params: Params, batch: Batch, keys: jax.Array) -> jax.Array:
         return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, batch, keys))
@@ -499,10 +553,6 @@ def _is_positive_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
-def _is_optional_positive_int(value: Any) -> bool:
-    return value is None or _is_positive_int(value)
-
-
 def _is_optional_regex(value: Any) -> bool:
     if value is None:
         return True
@@ -513,10 +563,6 @@ def _is_optional_regex(value: Any) -> bool:
     except re.error:
         return False
     return True
-
-
-def _optional_int(value: Any) -> int | None:
-    return None if value is None else int(value)
 
 
 def _only_on_conflict(default: bool, what: str) -> HParam:
@@ -574,13 +620,6 @@ METHODS: dict[str, Method] = {
                     int,
                 ),
                 "only_on_conflict": _only_on_conflict(False, "-g_f off the span"),
-                "chunk_size": HParam(
-                    None,
-                    "group gradients computed this many at a time (None: all K at once)",
-                    "None or an integer >= 1",
-                    _is_optional_positive_int,
-                    _optional_int,
-                ),
             },
             _GUIDANCE_AFTER_PROJECTION,
             _sa_span,
@@ -718,15 +757,37 @@ def split_step_keys(key: jax.Array, forget_batch: Batch, retain_batch: Batch) ->
     return forget_keys, retain_keys, guidance_key
 
 
-def _losses_and_mean_grad(loss_fn: LossFn, params: Params, batch: Batch, keys: jax.Array):
-    """``(l(x_i) f32[B], grad mean_i l(x_i))`` in one forward and one backward pass."""
+def _losses_and_mean_grad(
+    loss_fn: LossFn, params: Params, batch: Batch, keys: jax.Array, chunk_size: int | None = None
+) -> tuple[jax.Array, Params]:
+    """``(l(x_i) f32[B], grad mean_i l(x_i))`` in one forward and one backward pass.
 
-    def mean_loss(params: Params) -> tuple[jax.Array, jax.Array]:
-        losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, batch, keys)
-        return jnp.mean(losses), losses
+    With ``chunk_size`` the pass runs ``chunk_size`` examples at a time (``jax.lax.scan`` over chunks, the
+    remainder on its own) and sums ``grad sum_{i in chunk} l(x_i)`` before dividing by ``B``: the same gradient up
+    to float rounding with the activations of one chunk.
+    """
+    size = batch_size(batch)
+    if chunk_size is None or chunk_size >= size:
 
-    (_, losses), grad = jax.value_and_grad(mean_loss, has_aux=True)(params)
-    return losses, grad
+        def mean_loss(params: Params) -> tuple[jax.Array, jax.Array]:
+            losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, batch, keys)
+            return jnp.mean(losses), losses
+
+        (_, losses), grad = jax.value_and_grad(mean_loss, has_aux=True)(params)
+        return losses, grad
+
+    def summed_grad_and_losses(chunk: tuple[Batch, jax.Array]) -> tuple[Params, jax.Array]:
+        batch_chunk, keys_chunk = chunk
+
+        def summed_loss(p: Params) -> tuple[jax.Array, jax.Array]:
+            losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, batch_chunk, keys_chunk)
+            return jnp.sum(losses), losses
+
+        grad, losses = jax.grad(summed_loss, has_aux=True)(params)
+        return grad, losses
+
+    grad, losses = per_example.scan_over_chunks(summed_grad_and_losses, (batch, keys), chunk_size=chunk_size)
+    return losses, jax.tree.map(lambda leaf: leaf / size, grad)
 
 
 def make_method(
@@ -736,6 +797,7 @@ def make_method(
     optimizer: optax.GradientTransformation,
     guidance_loss: GuidanceLossFn | None = None,
     guidance_weight: float = 0.0,
+    chunk_size: int | None = None,
     **hparams: Any,
 ) -> UnlearningMethod:
     """Builds the unlearning method ``name`` (a key of :data:`METHODS`) for a per-example loss and an optimizer.
@@ -752,6 +814,17 @@ def make_method(
       guidance_loss: optional ``guidance_loss(params, key) -> f32[]`` (e.g.
         :func:`gsu_jax.losses.uniformity_guidance_loss`).
       guidance_weight: ``w >= 0``; ``w > 0`` needs ``guidance_loss``.
+      chunk_size: a step option, not a hyperparameter (it never changes the update beyond float rounding):
+        ``None`` (default) differentiates each batch at once; an int ``c >= 1`` bounds the activation memory of
+        every pass over a batch to ``c`` examples: the mean gradients ``g_f``, ``g_r`` (and the per-example
+        losses), the per-example projections and directional derivatives (``sa_per_example``, ``sa_gated``), the
+        group gradients of ``sa_span`` and UNO's gradient of a gradient (chain rule with chunked Hessian-vector
+        products) are each accumulated over ``ceil(B / c)`` chunks with ``jax.lax.scan``. ``B`` need not be a
+        multiple of ``c`` (the remainder is one shorter chunk); every example keeps its own key, so the step
+        equals the unchunked one to float32 rounding. ``c`` at least both batch sizes is exactly (bit for bit) the
+        unchunked step.
+        Memory that does not scale with ``c`` remains: parameters, optimizer state, the batches, and ``sa_span``'s
+        ``K x |params|`` group gradients. :func:`chunk_size_for_budget` picks ``c`` from a byte budget.
       **hparams: the method's hyperparameters (``METHODS[name].hparams``).
 
     Returns:
@@ -759,9 +832,10 @@ def make_method(
       ``step(params, state, forget_batch, retain_batch, key) -> (params, state, metrics)``.
 
     Raises:
-      ValueError: unknown method, bad hyperparameter, negative or non-finite ``guidance_weight``, or guidance
-        without a ``guidance_loss`` (all before any work).
-      TypeError: ``loss_fn``/``guidance_loss`` not callable, or ``optimizer`` not an optax transformation.
+      ValueError: unknown method, bad hyperparameter, negative or non-finite ``guidance_weight``, guidance
+        without a ``guidance_loss``, or ``chunk_size < 1`` (all before any work).
+      TypeError: ``loss_fn``/``guidance_loss`` not callable, ``optimizer`` not an optax transformation, or
+        ``chunk_size`` neither None nor an int.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -777,6 +851,12 @@ def make_method(
       ['cos_forget_retain', 'forget_loss', 'gated_fraction', 'projected', 'retain_loss', 'update_norm']
     """
     resolved = resolve_hparams(name, **hparams)
+    if chunk_size is not None and not _is_positive_int(chunk_size):
+        if isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool):
+            raise ValueError(f"chunk_size must be >= 1 (examples per chunk), got {chunk_size!r}; allowed: None or "
+                             "an integer >= 1")
+        raise TypeError(f"chunk_size must be None or an integer >= 1 (examples per chunk), got {chunk_size!r}")
+    chunk_size = None if chunk_size is None else int(chunk_size)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (params, example, key) -> f32[], got {loss_fn!r}")
     if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
@@ -801,8 +881,12 @@ def make_method(
         params: Params, state: MethodState, forget_batch: Batch, retain_batch: Batch, key: jax.Array
     ) -> tuple[Params, MethodState, Metrics]:
         forget_keys, retain_keys, guidance_key = split_step_keys(key, forget_batch, retain_batch)
-        forget_losses, forget_grad = _losses_and_mean_grad(loss_fn, params, forget_batch, forget_keys)
-        retain_losses, retain_grad = _losses_and_mean_grad(loss_fn, params, retain_batch, retain_keys)
+        # A chunk holding both batches is the unchunked computation (bit-identical to chunk_size=None).
+        chunk = chunk_size
+        if chunk is not None and chunk >= max(batch_size(forget_batch), batch_size(retain_batch)):
+            chunk = None
+        forget_losses, forget_grad = _losses_and_mean_grad(loss_fn, params, forget_batch, forget_keys, chunk)
+        retain_losses, retain_grad = _losses_and_mean_grad(loss_fn, params, retain_batch, retain_keys, chunk)
         inputs = StepInputs(
             loss_fn=loss_fn,
             params=params,
@@ -814,6 +898,7 @@ def make_method(
             forget_losses=forget_losses,
             forget_grad=forget_grad,
             retain_grad=retain_grad,
+            chunk_size=chunk,
         )
         direction = rule(inputs, resolved)
         update = direction.update
@@ -835,3 +920,102 @@ def make_method(
         return new_params, MethodState(step=state.step + 1, optimizer=optimizer_state), metrics
 
     return UnlearningMethod(init=init, step=step)
+
+
+# ------------------------------------------------------------------------------------------- memory budget
+
+
+def _abstract(tree: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` of every leaf (arrays, numpy arrays or structs already), for compiling only."""
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf)), tree)
+
+
+def step_temp_bytes(method: UnlearningMethod, params: Params, forget_batch: Batch, retain_batch: Batch) -> int:
+    """Bytes of temporaries XLA assigns to one compiled ``method.step`` (arguments and outputs excluded).
+
+    The step is compiled for the shapes of its arguments, never run (arrays or ``jax.ShapeDtypeStruct``
+    accepted). This is ``compiled.memory_analysis().temp_size_in_bytes``: the working memory the step needs
+    beyond its inputs and outputs, where the activations of the per-example passes live.
+
+    Raises:
+      RuntimeError: the backend reports no memory analysis.
+    """
+    abstract_params = _abstract(params)
+    state = jax.eval_shape(method.init, abstract_params)
+    compiled = jax.jit(method.step).lower(
+        abstract_params, state, _abstract(forget_batch), _abstract(retain_batch), jax.random.key(0)
+    ).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        raise RuntimeError(f"the {jax.default_backend()} backend reports no memory analysis of a compiled step")
+    return int(analysis.temp_size_in_bytes)
+
+
+def chunk_size_for_budget(
+    name: str,
+    *,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    params: Params,
+    forget_batch: Batch,
+    retain_batch: Batch,
+    budget_bytes: int,
+    guidance_loss: GuidanceLossFn | None = None,
+    guidance_weight: float = 0.0,
+    **hparams: Any,
+) -> int | None:
+    """The ``chunk_size`` for :func:`make_method` whose step fits ``budget_bytes`` of temporaries.
+
+    Compiles (never runs) the step for the given shapes: ``None`` when the unchunked step's
+    :func:`step_temp_bytes` is within the budget, otherwise the largest power of two ``c`` below the larger batch
+    whose chunked step is (bisection over the exponents: about ``log2(log2 B)`` + 2 compilations; the temporary
+    memory grows with ``c``). Parameters, optimizer state and batches are not counted: they are the step's
+    arguments.
+
+    Args:
+      name, loss_fn, optimizer, guidance_loss, guidance_weight, **hparams: as for :func:`make_method`.
+      params, forget_batch, retain_batch: arrays or ``jax.ShapeDtypeStruct`` of the step's shapes.
+      budget_bytes: the most bytes of temporaries allowed (> 0).
+
+    Returns:
+      ``None`` (no chunking needed) or the chunk size.
+
+    Raises:
+      ValueError: ``budget_bytes`` not a positive integer, or even ``chunk_size=1`` exceeds it (the message gives
+        that step's bytes); the refusals of :func:`make_method`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> def loss_fn(params, example, key):
+      ...     return jnp.sum(jnp.tanh(example["x"] @ params["w"]) ** 2)
+      >>> params = {"w": jnp.ones((64, 64))}
+      >>> batch = {"x": jax.ShapeDtypeStruct((256, 64), jnp.float32)}
+      >>> chunk_size_for_budget("sa", loss_fn=loss_fn, optimizer=optax.sgd(0.1), params=params,
+      ...                       forget_batch=batch, retain_batch=batch, budget_bytes=1 << 30) is None
+      True
+    """
+    if not _is_positive_int(budget_bytes):
+        raise ValueError(f"budget_bytes must be an integer > 0, got {budget_bytes!r}")
+
+    def temp_bytes(chunk_size: int | None) -> int:
+        method = make_method(name, loss_fn=loss_fn, optimizer=optimizer, guidance_loss=guidance_loss,
+                             guidance_weight=guidance_weight, chunk_size=chunk_size, **hparams)
+        return step_temp_bytes(method, params, forget_batch, retain_batch)
+
+    if temp_bytes(None) <= budget_bytes:
+        return None
+    smallest = temp_bytes(1)
+    if smallest > budget_bytes:
+        raise ValueError(
+            f"method {name!r} needs {smallest} bytes of temporaries even with chunk_size=1, over "
+            f"budget_bytes={budget_bytes}; allowed: a budget of at least {smallest} bytes"
+        )
+    largest = max(batch_size(forget_batch), batch_size(retain_batch))
+    low, high = 0, max(0, math.ceil(math.log2(largest)) - 1)  # 2**low fits; find the largest exponent that fits
+    while low < high:
+        middle = (low + high + 1) // 2
+        if temp_bytes(2**middle) <= budget_bytes:
+            low = middle
+        else:
+            high = middle - 1
+    return 2**low

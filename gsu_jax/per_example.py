@@ -96,6 +96,130 @@ def _cast_like(tree: PyTree, reference: PyTree) -> PyTree:
                       reference)
 
 
+def check_chunk_size(chunk_size: Any) -> None:
+  """Refuses a ``chunk_size`` that is neither ``None`` nor an int >= 1."""
+  if chunk_size is not None and (isinstance(chunk_size, bool)
+                                 or not isinstance(chunk_size, int)):
+    raise TypeError(f"chunk_size must be an int or None, got {chunk_size!r}.")
+  if chunk_size is not None and chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+
+
+def _leading_size(data: PyTree) -> int:
+  return jnp.shape(jax.tree.leaves(data)[0])[0]
+
+
+def _split_chunks(data: PyTree, chunk_size: int) -> tuple[PyTree, PyTree]:
+  """``(head, tail)``: the first ``n * chunk_size`` rows as ``[n, chunk_size,
+  ...]`` and the ``B mod chunk_size`` rows left over (``None`` when none).
+
+  Chunk ``j`` holds the rows ``j, j + n, j + 2n, ...`` (strided, not
+  contiguous): the rows of one chunk then lie along the leading axis as in
+  ``data``, so a batch sharded over devices along that axis stays sharded
+  inside every chunk (each device works on its own examples of each chunk)
+  instead of being gathered to split it into contiguous pieces.
+  """
+  size = _leading_size(data)
+  count = size // chunk_size
+  full = count * chunk_size
+  head = jax.tree.map(
+      lambda x: jnp.swapaxes(
+          x[:full].reshape((chunk_size, count) + x.shape[1:]), 0, 1), data)
+  tail = jax.tree.map(lambda x: x[full:], data) if full < size else None
+  return head, tail
+
+
+def _merge_chunks(rows: PyTree) -> PyTree:
+  """Inverse of :func:`_split_chunks`'s head: ``[n, chunk_size, ...]`` rows
+  back to ``[n * chunk_size, ...]`` in the original order."""
+  return jax.tree.map(
+      lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:]), rows)
+
+
+def scan_over_chunks(fn: Callable[[PyTree], tuple[PyTree, PyTree]],
+                     data: PyTree, *,
+                     chunk_size: int | None) -> tuple[PyTree, PyTree]:
+  """``fn(data)`` run ``chunk_size`` rows at a time, for a ``fn`` returning
+  ``(total, rows)``: a pytree that is a *sum* over the slice's rows (e.g. the
+  gradient of a summed loss) and a pytree with one row per input row (e.g. the
+  per-example losses).
+
+  The chunks are visited by one ``jax.lax.scan`` whose carry is the running
+  total and whose outputs are the rows, so ``fn``'s intermediates are held for
+  one chunk at a time; the last ``B mod chunk_size`` rows (if any) form a
+  shorter chunk computed on its own, so any ``B`` is accepted. With ``n =
+  B // chunk_size`` chunk ``j`` holds rows ``j, j + n, ...`` (strided), which
+  keeps a batch sharded along its leading axis sharded inside each chunk. The result
+  equals ``fn(data)`` up to float rounding (the additions happen in another
+  order); ``chunk_size=None`` or ``>= B`` calls ``fn(data)``.
+
+  Args:
+    fn: ``fn(slice) -> (total, rows)``.
+    data: a pytree whose leaves share the leading axis ``B`` (examples, keys,
+      per-example weights).
+    chunk_size: rows per chunk, or ``None``.
+
+  Returns:
+    ``(total, rows)`` with ``fn``'s structures and dtypes.
+
+  Raises:
+    TypeError, ValueError: ``chunk_size`` is not ``None`` or an int >= 1.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> total, rows = scan_over_chunks(lambda x: (jnp.sum(x), 2 * x),
+    ...                                jnp.arange(5.0), chunk_size=2)
+    >>> total.tolist(), rows.tolist()
+    (10.0, [0.0, 2.0, 4.0, 6.0, 8.0])
+  """
+  check_chunk_size(chunk_size)
+  size = _leading_size(data)
+  if chunk_size is None or chunk_size >= size:
+    return fn(data)
+  head, tail = _split_chunks(data, chunk_size)
+
+  def accumulate(total, chunk):
+    part, rows = fn(chunk)
+    return jax.tree.map(jnp.add, total, part), rows
+
+  total_shape, _ = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], head))
+  zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), total_shape)
+  total, rows = jax.lax.scan(accumulate, zero, head)
+  rows = _merge_chunks(rows)
+  if tail is not None:
+    tail_total, tail_rows = fn(tail)
+    total = jax.tree.map(jnp.add, total, tail_total)
+    rows = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), rows, tail_rows)
+  return total, rows
+
+
+def sum_over_chunks(fn: Callable[[PyTree], PyTree], data: PyTree, *,
+                    chunk_size: int | None) -> PyTree:
+  """:func:`scan_over_chunks` for a ``fn`` that only sums over rows.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> sum_over_chunks(lambda x: jnp.sum(x ** 2), jnp.arange(5.0),
+    ...                 chunk_size=2).tolist()
+    30.0
+  """
+  return scan_over_chunks(lambda chunk: (fn(chunk), ()), data,
+                          chunk_size=chunk_size)[0]
+
+
+def map_over_chunks(fn: Callable[[PyTree], PyTree], data: PyTree, *,
+                    chunk_size: int | None) -> PyTree:
+  """:func:`scan_over_chunks` for a row-wise ``fn`` (one output row per row).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> map_over_chunks(lambda x: 2 * x, jnp.arange(5.0), chunk_size=2).tolist()
+    [0.0, 2.0, 4.0, 6.0, 8.0]
+  """
+  return scan_over_chunks(lambda chunk: ((), fn(chunk)), data,
+                          chunk_size=chunk_size)[1]
+
+
 def per_example_losses(
     loss_fn: LossFn, params: PyTree, batch: PyTree, keys: jax.Array
 ) -> jax.Array:
@@ -179,11 +303,7 @@ def per_example_grads(
     [[0.0], [2.0], [8.0]]
   """
   _check_loss_fn(loss_fn)
-  if chunk_size is not None and (isinstance(chunk_size, bool)
-                                 or not isinstance(chunk_size, int)):
-    raise TypeError(f"chunk_size must be an int or None, got {chunk_size!r}.")
-  if chunk_size is not None and chunk_size < 1:
-    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+  check_chunk_size(chunk_size)
   size = _batch_size(batch, keys)
   grad_one = jax.grad(loss_fn)
   if chunk_size is None or chunk_size >= size:
@@ -198,6 +318,8 @@ def per_example_directional_derivatives(
     batch: PyTree,
     keys: jax.Array,
     tangent: PyTree,
+    *,
+    chunk_size: int | None = None,
 ) -> jax.Array:
   """``<grad loss(x_i), tangent>`` for every example, by one ``jax.jvp``.
 
@@ -211,6 +333,8 @@ def per_example_directional_derivatives(
     keys: ``B`` PRNG keys.
     tangent: a tree like ``params``; its leaves are cast to the dtypes of the
       ``params`` leaves (``jax.jvp`` requires it).
+    chunk_size: if set, one ``jax.jvp`` per ``chunk_size`` examples
+      (:func:`map_over_chunks`): activation memory of one chunk, same values.
 
   Returns:
     ``f32[B]`` (the loss dtype): the directional derivatives.
@@ -231,13 +355,19 @@ def per_example_directional_derivatives(
     [0.0, 1.0, 4.0]
   """
   _check_loss_fn(loss_fn)
+  check_chunk_size(chunk_size)
   _batch_size(batch, keys)
   trees.check_tree_match(tangent, params, tree_name="tangent",
                          reference_name="params")
-  _, derivatives = jax.jvp(
-      lambda p: per_example_losses(loss_fn, p, batch, keys), (params,),
-      (_cast_like(tangent, params),))
-  return derivatives
+  tangent = _cast_like(tangent, params)
+
+  def derivatives(chunk):
+    batch_chunk, keys_chunk = chunk
+    return jax.jvp(
+        lambda p: per_example_losses(loss_fn, p, batch_chunk, keys_chunk),
+        (params,), (tangent,))[1]
+
+  return map_over_chunks(derivatives, (batch, keys), chunk_size=chunk_size)
 
 
 def weighted_grad_sum(
@@ -246,6 +376,8 @@ def weighted_grad_sum(
     batch: PyTree,
     keys: jax.Array,
     weights: jax.Array,
+    *,
+    chunk_size: int | None = None,
 ) -> PyTree:
   """``sum_i weights[i] * grad loss(x_i)``, by one ``jax.vjp``.
 
@@ -259,6 +391,9 @@ def weighted_grad_sum(
     batch: the example pytree with a leading axis ``B`` on every leaf.
     keys: ``B`` PRNG keys.
     weights: ``f32[B]``, cast to the loss dtype.
+    chunk_size: if set, one ``jax.vjp`` per ``chunk_size`` examples, summed
+      (:func:`sum_over_chunks`): activation memory of one chunk, the same sum
+      up to float rounding.
 
   Returns:
     a tree like ``params`` (its dtypes).
@@ -279,12 +414,19 @@ def weighted_grad_sum(
     [-6.0]
   """
   _check_loss_fn(loss_fn)
+  check_chunk_size(chunk_size)
   size = _batch_size(batch, keys)
   _check_batched("weights", weights, size)
-  losses, pullback = jax.vjp(
-      lambda p: per_example_losses(loss_fn, p, batch, keys), params)
-  (grad_sum,) = pullback(jnp.asarray(weights, losses.dtype))
-  return grad_sum
+
+  def grad_sum(chunk):
+    batch_chunk, keys_chunk, weights_chunk = chunk
+    losses, pullback = jax.vjp(
+        lambda p: per_example_losses(loss_fn, p, batch_chunk, keys_chunk),
+        params)
+    return pullback(jnp.asarray(weights_chunk, losses.dtype))[0]
+
+  return sum_over_chunks(grad_sum, (batch, keys, weights),
+                         chunk_size=chunk_size)
 
 
 def per_example_projected_mean(
@@ -297,6 +439,7 @@ def per_example_projected_mean(
     scale: jax.typing.ArrayLike = 1.0,
     only_on_conflict: bool = False,
     eps: jax.typing.ArrayLike = 0.0,
+    chunk_size: int | None = None,
 ) -> PyTree:
   r"""Mean of per-example normal-plane projections, without per-example grads.
 
@@ -341,6 +484,11 @@ def per_example_projected_mean(
       ``d`` (PCGrad).
     eps: non-negative damping added to ``<d, d>``, as in
       :func:`gsu_jax.project_normal_plane`.
+    chunk_size: if set, the linearisation, the ``B`` inner products and the
+      weighted sum run ``chunk_size`` examples at a time, accumulating
+      ``sum_i scale grad loss(x_i)`` and ``sum_i c_i`` over chunks
+      (:func:`sum_over_chunks`): the activation memory of one chunk, the same
+      result up to float rounding.
 
   Returns:
     a tree like ``params`` (its dtypes).
@@ -374,14 +522,34 @@ def per_example_projected_mean(
   unit, scaled_eps = surgery.normalise_direction(direction, eps, dtype)
   squared_norm = trees.tree_squared_norm(unit)
 
-  losses, losses_jvp = jax.linearize(
-      lambda p: per_example_losses(loss_fn, p, batch, keys), params)
-  inner = scale * losses_jvp(_cast_like(unit, params)).astype(dtype)
-  coefficients = surgery.removal_coefficients(inner, squared_norm, scaled_eps,
-                                              only_on_conflict)
-  weights = jnp.full((size,), scale / size, losses.dtype)
-  (mean_update,) = jax.linear_transpose(losses_jvp, params)(weights)
-  mean_coefficient = jnp.mean(coefficients)
+  check_chunk_size(chunk_size)
+  if chunk_size is None or chunk_size >= size:
+    losses, losses_jvp = jax.linearize(
+        lambda p: per_example_losses(loss_fn, p, batch, keys), params)
+    inner = scale * losses_jvp(_cast_like(unit, params)).astype(dtype)
+    coefficients = surgery.removal_coefficients(inner, squared_norm,
+                                                scaled_eps, only_on_conflict)
+    weights = jnp.full((size,), scale / size, losses.dtype)
+    (mean_update,) = jax.linear_transpose(losses_jvp, params)(weights)
+    mean_coefficient = jnp.mean(coefficients)
+  else:
+    unit_like_params = _cast_like(unit, params)
+
+    def update_and_coefficient_sums(chunk):
+      batch_chunk, keys_chunk = chunk
+      losses, losses_jvp = jax.linearize(
+          lambda p: per_example_losses(loss_fn, p, batch_chunk, keys_chunk),
+          params)
+      inner = scale * losses_jvp(unit_like_params).astype(dtype)
+      coefficients = surgery.removal_coefficients(inner, squared_norm,
+                                                  scaled_eps, only_on_conflict)
+      weights = jnp.full(losses.shape, scale / size, losses.dtype)
+      (update_part,) = jax.linear_transpose(losses_jvp, params)(weights)
+      return update_part, jnp.sum(coefficients)
+
+    mean_update, coefficient_sum = sum_over_chunks(
+        update_and_coefficient_sums, (batch, keys), chunk_size=chunk_size)
+    mean_coefficient = coefficient_sum / size
   return jax.tree.map(
       lambda g, h: (jnp.asarray(g, dtype) - mean_coefficient * h).astype(
           jnp.result_type(g)), mean_update, unit)

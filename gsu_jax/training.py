@@ -34,6 +34,12 @@ with exactly the batches and keys the uninterrupted run would have used and ends
 the same device and software). Checkpoints are taken at epoch ends: the first epoch end crossing each multiple of
 ``checkpoint_every_steps`` steps, and the last.
 
+Devices: ``config.mesh`` runs the epochs on a :mod:`gsu_jax.parallel` mesh (batches split over the ``data``
+devices, parameters and optimizer state replicated or split over ``model``; the same parameters as one device up
+to float32 summation order); ``config.distributed`` joins several hosts first. Checkpoints restore onto whatever
+mesh the resuming run has; evaluation runs on each process's own copy of the parameters, and only process 0
+writes metrics, history, PNGs and the summary. The default mesh (one device) runs the single-device programs.
+
 Non-finite steps: the optimizer is wrapped in ``optax.apply_if_finite``, so a step whose gradient is not finite is
 skipped (and counted in the metrics); a run that ends an epoch with its last :data:`MAX_CONSECUTIVE_NONFINITE`
 steps (or its whole epoch, if shorter) all skipped stops with :class:`TrainingDivergedError` before writing
@@ -88,6 +94,7 @@ from gsu_jax import data as data_lib
 from gsu_jax import generative as families
 from gsu_jax import losses
 from gsu_jax import models
+from gsu_jax import parallel
 from gsu_jax.checkpointing import (
     CheckpointCorruptError,
     CheckpointMismatchError,
@@ -297,6 +304,8 @@ def make_train_epoch(
     batch_size: int,
     augment_shift: int = 0,
     scan: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    state_shardings: tuple[Any, Any] | None = None,
 ) -> Callable[..., tuple[Any, Any, jax.Array, jax.Array]]:
     """One epoch of minibatch training: ONE jitted ``lax.scan`` over the batches (or one jitted step per batch).
 
@@ -315,12 +324,21 @@ def make_train_epoch(
             ``False`` runs the same step, jitted, once per batch from Python: XLA:CPU runs convolution gradients
             inside a loop body about 25x slower than the same step on its own (measured on the ConvVAE: 17 s vs
             0.65 s per step), so the convolutional models train this way on CPU. Both draw the same batches and keys.
+        mesh: ``None`` (one device) or a :func:`gsu_jax.parallel.make_mesh` mesh: each batch is split over its
+            ``data`` axis (so is every per-example computation), the data and keys are replicated, and the state
+            is placed as ``state_shardings``; ``batch_size`` must be a multiple of the data axis.
+        state_shardings: ``(params shardings, opt_state shardings)`` on ``mesh`` (default: replicated).
 
     Returns:
         ``train_epoch``; ``params`` and ``opt_state`` are donated (do not reuse them after the call).
     """
     batch_loss = losses.batch_mean(loss_fn)
     translate = jax.vmap(lambda image, key: random_translate(image, max_shift=augment_shift, key=key))
+    if mesh is not None:
+        parallel.check_batch_size(batch_size, mesh)
+        rep = parallel.replicated(mesh)
+        params_sharding, opt_sharding = state_shardings or (rep, rep)
+        state_in = (params_sharding, opt_sharding)
 
     def epoch_plan(key, num_examples):
         order_key, steps_key = jax.random.split(key)
@@ -330,6 +348,10 @@ def make_train_epoch(
     def train_step(params, opt_state, images, labels, indices, step_key):
         augment_key, loss_key = jax.random.split(step_key)
         batch = {"image": images[indices], "label": labels[indices]}
+        if mesh is not None:
+            # The gather from the replicated data leaves the batch replicated: split it over the data axis here,
+            # and with it every per-example computation downstream.
+            batch = jax.lax.with_sharding_constraint(batch, parallel.batch_sharding(mesh))
         if augment_shift:
             batch["image"] = translate(batch["image"], jax.random.split(augment_key, batch_size))
         loss, grads = jax.value_and_grad(batch_loss)(params, batch, loss_key)
@@ -347,20 +369,29 @@ def make_train_epoch(
                 body, (params, opt_state), epoch_plan(key, images.shape[0]))
             return params, opt_state, batch_losses, finite
 
-        return jax.jit(train_epoch, donate_argnums=(0, 1))
+        if mesh is None:
+            return jax.jit(train_epoch, donate_argnums=(0, 1))
+        return parallel.jit_sharded(train_epoch, in_shardings=(*state_in, rep, rep, rep),
+                                    out_shardings=(*state_in, rep, rep), donate_argnums=(0, 1))
 
-    plan_fn = jax.jit(epoch_plan, static_argnums=1)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def indexed_step(params, opt_state, images, labels, order, step_keys, index):
         return train_step(params, opt_state, images, labels, order[index], step_keys[index])
+
+    if mesh is None:
+        plan_fn = jax.jit(epoch_plan, static_argnums=1)
+        indexed_step = jax.jit(indexed_step, donate_argnums=(0, 1))
+    else:
+        plan_fn = jax.jit(epoch_plan, static_argnums=1, in_shardings=rep, out_shardings=rep)
+        indexed_step = parallel.jit_sharded(indexed_step, in_shardings=(*state_in, rep, rep, rep, rep, rep),
+                                            out_shardings=(*state_in, rep, rep), donate_argnums=(0, 1))
 
     def train_epoch_stepwise(params, opt_state, images, labels, key):
         order, step_keys = plan_fn(key, images.shape[0])
         batch_losses, finite = [], []
         for index in range(num_batches):
+            index = np.int32(index) if mesh is None else parallel.put(np.int32(index), rep)
             params, opt_state, loss, step_finite = indexed_step(params, opt_state, images, labels, order, step_keys,
-                                                                np.int32(index))
+                                                                index)
             batch_losses.append(loss)
             finite.append(step_finite)
         return params, opt_state, jnp.stack(batch_losses), jnp.stack(finite)
@@ -415,16 +446,28 @@ class _Programs(NamedTuple):
     draw: Callable[..., tuple[jax.Array, jax.Array]] | None
 
 
+def _state_shardings(abstract_params: nnx.State, optimizer: optax.GradientTransformation,
+                     mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+    """Shardings of (params, opt_state) on ``mesh`` (:func:`gsu_jax.parallel.param_shardings`)."""
+    return (parallel.param_shardings(abstract_params, mesh),
+            parallel.param_shardings(jax.eval_shape(optimizer.init, abstract_params), mesh))
+
+
 def _scan_epochs(model_name: str) -> bool:
     """Whole-epoch ``lax.scan`` except for convolutional models on CPU (see :func:`make_train_epoch`)."""
     return model_name not in _CONV_MODELS or jax.default_backend() != "cpu"
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(spec: _ProgramSpec) -> _Programs:
-    """The jitted programs of one role, compiled lazily on first call and cached per spec."""
+def _programs(spec: _ProgramSpec, mesh: jax.sharding.Mesh | None = None) -> _Programs:
+    """The jitted programs of one role, compiled lazily on first call and cached per spec (and mesh).
+
+    With a mesh only the training epoch runs sharded; evaluation and sampling take single-device parameters
+    (:func:`gsu_jax.parallel.localize`), so every process computes the same numbers as a one-device run.
+    """
     graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: spec.build(jax.random.key(0))))
     optimizer = spec.optimizer()
+    state_shardings = None if mesh is None else _state_shardings(abstract_params, optimizer, mesh)
 
     @jax.jit
     def init_state(key):
@@ -475,7 +518,8 @@ def _programs(spec: _ProgramSpec) -> _Programs:
                                batch_size=_EVAL_CHUNK)
 
     train_epoch = make_train_epoch(loss_fn, optimizer, num_batches=spec.num_batches, batch_size=spec.batch_size,
-                                   augment_shift=spec.augment_shift, scan=_scan_epochs(spec.model_name))
+                                   augment_shift=spec.augment_shift, scan=_scan_epochs(spec.model_name), mesh=mesh,
+                                   state_shardings=state_shardings)
     return _Programs(graphdef, abstract_params, optimizer, init_state, train_epoch, evaluate, draw)
 
 
@@ -754,22 +798,31 @@ def _progress_bar(enabled: bool, **kwargs: Any) -> Any:
 
 
 def _train_role(plan: _RolePlan, role_dir: pathlib.Path, saved: dict[str, Any] | None,
-                values: Mapping[str, Any], run_data: RunData) -> dict[str, Any]:
+                values: Mapping[str, Any], run_data: RunData,
+                mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     spec = plan.spec
-    programs = _programs(spec)
+    programs = _programs(spec, mesh)
+    shardings = None if mesh is None else _state_shardings(programs.abstract_params, programs.optimizer, mesh)
+    main_process = parallel.is_main_process()
     started = time.perf_counter()
     with Checkpointer(_checkpoint_dir(role_dir), max_to_keep=values["max_to_keep"]) as ckpt:
         if saved is None:
             # Committed to the device like restored arrays are, so that a fresh and a resumed run hit the same
             # compiled programs (jit keys its cache on whether arguments are committed).
-            params, opt_state = jax.device_put(programs.init_state(jax.random.fold_in(plan.key, _INIT_STREAM)),
-                                               jax.devices()[0])
+            initial = programs.init_state(jax.random.fold_in(plan.key, _INIT_STREAM))
+            if mesh is None:
+                params, opt_state = jax.device_put(initial, jax.devices()[0])
+            else:
+                params, opt_state = parallel.put(initial, shardings)
             start_epoch, history, consecutive_nonfinite = 0, [], 0
         else:
             abstract_params = abstract_like(programs.abstract_params)
+            abstract_opt_state = abstract_like(jax.eval_shape(programs.optimizer.init, abstract_params))
+            if mesh is not None:
+                # Restored straight onto this run's mesh, whatever the device count that saved it.
+                abstract_params, abstract_opt_state = _on_shardings((abstract_params, abstract_opt_state), shardings)
             params, opt_state, saved = ckpt.restore(
-                saved["step"], abstract_params=abstract_params,
-                abstract_opt_state=abstract_like(jax.eval_shape(programs.optimizer.init, abstract_params)))
+                saved["step"], abstract_params=abstract_params, abstract_opt_state=abstract_opt_state)
             start_epoch, history = saved["epoch"], list(saved["history"])
             consecutive_nonfinite = saved["consecutive_nonfinite"]
             logging.info("%s: resuming from step %d (epoch %d of %d) in %s", plan.role, saved["step"],
@@ -798,14 +851,20 @@ def _train_role(plan: _RolePlan, role_dir: pathlib.Path, saved: dict[str, Any] |
         }
         divergence_window = min(MAX_CONSECUTIVE_NONFINITE, spec.num_batches)
         if start_epoch < spec.num_epochs:
-            images, labels = jnp.asarray(plan.train.images), jnp.asarray(plan.train.labels)
+            if mesh is None:
+                images, labels = jnp.asarray(plan.train.images), jnp.asarray(plan.train.labels)
+            else:
+                images, labels = parallel.put((plan.train.images, plan.train.labels), parallel.replicated(mesh))
             train_key = jax.random.fold_in(plan.key, _TRAIN_STREAM)
-            bar = _progress_bar(values["progress_bar"], total=spec.num_epochs, initial=start_epoch,
+            bar = _progress_bar(values["progress_bar"] and main_process, total=spec.num_epochs, initial=start_epoch,
                                 desc=f"{plan.role:>10}", unit="epoch", dynamic_ncols=True)
             with bar:
                 for epoch in range(start_epoch, spec.num_epochs):
+                    epoch_key = jax.random.fold_in(train_key, epoch)
+                    if mesh is not None:
+                        epoch_key = parallel.put(epoch_key, parallel.replicated(mesh))
                     params, opt_state, batch_losses, finite = programs.train_epoch(
-                        params, opt_state, images, labels, jax.random.fold_in(train_key, epoch))
+                        params, opt_state, images, labels, epoch_key)
                     batch_losses, finite = np.asarray(batch_losses), np.asarray(finite)
                     step = (epoch + 1) * spec.num_batches
                     skipped = int((~finite).sum())
@@ -833,8 +892,10 @@ def _train_role(plan: _RolePlan, role_dir: pathlib.Path, saved: dict[str, Any] |
         checkpoint_path = str(ckpt.step_path(final_step))
     train_seconds = time.perf_counter() - started
 
+    if mesh is not None:
+        params = parallel.localize(params)  # every process evaluates its own copy, as one device would
     metrics = _evaluate(plan, programs, params, run_data.excluded_classes)
-    if plan.generative:
+    if plan.generative and main_process:
         family = families.family_of(spec.model_name)
         samples_path = role_dir / "samples.png"
         description = family.describe(plan.model_kwargs, dict(spec.family_settings))
@@ -857,6 +918,8 @@ def _train_role(plan: _RolePlan, role_dir: pathlib.Path, saved: dict[str, Any] |
         seconds=round(train_seconds, 2),
         checkpoint=checkpoint_path,
     )
+    if not main_process:
+        return metrics
     (role_dir / "metrics.json").write_text(json.dumps(json_normalize(metrics), indent=2) + "\n")
     with open(role_dir / "history.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["epoch", "step", "loss", "skipped_steps"])
@@ -911,9 +974,11 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
     if not isinstance(workdir, (str, pathlib.Path)) or not str(workdir).strip():
         raise WorkdirError(f"workdir must be a non-empty path, got {workdir!r}")
     values = validate_train_config(config)
+    _join_hosts(values)  # before anything touches a device
     roles = parse_roles(values["roles"])
     run_data = prepare_data(values)
     plans = [_plan(role, values, run_data) for role in roles]
+    mesh = _run_mesh(values, plans)
     workdir = ensure_writable_directory(workdir)
     saved, skipped = {}, {}
     for plan in plans:
@@ -924,21 +989,59 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
         else:
             saved[plan.role], skipped[plan.role] = _existing_checkpoint(plan, workdir / plan.role), []
     _check_free_space(workdir, plans, values["max_to_keep"])
+    # Every process has read the workdir's checkpoints before any of them changes it.
+    parallel.barrier("train_and_evaluate:checked")
     if overwrite:
-        for plan in plans:
-            shutil.rmtree(workdir / plan.role, ignore_errors=True)
-    set_aside = {plan.role: _set_aside_bad_steps(plan, workdir / plan.role, skipped[plan.role]) for plan in plans}
+        if parallel.is_main_process():
+            for plan in plans:
+                shutil.rmtree(workdir / plan.role, ignore_errors=True)
+        parallel.barrier("train_and_evaluate:overwrite")
+    # Damaged steps are moved aside by process 0 only (every process found the same ones); the others wait for it.
+    set_aside = {plan.role: _set_aside_bad_steps(plan, workdir / plan.role, skipped[plan.role])
+                 if parallel.is_main_process() else [] for plan in plans}
+    parallel.barrier("train_and_evaluate:set_aside")
 
     results = {}
     for plan in plans:
         role_dir = workdir / plan.role
         role_dir.mkdir(parents=True, exist_ok=True)
-        results[plan.role] = _train_role(plan, role_dir, saved[plan.role], values, run_data)
+        results[plan.role] = _train_role(plan, role_dir, saved[plan.role], values, run_data, mesh)
         results[plan.role]["skipped_checkpoints"] = set_aside[plan.role]
         logging.info("%s: %s", plan.role, {k: v for k, v in results[plan.role].items() if isinstance(v, float)})
     summary = {"workdir": str(workdir), "wall_seconds": round(time.perf_counter() - started, 2), "roles": results}
-    (workdir / "summary.json").write_text(json.dumps(json_normalize(summary), indent=2) + "\n")
+    if parallel.is_main_process():
+        (workdir / "summary.json").write_text(json.dumps(json_normalize(summary), indent=2) + "\n")
     return results
+
+
+def _join_hosts(values: Mapping[str, Any]) -> None:
+    """``config.distributed``: joins the processes of a multi-host run (nothing when not enabled)."""
+    try:
+        parallel.initialize_from_config(values["distributed"])
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"config.distributed: {err}") from err
+
+
+def _run_mesh(values: Mapping[str, Any], plans: list[_RolePlan]) -> jax.sharding.Mesh | None:
+    """Builds ``config.mesh`` (after ``config.distributed`` joined the hosts); refuses batches it cannot split."""
+    try:
+        mesh = parallel.mesh_from_config(values["mesh"])
+    except ValueError as err:
+        raise ConfigError(f"config.mesh={values['mesh']!r}: {err}") from err
+    if mesh is not None:
+        for plan in plans:
+            field = "batch_size" if plan.generative else "classifier_batch_size"
+            try:
+                parallel.check_batch_size(plan.spec.batch_size, mesh, field=f"config.{field}")
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+    return mesh
+
+
+def _on_shardings(abstract: Any, shardings: Any) -> Any:
+    """``ShapeDtypeStruct`` restore targets carrying ``shardings`` (a pytree matching ``abstract``)."""
+    return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                        abstract, shardings)
 
 
 def check_resumable(config: Any, workdir: str | pathlib.Path) -> dict[str, dict[str, Any] | None]:
@@ -954,18 +1057,22 @@ def check_resumable(config: Any, workdir: str | pathlib.Path) -> dict[str, dict[
         CheckpointCorruptError: a role's latest checkpoint metadata is unreadable.
     """
     values = validate_train_config(config)
+    _join_hosts(values)
     run_data = prepare_data(values)
     plans = [_plan(role, values, run_data) for role in parse_roles(values["roles"])]
+    _run_mesh(values, plans)
     directory = pathlib.Path(workdir).expanduser().absolute()
     return {plan.role: _existing_checkpoint(plan, directory / plan.role) for plan in plans}
 
 
-def load_trained(workdir: str | pathlib.Path, role: str) -> TrainedModel:
+def load_trained(workdir: str | pathlib.Path, role: str, *, mesh: jax.sharding.Mesh | None = None) -> TrainedModel:
     """Loads the finished model of ``role`` from a train workdir (the latest checkpoint, verified bit for bit).
 
     Args:
         workdir: a directory written by :func:`train_and_evaluate` / ``train.py``.
         role: ``"generative"``, ``"evaluator"`` or ``"guidance"``.
+        mesh: restore the parameters onto this mesh (:func:`gsu_jax.parallel.param_shardings`), whatever the
+            device count that saved them; ``None``: onto the default device.
 
     Returns:
         :class:`TrainedModel` ``(graphdef, params, config, metadata)``.
@@ -1002,5 +1109,8 @@ def load_trained(workdir: str | pathlib.Path, role: str) -> TrainedModel:
         abstract_model = nnx.eval_shape(
             lambda: models.build_model(metadata["model"], rngs=nnx.Rngs(0), **kwargs))
         graphdef, abstract_params = nnx.split(abstract_model)
-        params, _, metadata = ckpt.restore(metadata["step"], abstract_params=abstract_like(abstract_params))
+        abstract_params = abstract_like(abstract_params)
+        if mesh is not None:
+            abstract_params = _on_shardings(abstract_params, parallel.param_shardings(abstract_params, mesh))
+        params, _, metadata = ckpt.restore(metadata["step"], abstract_params=abstract_params)
     return TrainedModel(graphdef, params, ml_collections.ConfigDict(metadata["config"]), metadata)

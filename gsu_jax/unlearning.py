@@ -45,6 +45,11 @@ The loop is a Python loop over the compiled step with a compiled monitor, not on
 be timed alone anyway, the stopping step's parameters must be kept, and with the per-step host read of one
 scalar the overhead is a dispatch (~0.1 ms) against steps of several ms on CPU.
 
+**Devices.** ``config.mesh`` / ``config.distributed`` (:mod:`gsu_jax.parallel`) run each method's step on a
+mesh: forget and retain batches split over the ``data`` devices, parameters and optimizer state replicated or split
+over ``model``; the monitoring and the evaluation run on each process's copy of the parameters, and process 0
+alone prints and writes the report, logs and PNGs (every process saves its shards of the unlearned parameters).
+
 **Thresholds.** ``threshold="auto"``: the oracle's forget fraction on the same fixed z plus two binomial standard
 errors (:func:`gsu_jax.metrics.auto_threshold`), on ``monitor_samples`` (1024) samples. The published setting
 (``published_threshold`` 0.02 on ``published_monitor_samples`` 128 samples) is evaluated on the *first 128 of the
@@ -128,10 +133,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from gsu_jax import checkpointing, losses, methods, metrics, models, reporting, training
+from gsu_jax import checkpointing, losses, methods, metrics, models, parallel, reporting, training
 from gsu_jax import data as data_lib
 from gsu_jax import generative as families
 from gsu_jax.config_validation import (
+    PARALLEL_SCHEMA,
     ROLES,
     ConfigError,
     Field,
@@ -141,6 +147,7 @@ from gsu_jax.config_validation import (
     one_of,
     parse_class_list,
     validate_config,
+    validate_parallel,
     validate_train_config,
     within,
 )
@@ -223,6 +230,10 @@ UNLEARN_SCHEMA: dict[str, Field] = {
                                 "Keep stepping after the stop to the budget (the protocol's FID at the end)."),
     "batch_size": Field(128, int, "an integer >= 1", at_least(1), "run", "Forget examples per step."),
     "retain_batch_size": Field(128, int, "an integer >= 1", at_least(1), "run", "Retain examples per step."),
+    "chunk_size": Field(0, int, "an integer >= 0 (0: whole batches)", at_least(0), "run",
+                        "Examples differentiated at once in every pass of a method step over a batch "
+                        "(gsu_jax.methods.make_method's chunk_size): bounds activation memory at large batches; "
+                        "the update is the same to float32 rounding. 0 processes each batch at once."),
     "optimizer": Field({"name": "adam", "learning_rate": 1e-3}, dict,
                        f"{{'name': one of {', '.join(OPTIMIZERS)}, 'learning_rate': a number > 0, ...kwargs}}",
                        None, "run", "The unlearning optimizer (Adam 1e-3 in the protocol)."),
@@ -262,6 +273,9 @@ UNLEARN_SCHEMA: dict[str, Field] = {
     "progress": Field(True, bool, "True or False", None, "run", "Print one progress line per phase and run."),
     "train": Field({}, dict, "a train.py config (configs/mnist_vae.py)", None, "run",
                    "The train config of every model trained here (oracle: + exclude_classes)."),
+    # Devices and hosts of everything this run computes, the models it trains included (they replace
+    # train.mesh / train.distributed, which never change a result).
+    **PARALLEL_SCHEMA,
 }
 
 
@@ -360,6 +374,7 @@ class RunPlan:
         classifier_config: the train config values of the evaluator/guidance run.
         run_data: the data split of the original model's training run.
         forget_idx, retain_idx: positions in ``run_data.train`` of the forget and retain training examples.
+        mesh: the device mesh of the method steps (``config.mesh``), ``None`` for one device.
     """
 
     config: dict[str, Any]
@@ -381,6 +396,7 @@ class RunPlan:
     run_data: training.RunData
     forget_idx: np.ndarray
     retain_idx: np.ndarray
+    mesh: jax.sharding.Mesh | None = None
 
     @property
     def guided(self) -> bool:
@@ -535,10 +551,32 @@ def _config_values(config: Any) -> dict[str, Any]:
         raw["forget_classes"] = str(int(raw["forget_classes"]))
     if isinstance(raw.get("threshold"), (int, float)) and not isinstance(raw.get("threshold"), bool):
         raw["threshold"] = repr(float(raw["threshold"]))
+    raw = {**{name: field.default for name, field in PARALLEL_SCHEMA.items()}, **raw}
     try:
-        return validate_config(raw, UNLEARN_SCHEMA)
+        values = validate_config(raw, UNLEARN_SCHEMA)
+        values.update(validate_parallel(values))
     except ConfigError as err:
         raise _refuse(str(err)) from err
+    return values
+
+
+def _run_mesh(values: Mapping[str, Any]) -> jax.sharding.Mesh | None:
+    """Joins the hosts and builds the mesh of ``config.mesh``; refuses batches its data axis cannot split."""
+    try:
+        parallel.initialize_from_config(values["distributed"])
+    except (ValueError, RuntimeError) as err:
+        raise _refuse(f"config.distributed: {err}") from err
+    try:
+        mesh = parallel.mesh_from_config(values["mesh"])
+    except ValueError as err:
+        raise _refuse(f"config.mesh={values['mesh']!r}: {err}") from err
+    if mesh is not None:
+        for field in ("batch_size", "retain_batch_size"):
+            try:
+                parallel.check_batch_size(values[field], mesh, field=f"config.{field}")
+            except ValueError as err:
+                raise _refuse(str(err)) from err
+    return mesh
 
 
 def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = None) -> RunPlan:
@@ -556,6 +594,7 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
         UnlearnConfigError: one line naming the bad value and what is allowed.
     """
     values = _config_values(config)
+    mesh = _run_mesh(values)
     names = _parse_methods(values["methods"])
     threshold = _parse_threshold(values["threshold"])
     values["optimizer"] = _parse_optimizer(values["optimizer"])
@@ -594,6 +633,7 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
         model_dir = train_dir / "model"
         train_values = _train_values(values["train"], field="train")
         train_model = ("generative",)
+    train_values = dict(train_values, mesh=values["mesh"], distributed=values["distributed"])
     values["train"] = train_values
     try:
         run_data = training.prepare_data(train_values)
@@ -645,7 +685,7 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
             raise _refuse(f"config.oracle_checkpoint={str(oracle_dir)!r} was trained without classes "
                           f"{list(saved_excluded)}, not the forget classes {list(forget_classes)}; allowed: an "
                           "oracle trained with exclude_classes equal to forget_classes")
-        oracle_values, train_oracle = saved_oracle, False
+        oracle_values, train_oracle = dict(saved_oracle, mesh=values["mesh"], distributed=values["distributed"]), False
     else:
         oracle_dir, train_oracle = train_dir / "oracle", True
 
@@ -681,6 +721,7 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
         run_data=run_data,
         forget_idx=forget_idx,
         retain_idx=retain_idx,
+        mesh=mesh,
     )
 
 
@@ -901,8 +942,12 @@ def _batch_schedule(indices: np.ndarray, batch: int, steps: int, rng: np.random.
 
 def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: methods.UnlearningMethod,
              params0, seed: int, threshold: float, start_fractions: tuple[float, float], *,
-             label: str = "run") -> dict[str, Any]:
+             label: str = "run", mesh: jax.sharding.Mesh | None = None,
+             state_shardings: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """One (method, seed) run: steps, monitoring, stopping; returns the trajectory and the two parameter sets.
+
+    With a ``mesh`` (the plan's) the steps run on it (state placed as ``state_shardings``, batches split over the
+    data axis) and the monitoring, like everything host-side, on this process's copy of the parameters.
 
     Non-finite guard: a step whose new parameters or optimizer state are not finite (a NaN or infinite gradient
     or update) is skipped -- the parameters and the optimizer state stay as they were, the step's batch and key
@@ -924,7 +969,10 @@ def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: meth
     params, state = params0, method.init(params0)
     divergence_window = min(MAX_CONSECUTIVE_NONFINITE, budget)
     nonfinite_steps = consecutive_nonfinite = 0
+    if mesh is not None:
+        params, state = parallel.put((params, state), state_shardings)
     fractions, published = [start_fractions[0]], [start_fractions[1]]
+    local_params = params0
     step_times, rows = [], [{"seed": seed, "step": 0, "forget_fraction": start_fractions[0],
                              "forget_fraction_published": start_fractions[1]}]
     stop = 0 if start_fractions[0] < threshold else None
@@ -933,17 +981,24 @@ def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: meth
     for t in range(budget):
         if stop is not None and not config["continue_to_budget"]:
             break
-        forget_batch = jax.device_put(data_lib.as_batch(train, forget_schedule[t]))
-        retain_batch = jax.device_put(data_lib.as_batch(train, retain_schedule[t]))
-        jax.block_until_ready((forget_batch, retain_batch))
+        forget_batch = data_lib.as_batch(train, forget_schedule[t])
+        retain_batch = data_lib.as_batch(train, retain_schedule[t])
+        if mesh is None:
+            forget_batch, retain_batch, key = jax.device_put(forget_batch), jax.device_put(retain_batch), keys[t]
+        else:
+            forget_batch, retain_batch = parallel.shard_batch(forget_batch, mesh), parallel.shard_batch(retain_batch,
+                                                                                                       mesh)
+            key = parallel.put(keys[t], parallel.replicated(mesh))
+        jax.block_until_ready((forget_batch, retain_batch, key))
         started = time.perf_counter()
-        new_params, new_state, step_metrics = compiled_step(params, state, forget_batch, retain_batch, keys[t])
+        new_params, new_state, step_metrics = compiled_step(params, state, forget_batch, retain_batch, key)
         jax.block_until_ready(new_params)
         step_times.append(time.perf_counter() - started)
         finite = bool(_tree_all_finite((new_params, new_state)))
         if finite:
             params, state, consecutive_nonfinite = new_params, new_state, 0
-            main, pub = evaluation.monitor(params)
+            local_params = params if mesh is None else parallel.localize(params)
+            main, pub = evaluation.monitor(local_params)
         else:
             # Skip the step: keep the parameters and optimizer state; the fractions are those of the kept model.
             nonfinite_steps += 1
@@ -957,7 +1012,7 @@ def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: meth
         fractions.append(main)
         published.append(pub)
         if stop is None and main < threshold:
-            stop, params_at_stop = t + 1, params
+            stop, params_at_stop = t + 1, local_params
         if stop_published is None and pub < config["published_threshold"]:
             stop_published = t + 1
         rows.append({"seed": seed, "step": t + 1, "forget_fraction": main, "forget_fraction_published": pub,
@@ -973,8 +1028,8 @@ def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: meth
         "published_fractions": published,
         "step_times": step_times,
         "rows": rows,
-        "params_at_stop": params_at_stop if params_at_stop is not None else params,
-        "params_at_end": params if len(step_times) == budget else None,
+        "params_at_stop": params_at_stop if params_at_stop is not None else local_params,
+        "params_at_end": local_params if len(step_times) == budget else None,
     }
 
 
@@ -1042,7 +1097,7 @@ def _summarize_method(name: str, label: str, hparams: dict[str, Any], per_seed: 
 
 
 def _progress(plan: RunPlan, message: str) -> None:
-    if plan.config["progress"]:
+    if plan.config["progress"] and parallel.is_main_process():
         print(f"[unlearn] {message}", file=sys.stderr, flush=True)
 
 
@@ -1081,6 +1136,17 @@ _JAX_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_pa
 
 def _jax_flags() -> dict[str, Any]:
     return {name: getattr(jax.config, name) for name in _JAX_FLAGS}
+
+
+def _load(plan: RunPlan, workdir: pathlib.Path, role: str) -> training.TrainedModel:
+    """A trained role, restored through the run's mesh (every process reads its shards) into this process's copy."""
+    model = training.load_trained(workdir, role, mesh=plan.mesh)
+    return model if plan.mesh is None else model._replace(params=parallel.localize(model.params))
+
+
+def _parallel_record(plan: RunPlan) -> dict[str, Any]:
+    return {"mesh": None if plan.mesh is None else dict(plan.mesh.shape), "process_count": jax.process_count(),
+            "device_count": jax.device_count()}
 
 
 def _device() -> str:
@@ -1245,14 +1311,16 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     """
     started = time.perf_counter()
     config = plan.config
+    # Every process has planned from the disk as it was before any of them writes to it.
+    parallel.barrier("execute:planned")
     workdir = checkpointing.ensure_writable_directory(plan.workdir)
     _progress(plan, f"models: {plan.model_dir} (original), {plan.oracle_dir} (oracle); training what is missing")
     training_record = _train_missing(plan)
     _progress(plan, f"models ready in {training_record['seconds']:.1f} s")
 
-    generator = training.load_trained(plan.model_dir, "generative")
-    evaluator = training.load_trained(plan.classifier_dir, "evaluator")
-    oracle = training.load_trained(plan.oracle_dir, "generative")
+    generator = _load(plan, plan.model_dir, "generative")
+    evaluator = _load(plan, plan.classifier_dir, "evaluator")
+    oracle = _load(plan, plan.oracle_dir, "generative")
     if generator.metadata["train_fingerprint"] != plan.run_data.generative.fingerprint():
         raise RuntimeError(f"the generative model in {str(plan.model_dir)!r} was trained on other data than "
                            "its config describes now (training-data fingerprints differ)")
@@ -1263,7 +1331,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     }
     guidance_loss = None
     if plan.guided:
-        guidance = training.load_trained(plan.classifier_dir, "guidance")
+        guidance = _load(plan, plan.classifier_dir, "guidance")
         integrity["classifiers"] = check_classifier_independence(evaluator, guidance)
         retained = [c for c in range(plan.run_data.train.num_classes) if c not in plan.forget_classes]
         guidance_loss = losses.uniformity_guidance_loss(
@@ -1306,11 +1374,11 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         optimizer_spec = config["method_optimizers"].get(name, config["optimizer"])
         method = methods.make_method(name, loss_fn=evaluation.loss_fn, optimizer=build_optimizer(optimizer_spec),
                                      guidance_loss=guidance_loss, guidance_weight=config["guidance_weight"],
-                                     **hparams)
+                                     chunk_size=config["chunk_size"] or None, **hparams)
         identities = {seed: {**run_identity, "method": label, "hparams": hparams, "optimizer": optimizer_spec,
                              "seed": seed} for seed in plan.seeds}
         saved = {seed: _load_result(workdir, label, seed, identities[seed]) for seed in plan.seeds}
-        compiled_step, compile_seconds = None, None
+        compiled_step, compile_seconds, state_shardings = None, None, None
         if any(result is None for result in saved.values()):
             # Compile once per method, ahead of time, on the shapes every seed uses.
             example_state = method.init(generator.params)
@@ -1319,8 +1387,18 @@ def execute(plan: RunPlan) -> dict[str, Any]:
             retain_example = jax.device_put(data_lib.as_batch(plan.run_data.train, plan.retain_idx[:1].repeat(
                 config["retain_batch_size"])))
             compile_started = time.perf_counter()
-            compiled_step = jax.jit(method.step).lower(generator.params, example_state, forget_example,
-                                                       retain_example, seed_step_keys(0, 1)[0]).compile()
+            if plan.mesh is None:
+                compiled_step = jax.jit(method.step).lower(generator.params, example_state, forget_example,
+                                                           retain_example, seed_step_keys(0, 1)[0]).compile()
+            else:
+                step, *shardings = parallel.shard_method_step(method.step, plan.mesh, generator.params,
+                                                              example_state)
+                state_shardings = tuple(shardings)
+                compiled_step = step.lower(
+                    *parallel.put((generator.params, example_state), state_shardings),
+                    parallel.shard_batch(jax.device_get(forget_example), plan.mesh),
+                    parallel.shard_batch(jax.device_get(retain_example), plan.mesh),
+                    parallel.put(seed_step_keys(0, 1)[0], parallel.replicated(plan.mesh))).compile()
             compile_seconds = time.perf_counter() - compile_started
             _progress(plan, f"{label}: step compiled in {compile_seconds:.1f} s")
 
@@ -1331,7 +1409,8 @@ def execute(plan: RunPlan) -> dict[str, Any]:
             if result is None:
                 result = _run_seed(plan, evaluation, compiled_step, method, generator, seed, threshold,
                                    start_fractions, label=label, hparams=hparams, compile_seconds=compile_seconds,
-                                   grids=(original_grid, oracle_grid), identity=identities[seed])
+                                   grids=(original_grid, oracle_grid), identity=identities[seed],
+                                   state_shardings=state_shardings)
             else:
                 resumed.append(f"{label} seed {seed}")
                 _progress(plan, f"{label} seed {seed}: finished before; read back from "
@@ -1349,7 +1428,8 @@ def execute(plan: RunPlan) -> dict[str, Any]:
                                if record["nonfinite_steps"] else ""))
             rows.extend(result["rows"])
             curves[label].append(result["fractions"])
-        reporting.write_step_csv(str(workdir / "logs" / f"{label}.csv"), rows)
+        if parallel.is_main_process():
+            reporting.write_step_csv(str(workdir / "logs" / f"{label}.csv"), rows)
         method_reports[label] = _summarize_method(
             name, label, hparams, per_seed, compile_seconds, plan.guided,
             _summary_keys(evaluation.loss_prefix, evaluation.conditional))
@@ -1396,6 +1476,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         "jax_flags": _jax_flags(),
         "code": _code_version(),
         "device": _device(),
+        "parallel": _parallel_record(plan),
         "original": original_eval,
         "oracle": oracle_eval,
         "methods": method_reports,
@@ -1404,12 +1485,14 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         "resumed": resumed,
         "timing": {"training_s": training_record["seconds"], "total_s": time.perf_counter() - started},
     }
-    reporting.plot_forget_fraction(str(workdir / "forget_fraction.png"), curves, threshold=threshold,
-                                   threshold_label=f"threshold {threshold:.4f} ({report['threshold']['mode']})",
-                                   oracle_fraction=oracle_eval["forget_fraction"])
     report["timing"]["total_s"] = time.perf_counter() - started
-    reporting.write_json(str(workdir / "report.json"), report)
-    reporting.write_markdown(str(workdir / "report.md"), report)
+    if parallel.is_main_process():
+        reporting.plot_forget_fraction(str(workdir / "forget_fraction.png"), curves, threshold=threshold,
+                                       threshold_label=f"threshold {threshold:.4f} ({report['threshold']['mode']})",
+                                       oracle_fraction=oracle_eval["forget_fraction"])
+        report["timing"]["total_s"] = time.perf_counter() - started
+        reporting.write_json(str(workdir / "report.json"), report)
+        reporting.write_markdown(str(workdir / "report.md"), report)
     return report
 
 
@@ -1459,11 +1542,13 @@ def _jsonable_config(config: Mapping[str, Any]) -> dict[str, Any]:
 def _run_seed(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: methods.UnlearningMethod,
               generator: training.TrainedModel, seed: int, threshold: float, start_fractions: tuple[float, float], *,
               label: str, hparams: dict[str, Any], compile_seconds: float, grids: tuple[np.ndarray, np.ndarray],
-              identity: dict[str, Any]) -> dict[str, Any]:
-    """Runs and evaluates one (method, seed), writes its grid and unlearned model, then its result (last)."""
+              identity: dict[str, Any], state_shardings: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Runs and evaluates one (method, seed), writes its grid and unlearned model, then its result (last).
+
+    Files are written by process 0 only; the unlearned model by every process (each its shards)."""
     config, workdir, budget = plan.config, plan.workdir, plan.config["max_steps"]
     run = _run_one(plan, evaluation, compiled_step, method, generator.params, seed, threshold, start_fractions,
-                   label=label)
+                   label=label, mesh=plan.mesh, state_shardings=state_shardings)
     at_stop = evaluation.evaluate(run["params_at_stop"], plan.forget_classes)
     at_end = None
     if run["params_at_end"] is not None:
@@ -1473,7 +1558,7 @@ def _run_seed(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: met
     record["params_digest_at_end"] = (None if run["params_at_end"] is None
                                       else checkpointing.state_digest(run["params_at_end"]))
     first = seed == plan.seeds[0]
-    if first:
+    if first and parallel.is_main_process():
         original_grid, oracle_grid = grids
         panels = {"original": original_grid,
                   f"{label} at stop (step {record['evaluated_at_step']})":
@@ -1485,9 +1570,11 @@ def _run_seed(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: met
     saved_params = config["save_params"] == "all" or (config["save_params"] == "first_seed" and first)
     if saved_params:
         _save_unlearned(workdir / "unlearned" / label / f"seed_{seed}", run, record, plan, label, hparams, generator)
-    return _save_result(workdir, label, seed, {
-        "identity": identity, "record": record, "rows": run["rows"], "fractions": run["fractions"],
-        "compile_s": compile_seconds, "unlearned_saved": saved_params})
+    content = {"identity": identity, "record": record, "rows": run["rows"], "fractions": run["fractions"],
+               "compile_s": compile_seconds, "unlearned_saved": saved_params}
+    if not parallel.is_main_process():
+        return _json_round_trip(content)
+    return _save_result(workdir, label, seed, content)
 
 
 def _save_unlearned(directory: pathlib.Path, run: dict[str, Any], record: dict[str, Any], plan: RunPlan,
@@ -1495,15 +1582,21 @@ def _save_unlearned(directory: pathlib.Path, run: dict[str, Any], record: dict[s
     """Saves the parameters at the stopping step (the unlearned model) with orbax, with what produced them.
 
     Refuses non-finite parameters (nothing is written). A directory left by an earlier, interrupted attempt at
-    this run is replaced: its run had not finished (its result file, written after this, was missing).
+    this run is replaced: its run had not finished (its result file, written after this, was missing). With a mesh,
+    every process saves its shards of the parameters placed on the mesh (orbax writes each once).
     """
     if not bool(_tree_all_finite(run["params_at_stop"])):
         raise UnlearningDivergedError(f"{label} seed {run['seed']}: the parameters at step "
                                       f"{record['evaluated_at_step']} are not finite; refusing to save them to "
                                       f"{str(directory)!r}")
-    shutil.rmtree(directory, ignore_errors=True)
+    if parallel.is_main_process():
+        shutil.rmtree(directory, ignore_errors=True)
+    parallel.barrier(f"unlearn:save:{label}:{run['seed']}:cleared")
+    params = run["params_at_stop"]
+    if plan.mesh is not None:
+        params = parallel.put(params, parallel.param_shardings(params, plan.mesh))
     with checkpointing.Checkpointer(directory, max_to_keep=1) as ckpt:
-        ckpt.save(record["evaluated_at_step"], run["params_at_stop"], metadata={
+        ckpt.save(record["evaluated_at_step"], params, metadata={
             "role": "unlearned",
             "model": generator.metadata["model"],
             "model_kwargs": generator.metadata["model_kwargs"],

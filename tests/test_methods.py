@@ -168,7 +168,7 @@ def test_registry_lists_every_method_with_its_record():
 
 def test_resolve_hparams_fills_defaults_and_normalises_types():
     assert resolve_hparams("sa_span", num_directions=np.int64(4)) == {
-        "num_directions": 4, "only_on_conflict": False, "chunk_size": None,
+        "num_directions": 4, "only_on_conflict": False,
     }
     resolved = resolve_hparams("sa_gated", forget_loss_target=3)
     assert resolved == {
@@ -517,6 +517,53 @@ def test_guidance_gradient_is_added_after_the_projection(steps, problem):
     np.testing.assert_allclose(float(metrics["guidance_loss"]), float(guidance_value), rtol=1e-6)
 
 
+# ------------------------------------------------------------------------------------------ chunked steps
+
+# (method, hparams, chunk_size): every method with examples per chunk not dividing either batch (8 = 3 + 3 + 2);
+# sa_span with groups both smaller (2 examples: one group per chunk) and larger (4: one group at a time, its
+# gradient accumulated over chunks of 3 + 1) than a chunk, and per example (chunks of 1); sa_gated half gated, with
+# ascend_only and with combine='pcgrad'.
+CHUNKED_CASES = [(name, {}, 3) for name in sorted(METHODS)] + [
+    ("sa_span", {"num_directions": 2}, 3),
+    ("sa_span", {"num_directions": RETAIN_SIZE}, 1),
+    ("sa_gated", {"forget_loss_target": "median", "ascend_only": "decoder"}, 3),
+    ("sa_gated", {"forget_loss_target": "median", "combine": "pcgrad"}, 5),
+]
+
+
+@pytest.mark.parametrize("name, hparams, chunk_size", CHUNKED_CASES)
+def test_chunked_step_equals_the_unchunked_step(name, hparams, chunk_size, steps, problem):
+    """Directions and metrics agree on both step parities (the alternating rules switch on it)."""
+    params, forget, retain = problem
+    key = jax.random.key(21)
+    half_gated = hparams.get("forget_loss_target") == "median"
+    if half_gated:
+        forget_keys, _, _ = split_step_keys(key, forget, retain)
+        losses = jax.vmap(vae_like_loss, in_axes=(None, 0, 0))(params, forget, forget_keys)
+        hparams = {**hparams, "forget_loss_target": float(np.median(np.asarray(losses)))}
+    results = {}
+    for chunk in (None, chunk_size):
+        extra = {} if chunk is None else {"chunk_size": chunk}  # None: the step the other tests compiled
+        method, step = steps.get(name, **hparams, **extra)
+        fresh = method.init(params)
+        results[chunk] = [step(params, state, forget, retain, key)[1:]
+                          for state in (fresh, fresh._replace(step=jnp.ones((), jnp.int32)))]
+    # K = B_r = 8 per-example span directions: the least-squares solve amplifies the rounding differences.
+    rtol, atol = (2e-4, 2e-5) if hparams.get("num_directions") == RETAIN_SIZE else (2e-5, 2e-6)
+    chex.assert_trees_all_close(results[chunk_size], results[None], rtol=rtol, atol=atol)
+    if half_gated:
+        assert 0.0 < float(results[None][0][1]["gated_fraction"]) < 1.0
+
+
+def test_a_chunk_holding_both_batches_is_bit_identical_to_no_chunking(steps, problem):
+    params, forget, retain = problem
+    key = jax.random.key(5)
+    for name in ("sa_per_example", "uno"):
+        reference, _ = steps.direction(name, params, forget, retain, key)
+        got, _ = steps.direction(name, params, forget, retain, key, chunk_size=max(FORGET_SIZE, RETAIN_SIZE))
+        chex.assert_trees_all_equal(got, reference)
+
+
 # --------------------------------------------------------------------------------------------- refusals
 
 
@@ -527,7 +574,7 @@ def test_guidance_gradient_is_added_after_the_projection(steps, problem):
         ("sa", {"num_directions": 4}, "method 'sa' has no hyperparameter num_directions; allowed: none"),
         ("sa_span", {"directions": 4}, "has no hyperparameter directions; allowed: num_directions=8"),
         ("sa_span", {"num_directions": 0}, "num_directions=0 is invalid; allowed: an integer >= 1"),
-        ("sa_span", {"chunk_size": 2.5}, "chunk_size=2.5 is invalid"),
+        ("sa_span", {"chunk_size": 0}, "chunk_size must be >= 1 (examples per chunk), got 0; allowed: None or"),
         ("sa_per_example", {"only_on_conflict": "yes"}, "only_on_conflict='yes' is invalid; allowed: True or False"),
         ("uno", {"orthogonality_weight": -1.0}, "orthogonality_weight=-1.0 is invalid; allowed: a finite number >= 0"),
         ("sa_gated", {}, "method 'sa_gated' needs forget_loss_target"),
@@ -550,6 +597,9 @@ def test_bad_callables_are_refused():
         make_method("sa", loss_fn=vae_like_loss, optimizer=0.1)
     with pytest.raises(TypeError, match="guidance_loss must be callable"):
         make_method("sa", loss_fn=vae_like_loss, optimizer=optax.sgd(0.1), guidance_loss="kl")
+    for bad in (2.5, True, "4"):
+        with pytest.raises(TypeError, match="chunk_size must be None or an integer >= 1"):
+            make_method("sa", loss_fn=vae_like_loss, optimizer=optax.sgd(0.1), chunk_size=bad)
 
 
 def test_sa_gated_refuses_an_ascend_only_pattern_that_matches_nothing(problem):
