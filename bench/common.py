@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -421,6 +422,25 @@ def row_failure(row: dict[str, Any], error: BaseException) -> dict[str, Any]:
         row["status"] = f"ERROR {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
     print(f"!! {row.get('name', row)}: {row['status']}", file=sys.stderr, flush=True)
     return row
+
+
+def alternating_step_call(compiled: Callable[..., Any], starts: Sequence[tuple[Any, Any]], forget: Any,
+                          retain: Any, keys: Sequence[Any]) -> Callable[[], Any]:
+    """A zero-argument call for :func:`measure`: one compiled unlearning step per call, cycling through ``starts``.
+
+    Call ``i`` runs ``compiled(*starts[i % len(starts)], forget, retain, keys[i % len(keys)])``: every timed step is
+    one step from the same few ``(params, state)`` points with a fresh key, so nothing drifts (plain ascent diverges
+    within tens of steps, and a diverged model would time non-finite arithmetic), and alternating rules run both
+    branches when two consecutive states are given.
+    """
+    calls = itertools.count()
+
+    def call() -> Any:
+        i = next(calls)
+        start_params, start_state = starts[i % len(starts)]
+        return compiled(start_params, start_state, forget, retain, keys[i % len(keys)])
+
+    return call
 
 
 def compiled_memory_bytes(compiled: Any) -> int | None:

@@ -158,13 +158,7 @@ def device_worker(count: int, cfg: Sizes) -> list[dict[str, Any]]:
                 row["batch_sharded"] = str(sharded_forget["image"].sharding.spec)
                 keys = list(jax.random.split(jax.random.key(2), 8))
                 starts = ((sharded_params, sharded_state), (new_params, new_state))
-                counter = {"i": 0}
-
-                def call():
-                    i = counter["i"]
-                    counter["i"] += 1
-                    start_params, start_state = starts[i % 2]
-                    return compiled(start_params, start_state, sharded_forget, sharded_retain, keys[i % len(keys)])
+                call = common.alternating_step_call(compiled, starts, sharded_forget, sharded_retain, keys)
 
                 timing = common.measure(call, sync=common.jax_sync, warmup=cfg.device_warmup, reps=cfg.device_reps)
                 analysis = compiled.memory_analysis()
@@ -261,13 +255,7 @@ def _measure_batch(name: str, chunk_size: int | None, batch: int, params, loss_f
         raise common.CorrectnessError(f"non-finite metrics after one step at B={batch}")
     keys = list(jax.random.split(jax.random.key(2), 8))
     starts = ((params, state), (new_params, new_state))
-    counter = {"i": 0}
-
-    def call():
-        i = counter["i"]
-        counter["i"] += 1
-        start_params, start_state = starts[i % 2]
-        return compiled(start_params, start_state, forget, retain, keys[i % len(keys)])
+    call = common.alternating_step_call(compiled, starts, forget, retain, keys)
 
     timing = common.measure(call, sync=common.jax_sync, warmup=cfg.batch_warmup, reps=cfg.batch_reps,
                             pipelined=False)

@@ -254,13 +254,7 @@ def time_step(method, *, params, forget, retain, check_key, check, keys, warmup:
     rel_err = check(adam_first_moment_direction(state1))
     params2, state2, _ = compiled(params1, state1, forget, retain, keys[0])
     starts = ((params1, state1), (params2, state2))
-    counter = {"i": 0}
-
-    def call():
-        i = counter["i"]
-        counter["i"] += 1
-        start_params, start_state = starts[i % 2]
-        return compiled(start_params, start_state, forget, retain, keys[i % len(keys)])
+    call = common.alternating_step_call(compiled, starts, forget, retain, keys)
 
     timing = common.measure(call, sync=common.jax_sync, warmup=warmup, reps=reps)
     final_params, _, final_metrics = call()
