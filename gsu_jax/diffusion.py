@@ -178,7 +178,8 @@ def epsilon_loss(graphdef: nnx.GraphDef, *, schedule: NoiseSchedule, class_dropo
     def loss_fn(params: Params, example: Example, key: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, params)
         num_classes = _num_classes(model)
-        image = _example_field(example, "image")
+        # A "target" image (remap_surgery's surrogate) is denoised under this example's label instead of its image.
+        image = example.get("target", _example_field(example, "image"))
         t_key, noise_key, dropout_key = jax.random.split(key, 3)
         t = jax.random.randint(t_key, (), 0, num_train_steps)
         noise = jax.random.normal(noise_key, image.shape, jnp.float32)

@@ -105,6 +105,10 @@ def elbo_terms(graphdef: nnx.GraphDef) -> Callable[[Params, Example, jax.Array],
     :func:`gsu_jax.models.reparameterize`), then ``reconstruction = bernoulli_nll(decode(z), x)`` and
     ``kl = kl_to_standard_normal(mean, logvar)``. Useful for metrics (held-out ELBO, membership inference).
 
+    An example may carry a ``"target"`` image: it is encoded from ``"image"`` and its reconstruction is scored
+    against ``"target"`` (the surrogate loss of :func:`gsu_jax.methods.make_method`'s ``remap_surgery``: what the
+    model should generate where it encodes ``image``). Without it the target is the image itself.
+
     Args:
       graphdef: graph definition of a VAE (``MLPVAE`` or ``ConvVAE``).
 
@@ -115,9 +119,10 @@ def elbo_terms(graphdef: nnx.GraphDef) -> Callable[[Params, Example, jax.Array],
     def terms_fn(params: Params, example: Example, key: jax.Array) -> ElboTerms:
         model = _vae(graphdef, params)
         image = _example_field(example, "image", loss="negative_elbo")
+        target = example.get("target", image)
         mean, logvar = model.encode(image)
         z = reparameterize(mean, logvar, key=key)
-        return ElboTerms(bernoulli_nll(model.decode(z), image), kl_to_standard_normal(mean, logvar))
+        return ElboTerms(bernoulli_nll(model.decode(z), target), kl_to_standard_normal(mean, logvar))
 
     return terms_fn
 
