@@ -200,7 +200,9 @@ class ReferenceRules:
         if name == "sa_span" and not hp["only_on_conflict"]:
             return self.span(hp["num_directions"])
         if name in ("uno", "uno_s"):
-            return self.uno(hp["orthogonality_weight"])
+            from gsu_jax.methods import uno_orthogonality_weight
+
+            return self.uno(uno_orthogonality_weight(hp["orthogonality_weight"], len(self.retain_keys)))
         raise CorrectnessError(f"no float64 reference for method {name!r} with {hp}: add one to bench/step.py")
 
 

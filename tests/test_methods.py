@@ -35,7 +35,8 @@ METRIC_NAMES = {"forget_loss", "retain_loss", "cos_forget_retain", "projected", 
 FORGET_ASCENDING = ("sa", "sa_conflict", "sa_per_example", "sa_span", "pcgrad", "ascent", "sa_gated")
 RETAIN_DESCENDING = ("s", "retain_finetune", "pcgrad")
 # Hyperparameters the tests pass by default (sa_gated: a target no example reaches, i.e. full ascent).
-TEST_HPARAMS: dict[str, dict[str, Any]] = {"sa_gated": {"forget_loss_target": math.inf}, "sa_span": {"num_directions": 4}}
+TEST_HPARAMS: dict[str, dict[str, Any]] = {"sa_gated": {"forget_loss_target": math.inf}, "sa_span": {"num_directions": 4},
+                                           "remap_surgery": {"image_field": "x"}}
 TRACE_COUNT = {"loss": 0}
 
 
@@ -50,7 +51,8 @@ def vae_like_loss(params, example, key):
     z = mean + jnp.exp(0.5 * logvar) * noise
     recon = z @ params["decoder"]["w"] + params["decoder"]["b"]
     kl = 0.5 * jnp.sum(jnp.exp(logvar) + jnp.square(mean) - 1.0 - logvar)
-    return 0.5 * jnp.sum(jnp.square(x - recon)) + kl
+    # remap_surgery's surrogate: encode x, reconstruct the example's "target" (as gsu_jax.losses.negative_elbo).
+    return 0.5 * jnp.sum(jnp.square(example.get("target", x) - recon)) + kl
 
 
 def capture_direction() -> optax.GradientTransformation:
@@ -154,14 +156,14 @@ def _expected_loss(params, batch, key, *, samples=64):
 def test_registry_lists_every_method_with_its_record():
     expected = {
         "sa", "sa_conflict", "sa_per_example", "sa_span", "pcgrad", "s", "ascent", "ascent_descent",
-        "retain_finetune", "uno", "uno_s", "sa_gated",
+        "retain_finetune", "uno", "uno_s", "sa_gated", "remap_surgery",
     }
     assert set(METHODS) == expected
     for name, record in METHODS.items():
         assert record.name == name
         assert record.rule and record.source and record.guidance
         assert set(record.defaults) == set(record.hparams)
-    assert METHODS["uno"].defaults == {"orthogonality_weight": 1e3}
+    assert METHODS["uno"].defaults == {"orthogonality_weight": None}  # 1e3 / B_r, below
     assert METHODS["sa_gated"].defaults["forget_loss_target"] is REQUIRED
     assert "ours" in METHODS["sa_gated"].source
 
@@ -247,6 +249,18 @@ def _uno_objective(params, forget, retain, forget_keys, retain_keys, *, weight):
     return retain_loss + weight * jnp.square(g_f @ g_r) / ((g_f @ g_f) * (g_r @ g_r))
 
 
+def _default_uno_weight(retain):
+    """UNO's default lambda on mean losses: the reference's 1e3 on summed losses divided by B_r."""
+    return 1e3 / jax.tree.leaves(retain)[0].shape[0]
+
+
+def test_uno_default_weight_is_the_reference_weight_rescaled_to_mean_losses():
+    """grad [sum_i l_i + 1e3 cos^2] = B_r * grad [mean_i l_i + (1e3 / B_r) cos^2]: cos^2 does not see the scale."""
+    assert methods.uno_orthogonality_weight(None, 128) == 1e3 / 128
+    assert methods.uno_orthogonality_weight(1e3, 128) == 1e3
+    assert methods.uno_orthogonality_weight(0.0, 7) == 0.0
+
+
 def _flat_jax(tree):
     return jnp.concatenate([leaf.ravel() for leaf in jax.tree.leaves(tree)])
 
@@ -259,7 +273,7 @@ def test_a_small_step_against_uno_s_update_descends_its_objective(steps, problem
     update, _ = steps.direction("uno", params, forget, retain, key)
     norm = float(methods.tree_norm(update))
     moved = jax.tree.map(lambda p, u: p - 1e-3 * u / norm, params, update)
-    objective = jax.jit(functools.partial(_uno_objective, weight=1e3))
+    objective = jax.jit(functools.partial(_uno_objective, weight=_default_uno_weight(retain)))
     before = objective(params, forget, retain, forget_keys, retain_keys)
     assert objective(moved, forget, retain, forget_keys, retain_keys) < before - 1e-4 * norm * 1e-3
 
@@ -391,7 +405,8 @@ def test_uno_gradient_matches_float64_finite_differences(steps, problem):
         retain64 = {"x": jnp.asarray(retain["x"], jnp.float64)}
         flat_params, unravel = ravel_pytree(params64)
         objective = jax.jit(
-            lambda flat: _uno_objective(unravel(flat), forget64, retain64, forget_keys, retain_keys, weight=1e3)
+            lambda flat: _uno_objective(unravel(flat), forget64, retain64, forget_keys, retain_keys,
+                                        weight=_default_uno_weight(retain))
         )
         rng = np.random.default_rng(0)
         step = 1e-5
@@ -576,7 +591,7 @@ def test_a_chunk_holding_both_batches_is_bit_identical_to_no_chunking(steps, pro
         ("sa_span", {"num_directions": 0}, "num_directions=0 is invalid; allowed: an integer >= 1"),
         ("sa_span", {"chunk_size": 0}, "chunk_size must be >= 1 (examples per chunk), got 0; allowed: None or"),
         ("sa_per_example", {"only_on_conflict": "yes"}, "only_on_conflict='yes' is invalid; allowed: True or False"),
-        ("uno", {"orthogonality_weight": -1.0}, "orthogonality_weight=-1.0 is invalid; allowed: a finite number >= 0"),
+        ("uno", {"orthogonality_weight": -1.0}, "orthogonality_weight=-1.0 is invalid; allowed: None or a finite number >= 0"),
         ("sa_gated", {}, "method 'sa_gated' needs forget_loss_target"),
         ("sa_gated", {"forget_loss_target": math.nan}, "forget_loss_target=nan is invalid"),
         ("sa_gated", {"forget_loss_target": 1.0, "combine": "sum"}, "combine='sum' is invalid; allowed: 'fill', 'sa' or"),

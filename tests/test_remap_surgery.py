@@ -1,0 +1,194 @@
+"""Tests for the recommended method, ``remap_surgery``: its step against a NumPy float64 reference of the rule,
+the nearest-retained pairing against brute force, the gate and the annealing on toys whose answer is known.
+
+The model is a tiny deterministic autoencoder ``x -> tanh(x E) D + b`` (encoder ``E``, decoder ``D``, ``b``) whose
+per-example loss reconstructs the example's ``"target"`` field when it has one (as the VAE and DDPM losses do).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gsu_jax import methods
+from gsu_jax.methods import make_method
+
+DATA_DIM, HIDDEN = 5, 3
+FORGET_SIZE, RETAIN_SIZE = 6, 9
+
+
+def autoencoder_loss(params, example, key):
+    del key  # deterministic: the reference needs no noise
+    x = example["image"]
+    recon = jnp.tanh(x @ params["encoder"]["w"]) @ params["decoder"]["w"] + params["decoder"]["b"]
+    return 0.5 * jnp.sum(jnp.square(example.get("target", x) - recon))
+
+
+def capture_direction() -> optax.GradientTransformation:
+    """An "optimizer" whose state is the last update direction and whose updates are zero."""
+    return optax.GradientTransformation(
+        lambda params: jax.tree.map(jnp.zeros_like, params),
+        lambda updates, state, params=None: (jax.tree.map(jnp.zeros_like, updates), updates),
+    )
+
+
+@pytest.fixture(scope="module")
+def problem():
+    keys = jax.random.split(jax.random.key(0), 4)
+    params = {
+        "encoder": {"w": 0.7 * jax.random.normal(keys[0], (DATA_DIM, HIDDEN))},
+        "decoder": {"w": 0.7 * jax.random.normal(keys[1], (HIDDEN, DATA_DIM)), "b": jnp.zeros(DATA_DIM)},
+    }
+    forget = {"image": 1.0 + 0.5 * jax.random.normal(keys[2], (FORGET_SIZE, DATA_DIM))}
+    retain = {"image": -0.5 + jax.random.normal(keys[3], (RETAIN_SIZE, DATA_DIM))}
+    return params, forget, retain
+
+
+_STEPS: dict[tuple, tuple] = {}
+
+
+def _direction(params, forget, retain, *, step=0, **hparams):
+    """``(u, metrics)`` of one remap_surgery step at ``state.step = step`` (each configuration jitted once)."""
+    key = tuple(sorted(hparams.items()))
+    if key not in _STEPS:
+        method = make_method("remap_surgery", loss_fn=autoencoder_loss, optimizer=capture_direction(), **hparams)
+        _STEPS[key] = (method, jax.jit(method.step))
+    method, compiled = _STEPS[key]
+    state = method.init(params)._replace(step=jnp.asarray(step, jnp.int32))
+    _, state, step_metrics = compiled(params, state, forget, retain, jax.random.key(1))
+    return state.optimizer, step_metrics
+
+
+# ---------------------------------------------------------------------------------------- NumPy reference
+
+
+def _flat(tree) -> np.ndarray:
+    return np.concatenate([np.asarray(leaf, np.float64).ravel() for leaf in jax.tree.leaves(tree)])
+
+
+def _decoder_mask(params) -> np.ndarray:
+    """1 on the decoder's coordinates in the flattened order of :func:`_flat` (leaves sorted by path)."""
+    return np.concatenate([np.full(np.size(leaf), float("decoder" in jax.tree_util.keystr(path)))
+                           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]])
+
+
+def _example_grad(params, image, target):
+    """The gradient of one example's loss, by jax.grad on that example alone (no vmap), in float64."""
+    with jax.enable_x64(True):
+        params64 = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float64), params)
+        example = {"image": jnp.asarray(image, jnp.float64), "target": jnp.asarray(target, jnp.float64)}
+        loss, grad = jax.value_and_grad(autoencoder_loss)(params64, example, None)
+        return float(loss), _flat(grad)
+
+
+def reference_direction(params, forget, retain, *, forget_only=True, projection="conflict", forget_weight=1.0,
+                        retain_weight=1.0, gate=False, saliency=1.0, weight_scale=1.0):
+    """The rule in NumPy: pair by brute force, per-example gradients one at a time, mask, gate, project, combine."""
+    forget_images, retain_images = np.asarray(forget["image"], np.float64), np.asarray(retain["image"], np.float64)
+    mask = _decoder_mask(params) if forget_only else 1.0
+    surrogate_grads, weights = [], []
+    for image in forget_images:
+        nearest = retain_images[np.argmin([np.sum((image - r) ** 2) for r in retain_images])]
+        surrogate_loss, grad = _example_grad(params, image, nearest)
+        own_loss, _ = _example_grad(params, image, image)
+        surrogate_grads.append(grad)
+        weights.append(float(surrogate_loss > own_loss) if gate else 1.0)
+    g_s = mask * np.mean(np.asarray(weights)[:, None] * np.asarray(surrogate_grads), axis=0)
+    if saliency < 1.0:  # keep the ceil(saliency * nonzero) largest magnitudes
+        keep = int(np.ceil(saliency * np.count_nonzero(g_s)))
+        g_s = np.where(np.abs(g_s) >= np.sort(np.abs(g_s))[::-1][keep - 1], g_s, 0.0)
+    g_r = np.mean([_example_grad(params, image, image)[1] for image in retain_images], axis=0)
+    direction = mask * g_r
+    inner = g_s @ direction
+    if projection == "always" or (projection == "conflict" and inner < 0):
+        g_s = g_s - inner / (direction @ direction) * direction
+    return forget_weight * weight_scale * g_s + retain_weight * g_r, np.mean(1.0 - np.asarray(weights))
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+
+def test_nearest_retained_images_match_brute_force():
+    rng = np.random.default_rng(0)
+    forget = rng.normal(size=(7, 2, 3)).astype(np.float32)
+    retain = rng.normal(size=(11, 2, 3)).astype(np.float32)
+    retain[4] = retain[9]  # a tie: the first index wins
+    forget[0] = retain[9] + 1e-3
+    expected = np.stack([retain[np.argmin([np.sum((f - r) ** 2) for r in retain])] for f in forget])
+    np.testing.assert_array_equal(np.asarray(methods.nearest_retained_images(forget, retain)), expected)
+    assert np.array_equal(np.asarray(methods.nearest_retained_images(forget, retain))[0], retain[4])
+
+
+@pytest.mark.parametrize(
+    "hparams",
+    [
+        {},  # the defaults
+        {"projection": "always", "forget_weight": 2.0, "retain_weight": 0.5},
+        {"projection": "none", "forget_only": None},
+        {"gate": True},
+        {"saliency": 0.3, "projection": "always"},
+    ],
+    ids=["defaults", "always", "none-all-params", "gated", "salient"],
+)
+def test_step_matches_numpy_reference(problem, hparams):
+    params, forget, retain = problem
+    update, step_metrics = _direction(params, forget, retain, **hparams)
+    defaults = methods.resolve_hparams("remap_surgery")
+    resolved = {**defaults, **hparams}
+    expected, gated = reference_direction(
+        params, forget, retain, forget_only=resolved["forget_only"] is not None, projection=resolved["projection"],
+        forget_weight=resolved["forget_weight"], retain_weight=resolved["retain_weight"], gate=resolved["gate"],
+        saliency=resolved["saliency"])
+    np.testing.assert_allclose(_flat(update), expected, rtol=2e-4, atol=2e-5)
+    assert float(step_metrics["gated_fraction"]) == pytest.approx(gated)
+
+
+def test_annealing_halves_the_forget_pull_every_half_life(problem):
+    params, forget, retain = problem
+    for step in (0, 3, 6):
+        update, _ = _direction(params, forget, retain, step=step, forget_half_life=3.0, retain_weight=1.0)
+        expected, _ = reference_direction(params, forget, retain, weight_scale=0.5 ** (step / 3))
+        np.testing.assert_allclose(_flat(update), expected, rtol=2e-4, atol=2e-5)
+
+
+def test_gate_stops_the_pull_exactly_when_the_example_is_forgotten():
+    """One forget point x, one retained point n, a model that outputs its bias b, SGD on the gated pull alone.
+
+    The gate keeps pulling b towards n while ``|b - n| > |b - x|`` and drops the example as soon as b crosses the
+    bisector of x and n: from then on the update is zero, so b stays where it first crossed (the known answer), on
+    n's side and never at n itself.
+    """
+
+    def bias_loss(params, example, key):
+        del key
+        return 0.5 * jnp.sum(jnp.square(example.get("target", example["image"]) - params["decoder"]["b"]))
+
+    x, n = jnp.array([[0.0, 0.0]]), jnp.array([[4.0, 0.0]])
+    method = make_method("remap_surgery", loss_fn=bias_loss, optimizer=optax.sgd(0.3), gate=True, retain_weight=0.0,
+                         forget_half_life=None)
+    params = {"decoder": {"b": jnp.array([0.0, 1.0])}}
+    state = method.init(params)
+    step = jax.jit(method.step)
+    positions = [float(params["decoder"]["b"][0])]
+    for index in range(12):
+        params, state, _ = step(params, state, {"image": x}, {"image": n}, jax.random.key(index))
+        positions.append(float(params["decoder"]["b"][0]))
+    crossed = next(i for i, p in enumerate(positions) if p >= 2.0)  # the bisector is b_0 = 2
+    # Before crossing: b_0 <- b_0 + 0.3 (4 - b_0); after: frozen.
+    for before, after in zip(positions[:crossed], positions[1:crossed + 1]):
+        assert after == pytest.approx(before + 0.3 * (4.0 - before), rel=1e-6)
+    assert positions[crossed:] == [positions[crossed]] * (len(positions) - crossed)
+    assert 2.0 <= positions[crossed] < 4.0
+
+
+def test_batches_without_the_image_field_are_refused(problem):
+    params, forget, retain = problem
+    method = make_method("remap_surgery", loss_fn=autoencoder_loss, optimizer=optax.sgd(0.1), image_field="pixels")
+    message = re.escape("remap_surgery pairs examples by their 'pixels' field, which the batches lack")
+    with pytest.raises(ValueError, match=message):
+        method.step(params, method.init(params), forget, retain, jax.random.key(0))
