@@ -17,10 +17,10 @@ from gsu_jax.unlearning import default_unlearn_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Two guided methods (one gated by the oracle's loss), 2 seeds, 3 steps, small samples."""
+    """Three guided methods (the recommended one first, one gated by the oracle's loss), 2 seeds, 3 steps, small samples."""
     config = default_unlearn_config()
     config.forget_classes = "1"
-    config.methods = "sa_gated,sa"
+    config.methods = "remap_surgery,sa_gated,sa"
     config.seeds = 2
     config.threshold = "auto"
     config.monitor_samples = 256

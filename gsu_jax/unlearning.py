@@ -212,7 +212,7 @@ _DATA_STREAM = 1
 UNLEARN_SCHEMA: dict[str, Field] = {
     "forget_classes": Field("1", str, "a comma-separated list of class indices, e.g. '1' or '1,7'", None, "run",
                             "Classes to unlearn."),
-    "methods": Field("sa_gated,pcgrad,sa,s,ascent", str,
+    "methods": Field(f"{methods.RECOMMENDED_METHOD},sa_gated,pcgrad,sa,s,ascent", str,
                      f"'all' or a comma-separated list of {', '.join(methods.METHODS)}", None, "run",
                      "Unlearning methods to run (gsu_jax.methods registry), in table order."),
     "seeds": Field(3, int, "an integer >= 1", at_least(1), "run", "Number of seeds per method."),
@@ -1437,6 +1437,8 @@ def execute(plan: RunPlan) -> dict[str, Any]:
 
     report = {
         "command": plan.command,
+        # The method to use when in doubt (its defaults are the measured ones); it heads the default methods list.
+        "recommended_method": methods.RECOMMENDED_METHOD,
         "config": _jsonable_config(config),
         "forget_classes": list(plan.forget_classes),
         "seeds": list(plan.seeds),

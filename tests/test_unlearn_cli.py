@@ -1,6 +1,6 @@
 """End-to-end tests of ``unlearn.py`` through its real entry point (subprocesses), and every refusal.
 
-One tiny run (configs/unlearn_smoke.py: trains tiny models, the oracle, two guided methods x 2 seeds x 3 steps)
+One tiny run (configs/unlearn_smoke.py: trains tiny models, the oracle, three guided methods x 2 seeds x 3 steps)
 is shared by the module; the refusals run concurrently, each in its own process, and must exit 2 with one line
 on stderr and write nothing.
 """
@@ -42,7 +42,8 @@ def test_end_to_end_report(smoke_run):
     for key in ("original", "oracle", "methods", "config", "seeds", "data", "versions", "device", "threshold"):
         assert key in report
     assert report["seeds"] == [0, 1]
-    assert set(report["methods"]) == {"sa_gated+guided", "sa+guided"}
+    assert set(report["methods"]) == {"remap_surgery+guided", "sa_gated+guided", "sa+guided"}
+    assert report["recommended_method"] == "remap_surgery" == list(report["methods"])[0].split("+")[0]
     per_method = ("step_time_ms", "time_to_unlearn_s", "fid_retain_at_stop", "fid_all_at_stop", "fid_retain_at_end",
                   "fid_all_at_end", "forget_fraction_at_stop", "mia_auc")
     for summary in report["methods"].values():
@@ -233,6 +234,35 @@ def test_reuses_a_given_checkpoint(smoke_run, tmp_path):
     rerun_seed = again["methods"]["sa+guided"]["per_seed"][0]
     for key in ("steps_to_threshold", "fid_retain_at_stop", "fid_retain_at_end", "mia_auc"):
         assert rerun_seed[key] == pytest.approx(first_seed[key], rel=1e-5, abs=1e-6), key
+
+
+def test_recommended_method_never_reads_the_oracle(smoke_run, tmp_path):
+    """The same run against a different oracle (another seed) saves bit-identical unlearned parameters.
+
+    A fixed threshold no run reaches keeps the oracle out of the stopping rule too, so every run takes all its
+    steps and saves the parameters at the end of the budget: the oracle may score the method, never drive it.
+    """
+    workdir, _, report = smoke_run
+    other_oracle = tmp_path / "other_oracle"
+    trained = subprocess.run([sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir",
+                              str(other_oracle), "--config.seed=5", "--config.exclude_classes=1",
+                              "--config.roles=generative"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    digests = {}
+    for name, oracle_dir in (("smoke", report["models"]["oracle"]["workdir"]), ("other", other_oracle)):
+        out = tmp_path / name
+        done = subprocess.run(_command(out, f"--config.checkpoint={report['models']['original']['workdir']}",
+                                       f"--config.oracle_checkpoint={oracle_dir}", "--config.methods=remap_surgery",
+                                       "--config.seeds=1", "--config.guidance_weight=0", "--config.threshold=1e-6"),
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        again = json.loads((out / "report.json").read_text())
+        with checkpointing.Checkpointer(out / "unlearned" / "remap_surgery" / "seed_0", create=False) as ckpt:
+            metadata = ckpt.read_metadata()
+        assert metadata["step"] == again["config"]["max_steps"]  # it stepped, so the parameters moved
+        digests[name] = (metadata["params_digest"], again["models"]["oracle"]["params_digest"])
+    assert digests["smoke"][1] != digests["other"][1]  # two different oracles ...
+    assert digests["smoke"][0] == digests["other"][0]  # ... the same unlearned model
 
 
 def test_runtime_failure_is_one_line_exit_1(smoke_run, tmp_path):
