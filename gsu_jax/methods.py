@@ -223,6 +223,8 @@ class Method:
       hparams: hyperparameter name -> :class:`HParam` (defaults in :attr:`defaults`).
       guidance: where the guidance add-on enters for this rule (every method accepts it).
       direction: the rule itself, ``(StepInputs, hparams) -> Direction``.
+      learning_rate: the learning rate its defaults were measured with, which ``unlearn.py`` gives it unless
+        ``config.method_optimizers`` says otherwise; None: the run's ``config.optimizer`` (the protocol's 1e-3).
     """
 
     name: str
@@ -231,6 +233,7 @@ class Method:
     hparams: Mapping[str, HParam]
     guidance: str
     direction: DirectionRule = dataclasses.field(repr=False)
+    learning_rate: float | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -805,7 +808,7 @@ METHODS: dict[str, Method] = {
                 "gate": HParam(False, "drop example i from the surrogate once l(x_i -> n_i) <= l(x_i) (forgotten)",
                                "True or False", _is_bool, bool),
                 "forget_half_life": HParam(
-                    10.0, "steps over which forget_weight halves (annealing); None: constant",
+                    20.0, "steps over which forget_weight halves (annealing); None: constant",
                     "None or a finite number > 0", lambda v: v is None or (_is_nonnegative_finite(v) and v > 0),
                     lambda v: None if v is None else float(v)),
                 "saliency": HParam(
@@ -813,13 +816,14 @@ METHODS: dict[str, Method] = {
                     "a number in (0, 1]", lambda v: _is_nonnegative_finite(v) and 0 < v <= 1, float),
                 "forget_weight": HParam(1.0, "weight of the projected surrogate gradient", "a finite number >= 0",
                                         _is_nonnegative_finite, float),
-                "retain_weight": HParam(3.0, "weight of g_r added to the update", "a finite number >= 0",
+                "retain_weight": HParam(1.0, "weight of g_r added to the update", "a finite number >= 0",
                                         _is_nonnegative_finite, float),
                 "image_field": HParam("image", "the example field that is paired and replaced by 'target'",
                                       "a string naming a field of the examples", lambda v: isinstance(v, str), str),
             },
             _GUIDANCE_AFTER_PROJECTION,
             _remap_surgery,
+            learning_rate=3e-3,
         ),
         Method(
             "sa_gated",

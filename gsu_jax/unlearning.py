@@ -295,8 +295,11 @@ def default_unlearn_config() -> ml_collections.ConfigDict:
                 for method, record in methods.METHODS.items()})
         elif name == "method_optimizers":
             # Unset (None) means "config.optimizer"; set e.g. --config.method_optimizers.sa_gated.learning_rate=3e-3.
+            # A method whose record names the learning rate its defaults were measured with starts with that one.
             config.method_optimizers = ml_collections.ConfigDict({
-                method: {"learning_rate": ml_collections.config_dict.placeholder(float)} for method in methods.METHODS})
+                method: {"learning_rate": ml_collections.config_dict.placeholder(float)
+                         if record.learning_rate is None else float(record.learning_rate)}
+                for method, record in methods.METHODS.items()})
         elif name == "train":
             config.train = default_train_config()
         elif field.kind is dict:

@@ -170,6 +170,10 @@ def test_main_and_smoke_configs_validate_without_writing(tmp_path):
     main = unlearning.plan_run(_load_config("unlearn_mnist"), workdir)
     assert main.config["monitor_samples"] == 1024 and main.config["max_steps"] == 50
     assert main.config["optimizer"] == {"name": "adam", "learning_rate": 1e-3}
+    # The recommended method comes first, with the learning rate its defaults were measured at (its registry
+    # record); every other method runs at the protocol's.
+    assert main.method_names[0] == unlearning.methods.RECOMMENDED_METHOD == "remap_surgery"
+    assert main.config["method_optimizers"] == {"remap_surgery": {"name": "adam", "learning_rate": 3e-3}}
     assert main.threshold is None and not main.guided
     assert np.all(main.run_data.train.labels[main.forget_idx] == 1)
     assert not np.any(main.run_data.train.labels[main.retain_idx] == 1)
@@ -199,6 +203,15 @@ def test_plan_validation(tmp_path, field, value, message):
         with pytest.raises(unlearning.UnlearnConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             unlearning.plan_run(config, tmp_path / "w")
     assert not (tmp_path / "w").exists()
+
+
+def test_a_method_learning_rate_given_on_the_command_line_replaces_the_registry_one(tmp_path):
+    config = _load_config("unlearn_smoke")
+    config.method_optimizers.remap_surgery.learning_rate = 1e-4
+    config.method_optimizers.sa.learning_rate = 2e-4
+    plan = unlearning.plan_run(config, tmp_path / "w")
+    assert plan.config["method_optimizers"]["remap_surgery"]["learning_rate"] == 1e-4
+    assert plan.config["method_optimizers"]["sa"] == {"name": "adam", "learning_rate": 2e-4}
 
 
 def test_method_hyperparameters_are_validated_against_the_registry(tmp_path):
