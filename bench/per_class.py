@@ -153,12 +153,24 @@ def run_digit(latent: int, digit: int, model_dir: pathlib.Path, oracle_dir: path
     }
 
 
-def _fmt(value: float | None, spec: str = ".1f") -> str:
+def fmt(value: float | None, spec: str = ".1f") -> str:
     return "—" if value is None else format(value, spec)
 
 
-def _mark(ok: bool) -> str:
+def mark(ok: bool) -> str:
     return "" if ok else " ✗"
+
+
+def score_cells(row: dict[str, Any], threshold: float) -> str:
+    """A scored row's cells: steps, FID stop -> end, -ELBO stop -> end, MIA, forget fraction at the end."""
+    reached = sum(s is not None for s in row["steps"])
+    steps = f"{fmt(row['steps_mean'])} / {row['steps_max']}" if row["steps_mean"] is not None else "none"
+    if reached < len(row["steps"]):
+        steps += f" ({reached}/{len(row['steps'])})"
+    return (f"{steps}{mark(row['ok_steps'])} | {fmt(row['fid_stop'])}{mark(row['ok_fid_stop'])} → "
+            f"{fmt(row['fid_end'])}{mark(row['ok_fid_end'])} | {fmt(row['elbo_retain'])}{mark(row['ok_elbo'])} → "
+            f"{fmt(row['elbo_retain_end'])} | {fmt(row['mia'], '.3f')}{mark(row['ok_mia'])} | "
+            f"{fmt(row['fraction_end'], '.4f')}{mark(row['ok_fraction_end'])} (≤ {threshold:.4f}) |")
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -173,16 +185,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
             lines.append(f"{head}| {name} | — | {ref['fid']:.1f} | {ref['elbo_retain']:.1f} | {ref['mia']:.3f} | "
                          f"{ref['forget_fraction']:.4f} |")
         for row in result["methods"]:
-            reached = sum(s is not None for s in row["steps"])
-            steps = (f"{_fmt(row['steps_mean'])} / {row['steps_max']}" if row["steps_mean"] is not None else "none")
-            if reached < len(row["steps"]):
-                steps += f" ({reached}/{len(row['steps'])})"
-            lines.append(
-                f"{head}| {row['method']} | {steps}{_mark(row['ok_steps'])} | {_fmt(row['fid_stop'])}"
-                f"{_mark(row['ok_fid_stop'])} → {_fmt(row['fid_end'])}{_mark(row['ok_fid_end'])} | "
-                f"{_fmt(row['elbo_retain'])}{_mark(row['ok_elbo'])} → {_fmt(row['elbo_retain_end'])} | "
-                f"{_fmt(row['mia'], '.3f')}{_mark(row['ok_mia'])} | {_fmt(row['fraction_end'], '.4f')}"
-                f"{_mark(row['ok_fraction_end'])} (≤ {result['threshold']:.4f}) |")
+            lines.append(f"{head}| {row['method']} | {score_cells(row, result['threshold'])}")
     return "\n".join(lines)
 
 
@@ -205,6 +208,16 @@ def summary_lines(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_outputs(stem: pathlib.Path, payload: dict[str, Any], text: str) -> None:
+    """``<stem>.json`` (the numbers) and ``<stem>.md`` (the table), each written atomically, and the table printed."""
+    from gsu_jax import reporting
+
+    reporting.write_json(str(stem.with_suffix(".json")), payload)
+    with reporting.atomic_file(stem.with_suffix(".md")) as handle:
+        handle.write(text)
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latents", default="2,16")
@@ -215,8 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from gsu_jax import reporting
-
     out = pathlib.Path(args.out)
     started = time.perf_counter()
     results = []
@@ -234,10 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"mia {row['mia']} (oracle {result['oracle']['mia']:.3f})", flush=True)
     text = (f"Command: `python -m bench.per_class {' '.join(sys.argv[1:] if argv is None else argv)}` "
             f"({time.perf_counter() - started:.0f} s)\n\n" + markdown(results) + "\n\n" + summary_lines(results) + "\n")
-    reporting.write_json(str(out / "per_class.json"), {"args": vars(args), "results": results})
-    with reporting.atomic_file(out / "per_class.md") as handle:
-        handle.write(text)
-    print(text)
+    write_outputs(out / "per_class", {"args": vars(args), "results": results}, text)
     return 0
 
 

@@ -457,11 +457,13 @@ def nearest_retained_images(forget_images: jax.Array, retain_images: jax.Array) 
 
 
 def _remap_surgery(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
-    """Ours: ``u = forget_weight * P^(c)_{M g_r}(M g_s) + g_r``, ``g_s`` the gradient of a *bounded* forget loss.
+    """Ours: ``u = a_t P^(c)_{M g_r}(S(M g_s)) + retain_weight * g_r``, ``g_s`` the gradient of a *bounded* loss.
 
-    ``g_s = grad mean_i l(x_i -> n(x_i))``: each forget example's loss with its reconstruction target replaced by
-    ``n(x_i)``, its nearest retained image in the retain batch (:func:`nearest_retained_images`), descended. ``M``
-    restricts it to the leaves matching ``forget_only``.
+    ``g_s = grad mean_i w_i l(x_i -> n(x_i))``: each forget example's loss with its reconstruction target replaced
+    by ``n(x_i)``, its nearest retained image in the retain batch (:func:`nearest_retained_images`), descended.
+    ``M`` restricts it to the leaves matching ``forget_only``; ``w_i = 1`` unless ``gate`` (then ``1[l(x_i -> n_i) >
+    l(x_i)]``); ``S`` keeps the ``saliency`` fraction of largest coordinates (identity at 1); the projection follows
+    ``projection``; ``a_t = forget_weight * 2^(-t / forget_half_life)`` (constant when the half-life is None).
     """
     mask = _param_mask(inputs.params, hparams["forget_only"], name="forget_only")
     loss_fn, retain_grad = inputs.loss_fn, inputs.retain_grad
