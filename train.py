@@ -39,8 +39,9 @@ from gsu_jax.config_validation import TRAIN_SCHEMA, ConfigError, unknown_key_mes
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: one checkpoint directory per role, metrics, PNGs.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard the workdir's checkpoints of the roles being trained.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show Python tracebacks of expected errors too.")
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py); override fields with "
-                                "--config.<field>=<value>.")
+config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/*.py); override fields with --config.<field>=<value>."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Refusals of what the user asked for: exit 2. Failures found while running: exit 1. Both print one line.
@@ -79,8 +80,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
             err = err.args[0]
         text = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
         overrides = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
-        _fail(f"bad override among {', '.join(overrides) or '--config'}: {'unknown field ' if unknown else ''}"
-              f"{text}", 2, debug=debug)
+        _fail(
+            f"bad override among {', '.join(overrides) or '--config'}: {'unknown field ' if unknown else ''}{text}",
+            2,
+            debug=debug,
+        )
     except Exception as err:  # the config file itself failed to load (syntax error, import error, ...)
         _fail(f"--config cannot be loaded: {type(err).__name__}: {err}", 2, debug=debug)
     raise AssertionError("unreachable")
@@ -124,20 +128,28 @@ def main(argv: list[str]) -> None:
         return
     for role, metrics in results.items():
         if "heldout_neg_elbo" in metrics:
-            headline = (f"held-out -ELBO {metrics['heldout_neg_elbo']:.2f} (reconstruction "
-                        f"{metrics['heldout_reconstruction']:.2f} + KL {metrics['heldout_kl']:.2f}); "
-                        f"samples: {metrics['samples_png']}")
+            headline = (
+                f"held-out -ELBO {metrics['heldout_neg_elbo']:.2f} (reconstruction "
+                f"{metrics['heldout_reconstruction']:.2f} + KL {metrics['heldout_kl']:.2f}); "
+                f"samples: {metrics['samples_png']}"
+            )
         elif "heldout_eps_loss" in metrics:
-            headline = (f"held-out epsilon MSE {metrics['heldout_eps_loss']:.4f} (one random timestep per "
-                        f"example); samples: {metrics['samples_png']}")
+            headline = (
+                f"held-out epsilon MSE {metrics['heldout_eps_loss']:.4f} (one random timestep per "
+                f"example); samples: {metrics['samples_png']}"
+            )
         else:
             headline = f"held-out accuracy {metrics['heldout_accuracy']:.4f}"
         resumed = "" if metrics["resumed_from_step"] is None else f", resumed from step {metrics['resumed_from_step']}"
         if metrics["skipped_checkpoints"]:
-            resumed += (f" (skipped corrupt step {', '.join(str(item['step']) for item in metrics['skipped_checkpoints'])}"
-                        f", moved to {pathlib.Path(metrics['skipped_checkpoints'][0]['moved_to']).parent})")
-        print(f"{role}: {headline} [{metrics['num_train']} train / {metrics['num_heldout']} held-out "
-              f"({metrics['heldout_data']}), {metrics['steps']} steps{resumed}, {metrics['seconds']:.1f} s]")
+            resumed += (
+                f" (skipped corrupt step {', '.join(str(item['step']) for item in metrics['skipped_checkpoints'])}"
+                f", moved to {pathlib.Path(metrics['skipped_checkpoints'][0]['moved_to']).parent})"
+            )
+        print(
+            f"{role}: {headline} [{metrics['num_train']} train / {metrics['num_heldout']} held-out "
+            f"({metrics['heldout_data']}), {metrics['steps']} steps{resumed}, {metrics['seconds']:.1f} s]"
+        )
 
 
 if __name__ == "__main__":

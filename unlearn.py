@@ -113,8 +113,7 @@ def main(argv: list[str]) -> None:
     if not _DEBUG.value:
         # orbax logs what it cannot read while listing steps (e.g. a damaged _CHECKPOINT_METADATA) on its own; the
         # checkpoint verification reports the same damage in the one error line, naming the file.
-        logging.get_absl_handler().addFilter(
-            lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
+        logging.get_absl_handler().addFilter(lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
 
     command = " ".join([f"python {_PROG}"] + sys.argv[1:])
     debug = _DEBUG.value

@@ -61,32 +61,81 @@ class Config:
 def config(mode: str, *, dry_run: bool) -> Config:
     if mode == "quick":
         return Config(
-            mode="quick", budget_s=480, warmup=3, reps=15, materialised_reps=3, paired_reps=15, step_row_s=8,
-            per_example_models={"mlp_vae": [32, 128], "conv_vae": [16]}, pe_warmup=1, pe_reps=5,
-            per_example_row_s=6, chunk_size=32, torch_compile_batches={}, torch_compile_s=90, hlo_batch=128,
+            mode="quick",
+            budget_s=480,
+            warmup=3,
+            reps=15,
+            materialised_reps=3,
+            paired_reps=15,
+            step_row_s=8,
+            per_example_models={"mlp_vae": [32, 128], "conv_vae": [16]},
+            pe_warmup=1,
+            pe_reps=5,
+            per_example_row_s=6,
+            chunk_size=32,
+            torch_compile_batches={},
+            torch_compile_s=90,
+            hlo_batch=128,
             bandwidth_elements=2**24,
-            scaling_batches=[32, 128, 512], scaling_hidden=[100, 400, 1600], scaling_warmup=2, scaling_reps=5,
-            scaling_row_s=6, materialised_max_elements=2.1e7,
+            scaling_batches=[32, 128, 512],
+            scaling_hidden=[100, 400, 1600],
+            scaling_warmup=2,
+            scaling_reps=5,
+            scaling_row_s=6,
+            materialised_max_elements=2.1e7,
             section_shares={"step": 0.5, "per_example": 0.3, "scaling": 0.2},
         )
     if dry_run:
         return Config(
-            mode="full --dry-run", budget_s=900, warmup=1, reps=3, materialised_reps=2, paired_reps=3,
-            step_row_s=5, per_example_models={"mlp_vae": [8, 16], "conv_vae": [8]}, pe_warmup=1, pe_reps=2,
-            per_example_row_s=5, chunk_size=4, torch_compile_batches={"mlp_vae": [16], "conv_vae": [8]},
-            torch_compile_s=60, hlo_batch=16, bandwidth_elements=2**20,
-            scaling_batches=[16, 32], scaling_hidden=[50, 100], scaling_warmup=1, scaling_reps=2,
-            scaling_row_s=5, materialised_max_elements=1.1e7, gpu_rows=True,
+            mode="full --dry-run",
+            budget_s=900,
+            warmup=1,
+            reps=3,
+            materialised_reps=2,
+            paired_reps=3,
+            step_row_s=5,
+            per_example_models={"mlp_vae": [8, 16], "conv_vae": [8]},
+            pe_warmup=1,
+            pe_reps=2,
+            per_example_row_s=5,
+            chunk_size=4,
+            torch_compile_batches={"mlp_vae": [16], "conv_vae": [8]},
+            torch_compile_s=60,
+            hlo_batch=16,
+            bandwidth_elements=2**20,
+            scaling_batches=[16, 32],
+            scaling_hidden=[50, 100],
+            scaling_warmup=1,
+            scaling_reps=2,
+            scaling_row_s=5,
+            materialised_max_elements=1.1e7,
+            gpu_rows=True,
             section_shares={"step": 0.4, "per_example": 0.4, "scaling": 0.2},
         )
     return Config(
-        mode="full", budget_s=330, warmup=20, reps=200, materialised_reps=100, paired_reps=50, step_row_s=5,
-        per_example_models={"mlp_vae": [64, 256, 1024, 4096], "conv_vae": [64, 256, 1024]}, pe_warmup=5,
-        pe_reps=30, per_example_row_s=4, chunk_size=256,
-        torch_compile_batches={"mlp_vae": [1024], "conv_vae": [256]}, torch_compile_s=60, hlo_batch=1024,
+        mode="full",
+        budget_s=330,
+        warmup=20,
+        reps=200,
+        materialised_reps=100,
+        paired_reps=50,
+        step_row_s=5,
+        per_example_models={"mlp_vae": [64, 256, 1024, 4096], "conv_vae": [64, 256, 1024]},
+        pe_warmup=5,
+        pe_reps=30,
+        per_example_row_s=4,
+        chunk_size=256,
+        torch_compile_batches={"mlp_vae": [1024], "conv_vae": [256]},
+        torch_compile_s=60,
+        hlo_batch=1024,
         bandwidth_elements=2**28,
-        scaling_batches=[32, 128, 512, 2048], scaling_hidden=[100, 400, 1600, 3200], scaling_warmup=10,
-        scaling_reps=50, scaling_row_s=4, materialised_max_elements=4e9, gpu_rows=True,
+        scaling_batches=[32, 128, 512, 2048],
+        scaling_hidden=[100, 400, 1600, 3200],
+        scaling_warmup=10,
+        scaling_reps=50,
+        scaling_row_s=4,
+        materialised_max_elements=4e9,
+        gpu_rows=True,
         section_shares={"step": 0.3, "per_example": 0.5, "scaling": 0.2},
     )
 
@@ -110,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--full", action="store_true", help="GPU sizes, one call of about 5 minutes")
     parser.add_argument("--dry-run", action="store_true", help="with --full: every code path at tiny sizes")
     parser.add_argument("--out", default=None, help="output folder (default bench/results/<mode>)")
-    parser.add_argument("--sections", default="step,per_example,scaling",
-                        help="comma-separated subset of step,per_example,scaling")
+    parser.add_argument(
+        "--sections", default="step,per_example,scaling", help="comma-separated subset of step,per_example,scaling"
+    )
     parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default per mode)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows even if torch is installed")
     args = parser.parse_args(argv)
@@ -128,16 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config("quick" if args.quick else "full", dry_run=args.dry_run)
     if args.budget_s is not None:
         cfg.budget_s = args.budget_s
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                       cfg.mode.replace(" --", "-").replace(" ", "-"))
+    out_dir = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", cfg.mode.replace(" --", "-").replace(" ", "-")
+    )
     os.makedirs(out_dir, exist_ok=True)
     cfg.hlo_file = os.path.join(out_dir, "hlo_per_example.txt")
 
     import jax
 
     jax.devices()  # initialise the JAX backend before torch loads its own CUDA libraries
-    from bench import common
-    from bench import torch_reference
+    from bench import common, torch_reference
 
     torch_device = None
     if args.no_torch:
@@ -145,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     elif torch_reference.available():
         torch_device = torch_reference.default_device()
     else:
-        print("torch is not installed: its rows are skipped (pip install torch==2.13.0 gives the CPU wheel)",
-              flush=True)
+        print(
+            "torch is not installed: its rows are skipped (pip install torch==2.13.0 gives the CPU wheel)", flush=True
+        )
     total = common.Budget(cfg.budget_s)
     report = common.Report(out_dir, mode=cfg.mode, env=common.environment(torch_device))
     print(report.environment_markdown(), flush=True)
@@ -164,17 +215,26 @@ def main(argv: list[str] | None = None) -> int:
             crashed.append(name)
             trace = traceback.format_exc()
             print(f"!! section {name} crashed:\n{trace}", file=sys.stderr, flush=True)
-            report.add(common.Section(key=name, title=f"{name} (CRASHED)", columns=[("error", "error")],
-                                      rows=[{"error": trace.strip().splitlines()[-1]}]))
+            report.add(
+                common.Section(
+                    key=name,
+                    title=f"{name} (CRASHED)",
+                    columns=[("error", "error")],
+                    rows=[{"error": trace.strip().splitlines()[-1]}],
+                )
+            )
         print(f"### section {name} took {budget.elapsed():.0f} s", flush=True)
 
     report.write()
     print("\n## Targets (issue 5)\n")
     for target in report.targets():
         print(target.line())
-    print(f"\nTotal {total.elapsed():.0f} s. Results: {out_dir}/results.md, results.json"
-          + (", scaling.png" if "scaling" in sections else "")
-          + (", hlo_per_example.txt" if "per_example" in sections else ""), flush=True)
+    print(
+        f"\nTotal {total.elapsed():.0f} s. Results: {out_dir}/results.md, results.json"
+        + (", scaling.png" if "scaling" in sections else "")
+        + (", hlo_per_example.txt" if "per_example" in sections else ""),
+        flush=True,
+    )
     return 1 if crashed else 0
 
 

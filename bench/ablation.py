@@ -49,30 +49,56 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     reference: dict[str, Any] = {}
     for name, overrides, meaning in ROWS:
-        run_args = argparse.Namespace(methods="remap_surgery", seeds=args.seeds, set=list(overrides),
-                                      out=str(pathlib.Path(args.out) / name.replace(" ", "_")))
+        run_args = argparse.Namespace(
+            methods="remap_surgery",
+            seeds=args.seeds,
+            set=list(overrides),
+            out=str(pathlib.Path(args.out) / name.replace(" ", "_")),
+        )
         result = per_class.run_digit(args.latent, args.digit, model_dir, oracles[args.digit], run_args)
         reference = result
-        rows.append({"row": name, "overrides": list(overrides), "tests": meaning, "seconds": result["seconds"],
-                     **result["methods"][0]})
-        print(json.dumps({"row": name, "steps": rows[-1]["steps"], "fid": [rows[-1]["fid_stop"], rows[-1]["fid_end"]],
-                          "elbo": rows[-1]["elbo_retain"], "mia": rows[-1]["mia"]}), flush=True)
+        rows.append(
+            {
+                "row": name,
+                "overrides": list(overrides),
+                "tests": meaning,
+                "seconds": result["seconds"],
+                **result["methods"][0],
+            }
+        )
+        print(
+            json.dumps(
+                {
+                    "row": name,
+                    "steps": rows[-1]["steps"],
+                    "fid": [rows[-1]["fid_stop"], rows[-1]["fid_end"]],
+                    "elbo": rows[-1]["elbo_retain"],
+                    "mia": rows[-1]["mia"],
+                }
+            ),
+            flush=True,
+        )
     original, oracle = reference["original"], reference["oracle"]
-    lines = [f"Command: `python -m bench.ablation {' '.join(sys.argv[1:] if argv is None else argv)}` "
-             f"({time.perf_counter() - started:.0f} s); latent {args.latent}, digit {args.digit}, {args.seeds} seeds, "
-             f"auto threshold {reference['threshold']:.4f}",
-             "",
-             "| row | overrides | steps to auto (mean / max) | FID retain stop → end | held-out retain -ELBO stop → end | "
-             "MIA AUC | forget fraction at end |",
-             "|---|---|---|---|---|---|---|",
-             f"| original / oracle | — | — | {original['fid']:.1f} / {oracle['fid']:.1f} | {original['elbo_retain']:.1f} / "
-             f"{oracle['elbo_retain']:.1f} | {original['mia']:.3f} / {oracle['mia']:.3f} | "
-             f"{original['forget_fraction']:.4f} / {oracle['forget_fraction']:.4f} |"]
+    lines = [
+        f"Command: `python -m bench.ablation {' '.join(sys.argv[1:] if argv is None else argv)}` "
+        f"({time.perf_counter() - started:.0f} s); latent {args.latent}, digit {args.digit}, {args.seeds} seeds, "
+        f"auto threshold {reference['threshold']:.4f}",
+        "",
+        "| row | overrides | steps to auto (mean / max) | FID retain stop → end | held-out retain -ELBO stop → end | "
+        "MIA AUC | forget fraction at end |",
+        "|---|---|---|---|---|---|---|",
+        f"| original / oracle | — | — | {original['fid']:.1f} / {oracle['fid']:.1f} | {original['elbo_retain']:.1f} / "
+        f"{oracle['elbo_retain']:.1f} | {original['mia']:.3f} / {oracle['mia']:.3f} | "
+        f"{original['forget_fraction']:.4f} / {oracle['forget_fraction']:.4f} |",
+    ]
     for row in rows:
         overrides = " ".join(f"`{override.split('.', 2)[-1]}`" for override in row["overrides"]) or "—"
         lines.append(f"| {row['row']} | {overrides} | {per_class.score_cells(row, reference['threshold'])}")
-    per_class.write_outputs(pathlib.Path(args.out) / "ablation",
-                            {"args": vars(args), "reference": reference, "rows": rows}, "\n".join(lines) + "\n")
+    per_class.write_outputs(
+        pathlib.Path(args.out) / "ablation",
+        {"args": vars(args), "reference": reference, "rows": rows},
+        "\n".join(lines) + "\n",
+    )
     return 0
 
 

@@ -424,8 +424,9 @@ def row_failure(row: dict[str, Any], error: BaseException) -> dict[str, Any]:
     return row
 
 
-def alternating_step_call(compiled: Callable[..., Any], starts: Sequence[tuple[Any, Any]], forget: Any,
-                          retain: Any, keys: Sequence[Any]) -> Callable[[], Any]:
+def alternating_step_call(
+    compiled: Callable[..., Any], starts: Sequence[tuple[Any, Any]], forget: Any, retain: Any, keys: Sequence[Any]
+) -> Callable[[], Any]:
     """A zero-argument call for :func:`measure`: one compiled unlearning step per call, cycling through ``starts``.
 
     Call ``i`` runs ``compiled(*starts[i % len(starts)], forget, retain, keys[i % len(keys)])``: every timed step is
@@ -686,12 +687,15 @@ def hlo_summary(text: str, *, min_elements: int = 1_000_000) -> dict[str, Any]:
                 dims = [int(d) for d in shape.group(2).split(",") if d]
                 elements = int(np.prod(dims)) if dims else 1
                 itemsize = {"f32": 4, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f64": 8, "pred": 1, "s8": 1}.get(
-                    shape.group(1), 4)
+                    shape.group(1), 4
+                )
                 written += elements * itemsize
                 if elements >= min_elements:
                     called = re.search(r"calls=%?([\w.\-]+)", line)
-                    large.append(f"{op} {shape.group(1)}[{shape.group(2)}]{shape.group(3) or ''}"
-                                 + (f" ({called.group(1)})" if called else ""))
+                    large.append(
+                        f"{op} {shape.group(1)}[{shape.group(2)}]{shape.group(3) or ''}"
+                        + (f" ({called.group(1)})" if called else "")
+                    )
     return {
         "entry_ops": dict(ops.most_common()),
         "fusion_kinds": dict(fusion_kinds),

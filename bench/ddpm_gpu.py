@@ -73,25 +73,38 @@ def probe(train_config: str, data: str) -> dict:
         params, opt_state, losses, _ = programs.train_epoch(params, opt_state, images, labels, jax.random.key(epoch))
         jax.block_until_ready(losses)
         timings.append(time.perf_counter() - started)
-    return {"device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
-            "first_epoch_s": timings[0], "epoch_s": timings[1], "compile_s": max(0.0, timings[0] - timings[1]),
-            "steps_per_epoch": plan.spec.num_batches, "batch_size": plan.spec.batch_size,
-            "num_train": len(plan.train), "config_epochs": values["num_epochs"],
-            "first_epoch_loss": float(losses.mean())}
+    return {
+        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+        "first_epoch_s": timings[0],
+        "epoch_s": timings[1],
+        "compile_s": max(0.0, timings[0] - timings[1]),
+        "steps_per_epoch": plan.spec.num_batches,
+        "batch_size": plan.spec.batch_size,
+        "num_train": len(plan.train),
+        "config_epochs": values["num_epochs"],
+        "first_epoch_loss": float(losses.mean()),
+    }
 
 
 # ------------------------------------------------------------------------------------------- orchestration
 
 
-def _phases(commands: dict[str, list[str]], *, timeout: float, out: pathlib.Path, record: dict,
-            env: dict[str, str] | None = None) -> bool:
+def _phases(
+    commands: dict[str, list[str]],
+    *,
+    timeout: float,
+    out: pathlib.Path,
+    record: dict,
+    env: dict[str, str] | None = None,
+) -> bool:
     """Runs the named commands concurrently (each its own process) under one timeout; True if all exit 0."""
     started = time.perf_counter()
     processes = {}
     for name, command in commands.items():
         print(f"[ddpm_gpu] {name}: {' '.join(command)} (timeout {timeout:.0f} s)", flush=True)
-        processes[name] = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                           text=True, env=env)
+        processes[name] = subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
     all_ok = True
     for name, process in processes.items():
         try:
@@ -136,18 +149,28 @@ def _collect_unlearning(workdir: pathlib.Path, out: pathlib.Path, record: dict) 
     if not report_path.is_file():
         return
     report = json.loads(report_path.read_text())
-    keys = ("forget_fraction", "fid_retain", "fid_all", "inception_score", "forget_label_class_prob",
-            "forget_label_entropy", "eps_loss_heldout_retain", "eps_loss_heldout_forget", "mia_auc")
+    keys = (
+        "forget_fraction",
+        "fid_retain",
+        "fid_all",
+        "inception_score",
+        "forget_label_class_prob",
+        "forget_label_entropy",
+        "eps_loss_heldout_retain",
+        "eps_loss_heldout_forget",
+        "mia_auc",
+    )
     summary = {name: {key: report[name].get(key) for key in keys} for name in ("original", "oracle")}
     method_keys = [f"{key}_{when}" for key in keys if key != "mia_auc" for when in ("at_stop", "at_end")]
     for label, method in report["methods"].items():
-        summary[label] = {"steps_to_threshold": method["steps_to_threshold"]["per_seed"],
-                          "step_time_ms": method["step_time_ms"]["mean"]}
+        summary[label] = {
+            "steps_to_threshold": method["steps_to_threshold"]["per_seed"],
+            "step_time_ms": method["step_time_ms"]["mean"],
+        }
         for key in method_keys + ["mia_auc"]:
             if method.get(key):
                 summary[label][key] = method[key]["mean"]
-    record["unlearning"] = {"threshold": report["threshold"]["value"], "device": report["device"],
-                            "summary": summary}
+    record["unlearning"] = {"threshold": report["threshold"]["value"], "device": report["device"], "summary": summary}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,8 +181,14 @@ def run(args: argparse.Namespace) -> int:
     workdir = pathlib.Path(args.workdir).absolute()
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    record: dict = {"budget_s": args.budget_s, "smoke": args.smoke, "train_config": train_config,
-                    "unlearn_config": unlearn_config, "data": data, "phases": {}}
+    record: dict = {
+        "budget_s": args.budget_s,
+        "smoke": args.smoke,
+        "train_config": train_config,
+        "unlearn_config": unlearn_config,
+        "data": data,
+        "phases": {},
+    }
 
     def left() -> float:
         return args.budget_s - (time.perf_counter() - started)
@@ -170,8 +199,24 @@ def run(args: argparse.Namespace) -> int:
 
     python = sys.executable
     probe_out = workdir / "probe.json"
-    ok = _phases({"probe": [python, "bench/ddpm_gpu.py", "probe", "--config", train_config, "--data", data,
-                            "--json", str(probe_out)]}, timeout=min(150.0, left()), out=out, record=record)
+    ok = _phases(
+        {
+            "probe": [
+                python,
+                "bench/ddpm_gpu.py",
+                "probe",
+                "--config",
+                train_config,
+                "--data",
+                data,
+                "--json",
+                str(probe_out),
+            ]
+        },
+        timeout=min(150.0, left()),
+        out=out,
+        record=record,
+    )
     if not ok:
         save()
         return 1
@@ -184,18 +229,38 @@ def run(args: argparse.Namespace) -> int:
     epochs = max(1, min(record["probe"]["config_epochs"], affordable))
     record["epochs"] = epochs
     record["train_steps"] = epochs * record["probe"]["steps_per_epoch"]
-    print(f"[ddpm_gpu] epoch {epoch_s:.2f} s, compile {compile_s:.1f} s, {left():.0f} s left: {epochs} epochs "
-          f"({record['train_steps']} steps) of {record['probe']['config_epochs']} configured", flush=True)
+    print(
+        f"[ddpm_gpu] epoch {epoch_s:.2f} s, compile {compile_s:.1f} s, {left():.0f} s left: {epochs} epochs "
+        f"({record['train_steps']} steps) of {record['probe']['config_epochs']} configured",
+        flush=True,
+    )
     save()
 
     model_dir, oracle_dir = workdir / "model", workdir / "oracle"
     common = [f"--config.data={data}", f"--config.num_epochs={epochs}", "--config.progress_bar=False"]
     train_commands = {
-        "train": [python, "train.py", "--config", train_config, "--workdir", str(model_dir), *common,
-                  "--config.roles=generative,evaluator"],
+        "train": [
+            python,
+            "train.py",
+            "--config",
+            train_config,
+            "--workdir",
+            str(model_dir),
+            *common,
+            "--config.roles=generative,evaluator",
+        ],
         # The retrain-from-scratch oracle: the same recipe without the forget class (configs/unlearn_*ddpm*: "1").
-        "train_oracle": [python, "train.py", "--config", train_config, "--workdir", str(oracle_dir), *common,
-                         f"--config.exclude_classes={_FORGET_CLASSES}", "--config.roles=generative"],
+        "train_oracle": [
+            python,
+            "train.py",
+            "--config",
+            train_config,
+            "--workdir",
+            str(oracle_dir),
+            *common,
+            f"--config.exclude_classes={_FORGET_CLASSES}",
+            "--config.roles=generative",
+        ],
     }
     record["train_commands"] = {name: " ".join(command[1:]) for name, command in train_commands.items()}
     # Two JAX processes on one accelerator: neither may preallocate most of its memory.
@@ -207,9 +272,18 @@ def run(args: argparse.Namespace) -> int:
     if not ok:
         return 1
 
-    unlearn_command = [python, "unlearn.py", "--config", unlearn_config, "--workdir", str(workdir / "unlearn"),
-                       f"--config.checkpoint={model_dir}", f"--config.oracle_checkpoint={oracle_dir}",
-                       f"--config.forget_classes={_FORGET_CLASSES}", "--config.progress=True"]
+    unlearn_command = [
+        python,
+        "unlearn.py",
+        "--config",
+        unlearn_config,
+        "--workdir",
+        str(workdir / "unlearn"),
+        f"--config.checkpoint={model_dir}",
+        f"--config.oracle_checkpoint={oracle_dir}",
+        f"--config.forget_classes={_FORGET_CLASSES}",
+        "--config.progress=True",
+    ]
     record["unlearn_command"] = " ".join(unlearn_command[1:])
     ok = _phases({"unlearn": unlearn_command}, timeout=left() - 5, out=out, record=record)
     _collect_unlearning(workdir / "unlearn", out, record)

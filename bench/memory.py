@@ -28,16 +28,19 @@ def temp_mib_table(*, batch: int, chunk_size: int) -> list[dict[str, object]]:
     """One row per method: ``{"method", "unchunked_mib", "chunked_mib"}`` (MiB of temporaries)."""
     graphdef, params = nnx.split(ConvVAE(rngs=nnx.Rngs(0)))
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    images = {"image": jax.ShapeDtypeStruct((batch, 28, 28, 1), jnp.float32),
-              "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+    images = {
+        "image": jax.ShapeDtypeStruct((batch, 28, 28, 1), jnp.float32),
+        "label": jax.ShapeDtypeStruct((batch,), jnp.int32),
+    }
     loss_fn = negative_elbo(graphdef)
     hparams = {"sa_gated": {"forget_loss_target": 200.0}}
     rows = []
     for name in _METHODS:
         row: dict[str, object] = {"method": name}
         for column, chunk in (("unchunked_mib", None), ("chunked_mib", chunk_size)):
-            method = make_method(name, loss_fn=loss_fn, optimizer=optax.adam(1e-3), chunk_size=chunk,
-                                 **hparams.get(name, {}))
+            method = make_method(
+                name, loss_fn=loss_fn, optimizer=optax.adam(1e-3), chunk_size=chunk, **hparams.get(name, {})
+            )
             row[column] = step_temp_bytes(method, params, images, images) / 2**20
         rows.append(row)
     return rows
@@ -51,10 +54,20 @@ def main() -> None:
     if args.batch < 1 or args.chunk_size < 1:
         parser.error(f"--batch={args.batch} and --chunk-size={args.chunk_size} must be integers >= 1")
     rows = temp_mib_table(batch=args.batch, chunk_size=args.chunk_size)
-    print(common.markdown_table((("method", "method"), ("unchunked_mib", "unchunked MiB"),
-                                 ("chunked_mib", f"chunk_size={args.chunk_size} MiB")), rows))
-    print(f"\nconv VAE 28x28x1, forget = retain = {args.batch}, Adam; {jax.default_backend()} backend, "
-          f"jax {jax.__version__}")
+    print(
+        common.markdown_table(
+            (
+                ("method", "method"),
+                ("unchunked_mib", "unchunked MiB"),
+                ("chunked_mib", f"chunk_size={args.chunk_size} MiB"),
+            ),
+            rows,
+        )
+    )
+    print(
+        f"\nconv VAE 28x28x1, forget = retain = {args.batch}, Adam; {jax.default_backend()} backend, "
+        f"jax {jax.__version__}"
+    )
 
 
 if __name__ == "__main__":

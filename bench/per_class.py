@@ -113,8 +113,9 @@ def score(report: dict[str, Any], label: str) -> dict[str, Any]:
     row["ok_steps"] = bool(row["all_reached"] and row["steps_mean"] <= 3 and row["steps_max"] <= 5)
     row["ok_fid_stop"] = row["fid_stop"] is not None and row["fid_stop"] <= 1.05 * fid_ref
     row["ok_fid_end"] = row["fid_end"] is not None and row["fid_end"] <= 1.10 * fid_ref
-    row["ok_elbo"] = (row["elbo_retain"] is not None
-                      and abs(row["elbo_retain"] / original["nelbo_heldout_retain"] - 1) <= 0.02)
+    row["ok_elbo"] = (
+        row["elbo_retain"] is not None and abs(row["elbo_retain"] / original["nelbo_heldout_retain"] - 1) <= 0.02
+    )
     row["ok_mia"] = row["mia"] is not None and abs(row["mia"] - oracle["mia_auc"]) <= 0.05
     row["ok_fraction_end"] = row["fraction_end"] is not None and row["fraction_end"] <= report["threshold"]["value"]
     return row
@@ -145,10 +146,18 @@ def run_digit(latent: int, digit: int, model_dir: pathlib.Path, oracle_dir: path
         "seconds": time.perf_counter() - started,
         "threshold": report["threshold"]["value"],
         "degenerate": original["forget_fraction"] < DEGENERATE_FRACTION,
-        "original": {"forget_fraction": original["forget_fraction"], "fid": original["fid_retain"],
-                     "elbo_retain": original["nelbo_heldout_retain"], "mia": original["mia_auc"]},
-        "oracle": {"forget_fraction": oracle["forget_fraction"], "fid": oracle["fid_retain"],
-                   "elbo_retain": oracle["nelbo_heldout_retain"], "mia": oracle["mia_auc"]},
+        "original": {
+            "forget_fraction": original["forget_fraction"],
+            "fid": original["fid_retain"],
+            "elbo_retain": original["nelbo_heldout_retain"],
+            "mia": original["mia_auc"],
+        },
+        "oracle": {
+            "forget_fraction": oracle["forget_fraction"],
+            "fid": oracle["fid_retain"],
+            "elbo_retain": oracle["nelbo_heldout_retain"],
+            "mia": oracle["mia_auc"],
+        },
         "methods": [score(report, label) for label in report["methods"]],
     }
 
@@ -167,23 +176,33 @@ def score_cells(row: dict[str, Any], threshold: float) -> str:
     steps = f"{fmt(row['steps_mean'])} / {row['steps_max']}" if row["steps_mean"] is not None else "none"
     if reached < len(row["steps"]):
         steps += f" ({reached}/{len(row['steps'])})"
-    return (f"{steps}{mark(row['ok_steps'])} | {fmt(row['fid_stop'])}{mark(row['ok_fid_stop'])} → "
-            f"{fmt(row['fid_end'])}{mark(row['ok_fid_end'])} | {fmt(row['elbo_retain'])}{mark(row['ok_elbo'])} → "
-            f"{fmt(row['elbo_retain_end'])} | {fmt(row['mia'], '.3f')}{mark(row['ok_mia'])} | "
-            f"{fmt(row['fraction_end'], '.4f')}{mark(row['ok_fraction_end'])} (≤ {threshold:.4f}) |")
+    return (
+        f"{steps}{mark(row['ok_steps'])} | {fmt(row['fid_stop'])}{mark(row['ok_fid_stop'])} → "
+        f"{fmt(row['fid_end'])}{mark(row['ok_fid_end'])} | {fmt(row['elbo_retain'])}{mark(row['ok_elbo'])} → "
+        f"{fmt(row['elbo_retain_end'])} | {fmt(row['mia'], '.3f')}{mark(row['ok_mia'])} | "
+        f"{fmt(row['fraction_end'], '.4f')}{mark(row['ok_fraction_end'])} (≤ {threshold:.4f}) |"
+    )
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    lines = ["| latent | digit | model | steps to auto (mean / max) | FID retain stop → end | held-out retain -ELBO "
-             "stop → end | MIA AUC | forget fraction at end |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| latent | digit | model | steps to auto (mean / max) | FID retain stop → end | held-out retain -ELBO "
+        "stop → end | MIA AUC | forget fraction at end |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for result in results:
-        tag = " (degenerate: original draws {:.1%})".format(result["original"]["forget_fraction"]) \
-            if result["degenerate"] else ""
+        tag = (
+            " (degenerate: original draws {:.1%})".format(result["original"]["forget_fraction"])
+            if result["degenerate"]
+            else ""
+        )
         head = f"| {result['latent']} | {result['digit']}{tag} "
         for name in ("original", "oracle"):
             ref = result[name]
-            lines.append(f"{head}| {name} | — | {ref['fid']:.1f} | {ref['elbo_retain']:.1f} | {ref['mia']:.3f} | "
-                         f"{ref['forget_fraction']:.4f} |")
+            lines.append(
+                f"{head}| {name} | — | {ref['fid']:.1f} | {ref['elbo_retain']:.1f} | {ref['mia']:.3f} | "
+                f"{ref['forget_fraction']:.4f} |"
+            )
         for row in result["methods"]:
             lines.append(f"{head}| {row['method']} | {score_cells(row, result['threshold'])}")
     return "\n".join(lines)
@@ -195,16 +214,21 @@ def summary_lines(results: list[dict[str, Any]]) -> str:
     for result in results:
         for row in result["methods"]:
             by_method.setdefault(row["method"], []).append((result["degenerate"], row))
-    lines = ["| method | cases | steps | FID stop | FID end | -ELBO | MIA | all targets | still forgotten at end |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | cases | steps | FID stop | FID end | -ELBO | MIA | all targets | still forgotten at end |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for method, rows in by_method.items():
         valid = [row for degenerate, row in rows if not degenerate]
         keys = ("ok_steps", "ok_fid_stop", "ok_fid_end", "ok_elbo", "ok_mia")
         counts = [sum(row[key] for row in valid) for key in keys]
         every = sum(all(row[key] for key in keys) for row in valid)
-        lines.append(f"| {method} | {len(valid)} (+{len(rows) - len(valid)} degenerate) | "
-                     + " | ".join(str(c) for c in counts) + f" | {every} | "
-                     f"{sum(row['ok_fraction_end'] for row in valid)} |")
+        lines.append(
+            f"| {method} | {len(valid)} (+{len(rows) - len(valid)} degenerate) | "
+            + " | ".join(str(c) for c in counts)
+            + f" | {every} | "
+            f"{sum(row['ok_fraction_end'] for row in valid)} |"
+        )
     return "\n".join(lines)
 
 
@@ -239,12 +263,17 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             print(json.dumps({k: result[k] for k in ("latent", "digit", "seconds", "degenerate")}), flush=True)
             for row in result["methods"]:
-                print(f"  {row['method']}: steps {row['steps']} FID {row['fid_stop']} -> {row['fid_end']} "
-                      f"(orig {result['original']['fid']:.1f}, oracle {result['oracle']['fid']:.1f}) "
-                      f"elbo {row['elbo_retain']} (orig {result['original']['elbo_retain']:.1f}) "
-                      f"mia {row['mia']} (oracle {result['oracle']['mia']:.3f})", flush=True)
-    text = (f"Command: `python -m bench.per_class {' '.join(sys.argv[1:] if argv is None else argv)}` "
-            f"({time.perf_counter() - started:.0f} s)\n\n" + markdown(results) + "\n\n" + summary_lines(results) + "\n")
+                print(
+                    f"  {row['method']}: steps {row['steps']} FID {row['fid_stop']} -> {row['fid_end']} "
+                    f"(orig {result['original']['fid']:.1f}, oracle {result['oracle']['fid']:.1f}) "
+                    f"elbo {row['elbo_retain']} (orig {result['original']['elbo_retain']:.1f}) "
+                    f"mia {row['mia']} (oracle {result['oracle']['mia']:.3f})",
+                    flush=True,
+                )
+    text = (
+        f"Command: `python -m bench.per_class {' '.join(sys.argv[1:] if argv is None else argv)}` "
+        f"({time.perf_counter() - started:.0f} s)\n\n" + markdown(results) + "\n\n" + summary_lines(results) + "\n"
+    )
     write_outputs(out / "per_class", {"args": vars(args), "results": results}, text)
     return 0
 

@@ -37,7 +37,6 @@ import numpy as np
 from bench import common
 from bench.common import Budget, Report, Section, SectionTimeout, Target
 
-
 # Diagnostic row: the same vmap(grad), returned in the layout XLA computes it in (no transposing copy). Not a
 # drop-in variant: such arrays must be consumed by computations compiled for their format (see
 # common.device_relative_error), so it is left out of the target's "best generic" and only measures the copy.
@@ -49,7 +48,7 @@ def build(model: str):
     from flax import nnx
 
     from gsu_jax.losses import negative_elbo
-    from gsu_jax.models import ConvVAE, MLPVAE
+    from gsu_jax.models import MLPVAE, ConvVAE
 
     if model == "mlp_vae":
         graphdef, params = nnx.split(MLPVAE(hidden=400, latent_dim=20, rngs=nnx.Rngs(0)))
@@ -108,8 +107,13 @@ def mlp_vae_per_example_grads(params: Any, batch: dict, keys: jax.Array) -> Any:
         logits = dense("decoder_output", h2, probes)
         recon = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x))
         kl = 0.5 * jnp.sum(jnp.exp(logvar) + jnp.square(mean) - 1.0 - logvar)
-        return recon + kl, {"encoder_hidden": x, "mean_head": h, "logvar_head": h, "decoder_hidden": z,
-                            "decoder_output": h2}
+        return recon + kl, {
+            "encoder_hidden": x,
+            "mean_head": h,
+            "logvar_head": h,
+            "decoder_hidden": z,
+            "decoder_output": h2,
+        }
 
     probes = {name: jnp.zeros((size, p[f"{name}.bias"].shape[-1]), x.dtype) for name in layers}
     deltas, inputs = jax.grad(summed_loss, has_aux=True)(probes)
@@ -184,26 +188,31 @@ def _conflict_projection_from_grads(grads, direction):
     def project(grads, direction):
         grad_leaves, d_leaves = jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction)
         size = grad_leaves[0].shape[0]
-        inner = -sum(jnp.matmul(g.reshape(size, -1), d.reshape(-1), precision=jax.lax.Precision.HIGHEST)
-                     for g, d in zip(grad_leaves, d_leaves))
+        inner = -sum(
+            jnp.matmul(g.reshape(size, -1), d.reshape(-1), precision=jax.lax.Precision.HIGHEST)
+            for g, d in zip(grad_leaves, d_leaves)
+        )
         squared = sum(jnp.sum(jnp.square(d)) for d in d_leaves)
         coefficient = jnp.mean(jnp.where(inner < 0, inner / squared, 0.0))
-        return jnp.concatenate([(-common.leading_mean(g) - coefficient * d).reshape(-1)
-                                for g, d in zip(grad_leaves, d_leaves)])
+        return jnp.concatenate(
+            [(-common.leading_mean(g) - coefficient * d).reshape(-1) for g, d in zip(grad_leaves, d_leaves)]
+        )
 
     return project(grads, direction)
 
 
 def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
     """Measures the per-example table (and writes the HLO explanation file)."""
-    from gsu_jax import per_example, surgery
-
     import jax.flatten_util  # noqa: F401 - used by _conflict_projection_from_grads
+
+    from gsu_jax import per_example, surgery
 
     bandwidth = copy_bandwidth_gbs(cfg)
     rows: list[dict[str, Any]] = []
-    notes = [f"Measured device memory bandwidth (elementwise op over {cfg.bandwidth_elements * 4 / 1e6:.0f} MB, "
-             f"read + write): {bandwidth:.0f} GB/s; 'GB/s' = per-example gradient bytes written / time."]
+    notes = [
+        f"Measured device memory bandwidth (elementwise op over {cfg.bandwidth_elements * 4 / 1e6:.0f} MB, "
+        f"read + write): {bandwidth:.0f} GB/s; 'GB/s' = per-example gradient bytes written / time."
+    ]
     tight = 1e-5 if jax.default_backend() == "cpu" else common.default_precision_tolerance()
 
     for model, batch_sizes in cfg.per_example_models.items():
@@ -213,7 +222,9 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
         for size in sorted(batch_sizes, key=lambda b: (b != cfg.hlo_batch, b)):
             base = {"model": description, "B": size}
             if not budget.allows(cfg.per_example_row_s * (4 if size >= 1024 else 1)):
-                rows.append({**base, "name": "all rows", "status": f"skipped: time budget ({budget.left():.0f} s left)"})
+                rows.append(
+                    {**base, "name": "all rows", "status": f"skipped: time budget ({budget.left():.0f} s left)"}
+                )
                 continue
             batch_np, _ = common.image_batch(size, seed=size)
             batch = jax.device_put(batch_np)
@@ -231,8 +242,13 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
                     if check is not None:
                         row["rel_err"] = check(out)
                     del out
-                    timing = common.measure(lambda: runner(*args), sync=common.jax_sync, warmup=cfg.pe_warmup,
-                                            reps=cfg.pe_reps, pipelined=False)
+                    timing = common.measure(
+                        lambda: runner(*args),
+                        sync=common.jax_sync,
+                        warmup=cfg.pe_warmup,
+                        reps=cfg.pe_reps,
+                        pipelined=False,
+                    )
                     row.update(timing.summary(), status="ok")
                     row["examples_per_s"] = size / (timing.median_ms * 1e-3)
                     if compiled is not None:
@@ -255,15 +271,21 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
             def check_vmap(out):
                 first = jax.tree_util.tree_map(lambda leaf: leaf[:2], out)
                 with jax.default_matmul_precision("highest"):  # references: full float32 (GPU default: TF32)
-                    singles = [jax.grad(loss_fn)(params, jax.tree_util.tree_map(lambda x: x[i], batch), keys[i])
-                               for i in range(2)]
-                    mean_grad = jax.jit(jax.grad(lambda p: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(
-                        p, batch, keys))))(params)
+                    singles = [
+                        jax.grad(loss_fn)(params, jax.tree_util.tree_map(lambda x: x[i], batch), keys[i])
+                        for i in range(2)
+                    ]
+                    mean_grad = jax.jit(
+                        jax.grad(lambda p: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, batch, keys)))
+                    )(params)
                 want = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), *singles)
                 err1 = common.check_close("vmap(grad) vs single-example grad", first, want, rtol=tight)
-                err2 = common.check_close_device("mean of vmap(grad) vs grad of mean loss",
-                                                 jax.tree_util.tree_map(common.leading_mean, out),
-                                                 mean_grad, rtol=common.default_precision_tolerance())
+                err2 = common.check_close_device(
+                    "mean of vmap(grad) vs grad of mean loss",
+                    jax.tree_util.tree_map(common.leading_mean, out),
+                    mean_grad,
+                    rtol=common.default_precision_tolerance(),
+                )
                 reference["grads"] = out
                 return max(err1, err2)
 
@@ -283,18 +305,27 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
             if cfg.gpu_rows:
                 with jax.default_matmul_precision("highest"):
                     highest = jax.jit(lambda p, b, k: per_example.per_example_grads(loss_fn, p, b, k))
-                    timed("vmap(grad), precision highest", highest, args,
-                          check=against_reference("highest vs vmap(grad)", rtol=common.default_precision_tolerance()))
+                    timed(
+                        "vmap(grad), precision highest",
+                        highest,
+                        args,
+                        check=against_reference("highest vs vmap(grad)", rtol=common.default_precision_tolerance()),
+                    )
             chunk = cfg.chunk_size if size > cfg.chunk_size else max(size // 4, 1)
             chunked = jax.jit(lambda p, b, k: per_example.per_example_grads(loss_fn, p, b, k, chunk_size=chunk))
             timed(f"chunked (chunk_size={chunk})", chunked, args, check=against_reference("chunked vs vmap(grad)"))
             if model == "mlp_vae":
-                timed("hand-written outer products (MLP only)", jax.jit(mlp_vae_per_example_grads), args,
-                      check=against_reference("hand-written vs vmap(grad)"))
+                timed(
+                    "hand-written outer products (MLP only)",
+                    jax.jit(mlp_vae_per_example_grads),
+                    args,
+                    check=against_reference("hand-written vs vmap(grad)"),
+                )
 
             # The per-example projection, materialised vs jvp/vjp.
             direction = jax.tree_util.tree_map(
-                lambda leaf: jax.random.normal(jax.random.key(7), leaf.shape, leaf.dtype), params)
+                lambda leaf: jax.random.normal(jax.random.key(7), leaf.shape, leaf.dtype), params
+            )
             want = _conflict_projection_from_grads(reference["grads"], direction)
             project = surgery.project_normal_plane(per_example=True, only_on_conflict=True)
 
@@ -310,25 +341,49 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
 
             def check_projection(label):
                 return lambda out: common.check_close_device(
-                    label, jax.flatten_util.ravel_pytree(out)[0], want, rtol=common.default_precision_tolerance())
+                    label, jax.flatten_util.ravel_pytree(out)[0], want, rtol=common.default_precision_tolerance()
+                )
 
-            timed("projection: materialised", materialised, args + (direction,),
-                  check=check_projection("materialised projection"), materialises=False)
-            timed("projection: jvp/vjp", jvp_vjp, args + (direction,), check=check_projection("jvp/vjp projection"),
-                  materialises=False)
+            timed(
+                "projection: materialised",
+                materialised,
+                args + (direction,),
+                check=check_projection("materialised projection"),
+                materialises=False,
+            )
+            timed(
+                "projection: jvp/vjp",
+                jvp_vjp,
+                args + (direction,),
+                check=check_projection("jvp/vjp projection"),
+                materialises=False,
+            )
 
             if torch_device is not None:
                 # torch is checked on the first examples; JAX's full reference is released first (device memory).
                 first = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[:8]), reference["grads"])
                 reference.clear()
-                _torch_rows(model, params, batch_np, keys, first, size=size, base=base, cfg=cfg,
-                            budget=budget, torch_device=torch_device, rows=rows, grad_bytes=grad_bytes,
-                            bandwidth=bandwidth)
+                _torch_rows(
+                    model,
+                    params,
+                    batch_np,
+                    keys,
+                    first,
+                    size=size,
+                    base=base,
+                    cfg=cfg,
+                    budget=budget,
+                    torch_device=torch_device,
+                    rows=rows,
+                    grad_bytes=grad_bytes,
+                    bandwidth=bandwidth,
+                )
             if model == "mlp_vae" and size == cfg.hlo_batch and cfg.hlo_file:
                 variants = {"vmap(grad)": vmap_grad, "hand-written outer products": jax.jit(mlp_vae_per_example_grads)}
                 try:
                     variants[AUTO_ROW] = _auto_layout_jit(
-                        lambda p, b, k: per_example.per_example_grads(loss_fn, p, b, k))
+                        lambda p, b, k: per_example.per_example_grads(loss_fn, p, b, k)
+                    )
                 except Exception:  # noqa: BLE001 - the row above already reports the missing API
                     pass
                 with open(cfg.hlo_file, "w", encoding="utf-8") as handle:
@@ -355,7 +410,8 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
             ("status", "status"),
         ],
         rows=rows,
-        notes=notes + [
+        notes=notes
+        + [
             f"Median of {cfg.pe_reps} synchronised calls after {cfg.pe_warmup} warm-ups. peak MB: JAX = XLA's buffer "
             "assignment of the compiled function (arguments + outputs + temporaries); torch on CUDA = "
             "max_memory_allocated during the call minus what was allocated before.",
@@ -368,8 +424,22 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
     report.add(section)
 
 
-def _torch_rows(model, params, batch_np, keys, reference_first, *, size, base, cfg, budget, torch_device, rows,
-                grad_bytes, bandwidth):
+def _torch_rows(
+    model,
+    params,
+    batch_np,
+    keys,
+    reference_first,
+    *,
+    size,
+    base,
+    cfg,
+    budget,
+    torch_device,
+    rows,
+    grad_bytes,
+    bandwidth,
+):
     import torch
 
     from bench import torch_reference as tr
@@ -412,8 +482,13 @@ def _torch_rows(model, params, batch_np, keys, reference_first, *, size, base, c
             got = {k: v[:check_count].detach().cpu().numpy() for k, v in out.items()}
             row["rel_err"] = common.check_close(f"{name} vs JAX vmap(grad)", got, {k: want[k] for k in got}, rtol=rtol)
             del out
-            timing = common.measure(lambda: function(torch_params, x, eps), sync=sync, warmup=cfg.pe_warmup,
-                                    reps=cfg.pe_reps, pipelined=False)
+            timing = common.measure(
+                lambda: function(torch_params, x, eps),
+                sync=sync,
+                warmup=cfg.pe_warmup,
+                reps=cfg.pe_reps,
+                pipelined=False,
+            )
             row.update(timing.summary(), status="ok")
             row["examples_per_s"] = size / (timing.median_ms * 1e-3)
             row["gb_per_s"] = grad_bytes / (timing.median_ms * 1e-3) / 1e9
@@ -430,22 +505,36 @@ def _targets(rows: list[dict[str, Any]], *, batch: int) -> list[Target]:
     compiled = by_name.get("torch.compile(vmap(grad))")
     jax_rows = [r for r in ok if not r["name"].startswith(("torch", "projection")) and r["name"] != AUTO_ROW]
     if not compiled or not jax_rows:
-        return [Target(f"GPU: per-example grads at B={batch} >= as fast as torch.compile(torch.func.vmap(grad))", None,
-                       f"a row is missing (torch or the B={batch} MLP rows)")]
+        return [
+            Target(
+                f"GPU: per-example grads at B={batch} >= as fast as torch.compile(torch.func.vmap(grad))",
+                None,
+                f"a row is missing (torch or the B={batch} MLP rows)",
+            )
+        ]
     plain = by_name.get("vmap(grad)")
     generic = [r for r in jax_rows if "MLP only" not in r["name"]]
     best_generic = min(generic, key=lambda r: r["median_ms"]) if generic else None
     best = min(jax_rows, key=lambda r: r["median_ms"])
-    detail = (f"torch.compile {compiled['median_ms']:.3f} ms; plain vmap(grad) "
-              f"{plain['median_ms']:.3f} ms; " if plain else f"torch.compile {compiled['median_ms']:.3f} ms; ")
+    detail = (
+        f"torch.compile {compiled['median_ms']:.3f} ms; plain vmap(grad) {plain['median_ms']:.3f} ms; "
+        if plain
+        else f"torch.compile {compiled['median_ms']:.3f} ms; "
+    )
     if best_generic:
         detail += f"best generic JAX ({best_generic['name']}) {best_generic['median_ms']:.3f} ms; "
     detail += f"best JAX ({best['name']}) {best['median_ms']:.3f} ms"
     if AUTO_ROW in by_name:
         detail += f"; diagnostic without the transposing output copy {by_name[AUTO_ROW]['median_ms']:.3f} ms"
     return [
-        Target(f"GPU: plain vmap(grad) at B={batch} >= as fast as torch.compile", plain is not None
-               and plain["median_ms"] <= compiled["median_ms"], detail),
-        Target(f"GPU: best generic JAX per-example grads at B={batch} >= as fast as torch.compile",
-               best_generic is not None and best_generic["median_ms"] <= compiled["median_ms"], detail),
+        Target(
+            f"GPU: plain vmap(grad) at B={batch} >= as fast as torch.compile",
+            plain is not None and plain["median_ms"] <= compiled["median_ms"],
+            detail,
+        ),
+        Target(
+            f"GPU: best generic JAX per-example grads at B={batch} >= as fast as torch.compile",
+            best_generic is not None and best_generic["median_ms"] <= compiled["median_ms"],
+            detail,
+        ),
     ]

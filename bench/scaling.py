@@ -48,7 +48,8 @@ def _s_reference(loss_fn, params, forget, retain, key) -> np.ndarray:
             return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(q, batch, keys))
 
         return ravel_pytree(jax.grad(mean_loss)(p, forget, forget_keys))[0], ravel_pytree(
-            jax.grad(mean_loss)(p, retain, retain_keys))[0]
+            jax.grad(mean_loss)(p, retain, retain_keys)
+        )[0]
 
     with jax.default_matmul_precision("highest"):  # the reference is the accurate side (GPU default: TF32)
         g_f, g_r = (np.asarray(g, np.float64) for g in grads(params))
@@ -114,10 +115,16 @@ def _measure_point(*, batch: int, hidden: int, sweep: str, cfg, budget: Budget, 
                     references["per_example"] = _per_example_sa_reference(loss_fn, params, forget, retain, key)
                 want = references["per_example"]
             timed = time_step(
-                factory(adam()), params=params, forget=forget, retain=retain, check_key=key, keys=keys,
-                warmup=cfg.scaling_warmup, reps=cfg.scaling_reps,
-                check=lambda u, name=name, want=want: common.check_close(f"{name} direction", u, want,
-                                                                          rtol=tolerance))
+                factory(adam()),
+                params=params,
+                forget=forget,
+                retain=retain,
+                check_key=key,
+                keys=keys,
+                warmup=cfg.scaling_warmup,
+                reps=cfg.scaling_reps,
+                check=lambda u, name=name, want=want: common.check_close(f"{name} direction", u, want, rtol=tolerance),
+            )
             row.update(timed.timing.summary(), rel_err=timed.rel_err, gflops=timed.gflops, status="ok")
         except Exception as error:  # noqa: BLE001
             common.row_failure(row, error)
@@ -150,11 +157,16 @@ def _plot(rows: list[dict[str, Any]], path: str) -> str | None:
     except ImportError:
         return "matplotlib not installed: no plot"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, sweep, x_key, label in ((axes[0], "batch", "B", "batch size B (forget = retain)"),
-                                      (axes[1], "size", "params", "parameters")):
+    for axis, sweep, x_key, label in (
+        (axes[0], "batch", "B", "batch size B (forget = retain)"),
+        (axes[1], "size", "params", "parameters"),
+    ):
         for name in ("s", "sa_per_example", MATERIALISED):
-            points = sorted((r[x_key], r["median_ms"]) for r in rows
-                            if r["sweep"] == sweep and r["name"] == name and r.get("status") == "ok")
+            points = sorted(
+                (r[x_key], r["median_ms"])
+                for r in rows
+                if r["sweep"] == sweep and r["name"] == name and r.get("status") == "ok"
+            )
             if points:
                 axis.plot(*zip(*points), marker="o", label=name)
         axis.set_xscale("log")
@@ -193,21 +205,37 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
     notes = [f"Median of {cfg.scaling_reps} synchronised steps after {cfg.scaling_warmup} warm-ups."]
     for sweep, x_key, what in (("batch", "B", "batch size"), ("size", "params", "parameter count")):
         for name in ("s", "sa_per_example", MATERIALISED):
-            points = [(r[x_key], r["median_ms"]) for r in rows
-                      if r["sweep"] == sweep and r["name"] == name and r.get("status") == "ok"]
+            points = [
+                (r[x_key], r["median_ms"])
+                for r in rows
+                if r["sweep"] == sweep and r["name"] == name and r.get("status") == "ok"
+            ]
             exponent = fitted_exponent(*zip(*points)) if len(points) >= 2 else None
             if exponent is not None:
-                notes.append(f"{name}: time ~ ({what})^{exponent:.2f} over {min(p[0] for p in points):,}.."
-                             f"{max(p[0] for p in points):,}")
+                notes.append(
+                    f"{name}: time ~ ({what})^{exponent:.2f} over {min(p[0] for p in points):,}.."
+                    f"{max(p[0] for p in points):,}"
+                )
     plot_path = os.path.join(report.out_dir, "scaling.png")
     problem = _plot(rows, plot_path)
     notes.append(problem or f"log-log plot: {plot_path}")
-    report.add(Section(
-        key="scaling",
-        title="Scaling of the step cost with batch size and parameter count (MLP VAE, latent 2)",
-        columns=[("sweep", "sweep"), ("B", "B"), ("hidden", "hidden"), ("params", "params"), ("name", "step"),
-                 ("median_ms", "median ms"), ("iqr_ms", "IQR ms"), ("gflops", "GFLOP"), ("rel_err", "rel. err"),
-                 ("status", "status")],
-        rows=rows,
-        notes=notes,
-    ))
+    report.add(
+        Section(
+            key="scaling",
+            title="Scaling of the step cost with batch size and parameter count (MLP VAE, latent 2)",
+            columns=[
+                ("sweep", "sweep"),
+                ("B", "B"),
+                ("hidden", "hidden"),
+                ("params", "params"),
+                ("name", "step"),
+                ("median_ms", "median ms"),
+                ("iqr_ms", "IQR ms"),
+                ("gflops", "GFLOP"),
+                ("rel_err", "rel. err"),
+                ("status", "status"),
+            ],
+            rows=rows,
+            notes=notes,
+        )
+    )

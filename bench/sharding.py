@@ -42,8 +42,14 @@ MODELS = ("mlp_vae", "conv_vae")
 DEVICE_METHODS = ("sa", "sa_per_example")
 # (method, chunk_size): the two per-batch and per-example surgery steps unchunked, then chunked.
 # Ordered by importance: rows the time budget cannot reach are reported as skipped.
-MAX_BATCH_ROWS = (("sa", None), ("sa_per_example", None), ("sa", 1024), ("sa_per_example", 1024),
-                  ("sa_span", None), ("uno", None))
+MAX_BATCH_ROWS = (
+    ("sa", None),
+    ("sa_per_example", None),
+    ("sa", 1024),
+    ("sa_per_example", 1024),
+    ("sa_span", None),
+    ("uno", None),
+)
 
 
 @dataclasses.dataclass
@@ -65,13 +71,33 @@ class Sizes:
 
 def sizes(mode: str) -> Sizes:
     if mode == "quick":  # CPU, minutes on 2 shared cores
-        return Sizes(mode="quick", devices=[1, 2, 4, 8], device_batch=64, device_warmup=2, device_reps=5,
-                     start_batch=16, max_batch=64, max_batch_rows=(("sa", None), ("sa_per_example", None),
-                                                                    ("sa", 16)),
-                     batch_warmup=1, batch_reps=3, budget_s=900)
+        return Sizes(
+            mode="quick",
+            devices=[1, 2, 4, 8],
+            device_batch=64,
+            device_warmup=2,
+            device_reps=5,
+            start_batch=16,
+            max_batch=64,
+            max_batch_rows=(("sa", None), ("sa_per_example", None), ("sa", 16)),
+            batch_warmup=1,
+            batch_reps=3,
+            budget_s=900,
+        )
     # gpu: one device, max-batch only, inside ~90 s including start-up and compilations
-    return Sizes(mode="gpu", devices=[1], device_batch=1024, device_warmup=3, device_reps=10, start_batch=2048,
-                 max_batch=65536, max_batch_rows=MAX_BATCH_ROWS, batch_warmup=2, batch_reps=5, budget_s=80)
+    return Sizes(
+        mode="gpu",
+        devices=[1],
+        device_batch=1024,
+        device_warmup=3,
+        device_reps=10,
+        start_batch=2048,
+        max_batch=65536,
+        max_batch_rows=MAX_BATCH_ROWS,
+        batch_warmup=2,
+        batch_reps=5,
+        budget_s=80,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,7 +109,7 @@ def build_model(name: str):
     from flax import nnx
 
     from gsu_jax.losses import negative_elbo
-    from gsu_jax.models import ConvVAE, MLPVAE
+    from gsu_jax.models import MLPVAE, ConvVAE
 
     if name == "mlp_vae":
         model = MLPVAE(hidden=400, latent_dim=2, rngs=nnx.Rngs(0))
@@ -137,8 +163,14 @@ def device_worker(count: int, cfg: Sizes) -> list[dict[str, Any]]:
         params, loss_fn = build_model(model)
         forget, retain, source = batches(cfg.device_batch, seed=0)
         for name in DEVICE_METHODS:
-            row = {"model": model, "params": common.parameter_count(params), "method": name, "devices": count,
-                   "B": 2 * cfg.device_batch, "data": source}
+            row = {
+                "model": model,
+                "params": common.parameter_count(params),
+                "method": name,
+                "devices": count,
+                "B": 2 * cfg.device_batch,
+                "data": source,
+            }
             try:
                 method = make_step(name, loss_fn)
                 state = method.init(params)
@@ -150,11 +182,13 @@ def device_worker(count: int, cfg: Sizes) -> list[dict[str, Any]]:
                 sharded_forget = parallel.shard_batch(forget, mesh)
                 sharded_retain = parallel.shard_batch(retain, mesh)
                 compiled = step.lower(sharded_params, sharded_state, sharded_forget, sharded_retain, key).compile()
-                new_params, new_state, _ = compiled(sharded_params, sharded_state, sharded_forget, sharded_retain,
-                                                    key)
+                new_params, new_state, _ = compiled(sharded_params, sharded_state, sharded_forget, sharded_retain, key)
                 row["rel_err"] = common.check_close(
-                    f"{name} sharded over {count} devices vs one device", ravel_pytree(new_params)[0],
-                    ravel_pytree(reference)[0], rtol=common.default_precision_tolerance())
+                    f"{name} sharded over {count} devices vs one device",
+                    ravel_pytree(new_params)[0],
+                    ravel_pytree(reference)[0],
+                    rtol=common.default_precision_tolerance(),
+                )
                 row["batch_sharded"] = str(sharded_forget["image"].sharding.spec)
                 keys = list(jax.random.split(jax.random.key(2), 8))
                 starts = ((sharded_params, sharded_state), (new_params, new_state))
@@ -162,9 +196,12 @@ def device_worker(count: int, cfg: Sizes) -> list[dict[str, Any]]:
 
                 timing = common.measure(call, sync=common.jax_sync, warmup=cfg.device_warmup, reps=cfg.device_reps)
                 analysis = compiled.memory_analysis()
-                row.update(timing.summary(), examples_per_s=2 * cfg.device_batch / (timing.median_ms / 1e3),
-                           temp_mib=analysis.temp_size_in_bytes / 2**20 if analysis is not None else None,
-                           status="ok")
+                row.update(
+                    timing.summary(),
+                    examples_per_s=2 * cfg.device_batch / (timing.median_ms / 1e3),
+                    temp_mib=analysis.temp_size_in_bytes / 2**20 if analysis is not None else None,
+                    status="ok",
+                )
             except Exception as error:  # noqa: BLE001 - one failed row must not lose the others
                 common.row_failure(row, error)
             rows.append(row)
@@ -190,16 +227,25 @@ def run_devices(report, cfg: Sizes, budget) -> None:
             continue
         command = [sys.executable, "-m", "bench.sharding", "--worker", str(count), "--mode", cfg.mode]
         print(f"devices={count}: {' '.join(command)}", flush=True)
-        done = subprocess.run(command, env=_device_environment(count), capture_output=True, text=True,
-                              timeout=max(budget.left(), 30), check=False)
+        done = subprocess.run(
+            command,
+            env=_device_environment(count),
+            capture_output=True,
+            text=True,
+            timeout=max(budget.left(), 30),
+            check=False,
+        )
         lines = [line for line in done.stdout.splitlines() if line.startswith("ROWS ")]
         if done.returncode or not lines:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             rows.append({"devices": count, "status": f"ERROR worker exit {done.returncode}: {tail[0][:200]}"})
             continue
-        rows.extend(json.loads(lines[-1][len("ROWS "):]))
-    single = {(r.get("model"), r.get("method")): r["examples_per_s"] for r in rows
-              if r.get("devices") == 1 and r.get("status") == "ok"}
+        rows.extend(json.loads(lines[-1][len("ROWS ") :]))
+    single = {
+        (r.get("model"), r.get("method")): r["examples_per_s"]
+        for r in rows
+        if r.get("devices") == 1 and r.get("status") == "ok"
+    }
     for row in rows:
         base = single.get((row.get("model"), row.get("method")))
         if base and row.get("status") == "ok":
@@ -218,17 +264,30 @@ def run_devices(report, cfg: Sizes, budget) -> None:
         notes.append(
             f"CPU: the N devices are fake (XLA_FLAGS=--xla_force_host_platform_device_count=N) and share the "
             f"host's {os.cpu_count()} cores, so this table measures the cost of partitioning (per-device programs, "
-            "cross-device reductions), not a speed-up; real speed-up needs N real accelerators.")
-    report.add(Section(
-        key="devices",
-        title="Sharded unlearning step over device counts (data parallel)",
-        columns=[("model", "model"), ("params", "params"), ("method", "method"), ("devices", "devices"),
-                 ("B", "examples/step"), ("median_ms", "median ms"), ("iqr_ms", "IQR ms"),
-                 ("examples_per_s", "examples/s"), ("speedup", "vs 1 device"), ("temp_mib", "temp MiB/device"),
-                 ("rel_err", "rel. err"), ("status", "status")],
-        rows=rows,
-        notes=notes,
-    ))
+            "cross-device reductions), not a speed-up; real speed-up needs N real accelerators."
+        )
+    report.add(
+        Section(
+            key="devices",
+            title="Sharded unlearning step over device counts (data parallel)",
+            columns=[
+                ("model", "model"),
+                ("params", "params"),
+                ("method", "method"),
+                ("devices", "devices"),
+                ("B", "examples/step"),
+                ("median_ms", "median ms"),
+                ("iqr_ms", "IQR ms"),
+                ("examples_per_s", "examples/s"),
+                ("speedup", "vs 1 device"),
+                ("temp_mib", "temp MiB/device"),
+                ("rel_err", "rel. err"),
+                ("status", "status"),
+            ],
+            rows=rows,
+            notes=notes,
+        )
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,11 +316,15 @@ def _measure_batch(name: str, chunk_size: int | None, batch: int, params, loss_f
     starts = ((params, state), (new_params, new_state))
     call = common.alternating_step_call(compiled, starts, forget, retain, keys)
 
-    timing = common.measure(call, sync=common.jax_sync, warmup=cfg.batch_warmup, reps=cfg.batch_reps,
-                            pipelined=False)
-    return {**timing.summary(), "examples_per_s": 2 * batch / (timing.median_ms / 1e3), "compile_s": compile_s,
-            "temp_mib": analysis.temp_size_in_bytes / 2**20 if analysis is not None else None,
-            "total_mib": (common.compiled_memory_bytes(compiled) or 0) / 2**20 or None, "data": source}
+    timing = common.measure(call, sync=common.jax_sync, warmup=cfg.batch_warmup, reps=cfg.batch_reps, pipelined=False)
+    return {
+        **timing.summary(),
+        "examples_per_s": 2 * batch / (timing.median_ms / 1e3),
+        "compile_s": compile_s,
+        "temp_mib": analysis.temp_size_in_bytes / 2**20 if analysis is not None else None,
+        "total_mib": (common.compiled_memory_bytes(compiled) or 0) / 2**20 or None,
+        "data": source,
+    }
 
 
 def run_max_batch(report, cfg: Sizes, budget) -> None:
@@ -286,8 +349,9 @@ def run_max_batch(report, cfg: Sizes, budget) -> None:
             except Exception as error:  # noqa: BLE001 - OOM ends the doubling, anything else is reported too
                 if _is_out_of_memory(error):
                     row["status"] = "OOM"
-                    print(f"!! {name} chunk_size={chunk_size} B={2 * batch}: out of memory", file=sys.stderr,
-                          flush=True)
+                    print(
+                        f"!! {name} chunk_size={chunk_size} B={2 * batch}: out of memory", file=sys.stderr, flush=True
+                    )
                 else:
                     common.row_failure(row, error)
                 rows.append(row)
@@ -296,8 +360,9 @@ def run_max_batch(report, cfg: Sizes, budget) -> None:
             largest = row
             batch *= 2
         if largest is not None:
-            best.append({**largest, "limit": rows[-1]["status"] if rows[-1] is not largest else
-                         f"cap {2 * cfg.max_batch}"})
+            best.append(
+                {**largest, "limit": rows[-1]["status"] if rows[-1] is not largest else f"cap {2 * cfg.max_batch}"}
+            )
     device = jax.devices()[0]
     notes = [
         f"One {device.platform} device ({getattr(device, 'device_kind', '?')}); conv VAE 28x28x1, latent 16 "
@@ -309,22 +374,41 @@ def run_max_batch(report, cfg: Sizes, budget) -> None:
         f"XLA_PYTHON_CLIENT_MEM_FRACTION={os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION')} (share of device memory "
         "JAX may allocate).",
     ]
-    report.add(Section(
-        key="max_batch_points",
-        title="One device: step throughput and memory as the batch doubles (conv VAE)",
-        columns=[("method", "method"), ("chunk_size", "chunk_size"), ("B", "examples/step"),
-                 ("median_ms", "median ms"), ("examples_per_s", "examples/s"), ("temp_mib", "temp MiB"),
-                 ("total_mib", "total MiB"), ("compile_s", "compile s"), ("status", "status")],
-        rows=rows, notes=notes,
-    ))
-    report.add(Section(
-        key="max_batch",
-        title="One device: the largest batch that fits and what it sustains (conv VAE)",
-        columns=[("method", "method"), ("chunk_size", "chunk_size"), ("B", "largest examples/step"),
-                 ("examples_per_s", "examples/s"), ("median_ms", "median ms"), ("temp_mib", "temp MiB"),
-                 ("limit", "next doubling")],
-        rows=best,
-    ))
+    report.add(
+        Section(
+            key="max_batch_points",
+            title="One device: step throughput and memory as the batch doubles (conv VAE)",
+            columns=[
+                ("method", "method"),
+                ("chunk_size", "chunk_size"),
+                ("B", "examples/step"),
+                ("median_ms", "median ms"),
+                ("examples_per_s", "examples/s"),
+                ("temp_mib", "temp MiB"),
+                ("total_mib", "total MiB"),
+                ("compile_s", "compile s"),
+                ("status", "status"),
+            ],
+            rows=rows,
+            notes=notes,
+        )
+    )
+    report.add(
+        Section(
+            key="max_batch",
+            title="One device: the largest batch that fits and what it sustains (conv VAE)",
+            columns=[
+                ("method", "method"),
+                ("chunk_size", "chunk_size"),
+                ("B", "largest examples/step"),
+                ("examples_per_s", "examples/s"),
+                ("median_ms", "median ms"),
+                ("temp_mib", "temp MiB"),
+                ("limit", "next doubling"),
+            ],
+            rows=best,
+        )
+    )
 
 
 def _report_class():
@@ -335,7 +419,9 @@ def _report_class():
 
         def environment_markdown(self) -> str:
             lines = super().environment_markdown().splitlines()
-            lines[0] = f"- command: `{self.env['command']}` ({self.env['date_utc']} UTC, commit {self.env.get('git_commit')})"
+            lines[0] = (
+                f"- command: `{self.env['command']}` ({self.env['date_utc']} UTC, commit {self.env.get('git_commit')})"
+            )
             return "\n".join(lines)
 
     return ShardingReport
@@ -349,9 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="CPU sizes (default)")
     mode.add_argument("--gpu", action="store_true", help="one accelerator: max-batch at GPU sizes, ~90 s")
-    parser.add_argument("--section", default=None,
-                        help="comma-separated subset of devices (alias scaling-devices), max-batch; default: quick "
-                             "both, gpu max-batch")
+    parser.add_argument(
+        "--section",
+        default=None,
+        help="comma-separated subset of devices (alias scaling-devices), max-batch; default: quick both, gpu max-batch",
+    )
     parser.add_argument("--devices", default=None, help="device counts of the devices section, e.g. 1,2,4,8")
     parser.add_argument("--out", default=None, help="output folder (default bench/results/sharding-<mode>)")
     parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the run")
@@ -370,8 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.devices:
         cfg.devices = [int(count) for count in args.devices.split(",") if count.strip()]
     default_sections = "max-batch" if args.gpu else "devices,max-batch"
-    sections = [{"scaling-devices": "devices"}.get(s.strip(), s.strip())
-                for s in (args.section or default_sections).split(",") if s.strip()]
+    sections = [
+        {"scaling-devices": "devices"}.get(s.strip(), s.strip())
+        for s in (args.section or default_sections).split(",")
+        if s.strip()
+    ]
     unknown = sorted(set(sections) - {"devices", "max-batch"})
     if unknown:
         parser.error(f"unknown section(s) {unknown}; allowed: devices (scaling-devices), max-batch")

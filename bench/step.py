@@ -221,8 +221,9 @@ def adam_first_moment_direction(opt_state: Any) -> np.ndarray:
     """The update direction ``u`` of a first Adam step, read off the optimizer state: Adam starts from ``mu = 0``,
     so after one step ``mu = (1 - b1) u`` exactly (up to one float32 rounding). This checks the very function
     that is timed (same compiled step, same optimizer) without a second compilation."""
-    found = [node for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda n: hasattr(n, "mu"))
-             if hasattr(node, "mu")]
+    found = [
+        node for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda n: hasattr(n, "mu")) if hasattr(node, "mu")
+    ]
     if len(found) != 1:
         raise CorrectnessError(f"expected one Adam state in the optimizer state, found {len(found)}")
     return np.asarray(ravel_pytree(found[0].mu)[0], np.float64) / (1.0 - ADAM_B1)
@@ -264,8 +265,7 @@ def time_step(method, *, params, forget, retain, check_key, check, keys, warmup:
     if bad or not bool(jnp.all(jnp.isfinite(ravel_pytree(final_params)[0]))):
         raise CorrectnessError(f"non-finite parameters or metrics {bad} after one step")
     flops = common.compiled_flops(compiled)
-    return TimedStep(timing, rel_err, flops / 1e9 if flops is not None else None, common.kernel_count(compiled),
-                     call)
+    return TimedStep(timing, rel_err, flops / 1e9 if flops is not None else None, common.kernel_count(compiled), call)
 
 
 def materialised_sa_per_example(loss_fn, optimizer):
@@ -284,10 +284,12 @@ def materialised_sa_per_example(loss_fn, optimizer):
     def step(params, opt_state, forget_batch, retain_batch, key):
         forget_keys, retain_keys, _ = split_step_keys(key, forget_batch, retain_batch)
         retain_grad = jax.grad(
-            lambda p: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, retain_batch, retain_keys)))(params)
+            lambda p: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, retain_batch, retain_keys))
+        )(params)
         grads = per_example.per_example_grads(loss_fn, params, forget_batch, forget_keys)
-        update, _ = project.update(jax.tree_util.tree_map(jnp.negative, grads), project.init(params),
-                                   direction=retain_grad)
+        update, _ = project.update(
+            jax.tree_util.tree_map(jnp.negative, grads), project.init(params), direction=retain_grad
+        )
         updates, opt_state = optimizer.update(update, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, {}
 
@@ -392,8 +394,9 @@ def _torch_reference(*, loss_fn, params, forget, retain, key, cfg, torch_device,
     # 1. The S direction (torch sums over the batch, we average: same B on both sides).
     torch_u = tr.unflatten(module, reference.direction(fx, rx, *eps_for(key)) / BATCH)
     ours = tr.jax_grads_in_torch_layout(module, ours_s)
-    err = common.check_close("torch S direction vs ours", torch_u, {k: ours[k] for k in torch_u},
-                             rtol=direction_tolerance("s"))
+    err = common.check_close(
+        "torch S direction vs ours", torch_u, {k: ours[k] for k in torch_u}, rtol=direction_tolerance("s")
+    )
     # 2. Three Adam steps each, the same noise per step: the parameters must agree.
     method = make_method("s", loss_fn=loss_fn, optimizer=adam())
     jax_step = jax.jit(method.step)
@@ -405,9 +408,12 @@ def _torch_reference(*, loss_fn, params, forget, retain, key, cfg, torch_device,
     start = tr.jax_grads_in_torch_layout(module, params)
     ours = tr.jax_grads_in_torch_layout(module, jax_params)
     torch_change = {name: p.detach().cpu().numpy() - start[name] for name, p in module.named_parameters()}
-    adam_err = common.check_close("torch Adam S steps vs ours (parameter change)", torch_change,
-                                  {k: ours[k] - start[k] for k in torch_change},
-                                  rtol=5 * common.default_precision_tolerance())
+    adam_err = common.check_close(
+        "torch Adam S steps vs ours (parameter change)",
+        torch_change,
+        {k: ours[k] - start[k] for k in torch_change},
+        rtol=5 * common.default_precision_tolerance(),
+    )
     # 3. Timing: the reference as it runs (noise drawn inside each step), from the original weights.
     tr.load_jax_params(module, params)
     reference = tr.ReferenceSStep(module, learning_rate=LEARNING_RATE, b1=ADAM_B1)
@@ -429,8 +435,7 @@ def _torch_reference(*, loss_fn, params, forget, retain, key, cfg, torch_device,
                 torch.set_num_threads(threads)
 
         timing = common.measure(single_thread_step, sync=sync, warmup=cfg.warmup, reps=cfg.reps)
-        rows.append({"name": TORCH_ROW_1T, "kind": "reference", "rel_err": rel_err, **timing.summary(),
-                     "status": "ok"})
+        rows.append({"name": TORCH_ROW_1T, "kind": "reference", "rel_err": rel_err, **timing.summary(), "status": "ok"})
         calls[TORCH_ROW_1T] = (single_thread_step, sync)
     return rows, calls
 
@@ -448,8 +453,18 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
     calls: dict[str, tuple[Any, Any]] = {}  # name -> (call, sync) of checked rows, for the paired re-measurement
     ours_s: dict[str, np.ndarray] = {}  # our s direction once its row passed its check (compared with torch)
 
-    def add_row(name, kind, build, *, reps=cfg.reps, warmup=cfg.warmup, reference_name=None, hparams=None,
-                precision=None, rtol=None):
+    def add_row(
+        name,
+        kind,
+        build,
+        *,
+        reps=cfg.reps,
+        warmup=cfg.warmup,
+        reference_name=None,
+        hparams=None,
+        precision=None,
+        rtol=None,
+    ):
         row: dict[str, Any] = {"name": name, "kind": kind}
         try:
             if not budget.allows(cfg.step_row_s):
@@ -463,10 +478,20 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
                 return common.check_close(f"{name} direction", u, want, rtol=rtol or direction_tolerance(rule))
 
             with jax.default_matmul_precision(precision):
-                timed = time_step(build(adam()), params=params, forget=forget, retain=retain, check_key=check_key,
-                                  check=check, keys=keys, warmup=warmup, reps=reps)
-            row.update(timed.timing.summary(), rel_err=timed.rel_err, gflops=timed.gflops, kernels=timed.kernels,
-                       status="ok")
+                timed = time_step(
+                    build(adam()),
+                    params=params,
+                    forget=forget,
+                    retain=retain,
+                    check_key=check_key,
+                    check=check,
+                    keys=keys,
+                    warmup=warmup,
+                    reps=reps,
+                )
+            row.update(
+                timed.timing.summary(), rel_err=timed.rel_err, gflops=timed.gflops, kernels=timed.kernels, status="ok"
+            )
             calls[name] = (timed.call, common.jax_sync)
         except Exception as error:  # noqa: BLE001 - reported in the row, the run goes on
             common.row_failure(row, error)
@@ -480,60 +505,117 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
         floor = jax.jit(jax.grad(lambda p, batch, k: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, batch, k))))
         compiled = floor.lower(params, both, both_keys).compile()
         got = ravel_pytree(compiled(params, both, both_keys))[0]
-        row["rel_err"] = common.check_close("floor gradient", got, (reference.g_f + reference.g_r) / 2,
-                                            rtol=direction_tolerance("floor"))
+        row["rel_err"] = common.check_close(
+            "floor gradient", got, (reference.g_f + reference.g_r) / 2, rtol=direction_tolerance("floor")
+        )
         flops = common.compiled_flops(compiled)
-        row.update(common.measure(lambda: compiled(params, both, both_keys), sync=common.jax_sync,
-                                  warmup=cfg.warmup, reps=cfg.reps).summary(),
-                   gflops=flops / 1e9 if flops else None, kernels=common.kernel_count(compiled), status="ok")
+        row.update(
+            common.measure(
+                lambda: compiled(params, both, both_keys), sync=common.jax_sync, warmup=cfg.warmup, reps=cfg.reps
+            ).summary(),
+            gflops=flops / 1e9 if flops else None,
+            kernels=common.kernel_count(compiled),
+            status="ok",
+        )
     except Exception as error:  # noqa: BLE001
         common.row_failure(row, error)
     rows.append(row)
 
     def add_method(name):
         hparams = method_hparams(name, reference.forget_losses)
-        add_row(name, "surgery" if name in SURGERY_METHODS else "baseline",
-                lambda opt: make_method(name, loss_fn=loss_fn, optimizer=opt, **hparams), hparams=hparams)
+        add_row(
+            name,
+            "surgery" if name in SURGERY_METHODS else "baseline",
+            lambda opt: make_method(name, loss_fn=loss_fn, optimizer=opt, **hparams),
+            hparams=hparams,
+        )
 
     # What the targets need first (so a short budget still judges them), then everything else.
     add_method("s")
     add_method(PER_EXAMPLE_METHOD)
-    add_row(PROTOTYPE_ROW, "surgery (prototype)", lambda opt: one_jvp_sa_per_example(loss_fn, opt),
-            reference_name="sa_per_example")
+    add_row(
+        PROTOTYPE_ROW,
+        "surgery (prototype)",
+        lambda opt: one_jvp_sa_per_example(loss_fn, opt),
+        reference_name="sa_per_example",
+    )
     add_row(FLAT_ROW, "surgery (prototype)", lambda opt: flat_vector_s(loss_fn, opt), reference_name="s")
     if torch_device is None:
-        rows.append({"name": TORCH_ROW, "kind": "reference",
-                     "status": "skipped: torch not installed (pip install torch==2.13.0 for the CPU wheel)"})
+        rows.append(
+            {
+                "name": TORCH_ROW,
+                "kind": "reference",
+                "status": "skipped: torch not installed (pip install torch==2.13.0 for the CPU wheel)",
+            }
+        )
     elif "u" not in ours_s:
-        rows.append({"name": TORCH_ROW, "kind": "reference",
-                     "status": "skipped: our s step failed its check, nothing to compare with"})
+        rows.append(
+            {
+                "name": TORCH_ROW,
+                "kind": "reference",
+                "status": "skipped: our s step failed its check, nothing to compare with",
+            }
+        )
     else:
         try:
             torch_rows, torch_calls = _torch_reference(
-                loss_fn=loss_fn, params=params, forget=forget, retain=retain, key=check_key, cfg=cfg,
-                torch_device=torch_device, ours_s=reference.unravel(jnp.asarray(ours_s["u"], jnp.float32)))
+                loss_fn=loss_fn,
+                params=params,
+                forget=forget,
+                retain=retain,
+                key=check_key,
+                cfg=cfg,
+                torch_device=torch_device,
+                ours_s=reference.unravel(jnp.asarray(ours_s["u"], jnp.float32)),
+            )
             rows.extend(torch_rows)
             calls.update(torch_calls)
         except Exception as error:  # noqa: BLE001
             rows.append(common.row_failure({"name": TORCH_ROW, "kind": "reference"}, error))
     # The ratios the targets are about, re-measured interleaved (robust to a changing machine load).
-    paired_names = [n for n in ("s", FLAT_ROW, PER_EXAMPLE_METHOD, PROTOTYPE_ROW, TORCH_ROW, TORCH_ROW_1T)
-                    if n in calls]
-    paired = (common.measure_paired({n: calls[n] for n in paired_names}, warmup=2, reps=cfg.paired_reps)
-              if len(paired_names) >= 2 else {})
+    paired_names = [
+        n for n in ("s", FLAT_ROW, PER_EXAMPLE_METHOD, PROTOTYPE_ROW, TORCH_ROW, TORCH_ROW_1T) if n in calls
+    ]
+    paired = (
+        common.measure_paired({n: calls[n] for n in paired_names}, warmup=2, reps=cfg.paired_reps)
+        if len(paired_names) >= 2
+        else {}
+    )
 
     for name in sorted(set(METHODS) - {"s", PER_EXAMPLE_METHOD}):
         add_method(name)
-    add_row("sa_per_example, materialised (bench-built)", "surgery (materialised)",
-            lambda opt: materialised_sa_per_example(loss_fn, opt), reference_name="sa_per_example",
-            reps=cfg.materialised_reps, warmup=min(cfg.warmup, 1))
+    add_row(
+        "sa_per_example, materialised (bench-built)",
+        "surgery (materialised)",
+        lambda opt: materialised_sa_per_example(loss_fn, opt),
+        reference_name="sa_per_example",
+        reps=cfg.materialised_reps,
+        warmup=min(cfg.warmup, 1),
+    )
     # Full float32 matmuls (torch's default on GPU): the like-for-like comparison with the reference.
-    add_row("s, matmul precision 'highest'", "surgery (fp32)",
-            lambda opt: make_method("s", loss_fn=loss_fn, optimizer=opt), reference_name="s", precision="highest",
-            rtol=2e-4)
-    order = {name: i for i, name in enumerate(["floor: forward+backward, 256 examples", *sorted(METHODS),
-                                               PROTOTYPE_ROW, FLAT_ROW, "sa_per_example, materialised (bench-built)",
-                                               "s, matmul precision 'highest'", TORCH_ROW, TORCH_ROW_1T])}
+    add_row(
+        "s, matmul precision 'highest'",
+        "surgery (fp32)",
+        lambda opt: make_method("s", loss_fn=loss_fn, optimizer=opt),
+        reference_name="s",
+        precision="highest",
+        rtol=2e-4,
+    )
+    order = {
+        name: i
+        for i, name in enumerate(
+            [
+                "floor: forward+backward, 256 examples",
+                *sorted(METHODS),
+                PROTOTYPE_ROW,
+                FLAT_ROW,
+                "sa_per_example, materialised (bench-built)",
+                "s, matmul precision 'highest'",
+                TORCH_ROW,
+                TORCH_ROW_1T,
+            ]
+        )
+    }
     rows.sort(key=lambda r: order.get(r["name"], len(order)))
 
     by_name = {r["name"]: r for r in rows if r.get("status") == "ok"}
@@ -562,29 +644,35 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
         "only make it faster than the original).",
     ]
     if paired:
-        notes.append("Interleaved re-measurement (" + str(cfg.paired_reps) + " rounds, median ms): " + ", ".join(
-            f"{n} {t.median_ms:.3f}" for n, t in paired.items()))
-    report.add(Section(
-        key="step",
-        title=f"Unlearning step, protocol VAE 784-400-2 ({common.parameter_count(params):,} parameters), "
-        f"{BATCH} forget + {BATCH} retain, Adam 1e-3",
-        columns=[
-            ("name", "step"),
-            ("kind", "kind"),
-            ("median_ms", "median ms"),
-            ("iqr_ms", "IQR ms"),
-            ("pipelined_ms", "pipelined ms"),
-            ("gflops", "GFLOP"),
-            ("kernels", "kernels"),
-            ("x_s", "x s step"),
-            ("speedup_vs_torch", "speed-up vs torch ref"),
-            ("rel_err", "rel. err vs reference"),
-            ("status", "status"),
-        ],
-        rows=rows,
-        notes=notes,
-        targets=_targets(rows, paired, gpu=cfg.gpu_rows),
-    ))
+        notes.append(
+            "Interleaved re-measurement ("
+            + str(cfg.paired_reps)
+            + " rounds, median ms): "
+            + ", ".join(f"{n} {t.median_ms:.3f}" for n, t in paired.items())
+        )
+    report.add(
+        Section(
+            key="step",
+            title=f"Unlearning step, protocol VAE 784-400-2 ({common.parameter_count(params):,} parameters), "
+            f"{BATCH} forget + {BATCH} retain, Adam 1e-3",
+            columns=[
+                ("name", "step"),
+                ("kind", "kind"),
+                ("median_ms", "median ms"),
+                ("iqr_ms", "IQR ms"),
+                ("pipelined_ms", "pipelined ms"),
+                ("gflops", "GFLOP"),
+                ("kernels", "kernels"),
+                ("x_s", "x s step"),
+                ("speedup_vs_torch", "speed-up vs torch ref"),
+                ("rel_err", "rel. err vs reference"),
+                ("status", "status"),
+            ],
+            rows=rows,
+            notes=notes,
+            targets=_targets(rows, paired, gpu=cfg.gpu_rows),
+        )
+    )
 
 
 def _targets(rows: list[dict[str, Any]], paired: dict[str, common.Timing], *, gpu: bool) -> list[Target]:
@@ -604,39 +692,67 @@ def _targets(rows: list[dict[str, Any]], paired: dict[str, common.Timing], *, gp
         proto_ms = ms(PROTOTYPE_ROW)
         if s_ms and pe_ms:
             ratio = pe_ms / s_ms
-            flops = (f"; GFLOP {ok[PER_EXAMPLE_METHOD]['gflops']:.2f} vs {ok['s']['gflops']:.2f}"
-                     if ok[PER_EXAMPLE_METHOD].get("gflops") and ok["s"].get("gflops") else "")
+            flops = (
+                f"; GFLOP {ok[PER_EXAMPLE_METHOD]['gflops']:.2f} vs {ok['s']['gflops']:.2f}"
+                if ok[PER_EXAMPLE_METHOD].get("gflops") and ok["s"].get("gflops")
+                else ""
+            )
             proto = f"; the one-jvp prototype: {proto_ms / s_ms:.2f}x" if proto_ms else ""
-            targets.append(Target(f"CPU: per-example surgery step ({PER_EXAMPLE_METHOD}) <= 1.5x the s step",
-                                  ratio <= 1.5, f"{pe_ms:.2f} ms vs {s_ms:.2f} ms = {ratio:.2f}x ({source}){flops}"
-                                  f"{proto}"))
+            targets.append(
+                Target(
+                    f"CPU: per-example surgery step ({PER_EXAMPLE_METHOD}) <= 1.5x the s step",
+                    ratio <= 1.5,
+                    f"{pe_ms:.2f} ms vs {s_ms:.2f} ms = {ratio:.2f}x ({source}){flops}{proto}",
+                )
+            )
         else:
             targets.append(Target("CPU: per-example surgery step <= 1.5x the s step", None, "a row failed"))
         if s_ms and torch_ms:
             speedup = torch_ms / s_ms
-            targets.append(Target("CPU: s step >= 3x faster than the PyTorch eager reference", speedup >= 3,
-                                  f"{torch_ms:.2f} ms ({torch_name}, the faster torch) / {s_ms:.2f} ms = "
-                                  f"{speedup:.2f}x ({source})"))
+            targets.append(
+                Target(
+                    "CPU: s step >= 3x faster than the PyTorch eager reference",
+                    speedup >= 3,
+                    f"{torch_ms:.2f} ms ({torch_name}, the faster torch) / {s_ms:.2f} ms = {speedup:.2f}x ({source})",
+                )
+            )
         else:
-            targets.append(Target("CPU: s step >= 3x faster than the PyTorch eager reference", None,
-                                  "torch not installed or a row failed"))
+            targets.append(
+                Target(
+                    "CPU: s step >= 3x faster than the PyTorch eager reference",
+                    None,
+                    "torch not installed or a row failed",
+                )
+            )
         return targets
     surgery = [r for r in rows if r["kind"] == "surgery"]
     failed = [r["name"] for r in surgery if r.get("status") != "ok"]
     timed = [r for r in surgery if r.get("status") == "ok"]
     slow = [f"{r['name']} {r['median_ms']:.3f} ms" for r in timed if r["median_ms"] > 0.5]
     worst = max(timed, key=lambda r: r["median_ms"]) if timed else None
-    detail = (f"slowest {worst['name']} {worst['median_ms']:.3f} ms" if worst else "no surgery row timed")
-    targets.append(Target("GPU: every surgery step <= 0.5 ms", None if failed or not worst else not slow,
-                          detail + (f"; over: {', '.join(slow)}" if slow else "")
-                          + (f"; failed: {', '.join(failed)}" if failed else "")))
+    detail = f"slowest {worst['name']} {worst['median_ms']:.3f} ms" if worst else "no surgery row timed"
+    targets.append(
+        Target(
+            "GPU: every surgery step <= 0.5 ms",
+            None if failed or not worst else not slow,
+            detail
+            + (f"; over: {', '.join(slow)}" if slow else "")
+            + (f"; failed: {', '.join(failed)}" if failed else ""),
+        )
+    )
     torch_row = ok.get(TORCH_ROW)
     if torch_row and worst:
         speedup = torch_row["median_ms"] / worst["median_ms"]
-        targets.append(Target("GPU: every surgery step >= 8x faster than the reference", speedup >= 8,
-                              f"reference {torch_row['median_ms']:.3f} ms / slowest surgery step "
-                              f"{worst['median_ms']:.3f} ms = {speedup:.1f}x"))
+        targets.append(
+            Target(
+                "GPU: every surgery step >= 8x faster than the reference",
+                speedup >= 8,
+                f"reference {torch_row['median_ms']:.3f} ms / slowest surgery step "
+                f"{worst['median_ms']:.3f} ms = {speedup:.1f}x",
+            )
+        )
     else:
-        targets.append(Target("GPU: every surgery step >= 8x faster than the reference", None,
-                              "torch reference row missing"))
+        targets.append(
+            Target("GPU: every surgery step >= 8x faster than the reference", None, "torch reference row missing")
+        )
     return targets

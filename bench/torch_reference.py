@@ -113,9 +113,7 @@ def build_conv_vae(*, image_shape=(28, 28, 1), latent_dim: int = 16, channels: i
         def __init__(self):
             super().__init__()
             self.latent_dim = latent_dim
-            self.down = nn.ModuleList(
-                [Block(i, o, stride=2) for i, o in zip([image_channels] + widths[:-1], widths)]
-            )
+            self.down = nn.ModuleList([Block(i, o, stride=2) for i, o in zip([image_channels] + widths[:-1], widths)])
             size = bottom[0] * bottom[1] * bottom[2]
             self.mean_head = nn.Linear(size, latent_dim)
             self.logvar_head = nn.Linear(size, latent_dim)
@@ -240,7 +238,9 @@ def load_jax_params(module, params: Any) -> None:
 def jax_grads_in_torch_layout(module, grads: Any) -> dict[str, np.ndarray]:
     """JAX gradients (params-shaped, optionally with a leading per-example axis) in the torch module's layout,
     keyed by torch parameter name, for comparison with torch's gradients."""
-    return {_torch_name(name): jax_to_torch_layout(module, name, value) for name, value in jax_named_leaves(grads).items()}
+    return {
+        _torch_name(name): jax_to_torch_layout(module, name, value) for name, value in jax_named_leaves(grads).items()
+    }
 
 
 def to_torch_input(images: np.ndarray, module, device: str):

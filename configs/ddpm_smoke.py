@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = load_config_file(pathlib.Path(__file__).with_name("smoke.py"))
     config.model = "ddpm_unet"
     config.model_kwargs = ml_collections.ConfigDict(
-        {"channels": 4, "channel_mults": (1,), "num_groups": 2, "time_embed_dim": 8})
+        {"channels": 4, "channel_mults": (1,), "num_groups": 2, "time_embed_dim": 8}
+    )
     # Half the digits held out: half the training steps, and plenty of held-out forget-class examples.
     config.holdout_fraction = 0.5
     config.diffusion_schedule = "cosine"

@@ -33,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.holdout_fraction = 0.1
     config.model = "ddpm_unet"
     config.model_kwargs = ml_collections.ConfigDict(
-        {"channels": 64, "channel_mults": (1, 2), "num_groups": 8, "time_embed_dim": 128})
+        {"channels": 64, "channel_mults": (1, 2), "num_groups": 8, "time_embed_dim": 128}
+    )
     config.diffusion_schedule = "cosine"
     config.diffusion_steps = 1000
     config.class_conditional = True

@@ -1,14 +1,13 @@
 """gsu-jax: gradient-surgery machine unlearning for generative models in JAX/Flax."""
 
-from gsu_jax.per_example import per_example_directional_derivatives
-from gsu_jax.per_example import per_example_grads
-from gsu_jax.per_example import per_example_losses
-from gsu_jax.per_example import per_example_projected_mean
-from gsu_jax.per_example import weighted_grad_sum
-from gsu_jax.surgery import ProjectNormalPlaneState
-from gsu_jax.surgery import ProjectOffSpanState
-from gsu_jax.surgery import project_normal_plane
-from gsu_jax.surgery import project_off_span
+from gsu_jax.per_example import (
+    per_example_directional_derivatives,
+    per_example_grads,
+    per_example_losses,
+    per_example_projected_mean,
+    weighted_grad_sum,
+)
+from gsu_jax.surgery import ProjectNormalPlaneState, ProjectOffSpanState, project_normal_plane, project_off_span
 
 __version__ = "0.1.0"
 

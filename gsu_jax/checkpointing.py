@@ -154,8 +154,9 @@ def metadata_differences(saved: Mapping[str, Any], current: Mapping[str, Any], k
         old = json_normalize(saved[key]) if key in saved else unset
         new = json_normalize(current[key]) if key in current else unset
         if old != new:
-            differences.append(f"{key}: {'<unset>' if old is unset else repr(old)} -> "
-                               f"{'<unset>' if new is unset else repr(new)}")
+            differences.append(
+                f"{key}: {'<unset>' if old is unset else repr(old)} -> {'<unset>' if new is unset else repr(new)}"
+            )
     return differences
 
 
@@ -242,8 +243,9 @@ class Checkpointer:
         self.directory = pathlib.Path(directory).expanduser().absolute()
         if not create and not self.directory.is_dir():
             raise CheckpointNotFoundError(f"no checkpoint directory at {str(self.directory)!r}")
-        if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)
-                                        or max_to_keep < 1):
+        if max_to_keep is not None and (
+            isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
+        ):
             raise ValueError(f"max_to_keep must be an integer >= 1 or None, got {max_to_keep!r}")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
@@ -334,14 +336,18 @@ class Checkpointer:
             self._manager.wait_until_finished()
             self._write_files_manifest(step)
         except OSError as err:
-            raise WorkdirError(f"could not write checkpoint step {step} to {str(self.step_path(step))!r}: "
-                               f"{err.strerror or err}") from err
+            raise WorkdirError(
+                f"could not write checkpoint step {step} to {str(self.step_path(step))!r}: {err.strerror or err}"
+            ) from err
 
     def _write_files_manifest(self, step: int) -> None:
         """Records size and sha256 of every file of the committed ``step`` (atomically: temporary file + rename)."""
         step_dir = self.step_path(step)
-        files = {path.relative_to(step_dir).as_posix(): {"size": path.stat().st_size, "sha256": _file_sha256(path)}
-                 for path in sorted(step_dir.rglob("*")) if path.is_file() and FILES_MANIFEST not in path.name}
+        files = {
+            path.relative_to(step_dir).as_posix(): {"size": path.stat().st_size, "sha256": _file_sha256(path)}
+            for path in sorted(step_dir.rglob("*"))
+            if path.is_file() and FILES_MANIFEST not in path.name
+        }
         temporary = step_dir / f".{FILES_MANIFEST}.{uuid.uuid4().hex}.tmp"
         record = {"format": METADATA_FORMAT, "files": files, "files_sha256": _records_sha256(files)}
         temporary.write_text(json.dumps(record, indent=1, sort_keys=True))
@@ -386,22 +392,33 @@ class Checkpointer:
             expected = {str(name): (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
             intact = record["files_sha256"] == _records_sha256(files)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise self._corrupt(step, f"file {str(manifest)!r} (the list of the step's files) is unreadable "
-                                      f"({type(err).__name__}: {_first_line(err)})") from err
+            raise self._corrupt(
+                step,
+                f"file {str(manifest)!r} (the list of the step's files) is unreadable "
+                f"({type(err).__name__}: {_first_line(err)})",
+            ) from err
         if not intact:
-            raise self._corrupt(step, f"file {str(manifest)!r} (the list of the step's files) does not match its "
-                                      "own digest (its bytes changed on disk)")
+            raise self._corrupt(
+                step,
+                f"file {str(manifest)!r} (the list of the step's files) does not match its "
+                "own digest (its bytes changed on disk)",
+            )
         for name, (size, sha256) in sorted(expected.items()):
             path = step_dir / name
             if not path.is_file():
                 raise self._corrupt(step, f"file {str(path)!r} is missing")
             found = path.stat().st_size
             if found != size:
-                raise self._corrupt(step, f"file {str(path)!r} is {'truncated' if found < size else 'extended'}: "
-                                          f"{found} bytes, {size} were written")
+                raise self._corrupt(
+                    step,
+                    f"file {str(path)!r} is {'truncated' if found < size else 'extended'}: "
+                    f"{found} bytes, {size} were written",
+                )
             if _file_sha256(path) != sha256:
-                raise self._corrupt(step, f"file {str(path)!r} does not match the sha256 recorded at save time "
-                                          "(its bytes changed on disk)")
+                raise self._corrupt(
+                    step,
+                    f"file {str(path)!r} does not match the sha256 recorded at save time (its bytes changed on disk)",
+                )
         return True
 
     def read_metadata(self, step: int | None = None) -> dict[str, Any]:
@@ -494,14 +511,17 @@ class Checkpointer:
         for step in reversed(steps):
             try:
                 params, opt_state, metadata = self.restore(
-                    step, abstract_params=abstract_params, abstract_opt_state=abstract_opt_state)
+                    step, abstract_params=abstract_params, abstract_opt_state=abstract_opt_state
+                )
             except CheckpointCorruptError as err:
                 skipped.append(SkippedStep(step, err.reason))
                 continue
             return params, opt_state, metadata, skipped
         error = CheckpointCorruptError(
             f"no checkpoint in {str(self.directory)!r} verifies: "
-            + "; ".join(f"step {item.step}: {item.reason}" for item in skipped) + "; start over with --overwrite")
+            + "; ".join(f"step {item.step}: {item.reason}" for item in skipped)
+            + "; start over with --overwrite"
+        )
         error.reason = "no step verifies"
         raise error
 
@@ -525,10 +545,13 @@ class Checkpointer:
 
     def _corrupt(self, step: int, reason: str) -> CheckpointCorruptError:
         earlier = [s for s in self.all_steps() if s < step]
-        remedy = (f"earlier steps {_listing(earlier)} remain: resume from the newest of them that verifies with "
-                  "restore_fallback (train.py: --config.restore_fallback=True), or delete "
-                  f"{str(self.step_path(step))!r}; or start over with --overwrite" if earlier
-                  else "no earlier step remains: start over with --overwrite")
+        remedy = (
+            f"earlier steps {_listing(earlier)} remain: resume from the newest of them that verifies with "
+            "restore_fallback (train.py: --config.restore_fallback=True), or delete "
+            f"{str(self.step_path(step))!r}; or start over with --overwrite"
+            if earlier
+            else "no earlier step remains: start over with --overwrite"
+        )
         error = CheckpointCorruptError(
             f"checkpoint step {step} at {str(self.step_path(step))!r} is corrupt: {reason}; {remedy}"
         )

@@ -161,7 +161,7 @@ def is_data_spec(value: str, *, empty_ok: bool) -> bool:
         return True
     for prefix in ("idx:", "tfds:"):
         if value.startswith(prefix):
-            rest = value[len(prefix):]
+            rest = value[len(prefix) :]
             return bool(rest) and not rest.startswith(":") and not rest.endswith(":")
     return False
 
@@ -233,17 +233,33 @@ def parse_roles(value: str, *, field: str = "roles") -> tuple[str, ...]:
 MESH_DEFAULT = {"data": 1, "model": 1}
 DISTRIBUTED_DEFAULT = {"enabled": False, "coordinator_address": "", "num_processes": 0, "process_id": -1}
 _MESH_ALLOWED = "{'data': an integer >= 1 or -1 (all devices), 'model': an integer >= 1}"
-_DISTRIBUTED_ALLOWED = ("{'enabled': True/False, and for a cluster JAX cannot detect: 'coordinator_address': "
-                        "'host:port', 'num_processes': n >= 1, 'process_id': 0..n-1 (else '', 0, -1: auto-detect)}")
-PARALLEL_SCHEMA: Mapping[str, Field] = types.MappingProxyType({
-    "mesh": Field(dict(MESH_DEFAULT), dict, _MESH_ALLOWED, None, "run",
-                  "Device mesh of the training/unlearning steps (gsu_jax.parallel): batches split over 'data' "
-                  "devices, parameters split over 'model' devices; data=1, model=1 is the single-device run, "
-                  "data=-1 uses every device."),
-    "distributed": Field(dict(DISTRIBUTED_DEFAULT), dict, _DISTRIBUTED_ALLOWED, None, "run",
-                         "Multi-host run (jax.distributed): enabled=True joins the processes, auto-detected on "
-                         "SLURM / Cloud TPU / Open MPI or from the explicit coordinator fields."),
-})
+_DISTRIBUTED_ALLOWED = (
+    "{'enabled': True/False, and for a cluster JAX cannot detect: 'coordinator_address': "
+    "'host:port', 'num_processes': n >= 1, 'process_id': 0..n-1 (else '', 0, -1: auto-detect)}"
+)
+PARALLEL_SCHEMA: Mapping[str, Field] = types.MappingProxyType(
+    {
+        "mesh": Field(
+            dict(MESH_DEFAULT),
+            dict,
+            _MESH_ALLOWED,
+            None,
+            "run",
+            "Device mesh of the training/unlearning steps (gsu_jax.parallel): batches split over 'data' "
+            "devices, parameters split over 'model' devices; data=1, model=1 is the single-device run, "
+            "data=-1 uses every device.",
+        ),
+        "distributed": Field(
+            dict(DISTRIBUTED_DEFAULT),
+            dict,
+            _DISTRIBUTED_ALLOWED,
+            None,
+            "run",
+            "Multi-host run (jax.distributed): enabled=True joins the processes, auto-detected on "
+            "SLURM / Cloud TPU / Open MPI or from the explicit coordinator fields.",
+        ),
+    }
+)
 
 
 def validate_parallel(values: Mapping[str, Any], *, prefix: str = "config.") -> dict[str, Any]:
@@ -258,8 +274,10 @@ def validate_parallel(values: Mapping[str, Any], *, prefix: str = "config.") -> 
             only in part.
     """
     result = {}
-    for name, default, allowed in (("mesh", MESH_DEFAULT, _MESH_ALLOWED),
-                                   ("distributed", DISTRIBUTED_DEFAULT, _DISTRIBUTED_ALLOWED)):
+    for name, default, allowed in (
+        ("mesh", MESH_DEFAULT, _MESH_ALLOWED),
+        ("distributed", DISTRIBUTED_DEFAULT, _DISTRIBUTED_ALLOWED),
+    ):
         given = values.get(name, default)
         given = given.to_dict() if isinstance(given, ml_collections.ConfigDict) else given
         if not isinstance(given, Mapping):
@@ -271,33 +289,43 @@ def validate_parallel(values: Mapping[str, Any], *, prefix: str = "config.") -> 
         for key, value in merged.items():
             kind = type(default[key])
             if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
-                raise ConfigError(f"{prefix}{name}.{key}={value!r} is invalid: expected {kind.__name__}; "
-                                  f"allowed: {allowed}")
+                raise ConfigError(
+                    f"{prefix}{name}.{key}={value!r} is invalid: expected {kind.__name__}; allowed: {allowed}"
+                )
         result[name] = merged
     mesh, dist = result["mesh"], result["distributed"]
     if not (mesh["data"] >= 1 or mesh["data"] == -1):
-        raise ConfigError(f"{prefix}mesh.data={mesh['data']!r} is invalid: allowed: an integer >= 1 or -1 "
-                          "(all devices)")
+        raise ConfigError(
+            f"{prefix}mesh.data={mesh['data']!r} is invalid: allowed: an integer >= 1 or -1 (all devices)"
+        )
     if mesh["model"] < 1:
         raise ConfigError(f"{prefix}mesh.model={mesh['model']!r} is invalid: allowed: an integer >= 1")
     explicit = (dist["coordinator_address"] != "", dist["num_processes"] != 0, dist["process_id"] != -1)
     if any(explicit) and not all(explicit):
-        raise ConfigError(f"{prefix}distributed: give all of coordinator_address, num_processes and process_id "
-                          f"(or none, to auto-detect the cluster); got {dist['coordinator_address']!r}, "
-                          f"{dist['num_processes']!r}, {dist['process_id']!r}")
+        raise ConfigError(
+            f"{prefix}distributed: give all of coordinator_address, num_processes and process_id "
+            f"(or none, to auto-detect the cluster); got {dist['coordinator_address']!r}, "
+            f"{dist['num_processes']!r}, {dist['process_id']!r}"
+        )
     if all(explicit):
         if not dist["enabled"]:
-            raise ConfigError(f"{prefix}distributed: coordinator fields are set but enabled=False; set "
-                              f"--{prefix}distributed.enabled=True")
+            raise ConfigError(
+                f"{prefix}distributed: coordinator fields are set but enabled=False; set "
+                f"--{prefix}distributed.enabled=True"
+            )
         if dist["num_processes"] < 1 or not 0 <= dist["process_id"] < dist["num_processes"]:
-            raise ConfigError(f"{prefix}distributed.process_id={dist['process_id']!r} with num_processes="
-                              f"{dist['num_processes']!r} is invalid: allowed: num_processes >= 1 and process_id "
-                              "in 0..num_processes-1")
+            raise ConfigError(
+                f"{prefix}distributed.process_id={dist['process_id']!r} with num_processes="
+                f"{dist['num_processes']!r} is invalid: allowed: num_processes >= 1 and process_id "
+                "in 0..num_processes-1"
+            )
         address = dist["coordinator_address"]
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"{prefix}distributed.coordinator_address={address!r} is invalid: allowed: "
-                              "'host:port', e.g. '10.0.0.1:1234'")
+            raise ConfigError(
+                f"{prefix}distributed.coordinator_address={address!r} is invalid: allowed: "
+                "'host:port', e.g. '10.0.0.1:1234'"
+            )
     return result
 
 
@@ -309,101 +337,257 @@ def _train_schema() -> dict[str, Field]:
     classifier_models = tuple(sorted(CLASSIFIER_MODELS))
     return {
         # -- all roles
-        "seed": Field(0, int, "an integer >= 0", at_least(0), "all",
-                      "Seeds every role: initialisation, data order, augmentation and the evaluator/guidance split. "
-                      "Each role derives its own keys from (seed, role), so the evaluator and the guidance "
-                      "classifier never share a seed."),
+        "seed": Field(
+            0,
+            int,
+            "an integer >= 0",
+            at_least(0),
+            "all",
+            "Seeds every role: initialisation, data order, augmentation and the evaluator/guidance split. "
+            "Each role derives its own keys from (seed, role), so the evaluator and the guidance "
+            "classifier never share a seed.",
+        ),
         # -- data (compared through fingerprints)
-        "data": Field("embedded", str, f"a data spec {_DATA_SPEC_FORMS}",
-                      lambda v: is_data_spec(v, empty_ok=False), "data",
-                      "Training data (gsu_jax.data.load_dataset spec)."),
-        "data_dir": Field("", str, "a directory path or '' (none)", None, "data",
-                          "TFDS data_dir for tfds: specs; base directory of relative idx: paths."),
-        "eval_data": Field("", str, f"'' (a stratified holdout of config.data) or a data spec {_DATA_SPEC_FORMS}",
-                           lambda v: is_data_spec(v, empty_ok=True), "data",
-                           "Held-out data for the held-out ELBO and classifier accuracy. '' holds out "
-                           "holdout_fraction of config.data (stratified, seeded) and trains on the rest; a spec "
-                           "(e.g. 'idx:../shared/data/mnist', the real MNIST test set) leaves all of config.data "
-                           "for training."),
-        "holdout_fraction": Field(0.1, float, "a number in (0, 0.5]", within(0.0, 0.5, low_open=True), "data",
-                                  "Share of each class of config.data held out when eval_data is ''."),
-        "exclude_classes": Field("", str, "'' or comma-separated class indices, e.g. '1' or '1,7'",
-                                 None, "data",
-                                 "Classes left out of the generative model's training data: the "
-                                 "retrain-from-scratch oracle. Classifiers always train on every class."),
-        "evaluator_data": Field("", str,
-                                f"'' (a disjoint split of the training data) or a data spec {_DATA_SPEC_FORMS}",
-                                lambda v: is_data_spec(v, empty_ok=True), "data",
-                                "Training data of the evaluator. '' splits the training data (every class) "
-                                "into two disjoint stratified parts: evaluator_fraction for the evaluator, the "
-                                "rest for the guidance classifier. A spec trains the evaluator on that data and "
-                                "the guidance classifier on all the training data."),
-        "evaluator_fraction": Field(0.5, float, "a number in (0, 1)", within(0.0, 1.0, low_open=True, high_open=True),
-                                    "data", "Share of each class of the training data given to the evaluator "
-                                    "when evaluator_data is ''."),
+        "data": Field(
+            "embedded",
+            str,
+            f"a data spec {_DATA_SPEC_FORMS}",
+            lambda v: is_data_spec(v, empty_ok=False),
+            "data",
+            "Training data (gsu_jax.data.load_dataset spec).",
+        ),
+        "data_dir": Field(
+            "",
+            str,
+            "a directory path or '' (none)",
+            None,
+            "data",
+            "TFDS data_dir for tfds: specs; base directory of relative idx: paths.",
+        ),
+        "eval_data": Field(
+            "",
+            str,
+            f"'' (a stratified holdout of config.data) or a data spec {_DATA_SPEC_FORMS}",
+            lambda v: is_data_spec(v, empty_ok=True),
+            "data",
+            "Held-out data for the held-out ELBO and classifier accuracy. '' holds out "
+            "holdout_fraction of config.data (stratified, seeded) and trains on the rest; a spec "
+            "(e.g. 'idx:../shared/data/mnist', the real MNIST test set) leaves all of config.data "
+            "for training.",
+        ),
+        "holdout_fraction": Field(
+            0.1,
+            float,
+            "a number in (0, 0.5]",
+            within(0.0, 0.5, low_open=True),
+            "data",
+            "Share of each class of config.data held out when eval_data is ''.",
+        ),
+        "exclude_classes": Field(
+            "",
+            str,
+            "'' or comma-separated class indices, e.g. '1' or '1,7'",
+            None,
+            "data",
+            "Classes left out of the generative model's training data: the "
+            "retrain-from-scratch oracle. Classifiers always train on every class.",
+        ),
+        "evaluator_data": Field(
+            "",
+            str,
+            f"'' (a disjoint split of the training data) or a data spec {_DATA_SPEC_FORMS}",
+            lambda v: is_data_spec(v, empty_ok=True),
+            "data",
+            "Training data of the evaluator. '' splits the training data (every class) "
+            "into two disjoint stratified parts: evaluator_fraction for the evaluator, the "
+            "rest for the guidance classifier. A spec trains the evaluator on that data and "
+            "the guidance classifier on all the training data.",
+        ),
+        "evaluator_fraction": Field(
+            0.5,
+            float,
+            "a number in (0, 1)",
+            within(0.0, 1.0, low_open=True, high_open=True),
+            "data",
+            "Share of each class of the training data given to the evaluator when evaluator_data is ''.",
+        ),
         # -- generative model
-        "model": Field("mlp_vae", str, f"one of {', '.join(generative_models)}", one_of(generative_models),
-                       "generative", "Generative model (gsu_jax.models registry name): a VAE or the DDPM "
-                       "U-Net (ddpm_unet; see gsu_jax.generative for what each family reads)."),
+        "model": Field(
+            "mlp_vae",
+            str,
+            f"one of {', '.join(generative_models)}",
+            one_of(generative_models),
+            "generative",
+            "Generative model (gsu_jax.models registry name): a VAE or the DDPM "
+            "U-Net (ddpm_unet; see gsu_jax.generative for what each family reads).",
+        ),
         "latent_dim": Field(2, int, "an integer >= 1", at_least(1), "generative", "Latent dimension of the VAE."),
-        "model_kwargs": Field({}, dict, "keyword arguments of the chosen model", None, "generative",
-                              "Other hyperparameters of the generative model (e.g. hidden=400 for mlp_vae; "
-                              "channels, num_groups for conv_vae); image_shape comes from the data."),
-        "kl_weight": Field(1.0, float, "a number >= 0", at_least(0.0), "generative",
-                           "Weight of the KL term of the negative ELBO (1 in the protocol)."),
+        "model_kwargs": Field(
+            {},
+            dict,
+            "keyword arguments of the chosen model",
+            None,
+            "generative",
+            "Other hyperparameters of the generative model (e.g. hidden=400 for mlp_vae; "
+            "channels, num_groups for conv_vae); image_shape comes from the data.",
+        ),
+        "kl_weight": Field(
+            1.0,
+            float,
+            "a number >= 0",
+            at_least(0.0),
+            "generative",
+            "Weight of the KL term of the negative ELBO (1 in the protocol).",
+        ),
         # -- DDPM only (model ddpm_unet); a VAE ignores these and they stay out of its checkpoints' identity
-        "diffusion_schedule": Field("cosine", str, f"one of {', '.join(_DIFFUSION_SCHEDULES)}",
-                                    one_of(_DIFFUSION_SCHEDULES), "generative",
-                                    "DDPM noise schedule (beta_t): cosine (Nichol & Dhariwal) or linear (Ho et al.)."),
-        "diffusion_steps": Field(1000, int, "an integer >= 2", at_least(2), "generative",
-                                 "DDPM training timesteps T (each example draws its own t in 1..T)."),
-        "class_conditional": Field(False, bool, "True or False", None, "generative",
-                                   "DDPM conditioned on the class label (null label for classifier-free guidance)."),
-        "class_dropout": Field(0.1, float, "a number in [0, 1)", within(0.0, 1.0, high_open=True), "generative",
-                               "Share of training examples whose label is replaced by the null label "
-                               "(class-conditional DDPM; what classifier-free guidance needs)."),
-        "sample_steps": Field(20, int, "an integer >= 1 (and <= diffusion_steps)", at_least(1), "run",
-                              "DDIM steps of the DDPM samples in the PNG."),
-        "guidance_scale": Field(0.0, float, "a number >= 0", at_least(0.0), "run",
-                                "Classifier-free guidance scale of class-conditional DDPM samples (0: the plain "
-                                "conditional model)."),
+        "diffusion_schedule": Field(
+            "cosine",
+            str,
+            f"one of {', '.join(_DIFFUSION_SCHEDULES)}",
+            one_of(_DIFFUSION_SCHEDULES),
+            "generative",
+            "DDPM noise schedule (beta_t): cosine (Nichol & Dhariwal) or linear (Ho et al.).",
+        ),
+        "diffusion_steps": Field(
+            1000,
+            int,
+            "an integer >= 2",
+            at_least(2),
+            "generative",
+            "DDPM training timesteps T (each example draws its own t in 1..T).",
+        ),
+        "class_conditional": Field(
+            False,
+            bool,
+            "True or False",
+            None,
+            "generative",
+            "DDPM conditioned on the class label (null label for classifier-free guidance).",
+        ),
+        "class_dropout": Field(
+            0.1,
+            float,
+            "a number in [0, 1)",
+            within(0.0, 1.0, high_open=True),
+            "generative",
+            "Share of training examples whose label is replaced by the null label "
+            "(class-conditional DDPM; what classifier-free guidance needs).",
+        ),
+        "sample_steps": Field(
+            20,
+            int,
+            "an integer >= 1 (and <= diffusion_steps)",
+            at_least(1),
+            "run",
+            "DDIM steps of the DDPM samples in the PNG.",
+        ),
+        "guidance_scale": Field(
+            0.0,
+            float,
+            "a number >= 0",
+            at_least(0.0),
+            "run",
+            "Classifier-free guidance scale of class-conditional DDPM samples (0: the plain conditional model).",
+        ),
         "batch_size": Field(128, int, "an integer >= 1", at_least(1), "generative", "Generative training batch."),
         "num_epochs": Field(150, int, "an integer >= 1", at_least(1), "generative", "Generative training epochs."),
-        "learning_rate": Field(1e-3, float, "a number > 0", greater_than(0.0), "generative",
-                               "Adam learning rate of the generative model (constant, 1e-3 in the protocol)."),
+        "learning_rate": Field(
+            1e-3,
+            float,
+            "a number > 0",
+            greater_than(0.0),
+            "generative",
+            "Adam learning rate of the generative model (constant, 1e-3 in the protocol).",
+        ),
         # -- classifiers (evaluator and guidance)
-        "classifier": Field("mlp_classifier", str, f"one of {', '.join(classifier_models)}",
-                            one_of(classifier_models), "classifier",
-                            "Model of the evaluator and the guidance classifier."),
-        "classifier_kwargs": Field({}, dict, "keyword arguments of the chosen classifier", None, "classifier",
-                                   "Other hyperparameters of the classifiers (e.g. hidden=200 for "
-                                   "mlp_classifier); image_shape and num_classes come from the data."),
-        "classifier_batch_size": Field(128, int, "an integer >= 1", at_least(1), "classifier",
-                                       "Classifier training batch."),
-        "classifier_num_epochs": Field(100, int, "an integer >= 1", at_least(1), "classifier",
-                                       "Classifier training epochs."),
-        "classifier_learning_rate": Field(2e-3, float, "a number > 0", greater_than(0.0), "classifier",
-                                          "Peak AdamW learning rate of the classifiers (cosine decay to 0)."),
-        "classifier_weight_decay": Field(1e-2, float, "a number >= 0", at_least(0.0), "classifier",
-                                         "Decoupled (AdamW) weight decay of the classifiers."),
-        "classifier_augment_shift": Field(2, int, "an integer in [0, 8]", within(0, 8), "classifier",
-                                          "Random translations of up to this many pixels (each axis, zero fill) "
-                                          "applied to each classifier training example; 0 disables."),
+        "classifier": Field(
+            "mlp_classifier",
+            str,
+            f"one of {', '.join(classifier_models)}",
+            one_of(classifier_models),
+            "classifier",
+            "Model of the evaluator and the guidance classifier.",
+        ),
+        "classifier_kwargs": Field(
+            {},
+            dict,
+            "keyword arguments of the chosen classifier",
+            None,
+            "classifier",
+            "Other hyperparameters of the classifiers (e.g. hidden=200 for "
+            "mlp_classifier); image_shape and num_classes come from the data.",
+        ),
+        "classifier_batch_size": Field(
+            128, int, "an integer >= 1", at_least(1), "classifier", "Classifier training batch."
+        ),
+        "classifier_num_epochs": Field(
+            100, int, "an integer >= 1", at_least(1), "classifier", "Classifier training epochs."
+        ),
+        "classifier_learning_rate": Field(
+            2e-3,
+            float,
+            "a number > 0",
+            greater_than(0.0),
+            "classifier",
+            "Peak AdamW learning rate of the classifiers (cosine decay to 0).",
+        ),
+        "classifier_weight_decay": Field(
+            1e-2,
+            float,
+            "a number >= 0",
+            at_least(0.0),
+            "classifier",
+            "Decoupled (AdamW) weight decay of the classifiers.",
+        ),
+        "classifier_augment_shift": Field(
+            2,
+            int,
+            "an integer in [0, 8]",
+            within(0, 8),
+            "classifier",
+            "Random translations of up to this many pixels (each axis, zero fill) "
+            "applied to each classifier training example; 0 disables.",
+        ),
         # -- how the run is carried out
-        "roles": Field(",".join(ROLES), str, f"a comma-separated subset of {', '.join(ROLES)}", None, "run",
-                       "Which roles to train (each in its own subdirectory of the workdir)."),
-        "checkpoint_every_steps": Field(1000, int, "an integer >= 1", at_least(1), "run",
-                                        "Save a checkpoint at the end of the first epoch that crosses each "
-                                        "multiple of this many steps (and always at the end)."),
+        "roles": Field(
+            ",".join(ROLES),
+            str,
+            f"a comma-separated subset of {', '.join(ROLES)}",
+            None,
+            "run",
+            "Which roles to train (each in its own subdirectory of the workdir).",
+        ),
+        "checkpoint_every_steps": Field(
+            1000,
+            int,
+            "an integer >= 1",
+            at_least(1),
+            "run",
+            "Save a checkpoint at the end of the first epoch that crosses each "
+            "multiple of this many steps (and always at the end).",
+        ),
         "max_to_keep": Field(2, int, "an integer >= 1", at_least(1), "run", "Checkpoints kept per role."),
-        "num_sample_images": Field(64, int, "an integer in [1, 400]", within(1, 400), "run",
-                                   "Samples (and reconstructions) drawn in the PNG grid."),
+        "num_sample_images": Field(
+            64,
+            int,
+            "an integer in [1, 400]",
+            within(1, 400),
+            "run",
+            "Samples (and reconstructions) drawn in the PNG grid.",
+        ),
         "progress_bar": Field(True, bool, "True or False", None, "run", "Show a tqdm progress bar."),
-        "restore_fallback": Field(False, bool, "True or False", None, "run",
-                                  "When a role's latest checkpoint fails verification (a file truncated or "
-                                  "corrupted on disk), resume from the newest earlier checkpoint that verifies, "
-                                  "moving the bad ones to <role>/corrupt_checkpoints/ and saying which and why. "
-                                  "False refuses to start, naming the bad step and file.", optional=True),
+        "restore_fallback": Field(
+            False,
+            bool,
+            "True or False",
+            None,
+            "run",
+            "When a role's latest checkpoint fails verification (a file truncated or "
+            "corrupted on disk), resume from the newest earlier checkpoint that verifies, "
+            "moving the bad ones to <role>/corrupt_checkpoints/ and saying which and why. "
+            "False refuses to start, naming the bad step and file.",
+            optional=True,
+        ),
         **PARALLEL_SCHEMA,
     }
 
@@ -534,8 +718,10 @@ def validate_config(config: Any, schema: Mapping[str, Field], *, prefix: str = "
     values.update({name: field.default for name, field in schema.items() if field.optional and name not in values})
     missing = [name for name in schema if name not in values]
     if missing:
-        raise ConfigError(f"{prefix}{missing[0]} is missing; every field of the schema must be set "
-                          f"(start from gsu_jax.config_validation.default_train_config())")
+        raise ConfigError(
+            f"{prefix}{missing[0]} is missing; every field of the schema must be set "
+            f"(start from gsu_jax.config_validation.default_train_config())"
+        )
     validated = {}
     for name, field in schema.items():
         value = _check_type(name, values[name], field, prefix)
@@ -600,11 +786,16 @@ def validate_train_config(config: Any) -> dict[str, Any]:
     _check_model_kwargs("model_kwargs", values["model"], values["model_kwargs"], reserved=family.reserved_kwargs)
     if family.name == "ddpm":
         if values["sample_steps"] > values["diffusion_steps"]:
-            raise ConfigError(f"config.sample_steps={values['sample_steps']} is invalid: allowed: an integer in "
-                              f"[1, config.diffusion_steps={values['diffusion_steps']}]")
+            raise ConfigError(
+                f"config.sample_steps={values['sample_steps']} is invalid: allowed: an integer in "
+                f"[1, config.diffusion_steps={values['diffusion_steps']}]"
+            )
         if values["class_conditional"] and values["guidance_scale"] > 0 and values["class_dropout"] == 0:
-            raise ConfigError(f"config.guidance_scale={values['guidance_scale']!r} needs an unconditional model: "
-                              "allowed with config.class_dropout > 0 (the null label is never trained at 0)")
-    _check_model_kwargs("classifier_kwargs", values["classifier"], values["classifier_kwargs"],
-                        reserved=("image_shape", "num_classes"))
+            raise ConfigError(
+                f"config.guidance_scale={values['guidance_scale']!r} needs an unconditional model: "
+                "allowed with config.class_dropout > 0 (the null label is never trained at 0)"
+            )
+    _check_model_kwargs(
+        "classifier_kwargs", values["classifier"], values["classifier_kwargs"], reserved=("image_shape", "num_classes")
+    )
     return values

@@ -123,9 +123,7 @@ def _index_array(indices: object, size: int, *, what: str) -> np.ndarray:
         raise TypeError(f"{what} must hold integers, got dtype {array.dtype}")
     out_of_range = array[(array < 0) | (array >= size)]
     if out_of_range.size:
-        raise ValueError(
-            f"{what} has positions outside [0, {size}): {_listing(np.unique(out_of_range).tolist())}"
-        )
+        raise ValueError(f"{what} has positions outside [0, {size}): {_listing(np.unique(out_of_range).tolist())}")
     return array.astype(np.int64)
 
 
@@ -289,10 +287,10 @@ def load_dataset(spec: str, *, data_dir: str | os.PathLike | None = None) -> Ima
     if spec == "embedded":
         return _load_embedded(_embedded_csv_path())
     if spec.startswith("idx:"):
-        return _load_idx_spec(spec, spec[len("idx:"):], data_dir)
+        return _load_idx_spec(spec, spec[len("idx:") :], data_dir)
     if spec.startswith("tfds:"):
-        name, _, split = spec[len("tfds:"):].partition(":")
-        if not name or (":" in spec[len("tfds:"):] and not split):
+        name, _, split = spec[len("tfds:") :].partition(":")
+        if not name or (":" in spec[len("tfds:") :] and not split):
             raise ValueError(
                 f"data spec {spec!r} needs a dataset name and, after a second ':', a split: {ALLOWED_SPECS}"
             )
@@ -673,8 +671,11 @@ def select_forget_retain(
         >>> forget.tolist(), retain.tolist()
         ([1, 2], [0, 3])
     """
-    given = [name for name, value in (("classes", classes), ("indices", indices), ("fraction", fraction))
-             if value is not None]
+    given = [
+        name
+        for name, value in (("classes", classes), ("indices", indices), ("fraction", fraction))
+        if value is not None
+    ]
     if len(given) != 1:
         raise ValueError(
             f"give exactly one of classes=, indices=, fraction= to select the forget set, got "

@@ -326,8 +326,9 @@ def sample(
         raise ValueError(f"noise must be ONE example of shape {tuple(model.image_shape)}, got {jnp.shape(noise)}")
     labels = _check_labels(model, label, batch=None, guidance_scale=guidance_scale)
     key = _sampling_key(spec, key)
-    return _sample_one(graphdef, spec, params, schedule, jnp.asarray(noise, jnp.float32), labels, key,
-                       jnp.float32(guidance_scale))
+    return _sample_one(
+        graphdef, spec, params, schedule, jnp.asarray(noise, jnp.float32), labels, key, jnp.float32(guidance_scale)
+    )
 
 
 def generate(
@@ -379,8 +380,9 @@ def generate(
         raise ValueError(f"noise must have shape (B, *{tuple(model.image_shape)}) with B >= 1, got {shape}")
     labels = _check_labels(model, labels, batch=shape[0], guidance_scale=guidance_scale)
     keys = jax.random.split(_sampling_key(spec, key), shape[0])
-    return _generate(graphdef, spec, params, schedule, jnp.asarray(noise, jnp.float32), labels, keys,
-                     jnp.float32(guidance_scale))
+    return _generate(
+        graphdef, spec, params, schedule, jnp.asarray(noise, jnp.float32), labels, keys, jnp.float32(guidance_scale)
+    )
 
 
 class _SamplerSpec(NamedTuple):
@@ -482,8 +484,9 @@ def _check_labels(model: nnx.Module, labels: object, *, batch: int | None, guida
     if not isinstance(array, jax.core.Tracer):
         values = np.asarray(array)
         if values.size and (values.min() < 0 or values.max() >= num_classes):
-            raise ValueError(f"{what} must be classes in [0, {num_classes}), got values in "
-                             f"[{values.min()}, {values.max()}]")
+            raise ValueError(
+                f"{what} must be classes in [0, {num_classes}), got values in [{values.min()}, {values.max()}]"
+            )
     return array.astype(jnp.int32)
 
 

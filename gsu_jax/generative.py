@@ -84,11 +84,9 @@ class Family:
     _generate: Callable[[nnx.GraphDef, Mapping[str, Any], int], GenerateFn]
     _describe: Callable[[Mapping[str, Any], Mapping[str, Any]], str]
 
-    def model_kwargs(self, values: Mapping[str, Any], image_shape: tuple[int, ...],
-                     num_classes: int) -> dict[str, Any]:
+    def model_kwargs(self, values: Mapping[str, Any], image_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
         """The complete keyword arguments of the generative model: ``config.model_kwargs`` plus the reserved ones."""
-        return {**values["model_kwargs"], "image_shape": tuple(image_shape),
-                **self._model_kwargs(values, num_classes)}
+        return {**values["model_kwargs"], "image_shape": tuple(image_shape), **self._model_kwargs(values, num_classes)}
 
     def noise_shape(self, model_kwargs: Mapping[str, Any]) -> tuple[int, ...]:
         """The shape of ONE fixed noise a sample is generated from (VAE ``(L,)``, DDPM ``(H, W, C)``)."""
@@ -187,8 +185,16 @@ def _ddpm_generate(graphdef: nnx.GraphDef, settings: Mapping[str, Any], num_step
     guidance_scale = settings["guidance_scale"] if settings["class_conditional"] else 0.0
 
     def generate(params, noise, labels=None):
-        return diffusion.generate(graphdef, params, noise, schedule=schedule, num_steps=num_steps, sampler="ddim",
-                                  labels=labels, guidance_scale=guidance_scale if labels is not None else 0.0)
+        return diffusion.generate(
+            graphdef,
+            params,
+            noise,
+            schedule=schedule,
+            num_steps=num_steps,
+            sampler="ddim",
+            labels=labels,
+            guidance_scale=guidance_scale if labels is not None else 0.0,
+        )
 
     return generate
 
@@ -196,8 +202,14 @@ def _ddpm_generate(graphdef: nnx.GraphDef, settings: Mapping[str, Any], num_step
 _DDPM = Family(
     name="ddpm",
     models=models.DIFFUSION_MODELS,
-    fields=("diffusion_schedule", "diffusion_steps", "sample_steps", "class_conditional", "class_dropout",
-            "guidance_scale"),
+    fields=(
+        "diffusion_schedule",
+        "diffusion_steps",
+        "sample_steps",
+        "class_conditional",
+        "class_dropout",
+        "guidance_scale",
+    ),
     reserved_kwargs=("image_shape", "num_classes"),
     loss_metric="eps_loss",
     report_prefix="eps_loss",
@@ -210,7 +222,8 @@ _DDPM = Family(
     _generate=_ddpm_generate,
     _describe=lambda kwargs, settings: (
         f"T={settings['diffusion_steps']} {settings['diffusion_schedule']}, DDIM {settings['sample_steps']} steps"
-        + (f", class-conditional (guidance {settings['guidance_scale']:g})" if kwargs.get("num_classes") else "")),
+        + (f", class-conditional (guidance {settings['guidance_scale']:g})" if kwargs.get("num_classes") else "")
+    ),
 )
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (_VAE, _DDPM)}

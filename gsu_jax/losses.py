@@ -300,7 +300,9 @@ def uniformity_guidance_loss(
     classifier = nnx.merge(clf_graphdef, clf_params)
     num_classes = getattr(classifier, "num_classes", None)
     if not isinstance(num_classes, int):
-        raise ValueError(f"clf_graphdef/clf_params must be a classifier with num_classes, got {type(classifier).__name__}")
+        raise ValueError(
+            f"clf_graphdef/clf_params must be a classifier with num_classes, got {type(classifier).__name__}"
+        )
     retained = _check_retained_classes(retained_classes, num_classes=num_classes)
     target = np.zeros(num_classes, np.float32)
     target[list(retained)] = 1.0 / len(retained)

@@ -394,7 +394,11 @@ def _gated_ascent(
     if only_on_conflict:
         # -grad l(x_i) conflicts with g_r exactly when <grad l(x_i), g_r> > 0.
         derivatives = per_example.per_example_directional_derivatives(
-            loss_fn, inputs.params, inputs.forget_batch, inputs.forget_keys, retain_grad,
+            loss_fn,
+            inputs.params,
+            inputs.forget_batch,
+            inputs.forget_keys,
+            retain_grad,
             chunk_size=inputs.chunk_size,
         )
         conflicts = (derivatives > 0).astype(jnp.float32)
@@ -471,8 +475,10 @@ def _remap_surgery(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
         loss_fn, retain_grad = _masked_loss(loss_fn, mask), _masked(retain_grad, mask)
     field = hparams["image_field"]
     if not (isinstance(inputs.forget_batch, Mapping) and field in inputs.forget_batch and field in inputs.retain_batch):
-        raise ValueError(f"remap_surgery pairs examples by their {field!r} field, which the batches lack; allowed: "
-                         "batches of mappings holding it (set image_field to the field the loss reconstructs)")
+        raise ValueError(
+            f"remap_surgery pairs examples by their {field!r} field, which the batches lack; allowed: "
+            "batches of mappings holding it (set image_field to the field the loss reconstructs)"
+        )
     surrogate = dict(inputs.forget_batch)
     surrogate["target"] = nearest_retained_images(inputs.forget_batch[field], inputs.retain_batch[field])
     if hparams["gate"]:
@@ -481,8 +487,9 @@ def _remap_surgery(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
         # only move the decoder away from what the retained data needs.
         surrogate[_OWN_LOSS] = jax.lax.stop_gradient(inputs.forget_losses)
         loss_fn = _gated_by_own_loss(loss_fn)
-    surrogate_losses, surrogate_grad = _losses_and_mean_grad(loss_fn, inputs.params, surrogate, inputs.forget_keys,
-                                                             inputs.chunk_size)
+    surrogate_losses, surrogate_grad = _losses_and_mean_grad(
+        loss_fn, inputs.params, surrogate, inputs.forget_keys, inputs.chunk_size
+    )
     gated_fraction = jnp.mean((surrogate_losses == 0.0).astype(jnp.float32)) if hparams["gate"] else _zero()
     if hparams["saliency"] < 1.0:
         surrogate_grad = _most_salient(surrogate_grad, hparams["saliency"])
@@ -556,9 +563,7 @@ def _group_mean_grads(inputs: StepInputs, *, num_groups: int) -> Params:
     chunk_size = inputs.chunk_size
     if chunk_size is None or chunk_size >= group_size:
         groups_per_chunk = None if chunk_size is None else chunk_size // group_size
-        return per_example.per_example_grads(
-            group_loss, inputs.params, groups, group_keys, chunk_size=groups_per_chunk
-        )
+        return per_example.per_example_grads(group_loss, inputs.params, groups, group_keys, chunk_size=groups_per_chunk)
 
     def group_grad(group: Mapping[str, Any]) -> Params:
         return _losses_and_mean_grad(loss_fn, inputs.params, group["examples"], group["keys"], chunk_size)[1]
@@ -600,7 +605,9 @@ def _uno(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
     over chunks, so no pass holds more than ``chunk_size`` examples' activations.
     """
     loss_fn = inputs.loss_fn
-    weight = uno_orthogonality_weight(hparams["orthogonality_weight"], inputs.retain_keys.shape[0])  # one key per example
+    weight = uno_orthogonality_weight(
+        hparams["orthogonality_weight"], inputs.retain_keys.shape[0]
+    )  # one key per example
     if inputs.chunk_size is not None:
         forget_cotangent, retain_cotangent = jax.grad(
             lambda g_f, g_r: weight * jnp.square(_cosine(g_f, g_r)), argnums=(0, 1)
@@ -629,9 +636,7 @@ def _alternate(even: DirectionRule, odd: DirectionRule) -> DirectionRule:
     """``even`` on steps 0, 2, 4, ... and ``odd`` on 1, 3, ... (``lax.cond``: only one branch runs)."""
 
     def rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
-        return jax.lax.cond(
-            inputs.step % 2 == 0, lambda: even(inputs, hparams), lambda: odd(inputs, hparams)
-        )
+        return jax.lax.cond(inputs.step % 2 == 0, lambda: even(inputs, hparams), lambda: odd(inputs, hparams))
 
     return rule
 
@@ -692,6 +697,7 @@ _UNO_SUMMED_WEIGHT = 1e3
 def uno_orthogonality_weight(weight: float | None, retain_batch_size: int) -> float:
     """The ``lambda`` UNO uses: ``weight``, or ``1e3 / B_r`` (the reference's weight on summed losses) when None."""
     return _UNO_SUMMED_WEIGHT / retain_batch_size if weight is None else float(weight)
+
 
 _GUIDANCE_AFTER_PROJECTION = "w * grad guidance_loss added to u after the projection (never projected)"
 _GUIDANCE_ADDED = "w * grad guidance_loss added to u"
@@ -770,8 +776,14 @@ METHODS: dict[str, Method] = {
             _GUIDANCE_ADDED,
             _alternate(_ascent, _retain_finetune),
         ),
-        Method("retain_finetune", "u = g_r", "fine-tuning on the retain set baseline", {}, _GUIDANCE_ADDED,
-               _retain_finetune),
+        Method(
+            "retain_finetune",
+            "u = g_r",
+            "fine-tuning on the retain set baseline",
+            {},
+            _GUIDANCE_ADDED,
+            _retain_finetune,
+        ),
         Method(
             "uno",
             "u = grad [L_r + lambda cos^2(g_f, g_r)] (gradient through the gradients)",
@@ -807,21 +819,44 @@ METHODS: dict[str, Method] = {
                     lambda value: value in ("conflict", "always", "none"),
                     str,
                 ),
-                "gate": HParam(False, "drop example i from the surrogate once l(x_i -> n_i) <= l(x_i) (forgotten)",
-                               "True or False", _is_bool, bool),
+                "gate": HParam(
+                    False,
+                    "drop example i from the surrogate once l(x_i -> n_i) <= l(x_i) (forgotten)",
+                    "True or False",
+                    _is_bool,
+                    bool,
+                ),
                 "forget_half_life": HParam(
-                    20.0, "steps over which forget_weight halves (annealing); None: constant",
-                    "None or a finite number > 0", lambda v: v is None or (_is_nonnegative_finite(v) and v > 0),
-                    lambda v: None if v is None else float(v)),
+                    20.0,
+                    "steps over which forget_weight halves (annealing); None: constant",
+                    "None or a finite number > 0",
+                    lambda v: v is None or (_is_nonnegative_finite(v) and v > 0),
+                    lambda v: None if v is None else float(v),
+                ),
                 "saliency": HParam(
-                    1.0, "keep only this fraction of the surrogate gradient's coordinates, the largest (SalUn-style)",
-                    "a number in (0, 1]", lambda v: _is_nonnegative_finite(v) and 0 < v <= 1, float),
-                "forget_weight": HParam(1.0, "weight of the projected surrogate gradient", "a finite number >= 0",
-                                        _is_nonnegative_finite, float),
-                "retain_weight": HParam(1.0, "weight of g_r added to the update", "a finite number >= 0",
-                                        _is_nonnegative_finite, float),
-                "image_field": HParam("image", "the example field that is paired and replaced by 'target'",
-                                      "a string naming a field of the examples", lambda v: isinstance(v, str), str),
+                    1.0,
+                    "keep only this fraction of the surrogate gradient's coordinates, the largest (SalUn-style)",
+                    "a number in (0, 1]",
+                    lambda v: _is_nonnegative_finite(v) and 0 < v <= 1,
+                    float,
+                ),
+                "forget_weight": HParam(
+                    1.0,
+                    "weight of the projected surrogate gradient",
+                    "a finite number >= 0",
+                    _is_nonnegative_finite,
+                    float,
+                ),
+                "retain_weight": HParam(
+                    1.0, "weight of g_r added to the update", "a finite number >= 0", _is_nonnegative_finite, float
+                ),
+                "image_field": HParam(
+                    "image",
+                    "the example field that is paired and replaced by 'target'",
+                    "a string naming a field of the examples",
+                    lambda v: isinstance(v, str),
+                    str,
+                ),
             },
             _GUIDANCE_AFTER_PROJECTION,
             _remap_surgery,
@@ -1013,8 +1048,9 @@ def make_method(
     resolved = resolve_hparams(name, **hparams)
     if chunk_size is not None and not _is_positive_int(chunk_size):
         if isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool):
-            raise ValueError(f"chunk_size must be >= 1 (examples per chunk), got {chunk_size!r}; allowed: None or "
-                             "an integer >= 1")
+            raise ValueError(
+                f"chunk_size must be >= 1 (examples per chunk), got {chunk_size!r}; allowed: None or an integer >= 1"
+            )
         raise TypeError(f"chunk_size must be None or an integer >= 1 (examples per chunk), got {chunk_size!r}")
     chunk_size = None if chunk_size is None else int(chunk_size)
     if not callable(loss_fn):
@@ -1102,9 +1138,11 @@ def step_temp_bytes(method: UnlearningMethod, params: Params, forget_batch: Batc
     """
     abstract_params = _abstract(params)
     state = jax.eval_shape(method.init, abstract_params)
-    compiled = jax.jit(method.step).lower(
-        abstract_params, state, _abstract(forget_batch), _abstract(retain_batch), jax.random.key(0)
-    ).compile()
+    compiled = (
+        jax.jit(method.step)
+        .lower(abstract_params, state, _abstract(forget_batch), _abstract(retain_batch), jax.random.key(0))
+        .compile()
+    )
     analysis = compiled.memory_analysis()
     if analysis is None:
         raise RuntimeError(f"the {jax.default_backend()} backend reports no memory analysis of a compiled step")
@@ -1158,8 +1196,15 @@ def chunk_size_for_budget(
         raise ValueError(f"budget_bytes must be an integer > 0, got {budget_bytes!r}")
 
     def temp_bytes(chunk_size: int | None) -> int:
-        method = make_method(name, loss_fn=loss_fn, optimizer=optimizer, guidance_loss=guidance_loss,
-                             guidance_weight=guidance_weight, chunk_size=chunk_size, **hparams)
+        method = make_method(
+            name,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            guidance_loss=guidance_loss,
+            guidance_weight=guidance_weight,
+            chunk_size=chunk_size,
+            **hparams,
+        )
         return step_temp_bytes(method, params, forget_batch, retain_batch)
 
     if temp_bytes(None) <= budget_bytes:

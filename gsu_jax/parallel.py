@@ -40,9 +40,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 __all__ = [
     "DATA_AXIS",
@@ -97,10 +97,15 @@ def make_mesh(*, data: int = -1, model: int = 1, devices: Sequence[jax.Device] |
         >>> dict(make_mesh(data=1, model=1).shape)
         {'data': 1, 'model': 1}
     """
-    for name, value, allowed in (("data", data, "an integer >= 1 or -1 (all devices)"),
-                                 ("model", model, "an integer >= 1")):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-                value < 1 and not (name == "data" and value == -1)):
+    for name, value, allowed in (
+        ("data", data, "an integer >= 1 or -1 (all devices)"),
+        ("model", model, "an integer >= 1"),
+    ):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, np.integer))
+            or (value < 1 and not (name == "data" and value == -1))
+        ):
             raise ValueError(f"mesh {name}={value!r} is invalid; allowed: {allowed}")
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
@@ -108,12 +113,16 @@ def make_mesh(*, data: int = -1, model: int = 1, devices: Sequence[jax.Device] |
     count = len(devices)
     if data == -1:
         if count % model:
-            raise ValueError(f"mesh model={model} does not divide the {count} devices; with data=-1 the model axis "
-                             f"must divide the device count (allowed: one of {_divisors(count)})")
+            raise ValueError(
+                f"mesh model={model} does not divide the {count} devices; with data=-1 the model axis "
+                f"must divide the device count (allowed: one of {_divisors(count)})"
+            )
         data = count // model
     if data * model > count:
-        raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices but only {count} are "
-                         f"available ({devices[0].platform}); allowed: data * model <= {count}")
+        raise ValueError(
+            f"mesh data={data} x model={model} needs {data * model} devices but only {count} are "
+            f"available ({devices[0].platform}); allowed: data * model <= {count}"
+        )
     grid = np.asarray(devices[: data * model], dtype=object).reshape(data, model)
     return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
 
@@ -139,9 +148,11 @@ def initialize_from_config(distributed: Mapping[str, Any]) -> None:
     if not distributed["enabled"]:
         return
     explicit = distributed["coordinator_address"] != ""
-    initialize_distributed(coordinator_address=distributed["coordinator_address"] if explicit else None,
-                           num_processes=distributed["num_processes"] if explicit else None,
-                           process_id=distributed["process_id"] if explicit else None)
+    initialize_distributed(
+        coordinator_address=distributed["coordinator_address"] if explicit else None,
+        num_processes=distributed["num_processes"] if explicit else None,
+        process_id=distributed["process_id"] if explicit else None,
+    )
 
 
 def _divisors(count: int) -> list[int]:
@@ -204,8 +215,10 @@ def check_batch_size(batch_size: int, mesh: Mesh, *, field: str = "batch_size") 
     if batch_size % data:
         below, above = data * (batch_size // data), data * (batch_size // data + 1)
         nearest = f"{below} or {above}" if below else f"{above}"
-        raise ValueError(f"{field}={batch_size} is not divisible by the mesh's data axis ({data} devices); "
-                         f"allowed: a multiple of {data}, e.g. {nearest}")
+        raise ValueError(
+            f"{field}={batch_size} is not divisible by the mesh's data axis ({data} devices); "
+            f"allowed: a multiple of {data}, e.g. {nearest}"
+        )
 
 
 # ------------------------------------------------------------------------------------------- placing arrays
@@ -218,8 +231,7 @@ def _is_key(leaf: Any) -> bool:
 def _put_leaf(leaf: Any, sharding: jax.sharding.Sharding) -> jax.Array:
     if _is_key(leaf):
         # Typed PRNG keys travel as their raw data and are re-wrapped with the same implementation.
-        return jax.random.wrap_key_data(_put_leaf(jax.random.key_data(leaf), sharding),
-                                        impl=jax.random.key_impl(leaf))
+        return jax.random.wrap_key_data(_put_leaf(jax.random.key_data(leaf), sharding), impl=jax.random.key_impl(leaf))
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
         if leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
             return leaf
@@ -267,8 +279,9 @@ def shard_batch(batch: Any, mesh: Mesh, *, process_local: bool = False) -> Any:
     leaves = jax.tree.leaves(batch)
     sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
     if len(sizes) != 1 or None in sizes:
-        raise ValueError("shard_batch needs leaves with one common leading (batch) axis, got sizes "
-                         f"{sorted(map(str, sizes))}")
+        raise ValueError(
+            f"shard_batch needs leaves with one common leading (batch) axis, got sizes {sorted(map(str, sizes))}"
+        )
     size = sizes.pop()
     global_size = size * jax.process_count() if process_local else size
     check_batch_size(global_size, mesh, field="batch size")
@@ -276,7 +289,10 @@ def shard_batch(batch: Any, mesh: Mesh, *, process_local: bool = False) -> Any:
     if process_local:
         return jax.tree.map(
             lambda leaf: jax.make_array_from_process_local_data(
-                sharding, np.asarray(leaf), (global_size,) + tuple(np.shape(leaf)[1:])), batch)
+                sharding, np.asarray(leaf), (global_size,) + tuple(np.shape(leaf)[1:])
+            ),
+            batch,
+        )
     return put(batch, sharding)
 
 
@@ -307,20 +323,32 @@ def localize(tree: Any) -> Any:
 # ------------------------------------------------------------------------------------------- sharded steps
 
 
-def jit_sharded(fn: Callable[..., Any], *, in_shardings: Any, out_shardings: Any,
-                donate_argnums: int | Sequence[int] = (), static_argnums: int | Sequence[int] = ()) -> Callable:
+def jit_sharded(
+    fn: Callable[..., Any],
+    *,
+    in_shardings: Any,
+    out_shardings: Any,
+    donate_argnums: int | Sequence[int] = (),
+    static_argnums: int | Sequence[int] = (),
+) -> Callable:
     """``jax.jit(fn)`` with explicit input and output shardings (the only way steps are compiled for a mesh).
 
     The shardings are pytree prefixes of the arguments / outputs (see ``jax.jit``). Arguments that are not yet
     on the mesh are placed by the call itself (single process); in a multi-process run pass global arrays
     (:func:`put`, :func:`shard_batch`).
     """
-    return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums,
-                   static_argnums=static_argnums)
+    return jax.jit(
+        fn,
+        in_shardings=in_shardings,
+        out_shardings=out_shardings,
+        donate_argnums=donate_argnums,
+        static_argnums=static_argnums,
+    )
 
 
-def shard_method_step(step: Callable[..., Any], mesh: Mesh, params: Any, opt_state: Any, *,
-                      min_size: int = MIN_SHARDED_SIZE) -> tuple[Callable[..., Any], Any, Any]:
+def shard_method_step(
+    step: Callable[..., Any], mesh: Mesh, params: Any, opt_state: Any, *, min_size: int = MIN_SHARDED_SIZE
+) -> tuple[Callable[..., Any], Any, Any]:
     """Jits an unlearning method's step for ``mesh``: batches split over ``data``, state as :func:`param_shardings`.
 
     ``step(params, opt_state, forget_batch, retain_batch, key) -> (params, opt_state, metrics)`` (the one step
@@ -339,8 +367,11 @@ def shard_method_step(step: Callable[..., Any], mesh: Mesh, params: Any, opt_sta
     params_sharding = param_shardings(params, mesh, min_size=min_size)
     state_sharding = param_shardings(opt_state, mesh, min_size=min_size)
     batch, rep = batch_sharding(mesh), replicated(mesh)
-    jitted = jit_sharded(step, in_shardings=(params_sharding, state_sharding, batch, batch, rep),
-                         out_shardings=(params_sharding, state_sharding, rep))
+    jitted = jit_sharded(
+        step,
+        in_shardings=(params_sharding, state_sharding, batch, batch, rep),
+        out_shardings=(params_sharding, state_sharding, rep),
+    )
     return jitted, params_sharding, state_sharding
 
 
@@ -349,8 +380,13 @@ def shard_method_step(step: Callable[..., Any], mesh: Mesh, params: Any, opt_sta
 _initialized = False
 
 
-def initialize_distributed(*, coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, initialization_timeout: int = 300) -> None:
+def initialize_distributed(
+    *,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    initialization_timeout: int = 300,
+) -> None:
     """Joins this process to a multi-host run (``jax.distributed.initialize``); call before any other JAX use.
 
     Without arguments the cluster is auto-detected (Cloud TPU pod slices, SLURM, Open MPI: JAX reads the
@@ -366,13 +402,16 @@ def initialize_distributed(*, coordinator_address: str | None = None, num_proces
     global _initialized
     explicit = (coordinator_address, num_processes, process_id)
     if any(value is not None for value in explicit) and any(value is None for value in explicit):
-        raise ValueError("initialize_distributed: give all of coordinator_address, num_processes and process_id, "
-                         f"or none of them (auto-detection); got {coordinator_address=}, {num_processes=}, "
-                         f"{process_id=}")
+        raise ValueError(
+            "initialize_distributed: give all of coordinator_address, num_processes and process_id, "
+            f"or none of them (auto-detection); got {coordinator_address=}, {num_processes=}, "
+            f"{process_id=}"
+        )
     if coordinator_address is not None:
         if not isinstance(coordinator_address, str) or not _ADDRESS.match(coordinator_address):
-            raise ValueError(f"coordinator_address={coordinator_address!r} is invalid; allowed: 'host:port', "
-                             "e.g. '10.0.0.1:1234'")
+            raise ValueError(
+                f"coordinator_address={coordinator_address!r} is invalid; allowed: 'host:port', e.g. '10.0.0.1:1234'"
+            )
         if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
             raise ValueError(f"num_processes={num_processes!r} is invalid; allowed: an integer >= 1")
         if isinstance(process_id, bool) or not isinstance(process_id, int) or not 0 <= process_id < num_processes:
@@ -380,11 +419,17 @@ def initialize_distributed(*, coordinator_address: str | None = None, num_proces
     if _initialized:
         return
     try:
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, initialization_timeout=initialization_timeout)
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=initialization_timeout,
+        )
     except ValueError as err:
-        raise RuntimeError(f"jax.distributed could not detect a cluster ({err}); outside SLURM, Open MPI or a "
-                           "Cloud TPU pod, give coordinator_address, num_processes and process_id") from err
+        raise RuntimeError(
+            f"jax.distributed could not detect a cluster ({err}); outside SLURM, Open MPI or a "
+            "Cloud TPU pod, give coordinator_address, num_processes and process_id"
+        ) from err
     _initialized = True
 
 

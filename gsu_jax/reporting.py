@@ -303,8 +303,11 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         f"- guidance: {'weight ' + str(config['guidance_weight']) + ' (rows labelled +guided)' if guided else 'none'}"
         "; the evaluator that scores the runs is a separate model that no method sees",
         f"- device: {report['device']}"
-        + (f"; code: commit {report['code']['git_commit'][:12]}{' with local changes' if report['code']['git_dirty'] else ''}"
-           if report.get("code", {}).get("git_commit") else ""),
+        + (
+            f"; code: commit {report['code']['git_commit'][:12]}{' with local changes' if report['code']['git_dirty'] else ''}"
+            if report.get("code", {}).get("git_commit")
+            else ""
+        ),
         "",
         markdown_table(report),
         "",
@@ -327,13 +330,17 @@ def _sampling_lines(report: Mapping[str, Any]) -> list[str]:
     family = report.get("generative") or {}
     if family.get("family") != "ddpm":
         return []
-    lines = [f"- DDPM: fixed x_T per sample, DDIM with {family['monitor_sample_steps']} steps for the per-step "
-             f"monitoring and {family['fid_sample_steps']} for the FID, grids and forget-label protocol; losses "
-             "are the epsilon MSE at one random timestep per fixed key"]
+    lines = [
+        f"- DDPM: fixed x_T per sample, DDIM with {family['monitor_sample_steps']} steps for the per-step "
+        f"monitoring and {family['fid_sample_steps']} for the FID, grids and forget-label protocol; losses "
+        "are the epsilon MSE at one random timestep per fixed key"
+    ]
     if family.get("class_conditional"):
-        lines.append(f"- class-conditional: monitoring and FID samples use labels i mod K, guidance scale "
-                     f"{family['guidance_scale']}; 'forget label' columns score samples generated FROM the forget "
-                     "label(s): the evaluator's probability of that label and the entropy of its prediction (nats)")
+        lines.append(
+            f"- class-conditional: monitoring and FID samples use labels i mod K, guidance scale "
+            f"{family['guidance_scale']}; 'forget label' columns score samples generated FROM the forget "
+            "label(s): the evaluator's probability of that label and the entropy of its prediction (nats)"
+        )
     return lines
 
 

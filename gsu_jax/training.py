@@ -92,14 +92,12 @@ from flax import nnx
 
 from gsu_jax import data as data_lib
 from gsu_jax import generative as families
-from gsu_jax import losses
-from gsu_jax import models
-from gsu_jax import parallel
+from gsu_jax import losses, models, parallel
 from gsu_jax.checkpointing import (
     CheckpointCorruptError,
+    Checkpointer,
     CheckpointMismatchError,
     CheckpointNotFoundError,
-    Checkpointer,
     SkippedStep,
     WorkdirError,
     abstract_like,
@@ -239,8 +237,10 @@ def prepare_data(config: Any) -> RunData:
     if excluded:
         out_of_range = [c for c in excluded if c >= train.num_classes]
         if out_of_range:
-            raise ConfigError(f"config.exclude_classes={values['exclude_classes']!r} names class {out_of_range[0]}; "
-                              f"allowed: classes 0..{train.num_classes - 1}")
+            raise ConfigError(
+                f"config.exclude_classes={values['exclude_classes']!r} names class {out_of_range[0]}; "
+                f"allowed: classes 0..{train.num_classes - 1}"
+            )
         try:
             _, kept = data_lib.select_forget_retain(train.labels, classes=list(excluded))
         except ValueError as err:
@@ -256,12 +256,20 @@ def prepare_data(config: Any) -> RunData:
     else:
         try:
             guidance_idx, evaluator_idx = data_lib.stratified_split(
-                train.labels, test_fraction=values["evaluator_fraction"], seed=seed)
+                train.labels, test_fraction=values["evaluator_fraction"], seed=seed
+            )
         except ValueError as err:
             raise ConfigError(f"config.evaluator_fraction={values['evaluator_fraction']!r}: {err}") from err
         evaluator, guidance = train.subset(evaluator_idx), train.subset(guidance_idx)
-    return RunData(train=train, heldout=heldout, generative=generative, evaluator=evaluator, guidance=guidance,
-                   source_fingerprint=source.fingerprint(), excluded_classes=excluded)
+    return RunData(
+        train=train,
+        heldout=heldout,
+        generative=generative,
+        evaluator=evaluator,
+        guidance=guidance,
+        source_fingerprint=source.fingerprint(),
+        excluded_classes=excluded,
+    )
 
 
 # ------------------------------------------------------------------------------------------- augmentation
@@ -360,19 +368,25 @@ def make_train_epoch(
         return optax.apply_updates(params, updates), opt_state, loss, finite
 
     if scan:
+
         def train_epoch(params, opt_state, images, labels, key):
             def body(carry, inputs):
                 params, opt_state, loss, finite = train_step(*carry, images, labels, *inputs)
                 return (params, opt_state), (loss, finite)
 
             (params, opt_state), (batch_losses, finite) = jax.lax.scan(
-                body, (params, opt_state), epoch_plan(key, images.shape[0]))
+                body, (params, opt_state), epoch_plan(key, images.shape[0])
+            )
             return params, opt_state, batch_losses, finite
 
         if mesh is None:
             return jax.jit(train_epoch, donate_argnums=(0, 1))
-        return parallel.jit_sharded(train_epoch, in_shardings=(*state_in, rep, rep, rep),
-                                    out_shardings=(*state_in, rep, rep), donate_argnums=(0, 1))
+        return parallel.jit_sharded(
+            train_epoch,
+            in_shardings=(*state_in, rep, rep, rep),
+            out_shardings=(*state_in, rep, rep),
+            donate_argnums=(0, 1),
+        )
 
     def indexed_step(params, opt_state, images, labels, order, step_keys, index):
         return train_step(params, opt_state, images, labels, order[index], step_keys[index])
@@ -382,16 +396,21 @@ def make_train_epoch(
         indexed_step = jax.jit(indexed_step, donate_argnums=(0, 1))
     else:
         plan_fn = jax.jit(epoch_plan, static_argnums=1, in_shardings=rep, out_shardings=rep)
-        indexed_step = parallel.jit_sharded(indexed_step, in_shardings=(*state_in, rep, rep, rep, rep, rep),
-                                            out_shardings=(*state_in, rep, rep), donate_argnums=(0, 1))
+        indexed_step = parallel.jit_sharded(
+            indexed_step,
+            in_shardings=(*state_in, rep, rep, rep, rep, rep),
+            out_shardings=(*state_in, rep, rep),
+            donate_argnums=(0, 1),
+        )
 
     def train_epoch_stepwise(params, opt_state, images, labels, key):
         order, step_keys = plan_fn(key, images.shape[0])
         batch_losses, finite = [], []
         for index in range(num_batches):
             index = np.int32(index) if mesh is None else parallel.put(np.int32(index), rep)
-            params, opt_state, loss, step_finite = indexed_step(params, opt_state, images, labels, order, step_keys,
-                                                                index)
+            params, opt_state, loss, step_finite = indexed_step(
+                params, opt_state, images, labels, order, step_keys, index
+            )
             batch_losses.append(loss)
             finite.append(step_finite)
         return params, opt_state, jnp.stack(batch_losses), jnp.stack(finite)
@@ -446,11 +465,14 @@ class _Programs(NamedTuple):
     draw: Callable[..., tuple[jax.Array, jax.Array]] | None
 
 
-def _state_shardings(abstract_params: nnx.State, optimizer: optax.GradientTransformation,
-                     mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+def _state_shardings(
+    abstract_params: nnx.State, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> tuple[Any, Any]:
     """Shardings of (params, opt_state) on ``mesh`` (:func:`gsu_jax.parallel.param_shardings`)."""
-    return (parallel.param_shardings(abstract_params, mesh),
-            parallel.param_shardings(jax.eval_shape(optimizer.init, abstract_params), mesh))
+    return (
+        parallel.param_shardings(abstract_params, mesh),
+        parallel.param_shardings(jax.eval_shape(optimizer.init, abstract_params), mesh),
+    )
 
 
 def _scan_epochs(model_name: str) -> bool:
@@ -514,12 +536,20 @@ def _programs(spec: _ProgramSpec, mesh: jax.sharding.Mesh | None = None) -> _Pro
         def evaluate(params, images, key):
             """``f32[N, K]`` logits."""
             del key  # classifiers are deterministic; the argument keeps one signature
-            return jax.lax.map(lambda image: models.classifier_logits(graphdef, params, image[None])[0], images,
-                               batch_size=_EVAL_CHUNK)
+            return jax.lax.map(
+                lambda image: models.classifier_logits(graphdef, params, image[None])[0], images, batch_size=_EVAL_CHUNK
+            )
 
-    train_epoch = make_train_epoch(loss_fn, optimizer, num_batches=spec.num_batches, batch_size=spec.batch_size,
-                                   augment_shift=spec.augment_shift, scan=_scan_epochs(spec.model_name), mesh=mesh,
-                                   state_shardings=state_shardings)
+    train_epoch = make_train_epoch(
+        loss_fn,
+        optimizer,
+        num_batches=spec.num_batches,
+        batch_size=spec.batch_size,
+        augment_shift=spec.augment_shift,
+        scan=_scan_epochs(spec.model_name),
+        mesh=mesh,
+        state_shardings=state_shardings,
+    )
     return _Programs(graphdef, abstract_params, optimizer, init_state, train_epoch, evaluate, draw)
 
 
@@ -563,8 +593,10 @@ def _plan(role: str, values: Mapping[str, Any], run_data: RunData) -> _RolePlan:
         kwargs = {**values["classifier_kwargs"], "image_shape": train.image_shape, "num_classes": train.num_classes}
     batch_size = values[f"{prefix}batch_size"]
     if batch_size > len(train):
-        raise ConfigError(f"config.{prefix}batch_size={batch_size} exceeds the {len(train)} training examples of "
-                          f"the {role} role; allowed: 1..{len(train)}")
+        raise ConfigError(
+            f"config.{prefix}batch_size={batch_size} exceeds the {len(train)} training examples of "
+            f"the {role} role; allowed: 1..{len(train)}"
+        )
     spec = _ProgramSpec(
         model_name=values[model_field],
         model_kwargs=tuple(sorted(kwargs.items())),
@@ -580,22 +612,32 @@ def _plan(role: str, values: Mapping[str, Any], run_data: RunData) -> _RolePlan:
     try:
         nnx.eval_shape(lambda: spec.build(jax.random.key(0)))
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"config.{kwargs_field}={values[kwargs_field]!r} with config.{model_field}="
-                          f"{spec.model_name!r} cannot build a model for images {train.image_shape} (the images of "
-                          f"{train.name!r}): {err}") from err
-    return _RolePlan(role=role, spec=spec, train=train, heldout=run_data.heldout, key=_role_key(values["seed"], role),
-                     # Fields only another family reads never change this model (old workdirs stay resumable).
-                     identity={field: values[field] for field in fields_in_scope(role)
-                               if field not in families.other_families_fields(family)},
-                     train_fingerprint=train.fingerprint())
+        raise ConfigError(
+            f"config.{kwargs_field}={values[kwargs_field]!r} with config.{model_field}="
+            f"{spec.model_name!r} cannot build a model for images {train.image_shape} (the images of "
+            f"{train.name!r}): {err}"
+        ) from err
+    return _RolePlan(
+        role=role,
+        spec=spec,
+        train=train,
+        heldout=run_data.heldout,
+        key=_role_key(values["seed"], role),
+        # Fields only another family reads never change this model (old workdirs stay resumable).
+        identity={
+            field: values[field]
+            for field in fields_in_scope(role)
+            if field not in families.other_families_fields(family)
+        },
+        train_fingerprint=train.fingerprint(),
+    )
 
 
 def _checkpoint_dir(role_dir: pathlib.Path) -> pathlib.Path:
     return role_dir / _CHECKPOINTS
 
 
-def _newest_good_checkpoint(plan: _RolePlan, role_dir: pathlib.Path) -> tuple[dict[str, Any] | None,
-                                                                             list[SkippedStep]]:
+def _newest_good_checkpoint(plan: _RolePlan, role_dir: pathlib.Path) -> tuple[dict[str, Any] | None, list[SkippedStep]]:
     """``config.restore_fallback``: the metadata of the newest checkpoint that verifies completely (files, arrays,
     digests) and the newer steps passed over; ``(None, [])`` without checkpoints. Refuses like
     :func:`_existing_checkpoint` a checkpoint of another run, and raises :class:`CheckpointCorruptError` when no
@@ -619,7 +661,8 @@ def _newest_good_checkpoint(plan: _RolePlan, role_dir: pathlib.Path) -> tuple[di
                 continue
         _, _, good, skipped = ckpt.restore_newest_good(
             abstract_params=abstract_params,
-            abstract_opt_state=abstract_like(jax.eval_shape(programs.optimizer.init, abstract_params)))
+            abstract_opt_state=abstract_like(jax.eval_shape(programs.optimizer.init, abstract_params)),
+        )
     return _existing_checkpoint(plan, role_dir, step=good["step"]), skipped
 
 
@@ -631,14 +674,18 @@ def _set_aside_bad_steps(plan: _RolePlan, role_dir: pathlib.Path, skipped: list[
         with Checkpointer(_checkpoint_dir(role_dir), create=False) as ckpt:
             for item in skipped:
                 destination = ckpt.set_aside(item.step, role_dir / _CORRUPT_CHECKPOINTS)
-                logging.warning("%s: skipped corrupt checkpoint step %d (%s); moved it to %s", plan.role, item.step,
-                                item.reason, destination)
+                logging.warning(
+                    "%s: skipped corrupt checkpoint step %d (%s); moved it to %s",
+                    plan.role,
+                    item.step,
+                    item.reason,
+                    destination,
+                )
                 moved.append({"step": item.step, "reason": item.reason, "moved_to": str(destination)})
     return moved
 
 
-def _existing_checkpoint(plan: _RolePlan, role_dir: pathlib.Path, *, step: int | None = None
-                         ) -> dict[str, Any] | None:
+def _existing_checkpoint(plan: _RolePlan, role_dir: pathlib.Path, *, step: int | None = None) -> dict[str, Any] | None:
     """The latest checkpoint's (or ``step``'s) metadata if it belongs to this plan, ``None`` if there is none; else
     refuses."""
     directory = _checkpoint_dir(role_dir)
@@ -650,15 +697,18 @@ def _existing_checkpoint(plan: _RolePlan, role_dir: pathlib.Path, *, step: int |
         saved = ckpt.read_metadata(step)
     differences = []
     if saved.get("role") != plan.role or saved.get("model") != plan.spec.model_name:
-        differences.append(f"role/model: {saved.get('role')!r}/{saved.get('model')!r} -> "
-                           f"{plan.role!r}/{plan.spec.model_name!r}")
+        differences.append(
+            f"role/model: {saved.get('role')!r}/{saved.get('model')!r} -> {plan.role!r}/{plan.spec.model_name!r}"
+        )
     saved_identity = saved.get("identity", {})
     differences += metadata_differences(saved_identity, plan.identity, sorted(set(saved_identity) | set(plan.identity)))
     role_key = jax.random.key_data(plan.key).tolist()
     if not saved.get("finished") and saved.get("role_key") != role_key:
         # Resuming must continue with the keys the uninterrupted run would have drawn.
-        differences.append(f"PRNG key of the role: {saved.get('role_key')} -> {role_key} (same seed, other key "
-                           "derivation: another JAX version?); resuming would not reproduce the uninterrupted run")
+        differences.append(
+            f"PRNG key of the role: {saved.get('role_key')} -> {role_key} (same seed, other key "
+            "derivation: another JAX version?); resuming would not reproduce the uninterrupted run"
+        )
     if saved.get("train_fingerprint") != plan.train_fingerprint:
         differences.append(
             f"training data: fingerprint {str(saved.get('train_fingerprint'))[:12]}... -> "
@@ -682,15 +732,16 @@ def _check_free_space(workdir: pathlib.Path, plans: list[_RolePlan], max_to_keep
         needed += 3 * param_bytes * (max_to_keep + 1)
     free = shutil.disk_usage(workdir).free
     if free < needed:
-        raise WorkdirError(f"workdir {str(workdir)!r} has {free / 2**20:.1f} MiB free; the checkpoints of this run "
-                           f"need about {needed / 2**20:.1f} MiB")
+        raise WorkdirError(
+            f"workdir {str(workdir)!r} has {free / 2**20:.1f} MiB free; the checkpoints of this run "
+            f"need about {needed / 2**20:.1f} MiB"
+        )
 
 
 # ------------------------------------------------------------------------------------------- evaluation
 
 
-def _evaluate(plan: _RolePlan, programs: _Programs, params: nnx.State,
-              excluded: tuple[int, ...]) -> dict[str, Any]:
+def _evaluate(plan: _RolePlan, programs: _Programs, params: nnx.State, excluded: tuple[int, ...]) -> dict[str, Any]:
     """Generative: the family's loss with a fixed key per example on held-out and training data (VAE: negative
     ELBO with KL weight 1 and one posterior sample, ``heldout_neg_elbo`` and its terms; DDPM: the epsilon loss at one
     random timestep, ``heldout_eps_loss``). Classifiers: accuracy and mean cross-entropy on the held-out data."""
@@ -707,7 +758,7 @@ def _evaluate(plan: _RolePlan, programs: _Programs, params: nnx.State,
     both = np.concatenate([plan.heldout.images, plan.train.images])
     labels = np.concatenate([plan.heldout.labels, plan.train.labels])
     terms = np.asarray(programs.evaluate(params, jnp.asarray(both), jnp.asarray(labels), eval_key))
-    heldout, train = terms[: len(plan.heldout)], terms[len(plan.heldout):]
+    heldout, train = terms[: len(plan.heldout)], terms[len(plan.heldout) :]
     loss = family.loss_metric
     metrics = {f"heldout_{loss}": float(heldout.sum(axis=1).mean())}
     if len(family.term_names) > 1:
@@ -729,12 +780,13 @@ def _tile(images: np.ndarray, columns: int) -> np.ndarray:
     for index, image in enumerate(images):
         row, column = divmod(index, columns)
         top, left = row * (height + 1), column * (width + 1)
-        grid[top: top + height, left: left + width] = image
+        grid[top : top + height, left : left + width] = image
     return grid
 
 
-def _write_samples_png(path: pathlib.Path, plan: _RolePlan, programs: _Programs, params: nnx.State,
-                       *, num_images: int, title: str) -> None:
+def _write_samples_png(
+    path: pathlib.Path, plan: _RolePlan, programs: _Programs, params: nnx.State, *, num_images: int, title: str
+) -> None:
     """PNG: samples from fixed noise (left); for a VAE, held-out images next to their reconstructions (right)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -742,22 +794,33 @@ def _write_samples_png(path: pathlib.Path, plan: _RolePlan, programs: _Programs,
     # Evenly spaced held-out examples: every class shows up even when the data is sorted by label.
     picks = np.linspace(0, len(plan.heldout) - 1, max(1, num_images // 2)).astype(np.int64)
     originals = plan.heldout.images[picks]
-    samples, reconstructions = jax.device_get(programs.draw(
-        params, jax.random.fold_in(plan.key, _SAMPLE_STREAM), jnp.asarray(originals), num_samples=num_images))
+    samples, reconstructions = jax.device_get(
+        programs.draw(
+            params, jax.random.fold_in(plan.key, _SAMPLE_STREAM), jnp.asarray(originals), num_samples=num_images
+        )
+    )
     columns = max(2, 2 * math.ceil(math.sqrt(num_images) / 2))
     if reconstructions is None:  # a DDPM: samples only
-        panels = [(_tile(samples, columns), "DDIM samples from x_T ~ N(0, I)"
-                   + (", labels 0, 1, ... row-wise" if families.Family.is_conditional(plan.model_kwargs) else ""))]
+        panels = [
+            (
+                _tile(samples, columns),
+                "DDIM samples from x_T ~ N(0, I)"
+                + (", labels 0, 1, ... row-wise" if families.Family.is_conditional(plan.model_kwargs) else ""),
+            )
+        ]
     else:
         interleaved = np.stack([originals, reconstructions], axis=1).reshape(-1, *originals.shape[1:])
-        panels = [(_tile(samples, columns), "samples, z ~ N(0, I)"),
-                  (_tile(interleaved, columns), "held-out | reconstruction (posterior mean)")]
+        panels = [
+            (_tile(samples, columns), "samples, z ~ N(0, I)"),
+            (_tile(interleaved, columns), "held-out | reconstruction (posterior mean)"),
+        ]
     figure = Figure(figsize=(10 if len(panels) > 1 else 7, 5.4), dpi=100)
     FigureCanvasAgg(figure)
     for axis, (grid, label) in zip(np.atleast_1d(figure.subplots(1, len(panels))), panels):
         gray = grid.shape[-1] == 1
-        axis.imshow(grid[..., 0] if gray else grid, cmap="gray" if gray else None, vmin=0.0, vmax=1.0,
-                    interpolation="nearest")
+        axis.imshow(
+            grid[..., 0] if gray else grid, cmap="gray" if gray else None, vmin=0.0, vmax=1.0, interpolation="nearest"
+        )
         axis.set_title(label, fontsize=10)
         axis.axis("off")
     figure.suptitle(title, fontsize=10)
@@ -797,9 +860,14 @@ def _progress_bar(enabled: bool, **kwargs: Any) -> Any:
     return tqdm(**kwargs)
 
 
-def _train_role(plan: _RolePlan, role_dir: pathlib.Path, saved: dict[str, Any] | None,
-                values: Mapping[str, Any], run_data: RunData,
-                mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+def _train_role(
+    plan: _RolePlan,
+    role_dir: pathlib.Path,
+    saved: dict[str, Any] | None,
+    values: Mapping[str, Any],
+    run_data: RunData,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, Any]:
     spec = plan.spec
     programs = _programs(spec, mesh)
     shardings = None if mesh is None else _state_shardings(programs.abstract_params, programs.optimizer, mesh)
@@ -822,11 +890,18 @@ def _train_role(plan: _RolePlan, role_dir: pathlib.Path, saved: dict[str, Any] |
                 # Restored straight onto this run's mesh, whatever the device count that saved it.
                 abstract_params, abstract_opt_state = _on_shardings((abstract_params, abstract_opt_state), shardings)
             params, opt_state, saved = ckpt.restore(
-                saved["step"], abstract_params=abstract_params, abstract_opt_state=abstract_opt_state)
+                saved["step"], abstract_params=abstract_params, abstract_opt_state=abstract_opt_state
+            )
             start_epoch, history = saved["epoch"], list(saved["history"])
             consecutive_nonfinite = saved["consecutive_nonfinite"]
-            logging.info("%s: resuming from step %d (epoch %d of %d) in %s", plan.role, saved["step"],
-                         start_epoch, spec.num_epochs, ckpt.directory)
+            logging.info(
+                "%s: resuming from step %d (epoch %d of %d) in %s",
+                plan.role,
+                saved["step"],
+                start_epoch,
+                spec.num_epochs,
+                ckpt.directory,
+            )
         resumed_from = None if saved is None else saved["step"]
 
         metadata = {
@@ -856,15 +931,22 @@ def _train_role(plan: _RolePlan, role_dir: pathlib.Path, saved: dict[str, Any] |
             else:
                 images, labels = parallel.put((plan.train.images, plan.train.labels), parallel.replicated(mesh))
             train_key = jax.random.fold_in(plan.key, _TRAIN_STREAM)
-            bar = _progress_bar(values["progress_bar"] and main_process, total=spec.num_epochs, initial=start_epoch,
-                                desc=f"{plan.role:>10}", unit="epoch", dynamic_ncols=True)
+            bar = _progress_bar(
+                values["progress_bar"] and main_process,
+                total=spec.num_epochs,
+                initial=start_epoch,
+                desc=f"{plan.role:>10}",
+                unit="epoch",
+                dynamic_ncols=True,
+            )
             with bar:
                 for epoch in range(start_epoch, spec.num_epochs):
                     epoch_key = jax.random.fold_in(train_key, epoch)
                     if mesh is not None:
                         epoch_key = parallel.put(epoch_key, parallel.replicated(mesh))
                     params, opt_state, batch_losses, finite = programs.train_epoch(
-                        params, opt_state, images, labels, epoch_key)
+                        params, opt_state, images, labels, epoch_key
+                    )
                     batch_losses, finite = np.asarray(batch_losses), np.asarray(finite)
                     step = (epoch + 1) * spec.num_batches
                     skipped = int((~finite).sum())
@@ -876,18 +958,27 @@ def _train_role(plan: _RolePlan, role_dir: pathlib.Path, saved: dict[str, Any] |
                             f"{plan.role} training diverged: the last {consecutive_nonfinite} steps (up to step "
                             f"{step}, epoch {epoch + 1}) had non-finite gradients and were skipped; nothing of "
                             "this epoch was saved. Lower the learning rate (config."
-                            f"{'' if plan.generative else 'classifier_'}learning_rate) or check the data")
+                            f"{'' if plan.generative else 'classifier_'}learning_rate) or check the data"
+                        )
                     mean_loss = float(batch_losses[finite].mean()) if finite.any() else float("nan")
                     history.append({"epoch": epoch + 1, "step": step, "loss": mean_loss, "skipped_steps": skipped})
                     bar.set_postfix(loss=f"{mean_loss:.4g}", refresh=False)
                     bar.update()
                     last = epoch + 1 == spec.num_epochs
                     if _should_checkpoint(step, spec.num_batches, values["checkpoint_every_steps"], last):
-                        ckpt.save(step, params, opt_state, metadata={
-                            **metadata, "epoch": epoch + 1, "finished": last, "history": history,
-                            "nonfinite_steps": sum(h["skipped_steps"] for h in history),
-                            "consecutive_nonfinite": consecutive_nonfinite,
-                        })
+                        ckpt.save(
+                            step,
+                            params,
+                            opt_state,
+                            metadata={
+                                **metadata,
+                                "epoch": epoch + 1,
+                                "finished": last,
+                                "history": history,
+                                "nonfinite_steps": sum(h["skipped_steps"] for h in history),
+                                "consecutive_nonfinite": consecutive_nonfinite,
+                            },
+                        )
         final_step = spec.num_epochs * spec.num_batches
         checkpoint_path = str(ckpt.step_path(final_step))
     train_seconds = time.perf_counter() - started
@@ -899,17 +990,26 @@ def _train_role(plan: _RolePlan, role_dir: pathlib.Path, saved: dict[str, Any] |
         family = families.family_of(spec.model_name)
         samples_path = role_dir / "samples.png"
         description = family.describe(plan.model_kwargs, dict(spec.family_settings))
-        _write_samples_png(samples_path, plan, programs, params, num_images=values["num_sample_images"],
-                           title=f"{spec.model_name} {description}, {spec.num_epochs} epochs, held-out "
-                                 f"{family.loss_label} {metrics[f'heldout_{family.loss_metric}']:.4g}")
+        _write_samples_png(
+            samples_path,
+            plan,
+            programs,
+            params,
+            num_images=values["num_sample_images"],
+            title=f"{spec.model_name} {description}, {spec.num_epochs} epochs, held-out "
+            f"{family.loss_label} {metrics[f'heldout_{family.loss_metric}']:.4g}",
+        )
         metrics["samples_png"] = str(samples_path)
     metrics.update(
         role=plan.role,
         model=spec.model_name,
         num_train=len(plan.train),
         num_heldout=len(plan.heldout),
-        heldout_data=(plan.heldout.name if values["eval_data"]
-                      else f"{values['data']} (stratified holdout {values['holdout_fraction']})"),
+        heldout_data=(
+            plan.heldout.name
+            if values["eval_data"]
+            else f"{values['data']} (stratified holdout {values['holdout_fraction']})"
+        ),
         epochs=spec.num_epochs,
         steps=final_step,
         final_train_loss=history[-1]["loss"] if history else None,
@@ -997,8 +1097,12 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
                 shutil.rmtree(workdir / plan.role, ignore_errors=True)
         parallel.barrier("train_and_evaluate:overwrite")
     # Damaged steps are moved aside by process 0 only (every process found the same ones); the others wait for it.
-    set_aside = {plan.role: _set_aside_bad_steps(plan, workdir / plan.role, skipped[plan.role])
-                 if parallel.is_main_process() else [] for plan in plans}
+    set_aside = {
+        plan.role: _set_aside_bad_steps(plan, workdir / plan.role, skipped[plan.role])
+        if parallel.is_main_process()
+        else []
+        for plan in plans
+    }
     parallel.barrier("train_and_evaluate:set_aside")
 
     results = {}
@@ -1040,8 +1144,9 @@ def _run_mesh(values: Mapping[str, Any], plans: list[_RolePlan]) -> jax.sharding
 
 def _on_shardings(abstract: Any, shardings: Any) -> Any:
     """``ShapeDtypeStruct`` restore targets carrying ``shardings`` (a pytree matching ``abstract``)."""
-    return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                        abstract, shardings)
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract, shardings
+    )
 
 
 def check_resumable(config: Any, workdir: str | pathlib.Path) -> dict[str, dict[str, Any] | None]:
@@ -1099,15 +1204,16 @@ def load_trained(workdir: str | pathlib.Path, role: str, *, mesh: jax.sharding.M
         metadata = ckpt.read_metadata()
         if metadata.get("role") != role:
             raise CheckpointMismatchError(
-                f"{str(directory)!r} holds a {metadata.get('role')!r} checkpoint, not a {role!r} one")
+                f"{str(directory)!r} holds a {metadata.get('role')!r} checkpoint, not a {role!r} one"
+            )
         if not metadata.get("finished"):
             raise CheckpointNotFoundError(
                 f"the {role} model in {str(workdir)!r} is not finished (epoch {metadata.get('epoch')} of "
-                f"{metadata.get('num_epochs')}); re-run the same train.py command to resume it")
+                f"{metadata.get('num_epochs')}); re-run the same train.py command to resume it"
+            )
         kwargs = dict(metadata["model_kwargs"])
         kwargs["image_shape"] = tuple(kwargs["image_shape"])
-        abstract_model = nnx.eval_shape(
-            lambda: models.build_model(metadata["model"], rngs=nnx.Rngs(0), **kwargs))
+        abstract_model = nnx.eval_shape(lambda: models.build_model(metadata["model"], rngs=nnx.Rngs(0), **kwargs))
         graphdef, abstract_params = nnx.split(abstract_model)
         abstract_params = abstract_like(abstract_params)
         if mesh is not None:

@@ -29,179 +29,179 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def accumulation_dtype(*dtypes: Any) -> jnp.dtype:
-  """The dtype inner products of leaves with these dtypes accumulate in.
+    """The dtype inner products of leaves with these dtypes accumulate in.
 
-  Args:
-    *dtypes: dtypes (or anything ``jnp.promote_types`` accepts).
+    Args:
+      *dtypes: dtypes (or anything ``jnp.promote_types`` accepts).
 
-  Returns:
-    ``float32`` for bfloat16/float16/float32 inputs, ``float64`` when any input
-    is float64.
-  """
-  result = jnp.dtype(jnp.float32)
-  for dtype in dtypes:
-    result = jnp.promote_types(result, dtype)
-  return result
+    Returns:
+      ``float32`` for bfloat16/float16/float32 inputs, ``float64`` when any input
+      is float64.
+    """
+    result = jnp.dtype(jnp.float32)
+    for dtype in dtypes:
+        result = jnp.promote_types(result, dtype)
+    return result
 
 
 def _tree_accumulation_dtype(*trees: PyTree) -> jnp.dtype:
-  return accumulation_dtype(
-      *(jnp.result_type(x) for t in trees for x in jax.tree.leaves(t)))
+    return accumulation_dtype(*(jnp.result_type(x) for t in trees for x in jax.tree.leaves(t)))
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-  """Inner product ``<a, b>`` over all leaves of two trees of one structure.
+    """Inner product ``<a, b>`` over all leaves of two trees of one structure.
 
-  Args:
-    a: a pytree of floating-point arrays.
-    b: a pytree with the structure and leaf shapes of ``a``.
+    Args:
+      a: a pytree of floating-point arrays.
+      b: a pytree with the structure and leaf shapes of ``a``.
 
-  Returns:
-    ``f32[]`` (``f64[]`` if a leaf is float64): ``sum_leaves sum(a * b)``,
-    accumulated in that dtype whatever the leaves' dtypes.
+    Returns:
+      ``f32[]`` (``f64[]`` if a leaf is float64): ``sum_leaves sum(a * b)``,
+      accumulated in that dtype whatever the leaves' dtypes.
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from gsu_jax.trees import tree_vdot
-    >>> a = {"w": jnp.ones((2, 3), jnp.bfloat16), "b": jnp.arange(3.0)}
-    >>> float(tree_vdot(a, a))
-    11.0
-  """
-  dtype = _tree_accumulation_dtype(a, b)
-  products = jax.tree.map(
-      lambda x, y: jnp.sum(jnp.asarray(x, dtype) * jnp.asarray(y, dtype)), a, b)
-  return sum(jax.tree.leaves(products), jnp.zeros([], dtype))
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gsu_jax.trees import tree_vdot
+      >>> a = {"w": jnp.ones((2, 3), jnp.bfloat16), "b": jnp.arange(3.0)}
+      >>> float(tree_vdot(a, a))
+      11.0
+    """
+    dtype = _tree_accumulation_dtype(a, b)
+    products = jax.tree.map(lambda x, y: jnp.sum(jnp.asarray(x, dtype) * jnp.asarray(y, dtype)), a, b)
+    return sum(jax.tree.leaves(products), jnp.zeros([], dtype))
 
 
 def tree_squared_norm(a: PyTree) -> jax.Array:
-  """``<a, a>``, accumulated like :func:`tree_vdot`."""
-  return tree_vdot(a, a)
+    """``<a, a>``, accumulated like :func:`tree_vdot`."""
+    return tree_vdot(a, a)
 
 
 def tree_max_abs(a: PyTree) -> jax.Array:
-  """``max |a|`` over all entries of all leaves (0 for a tree of empty leaves).
+    """``max |a|`` over all entries of all leaves (0 for a tree of empty leaves).
 
-  Args:
-    a: a pytree of floating-point arrays.
+    Args:
+      a: a pytree of floating-point arrays.
 
-  Returns:
-    a scalar in the accumulation dtype of ``a``.
-  """
-  dtype = _tree_accumulation_dtype(a)
-  maxima = [jnp.max(jnp.abs(jnp.asarray(x, dtype)), initial=0)
-            for x in jax.tree.leaves(a)]
-  return jnp.max(jnp.stack(maxima)) if maxima else jnp.zeros([], dtype)
+    Returns:
+      a scalar in the accumulation dtype of ``a``.
+    """
+    dtype = _tree_accumulation_dtype(a)
+    maxima = [jnp.max(jnp.abs(jnp.asarray(x, dtype)), initial=0) for x in jax.tree.leaves(a)]
+    return jnp.max(jnp.stack(maxima)) if maxima else jnp.zeros([], dtype)
 
 
 def tree_norm(a: PyTree) -> jax.Array:
-  """Euclidean norm of a tree, free of overflow and underflow.
+    """Euclidean norm of a tree, free of overflow and underflow.
 
-  The squares are taken of ``a / max|a|``, so the result is finite for every
-  finite tree (a plain ``sqrt(<a, a>)`` overflows float32 once entries reach
-  about 1e19 and underflows below 1e-19).
+    The squares are taken of ``a / max|a|``, so the result is finite for every
+    finite tree (a plain ``sqrt(<a, a>)`` overflows float32 once entries reach
+    about 1e19 and underflows below 1e-19).
 
-  Args:
-    a: a pytree of floating-point arrays.
+    Args:
+      a: a pytree of floating-point arrays.
 
-  Returns:
-    ``||a||`` as a scalar in the accumulation dtype of ``a``.
-  """
-  scale = tree_max_abs(a)
-  inverse = safe_reciprocal(scale)
-  scaled = jax.tree.map(lambda x: jnp.asarray(x, scale.dtype) * inverse, a)
-  return scale * jnp.sqrt(tree_squared_norm(scaled))
+    Returns:
+      ``||a||`` as a scalar in the accumulation dtype of ``a``.
+    """
+    scale = tree_max_abs(a)
+    inverse = safe_reciprocal(scale)
+    scaled = jax.tree.map(lambda x: jnp.asarray(x, scale.dtype) * inverse, a)
+    return scale * jnp.sqrt(tree_squared_norm(scaled))
 
 
 def safe_reciprocal(x: jax.Array) -> jax.Array:
-  """``1 / x`` where ``|x|`` is at least the smallest normal number, else 0.
+    """``1 / x`` where ``|x|`` is at least the smallest normal number, else 0.
 
-  Used to normalise a direction by its largest entry: a zero (or subnormal)
-  direction maps to the zero direction instead of to inf or NaN.
-  """
-  tiny = jnp.finfo(x.dtype).tiny
-  usable = jnp.abs(x) >= tiny
-  return jnp.where(usable, 1 / jnp.where(usable, x, 1), 0)
+    Used to normalise a direction by its largest entry: a zero (or subnormal)
+    direction maps to the zero direction instead of to inf or NaN.
+    """
+    tiny = jnp.finfo(x.dtype).tiny
+    usable = jnp.abs(x) >= tiny
+    return jnp.where(usable, 1 / jnp.where(usable, x, 1), 0)
 
 
 def tree_add_scaled(a: PyTree, b: PyTree, scale: jax.typing.ArrayLike) -> PyTree:
-  """``a + scale * b`` leaf by leaf, computed in float32 (or wider).
+    """``a + scale * b`` leaf by leaf, computed in float32 (or wider).
 
-  Args:
-    a: a pytree of floating-point arrays.
-    b: a pytree with the structure and leaf shapes of ``a``.
-    scale: a scalar.
+    Args:
+      a: a pytree of floating-point arrays.
+      b: a pytree with the structure and leaf shapes of ``a``.
+      scale: a scalar.
 
-  Returns:
-    a tree like ``a``, each leaf in ``a``'s dtype.
-  """
-  def add(x, y):
-    dtype = accumulation_dtype(x.dtype, y.dtype, jnp.result_type(scale))
-    return (x.astype(dtype) + scale * y.astype(dtype)).astype(x.dtype)
-  return jax.tree.map(add, a, b)
+    Returns:
+      a tree like ``a``, each leaf in ``a``'s dtype.
+    """
+
+    def add(x, y):
+        dtype = accumulation_dtype(x.dtype, y.dtype, jnp.result_type(scale))
+        return (x.astype(dtype) + scale * y.astype(dtype)).astype(x.dtype)
+
+    return jax.tree.map(add, a, b)
 
 
 def stacked_vdot(stacked: PyTree, tree: PyTree) -> jax.Array:
-  """Inner products ``<stacked[k], tree>`` for every index ``k`` of the stack.
+    """Inner products ``<stacked[k], tree>`` for every index ``k`` of the stack.
 
-  Args:
-    stacked: a pytree whose leaves are ``[K, *s]`` where ``tree``'s are ``s``.
-    tree: a pytree of floating-point arrays.
+    Args:
+      stacked: a pytree whose leaves are ``[K, *s]`` where ``tree``'s are ``s``.
+      tree: a pytree of floating-point arrays.
 
-  Returns:
-    ``f32[K]`` (float64 if a leaf is float64).
-  """
-  dtype = _tree_accumulation_dtype(stacked, tree)
+    Returns:
+      ``f32[K]`` (float64 if a leaf is float64).
+    """
+    dtype = _tree_accumulation_dtype(stacked, tree)
 
-  def products(s, t):
-    return jnp.sum((s.astype(dtype) * t.astype(dtype)).reshape(s.shape[0], -1),
-                   axis=1)
-  return sum(jax.tree.leaves(jax.tree.map(products, stacked, tree)))
+    def products(s, t):
+        return jnp.sum((s.astype(dtype) * t.astype(dtype)).reshape(s.shape[0], -1), axis=1)
+
+    return sum(jax.tree.leaves(jax.tree.map(products, stacked, tree)))
 
 
 def stacked_max_abs(stacked: PyTree) -> jax.Array:
-  """``max |stacked[k]|`` for every index ``k`` of the stack: ``f32[K]``."""
-  dtype = _tree_accumulation_dtype(stacked)
-  maxima = [jnp.max(jnp.abs(x.astype(dtype)).reshape(x.shape[0], -1),
-                    axis=1, initial=0)
-            for x in jax.tree.leaves(stacked)]
-  return jnp.max(jnp.stack(maxima), axis=0)
+    """``max |stacked[k]|`` for every index ``k`` of the stack: ``f32[K]``."""
+    dtype = _tree_accumulation_dtype(stacked)
+    maxima = [
+        jnp.max(jnp.abs(x.astype(dtype)).reshape(x.shape[0], -1), axis=1, initial=0) for x in jax.tree.leaves(stacked)
+    ]
+    return jnp.max(jnp.stack(maxima), axis=0)
 
 
 def stacked_gram(stacked: PyTree, row_scale: jax.Array) -> jax.Array:
-  """Gram matrix ``G[k, j] = <c_k stacked[k], c_j stacked[j]>``, ``c = row_scale``.
+    """Gram matrix ``G[k, j] = <c_k stacked[k], c_j stacked[j]>``, ``c = row_scale``.
 
-  Args:
-    stacked: a pytree whose leaves are ``[K, ...]``.
-    row_scale: ``f32[K]`` factors applied to each member before the products
-      (used to normalise each member so the products cannot overflow).
+    Args:
+      stacked: a pytree whose leaves are ``[K, ...]``.
+      row_scale: ``f32[K]`` factors applied to each member before the products
+        (used to normalise each member so the products cannot overflow).
 
-  Returns:
-    ``f32[K, K]`` (float64 if a leaf is float64).
-  """
-  dtype = accumulation_dtype(row_scale.dtype,
-                             _tree_accumulation_dtype(stacked))
+    Returns:
+      ``f32[K, K]`` (float64 if a leaf is float64).
+    """
+    dtype = accumulation_dtype(row_scale.dtype, _tree_accumulation_dtype(stacked))
 
-  def gram(x):
-    rows = x.astype(dtype).reshape(x.shape[0], -1) * row_scale[:, None]
-    return jnp.matmul(rows, rows.T, precision=_HIGHEST)
-  return sum(gram(x) for x in jax.tree.leaves(stacked))
+    def gram(x):
+        rows = x.astype(dtype).reshape(x.shape[0], -1) * row_scale[:, None]
+        return jnp.matmul(rows, rows.T, precision=_HIGHEST)
+
+    return sum(gram(x) for x in jax.tree.leaves(stacked))
 
 
 def stacked_combination(weights: jax.Array, stacked: PyTree) -> PyTree:
-  """``sum_k weights[k] * stacked[k]`` as a tree without the leading axis.
+    """``sum_k weights[k] * stacked[k]`` as a tree without the leading axis.
 
-  Args:
-    weights: ``f32[K]``.
-    stacked: a pytree whose leaves are ``[K, *s]``.
+    Args:
+      weights: ``f32[K]``.
+      stacked: a pytree whose leaves are ``[K, *s]``.
 
-  Returns:
-    a tree with leaves ``s``, in the accumulation dtype of weights and leaves.
-  """
-  def combine(x):
-    dtype = accumulation_dtype(weights.dtype, x.dtype)
-    return jnp.tensordot(weights.astype(dtype), x.astype(dtype), axes=1,
-                         precision=_HIGHEST)
-  return jax.tree.map(combine, stacked)
+    Returns:
+      a tree with leaves ``s``, in the accumulation dtype of weights and leaves.
+    """
+
+    def combine(x):
+        dtype = accumulation_dtype(weights.dtype, x.dtype)
+        return jnp.tensordot(weights.astype(dtype), x.astype(dtype), axes=1, precision=_HIGHEST)
+
+    return jax.tree.map(combine, stacked)
 
 
 def check_tree_match(
@@ -212,109 +212,110 @@ def check_tree_match(
     reference_name: str,
     leading_axis: bool = False,
 ) -> int | None:
-  """Checks that ``tree`` has the structure, leaf shapes and kinds of ``reference``.
+    """Checks that ``tree`` has the structure, leaf shapes and kinds of ``reference``.
 
-  Runs on static information only (structure, shapes, dtypes), so under
-  ``jax.jit`` it raises at trace time, before any computation.
+    Runs on static information only (structure, shapes, dtypes), so under
+    ``jax.jit`` it raises at trace time, before any computation.
 
-  Args:
-    tree: the tree to validate.
-    reference: the tree it must match.
-    tree_name: how error messages call ``tree`` (e.g. ``"direction"``).
-    reference_name: how error messages call ``reference`` (e.g. ``"updates"``).
-    leading_axis: if True, every leaf of ``tree`` must have one extra leading
-      axis, of the same size ``n >= 1`` on every leaf, in front of the shape of
-      the corresponding leaf of ``reference``: ``tree`` stacks ``n`` trees like
-      ``reference`` (per-example updates ``[B, ...]``, span directions
-      ``[K, ...]``).
+    Args:
+      tree: the tree to validate.
+      reference: the tree it must match.
+      tree_name: how error messages call ``tree`` (e.g. ``"direction"``).
+      reference_name: how error messages call ``reference`` (e.g. ``"updates"``).
+      leading_axis: if True, every leaf of ``tree`` must have one extra leading
+        axis, of the same size ``n >= 1`` on every leaf, in front of the shape of
+        the corresponding leaf of ``reference``: ``tree`` stacks ``n`` trees like
+        ``reference`` (per-example updates ``[B, ...]``, span directions
+        ``[K, ...]``).
 
-  Returns:
-    ``n`` when ``leading_axis`` is True, else None.
+    Returns:
+      ``n`` when ``leading_axis`` is True, else None.
 
-  Raises:
-    ValueError: the trees differ in structure (the message names the first leaf
-      path present in one tree and not at that position in the other, or the
-      container types when the paths agree), a leaf's shape differs (the message
-      names its path and both shapes), the leading axes disagree or are empty,
-      or (with ``leading_axis``) the trees have no leaves.
-    TypeError: a leaf of either tree is not a real floating-point array.
+    Raises:
+      ValueError: the trees differ in structure (the message names the first leaf
+        path present in one tree and not at that position in the other, or the
+        container types when the paths agree), a leaf's shape differs (the message
+        names its path and both shapes), the leading axes disagree or are empty,
+        or (with ``leading_axis``) the trees have no leaves.
+      TypeError: a leaf of either tree is not a real floating-point array.
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from gsu_jax.trees import check_tree_match
-    >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
-    >>> per_example = {"w": jnp.zeros((8, 3, 2)), "b": jnp.zeros((8, 2))}
-    >>> check_tree_match(per_example, params, tree_name="updates",
-    ...                  reference_name="direction", leading_axis=True)
-    8
-  """
-  tree_leaves, tree_def = jax.tree_util.tree_flatten_with_path(tree)
-  ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference)
-  tree_paths = [jax.tree_util.keystr(path) for path, _ in tree_leaves]
-  ref_paths = [jax.tree_util.keystr(path) for path, _ in ref_leaves]
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gsu_jax.trees import check_tree_match
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> per_example = {"w": jnp.zeros((8, 3, 2)), "b": jnp.zeros((8, 2))}
+      >>> check_tree_match(per_example, params, tree_name="updates",
+      ...                  reference_name="direction", leading_axis=True)
+      8
+    """
+    tree_leaves, tree_def = jax.tree_util.tree_flatten_with_path(tree)
+    ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference)
+    tree_paths = [jax.tree_util.keystr(path) for path, _ in tree_leaves]
+    ref_paths = [jax.tree_util.keystr(path) for path, _ in ref_leaves]
 
-  if tree_paths != ref_paths:
-    tree_set, ref_set = set(tree_paths), set(ref_paths)
-    missing = [path for path in ref_paths if path not in tree_set]
-    extra = [path for path in tree_paths if path not in ref_set]
-    if missing:
-      detail = f"{tree_name} has no leaf {reference_name}{missing[0]}"
-      if extra:
-        detail += f" (it has {tree_name}{extra[0]} instead)"
-    elif extra:
-      detail = f"{tree_name}{extra[0]} has no counterpart in {reference_name}"
-    else:
-      position = next(i for i, (a, b) in enumerate(zip(tree_paths, ref_paths))
-                      if a != b)
-      detail = (f"leaf {position} is {tree_name}{tree_paths[position]} but "
-                f"{reference_name}{ref_paths[position]}")
-    raise ValueError(
-        f"{tree_name} must have the tree structure of {reference_name}: "
-        f"{detail} ({len(tree_paths)} vs {len(ref_paths)} leaves).")
-  if tree_def != ref_def:
-    raise ValueError(
-        f"{tree_name} and {reference_name} have the same leaf paths but "
-        f"different container types: {tree_def} vs {ref_def}.")
-
-  for name, leaves in ((tree_name, tree_leaves), (reference_name, ref_leaves)):
-    for path, leaf in leaves:
-      dtype = jnp.result_type(leaf)
-      if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-            f"{name}{jax.tree_util.keystr(path)} has dtype {dtype}; only real "
-            "floating-point leaves (float32, bfloat16, float16, float64) are "
-            "allowed.")
-
-  if leading_axis and not tree_leaves:
-    raise ValueError(
-        f"{tree_name} has no leaves, so it has no leading axis to read.")
-
-  leading = None
-  leading_path = None
-  for (path, leaf), (_, ref_leaf) in zip(tree_leaves, ref_leaves):
-    shape, ref_shape = jnp.shape(leaf), jnp.shape(ref_leaf)
-    path_str = jax.tree_util.keystr(path)
-    if not leading_axis:
-      if shape != ref_shape:
+    if tree_paths != ref_paths:
+        tree_set, ref_set = set(tree_paths), set(ref_paths)
+        missing = [path for path in ref_paths if path not in tree_set]
+        extra = [path for path in tree_paths if path not in ref_set]
+        if missing:
+            detail = f"{tree_name} has no leaf {reference_name}{missing[0]}"
+            if extra:
+                detail += f" (it has {tree_name}{extra[0]} instead)"
+        elif extra:
+            detail = f"{tree_name}{extra[0]} has no counterpart in {reference_name}"
+        else:
+            position = next(i for i, (a, b) in enumerate(zip(tree_paths, ref_paths)) if a != b)
+            detail = f"leaf {position} is {tree_name}{tree_paths[position]} but {reference_name}{ref_paths[position]}"
         raise ValueError(
-            f"{tree_name}{path_str} has shape {shape} but "
-            f"{reference_name}{path_str} has shape {ref_shape}; they must be "
-            "equal.")
-      continue
-    if len(shape) != len(ref_shape) + 1 or shape[1:] != ref_shape:
-      raise ValueError(
-          f"{tree_name}{path_str} has shape {shape}; expected one leading axis "
-          f"in front of the shape of {reference_name}{path_str}, i.e. "
-          f"(n, *{ref_shape}).")
-    if leading is None:
-      leading, leading_path = shape[0], path_str
-    elif shape[0] != leading:
-      raise ValueError(
-          f"every leaf of {tree_name} must have the same leading axis: "
-          f"{tree_name}{leading_path} has {leading}, {tree_name}{path_str} "
-          f"has {shape[0]}.")
-  if leading_axis and leading == 0:
-    raise ValueError(
-        f"{tree_name} has an empty leading axis (size 0); at least one entry "
-        "is needed.")
-  return leading
+            f"{tree_name} must have the tree structure of {reference_name}: "
+            f"{detail} ({len(tree_paths)} vs {len(ref_paths)} leaves)."
+        )
+    if tree_def != ref_def:
+        raise ValueError(
+            f"{tree_name} and {reference_name} have the same leaf paths but "
+            f"different container types: {tree_def} vs {ref_def}."
+        )
+
+    for name, leaves in ((tree_name, tree_leaves), (reference_name, ref_leaves)):
+        for path, leaf in leaves:
+            dtype = jnp.result_type(leaf)
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise TypeError(
+                    f"{name}{jax.tree_util.keystr(path)} has dtype {dtype}; only real "
+                    "floating-point leaves (float32, bfloat16, float16, float64) are "
+                    "allowed."
+                )
+
+    if leading_axis and not tree_leaves:
+        raise ValueError(f"{tree_name} has no leaves, so it has no leading axis to read.")
+
+    leading = None
+    leading_path = None
+    for (path, leaf), (_, ref_leaf) in zip(tree_leaves, ref_leaves):
+        shape, ref_shape = jnp.shape(leaf), jnp.shape(ref_leaf)
+        path_str = jax.tree_util.keystr(path)
+        if not leading_axis:
+            if shape != ref_shape:
+                raise ValueError(
+                    f"{tree_name}{path_str} has shape {shape} but "
+                    f"{reference_name}{path_str} has shape {ref_shape}; they must be "
+                    "equal."
+                )
+            continue
+        if len(shape) != len(ref_shape) + 1 or shape[1:] != ref_shape:
+            raise ValueError(
+                f"{tree_name}{path_str} has shape {shape}; expected one leading axis "
+                f"in front of the shape of {reference_name}{path_str}, i.e. "
+                f"(n, *{ref_shape})."
+            )
+        if leading is None:
+            leading, leading_path = shape[0], path_str
+        elif shape[0] != leading:
+            raise ValueError(
+                f"every leaf of {tree_name} must have the same leading axis: "
+                f"{tree_name}{leading_path} has {leading}, {tree_name}{path_str} "
+                f"has {shape[0]}."
+            )
+    if leading_axis and leading == 0:
+        raise ValueError(f"{tree_name} has an empty leading axis (size 0); at least one entry is needed.")
+    return leading

@@ -143,7 +143,6 @@ from gsu_jax.config_validation import (
     Field,
     at_least,
     default_train_config,
-    fields_in_scope,
     one_of,
     parse_class_list,
     validate_config,
@@ -205,74 +204,196 @@ def _tree_all_finite(tree: Any) -> jax.Array:
     """``bool[]``: every element of every leaf is finite (integer leaves always are)."""
     leaves = jax.tree.leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.bool_(True)
+
+
 # Independent key streams (folded into the root key by name).
 _ROOT_SEED = 0
 _DATA_STREAM = 1
 
 UNLEARN_SCHEMA: dict[str, Field] = {
-    "forget_classes": Field("1", str, "a comma-separated list of class indices, e.g. '1' or '1,7'", None, "run",
-                            "Classes to unlearn."),
-    "methods": Field(f"{methods.RECOMMENDED_METHOD},sa_gated,pcgrad,sa,s,ascent", str,
-                     f"'all' or a comma-separated list of {', '.join(methods.METHODS)}", None, "run",
-                     "Unlearning methods to run (gsu_jax.methods registry), in table order."),
+    "forget_classes": Field(
+        "1", str, "a comma-separated list of class indices, e.g. '1' or '1,7'", None, "run", "Classes to unlearn."
+    ),
+    "methods": Field(
+        f"{methods.RECOMMENDED_METHOD},sa_gated,pcgrad,sa,s,ascent",
+        str,
+        f"'all' or a comma-separated list of {', '.join(methods.METHODS)}",
+        None,
+        "run",
+        "Unlearning methods to run (gsu_jax.methods registry), in table order.",
+    ),
     "seeds": Field(3, int, "an integer >= 1", at_least(1), "run", "Number of seeds per method."),
     "first_seed": Field(0, int, "an integer >= 0", at_least(0), "run", "Seeds are first_seed .. first_seed+seeds-1."),
-    "threshold": Field("auto", str, "'auto' or a number in (0, 1)", None, "run",
-                       "Stop at the first step with forget fraction below this; auto = oracle + 2 binomial SE."),
-    "monitor_samples": Field(1024, int, "an integer >= 1", at_least(1), "run",
-                             "Samples decoded from the fixed monitoring z at every step."),
-    "published_threshold": Field(0.02, float, "a number in (0, 1)", within(0.0, 1.0, low_open=True, high_open=True),
-                                 "run", "The published stopping threshold, reported beside the main one."),
-    "published_monitor_samples": Field(128, int, "an integer >= 1", at_least(1), "run",
-                                       "Monitoring samples of the published setting (the first ones of the same z)."),
+    "threshold": Field(
+        "auto",
+        str,
+        "'auto' or a number in (0, 1)",
+        None,
+        "run",
+        "Stop at the first step with forget fraction below this; auto = oracle + 2 binomial SE.",
+    ),
+    "monitor_samples": Field(
+        1024, int, "an integer >= 1", at_least(1), "run", "Samples decoded from the fixed monitoring z at every step."
+    ),
+    "published_threshold": Field(
+        0.02,
+        float,
+        "a number in (0, 1)",
+        within(0.0, 1.0, low_open=True, high_open=True),
+        "run",
+        "The published stopping threshold, reported beside the main one.",
+    ),
+    "published_monitor_samples": Field(
+        128,
+        int,
+        "an integer >= 1",
+        at_least(1),
+        "run",
+        "Monitoring samples of the published setting (the first ones of the same z).",
+    ),
     "max_steps": Field(50, int, "an integer >= 1", at_least(1), "run", "Step budget per run."),
-    "continue_to_budget": Field(True, bool, "True or False", None, "run",
-                                "Keep stepping after the stop to the budget (the protocol's FID at the end)."),
+    "continue_to_budget": Field(
+        True,
+        bool,
+        "True or False",
+        None,
+        "run",
+        "Keep stepping after the stop to the budget (the protocol's FID at the end).",
+    ),
     "batch_size": Field(128, int, "an integer >= 1", at_least(1), "run", "Forget examples per step."),
     "retain_batch_size": Field(128, int, "an integer >= 1", at_least(1), "run", "Retain examples per step."),
-    "chunk_size": Field(0, int, "an integer >= 0 (0: whole batches)", at_least(0), "run",
-                        "Examples differentiated at once in every pass of a method step over a batch "
-                        "(gsu_jax.methods.make_method's chunk_size): bounds activation memory at large batches; "
-                        "the update is the same to float32 rounding. 0 processes each batch at once."),
-    "optimizer": Field({"name": "adam", "learning_rate": 1e-3}, dict,
-                       f"{{'name': one of {', '.join(OPTIMIZERS)}, 'learning_rate': a number > 0, ...kwargs}}",
-                       None, "run", "The unlearning optimizer (Adam 1e-3 in the protocol)."),
-    "method_optimizers": Field({}, dict, "{method name: {'learning_rate': ..., 'name': ...}} (fields override "
-                               "config.optimizer)", None, "run",
-                               "Per-method optimizer overrides (recorded per method in the report)."),
-    "method_hparams": Field({}, dict, "{method name: {hyperparameter: value}}", None, "run",
-                            "Hyperparameters per method (see gsu_jax.methods.METHODS[name].hparams)."),
-    "gated_target": Field("oracle", str, "'oracle', 'heldout' or a number", None, "run",
-                          "sa_gated's forget_loss_target: the oracle's mean forget loss, the original model's "
-                          "on held-out forget-class examples, or a given number."),
-    "gated_target_scale": Field(1.0, float, "a number > 0", lambda v: v > 0, "run",
-                                "sa_gated's target = L_orig + scale * (L_ref - L_orig) on the forget training "
-                                "examples (L_ref from gated_target; 1 = the reference level itself)."),
-    "guidance_weight": Field(0.0, float, "a number >= 0", at_least(0.0), "run",
-                             "Weight of the classifier uniformity term (guidance classifier); > 0 labels +guided."),
-    "guidance_samples": Field(128, int, "an integer >= 1", at_least(1), "run",
-                              "Latents decoded per step by the guidance term."),
+    "chunk_size": Field(
+        0,
+        int,
+        "an integer >= 0 (0: whole batches)",
+        at_least(0),
+        "run",
+        "Examples differentiated at once in every pass of a method step over a batch "
+        "(gsu_jax.methods.make_method's chunk_size): bounds activation memory at large batches; "
+        "the update is the same to float32 rounding. 0 processes each batch at once.",
+    ),
+    "optimizer": Field(
+        {"name": "adam", "learning_rate": 1e-3},
+        dict,
+        f"{{'name': one of {', '.join(OPTIMIZERS)}, 'learning_rate': a number > 0, ...kwargs}}",
+        None,
+        "run",
+        "The unlearning optimizer (Adam 1e-3 in the protocol).",
+    ),
+    "method_optimizers": Field(
+        {},
+        dict,
+        "{method name: {'learning_rate': ..., 'name': ...}} (fields override config.optimizer)",
+        None,
+        "run",
+        "Per-method optimizer overrides (recorded per method in the report).",
+    ),
+    "method_hparams": Field(
+        {},
+        dict,
+        "{method name: {hyperparameter: value}}",
+        None,
+        "run",
+        "Hyperparameters per method (see gsu_jax.methods.METHODS[name].hparams).",
+    ),
+    "gated_target": Field(
+        "oracle",
+        str,
+        "'oracle', 'heldout' or a number",
+        None,
+        "run",
+        "sa_gated's forget_loss_target: the oracle's mean forget loss, the original model's "
+        "on held-out forget-class examples, or a given number.",
+    ),
+    "gated_target_scale": Field(
+        1.0,
+        float,
+        "a number > 0",
+        lambda v: v > 0,
+        "run",
+        "sa_gated's target = L_orig + scale * (L_ref - L_orig) on the forget training "
+        "examples (L_ref from gated_target; 1 = the reference level itself).",
+    ),
+    "guidance_weight": Field(
+        0.0,
+        float,
+        "a number >= 0",
+        at_least(0.0),
+        "run",
+        "Weight of the classifier uniformity term (guidance classifier); > 0 labels +guided.",
+    ),
+    "guidance_samples": Field(
+        128, int, "an integer >= 1", at_least(1), "run", "Latents decoded per step by the guidance term."
+    ),
     "fid_samples": Field(5000, int, "an integer >= 2", at_least(2), "run", "Generated samples per FID."),
-    "monitor_sample_steps": Field(10, int, "an integer >= 1", at_least(1), "run",
-                                  "DDIM steps of the monitoring samples (DDPM; a VAE decodes in one pass)."),
-    "fid_sample_steps": Field(50, int, "an integer >= 1", at_least(1), "run",
-                              "DDIM steps of the FID samples, the sample grids and the class-conditional protocol "
-                              "(DDPM; a VAE decodes in one pass)."),
-    "elbo_samples": Field(4, int, "an integer >= 1", at_least(1), "run",
-                          "Loss draws averaged per example in held-out and MIA losses (VAE: reparameterisation "
-                          "samples; DDPM: timestep and noise), with fixed keys."),
+    "monitor_sample_steps": Field(
+        10,
+        int,
+        "an integer >= 1",
+        at_least(1),
+        "run",
+        "DDIM steps of the monitoring samples (DDPM; a VAE decodes in one pass).",
+    ),
+    "fid_sample_steps": Field(
+        50,
+        int,
+        "an integer >= 1",
+        at_least(1),
+        "run",
+        "DDIM steps of the FID samples, the sample grids and the class-conditional protocol "
+        "(DDPM; a VAE decodes in one pass).",
+    ),
+    "elbo_samples": Field(
+        4,
+        int,
+        "an integer >= 1",
+        at_least(1),
+        "run",
+        "Loss draws averaged per example in held-out and MIA losses (VAE: reparameterisation "
+        "samples; DDPM: timestep and noise), with fixed keys.",
+    ),
     "grid_samples": Field(64, int, "an integer in [1, 400]", within(1, 400), "run", "Samples per PNG panel."),
-    "save_params": Field("first_seed", str, "one of " + ", ".join(_SAVE_PARAMS), one_of(_SAVE_PARAMS), "run",
-                         "Which seeds' unlearned parameters are saved with orbax."),
-    "checkpoint": Field("", str, "'' (train what is missing) or a train.py workdir", None, "run",
-                        "train.py workdir holding the generative model (and evaluator/guidance roles)."),
-    "oracle_checkpoint": Field("", str, "'' (train it) or a train.py workdir of the oracle", None, "run",
-                               "train.py workdir of the model retrained without the forget classes."),
-    "train_dir": Field("", str, "'' (<workdir>/train) or a directory", None, "run",
-                       "Where missing models are trained (a cache that may be shared between workdirs)."),
+    "save_params": Field(
+        "first_seed",
+        str,
+        "one of " + ", ".join(_SAVE_PARAMS),
+        one_of(_SAVE_PARAMS),
+        "run",
+        "Which seeds' unlearned parameters are saved with orbax.",
+    ),
+    "checkpoint": Field(
+        "",
+        str,
+        "'' (train what is missing) or a train.py workdir",
+        None,
+        "run",
+        "train.py workdir holding the generative model (and evaluator/guidance roles).",
+    ),
+    "oracle_checkpoint": Field(
+        "",
+        str,
+        "'' (train it) or a train.py workdir of the oracle",
+        None,
+        "run",
+        "train.py workdir of the model retrained without the forget classes.",
+    ),
+    "train_dir": Field(
+        "",
+        str,
+        "'' (<workdir>/train) or a directory",
+        None,
+        "run",
+        "Where missing models are trained (a cache that may be shared between workdirs).",
+    ),
     "progress": Field(True, bool, "True or False", None, "run", "Print one progress line per phase and run."),
-    "train": Field({}, dict, "a train.py config (configs/mnist_vae.py)", None, "run",
-                   "The train config of every model trained here (oracle: + exclude_classes)."),
+    "train": Field(
+        {},
+        dict,
+        "a train.py config (configs/mnist_vae.py)",
+        None,
+        "run",
+        "The train config of every model trained here (oracle: + exclude_classes).",
+    ),
     # Devices and hosts of everything this run computes, the models it trains included (they replace
     # train.mesh / train.distributed, which never change a result).
     **PARALLEL_SCHEMA,
@@ -289,17 +410,29 @@ def default_unlearn_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     for name, field in UNLEARN_SCHEMA.items():
         if name == "method_hparams":
-            config.method_hparams = ml_collections.ConfigDict({
-                method: {key: _hparam_default(hparam) for key, hparam in record.hparams.items()
-                         if hparam.default is not methods.REQUIRED}
-                for method, record in methods.METHODS.items()})
+            config.method_hparams = ml_collections.ConfigDict(
+                {
+                    method: {
+                        key: _hparam_default(hparam)
+                        for key, hparam in record.hparams.items()
+                        if hparam.default is not methods.REQUIRED
+                    }
+                    for method, record in methods.METHODS.items()
+                }
+            )
         elif name == "method_optimizers":
             # Unset (None) means "config.optimizer"; set e.g. --config.method_optimizers.sa_gated.learning_rate=3e-3.
             # A method whose record names the learning rate its defaults were measured with starts with that one.
-            config.method_optimizers = ml_collections.ConfigDict({
-                method: {"learning_rate": ml_collections.config_dict.placeholder(float)
-                         if record.learning_rate is None else float(record.learning_rate)}
-                for method, record in methods.METHODS.items()})
+            config.method_optimizers = ml_collections.ConfigDict(
+                {
+                    method: {
+                        "learning_rate": ml_collections.config_dict.placeholder(float)
+                        if record.learning_rate is None
+                        else float(record.learning_rate)
+                    }
+                    for method, record in methods.METHODS.items()
+                }
+            )
         elif name == "train":
             config.train = default_train_config()
         elif field.kind is dict:
@@ -419,12 +552,15 @@ def _parse_methods(value: str) -> tuple[str, ...]:
     if names == ("all",):
         return tuple(methods.METHODS)
     if not names:
-        raise _refuse(f"config.methods={value!r} is empty; allowed: 'all' or a comma-separated list of "
-                      f"{', '.join(methods.METHODS)}")
+        raise _refuse(
+            f"config.methods={value!r} is empty; allowed: 'all' or a comma-separated list of "
+            f"{', '.join(methods.METHODS)}"
+        )
     for name in names:
         if name not in methods.METHODS:
-            raise _refuse(f"config.methods: unknown method {name!r}; allowed: 'all' or any of "
-                          f"{', '.join(methods.METHODS)}")
+            raise _refuse(
+                f"config.methods: unknown method {name!r}; allowed: 'all' or any of {', '.join(methods.METHODS)}"
+            )
     if len(set(names)) != len(names):
         raise _refuse(f"config.methods={value!r} lists a method twice; list each once")
     return names
@@ -448,8 +584,11 @@ def _parse_optimizer(value: Mapping[str, Any], *, field: str = "optimizer") -> d
     learning_rate = spec.pop("learning_rate", None)
     if name not in OPTIMIZERS:
         raise _refuse(f"config.{field}.name={name!r} is invalid; allowed: {', '.join(OPTIMIZERS)}")
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not (
-            math.isfinite(learning_rate) and learning_rate > 0):
+    if (
+        isinstance(learning_rate, bool)
+        or not isinstance(learning_rate, (int, float))
+        or not (math.isfinite(learning_rate) and learning_rate > 0)
+    ):
         raise _refuse(f"config.{field}.learning_rate={learning_rate!r} is invalid; allowed: a number > 0")
     try:
         getattr(optax, name)(learning_rate, **spec)
@@ -470,8 +609,10 @@ def _parse_method_hparams(value: Mapping[str, Any], names: Sequence[str]) -> dic
         if name not in methods.METHODS:
             raise _refuse(f"config.method_hparams: unknown method {name!r}; allowed: {', '.join(methods.METHODS)}")
         if not isinstance(hparams, Mapping):
-            raise _refuse(f"config.method_hparams.{name}={hparams!r} is invalid; allowed: a mapping of "
-                          "hyperparameter names to values")
+            raise _refuse(
+                f"config.method_hparams.{name}={hparams!r} is invalid; allowed: a mapping of "
+                "hyperparameter names to values"
+            )
         result[name] = dict(hparams)
     for name in names:
         trial = dict(result.get(name, {}))
@@ -520,22 +661,30 @@ def _loaded_checkpoint_config(path: pathlib.Path, *, field: str) -> dict[str, An
         raise _refuse(f"config.{field}={str(path)!r} not found; allowed: a train.py workdir (or '' to train one)")
     roles_present = [role for role in ROLES if (path / role / "checkpoints").is_dir()]
     if not roles_present:
-        raise _refuse(f"config.{field}={str(path)!r} holds no train.py checkpoint (no <role>/checkpoints); "
-                      "allowed: a train.py workdir")
+        raise _refuse(
+            f"config.{field}={str(path)!r} holds no train.py checkpoint (no <role>/checkpoints); "
+            "allowed: a train.py workdir"
+        )
     try:
         saved = _checkpoint_metadata(path, "generative")
     except checkpointing.CheckpointError as err:
         raise _refuse(f"config.{field}={str(path)!r}: {err}") from err
     if saved is None:
-        raise _refuse(f"config.{field}={str(path)!r} holds no generative model (roles present: "
-                      f"{', '.join(roles_present)}); allowed: a train.py workdir with a trained VAE")
+        raise _refuse(
+            f"config.{field}={str(path)!r} holds no generative model (roles present: "
+            f"{', '.join(roles_present)}); allowed: a train.py workdir with a trained VAE"
+        )
     generative_models = sorted(name for family in families.FAMILIES.values() for name in family.models)
     if saved.get("role") != "generative" or saved.get("model") not in generative_models:
-        raise _refuse(f"config.{field}={str(path)!r} holds a {saved.get('model')!r} {saved.get('role')!r} model, "
-                      f"not a generative one; allowed: a workdir with one of {', '.join(generative_models)}")
+        raise _refuse(
+            f"config.{field}={str(path)!r} holds a {saved.get('model')!r} {saved.get('role')!r} model, "
+            f"not a generative one; allowed: a workdir with one of {', '.join(generative_models)}"
+        )
     if not saved.get("finished"):
-        raise _refuse(f"config.{field}={str(path)!r}: its generative model is not finished (epoch "
-                      f"{saved.get('epoch')} of {saved.get('num_epochs')}); resume it with train.py first")
+        raise _refuse(
+            f"config.{field}={str(path)!r}: its generative model is not finished (epoch "
+            f"{saved.get('epoch')} of {saved.get('num_epochs')}); resume it with train.py first"
+        )
     # Checkpoints written before the DDPM fields existed lack them; they never read them (see gsu_jax.generative).
     defaults = default_train_config()
     saved_config = {**{name: defaults[name] for name in families.FAMILIES["ddpm"].fields}, **saved["config"]}
@@ -604,15 +753,17 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
     method_optimizers = {}
     for name, override in values["method_optimizers"].items():
         if name not in methods.METHODS:
-            raise _refuse(f"config.method_optimizers: unknown method {name!r}; allowed: "
-                          f"{', '.join(methods.METHODS)}")
+            raise _refuse(f"config.method_optimizers: unknown method {name!r}; allowed: {', '.join(methods.METHODS)}")
         if not isinstance(override, Mapping):
-            raise _refuse(f"config.method_optimizers.{name}={override!r} is invalid; allowed: a mapping like "
-                          "{'learning_rate': 3e-3}")
+            raise _refuse(
+                f"config.method_optimizers.{name}={override!r} is invalid; allowed: a mapping like "
+                "{'learning_rate': 3e-3}"
+            )
         override = {key: value for key, value in override.items() if value is not None}
         if override:
-            method_optimizers[name] = _parse_optimizer({**values["optimizer"], **override},
-                                                       field=f"method_optimizers.{name}")
+            method_optimizers[name] = _parse_optimizer(
+                {**values["optimizer"], **override}, field=f"method_optimizers.{name}"
+            )
     values["method_optimizers"] = method_optimizers
     method_hparams = _parse_method_hparams(values["method_hparams"], names)
     if values["forget_classes"].strip() == "":
@@ -643,12 +794,16 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
     except ConfigError as err:
         raise _refuse(str(err).replace("config.", "config.train.", 1)) from err
     if run_data.excluded_classes:
-        raise _refuse(f"the original model's train config excludes classes {list(run_data.excluded_classes)}: it "
-                      "is an oracle, not a model to unlearn from; allowed: a config with exclude_classes=''")
+        raise _refuse(
+            f"the original model's train config excludes classes {list(run_data.excluded_classes)}: it "
+            "is an oracle, not a model to unlearn from; allowed: a config with exclude_classes=''"
+        )
     out_of_range = [c for c in forget_classes if c >= run_data.train.num_classes]
     if out_of_range:
-        raise _refuse(f"config.forget_classes={values['forget_classes']!r} names class {out_of_range[0]}; allowed: "
-                      f"classes 0..{run_data.train.num_classes - 1} of the data")
+        raise _refuse(
+            f"config.forget_classes={values['forget_classes']!r} names class {out_of_range[0]}; allowed: "
+            f"classes 0..{run_data.train.num_classes - 1} of the data"
+        )
     try:
         forget_idx, retain_idx = data_lib.select_forget_retain(run_data.train.labels, classes=list(forget_classes))
     except (ValueError, TypeError) as err:
@@ -659,12 +814,15 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
             if math.isnan(float(values["gated_target"])):
                 raise ValueError
         except ValueError:
-            raise _refuse(f"config.gated_target={values['gated_target']!r} is invalid; allowed: 'oracle', "
-                          "'heldout' or a number") from None
+            raise _refuse(
+                f"config.gated_target={values['gated_target']!r} is invalid; allowed: 'oracle', 'heldout' or a number"
+            ) from None
 
     if values["guidance_weight"] > 0 and train_values["model"] not in models.VAE_MODELS:
-        raise _refuse(f"config.guidance_weight={values['guidance_weight']!r} is VAE-only (the uniformity term decodes "
-                      f"latents); allowed for model {train_values['model']!r}: 0")
+        raise _refuse(
+            f"config.guidance_weight={values['guidance_weight']!r} is VAE-only (the uniformity term decodes "
+            f"latents); allowed for model {train_values['model']!r}: 0"
+        )
     # Roles needed besides the generative model: the evaluator always, the guidance classifier when guided.
     classifier_roles = ("evaluator", "guidance") if values["guidance_weight"] > 0 else ("evaluator",)
     if not values["checkpoint"]:
@@ -677,17 +835,18 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
         # writing into the user's checkpoint.
         classifier_dir, train_classifiers = train_dir / "classifiers", classifier_roles
 
-    oracle_values = dict(train_values, exclude_classes=",".join(str(c) for c in forget_classes),
-                         roles="generative")
+    oracle_values = dict(train_values, exclude_classes=",".join(str(c) for c in forget_classes), roles="generative")
     oracle_values = _train_values(oracle_values, field="train")
     if values["oracle_checkpoint"]:
         oracle_dir = pathlib.Path(values["oracle_checkpoint"]).expanduser().absolute()
         saved_oracle = _loaded_checkpoint_config(oracle_dir, field="oracle_checkpoint")
         saved_excluded = tuple(sorted(parse_class_list(saved_oracle["exclude_classes"])))
         if saved_excluded != tuple(sorted(forget_classes)):
-            raise _refuse(f"config.oracle_checkpoint={str(oracle_dir)!r} was trained without classes "
-                          f"{list(saved_excluded)}, not the forget classes {list(forget_classes)}; allowed: an "
-                          "oracle trained with exclude_classes equal to forget_classes")
+            raise _refuse(
+                f"config.oracle_checkpoint={str(oracle_dir)!r} was trained without classes "
+                f"{list(saved_excluded)}, not the forget classes {list(forget_classes)}; allowed: an "
+                "oracle trained with exclude_classes equal to forget_classes"
+            )
         oracle_values, train_oracle = dict(saved_oracle, mesh=values["mesh"], distributed=values["distributed"]), False
     else:
         oracle_dir, train_oracle = train_dir / "oracle", True
@@ -745,14 +904,20 @@ def check_classifier_independence(evaluator: training.TrainedModel, guidance: tr
         RuntimeError: any check fails.
     """
     evidence = {
-        "evaluator": {"role": evaluator.metadata.get("role"), "seed": evaluator.metadata.get("seed"),
-                      "params_digest": evaluator.metadata.get("params_digest"),
-                      "train_fingerprint": evaluator.metadata.get("train_fingerprint"),
-                      "num_train": evaluator.metadata.get("num_train")},
-        "guidance": {"role": guidance.metadata.get("role"), "seed": guidance.metadata.get("seed"),
-                     "params_digest": guidance.metadata.get("params_digest"),
-                     "train_fingerprint": guidance.metadata.get("train_fingerprint"),
-                     "num_train": guidance.metadata.get("num_train")},
+        "evaluator": {
+            "role": evaluator.metadata.get("role"),
+            "seed": evaluator.metadata.get("seed"),
+            "params_digest": evaluator.metadata.get("params_digest"),
+            "train_fingerprint": evaluator.metadata.get("train_fingerprint"),
+            "num_train": evaluator.metadata.get("num_train"),
+        },
+        "guidance": {
+            "role": guidance.metadata.get("role"),
+            "seed": guidance.metadata.get("seed"),
+            "params_digest": guidance.metadata.get("params_digest"),
+            "train_fingerprint": guidance.metadata.get("train_fingerprint"),
+            "num_train": guidance.metadata.get("num_train"),
+        },
     }
     problems = []
     if evaluator.params is guidance.params:
@@ -821,8 +986,10 @@ class _Evaluation:
         def monitor(gen_params, eval_params, z, labels):
             images = monitor_generate(gen_params, z, labels)
             logits = models.classifier_logits(eval_graphdef, eval_params, images)
-            return (metrics.forget_fraction_from_logits(logits[:num_monitor], forget),
-                    metrics.forget_fraction_from_logits(logits[:num_published], forget))
+            return (
+                metrics.forget_fraction_from_logits(logits[:num_monitor], forget),
+                metrics.forget_fraction_from_logits(logits[:num_published], forget),
+            )
 
         @jax.jit
         def sample_outputs(gen_params, eval_params, z, labels):
@@ -851,14 +1018,26 @@ class _Evaluation:
         heldout_forget = np.flatnonzero(np.isin(run_data.heldout.labels, plan.forget_classes))
         heldout_retain = np.flatnonzero(~np.isin(run_data.heldout.labels, plan.forget_classes))
         if heldout_forget.size == 0 or heldout_retain.size == 0:
-            raise RuntimeError("the held-out data has no examples of the forget classes or none of the retained "
-                               "ones; membership inference and held-out losses need both (raise holdout_fraction)")
+            raise RuntimeError(
+                "the held-out data has no examples of the forget classes or none of the retained "
+                "ones; membership inference and held-out losses need both (raise holdout_fraction)"
+            )
         # One array of every example whose loss is read: forget training (members), held-out forget (non-members),
         # held-out retained; one compiled call evaluates all of them.
-        images = np.concatenate([train.images[plan.forget_idx], run_data.heldout.images[heldout_forget],
-                                 run_data.heldout.images[heldout_retain]])
-        labels = np.concatenate([train.labels[plan.forget_idx], run_data.heldout.labels[heldout_forget],
-                                 run_data.heldout.labels[heldout_retain]])
+        images = np.concatenate(
+            [
+                train.images[plan.forget_idx],
+                run_data.heldout.images[heldout_forget],
+                run_data.heldout.images[heldout_retain],
+            ]
+        )
+        labels = np.concatenate(
+            [
+                train.labels[plan.forget_idx],
+                run_data.heldout.labels[heldout_forget],
+                run_data.heldout.labels[heldout_retain],
+            ]
+        )
         self._loss_images, self._loss_labels = jnp.asarray(images), jnp.asarray(labels)
         self._splits = np.cumsum([plan.forget_idx.size, heldout_forget.size])
         self._loss_keys = jax.random.split(stream_key("elbo"), (images.shape[0], config["elbo_samples"]))
@@ -869,8 +1048,10 @@ class _Evaluation:
         self.real_retain = metrics.feature_statistics(features_all[plan.retain_idx])
 
     def _features(self, images: jax.Array) -> np.ndarray:
-        chunks = [np.asarray(_classifier_features(self.eval_graphdef, self.eval_params, images[i:i + _EVAL_CHUNK]))
-                  for i in range(0, images.shape[0], _EVAL_CHUNK)]
+        chunks = [
+            np.asarray(_classifier_features(self.eval_graphdef, self.eval_params, images[i : i + _EVAL_CHUNK]))
+            for i in range(0, images.shape[0], _EVAL_CHUNK)
+        ]
         return np.concatenate(chunks).astype(np.float64)
 
     def monitor(self, gen_params) -> tuple[float, float]:
@@ -884,8 +1065,9 @@ class _Evaluation:
 
     def example_losses(self, gen_params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-example family loss: (forget training, held-out forget, held-out retained)."""
-        values = np.asarray(self._example_losses(gen_params, self._loss_images, self._loss_labels, self._loss_keys),
-                            np.float64)
+        values = np.asarray(
+            self._example_losses(gen_params, self._loss_images, self._loss_labels, self._loss_keys), np.float64
+        )
         return tuple(np.split(values, self._splits))
 
     def _forget_label_protocol(self, gen_params) -> dict[str, float]:
@@ -943,10 +1125,20 @@ def _batch_schedule(indices: np.ndarray, batch: int, steps: int, rng: np.random.
     return order[: steps * batch].reshape(steps, batch)
 
 
-def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: methods.UnlearningMethod,
-             params0, seed: int, threshold: float, start_fractions: tuple[float, float], *,
-             label: str = "run", mesh: jax.sharding.Mesh | None = None,
-             state_shardings: tuple[Any, Any] | None = None) -> dict[str, Any]:
+def _run_one(
+    plan: RunPlan,
+    evaluation: _Evaluation,
+    compiled_step,
+    method: methods.UnlearningMethod,
+    params0,
+    seed: int,
+    threshold: float,
+    start_fractions: tuple[float, float],
+    *,
+    label: str = "run",
+    mesh: jax.sharding.Mesh | None = None,
+    state_shardings: tuple[Any, Any] | None = None,
+) -> dict[str, Any]:
     """One (method, seed) run: steps, monitoring, stopping; returns the trajectory and the two parameter sets.
 
     With a ``mesh`` (the plan's) the steps run on it (state placed as ``state_shardings``, batches split over the
@@ -976,8 +1168,17 @@ def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: meth
         params, state = parallel.put((params, state), state_shardings)
     fractions, published = [start_fractions[0]], [start_fractions[1]]
     local_params = params0
-    step_times, rows = [], [{"seed": seed, "step": 0, "forget_fraction": start_fractions[0],
-                             "forget_fraction_published": start_fractions[1]}]
+    step_times, rows = (
+        [],
+        [
+            {
+                "seed": seed,
+                "step": 0,
+                "forget_fraction": start_fractions[0],
+                "forget_fraction_published": start_fractions[1],
+            }
+        ],
+    )
     stop = 0 if start_fractions[0] < threshold else None
     stop_published = 0 if start_fractions[1] < config["published_threshold"] else None
     params_at_stop = params0 if stop == 0 else None
@@ -989,8 +1190,10 @@ def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: meth
         if mesh is None:
             forget_batch, retain_batch, key = jax.device_put(forget_batch), jax.device_put(retain_batch), keys[t]
         else:
-            forget_batch, retain_batch = parallel.shard_batch(forget_batch, mesh), parallel.shard_batch(retain_batch,
-                                                                                                       mesh)
+            forget_batch, retain_batch = (
+                parallel.shard_batch(forget_batch, mesh),
+                parallel.shard_batch(retain_batch, mesh),
+            )
             key = parallel.put(keys[t], parallel.replicated(mesh))
         jax.block_until_ready((forget_batch, retain_batch, key))
         started = time.perf_counter()
@@ -1010,7 +1213,8 @@ def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: meth
                 raise UnlearningDivergedError(
                     f"{label} seed {seed} diverged: the last {consecutive_nonfinite} steps (up to step {t + 1}) had "
                     "non-finite updates and were skipped; nothing of this run was saved. Lower the learning rate "
-                    "(config.optimizer.learning_rate or config.method_optimizers) or check the data")
+                    "(config.optimizer.learning_rate or config.method_optimizers) or check the data"
+                )
             main, pub = fractions[-1], published[-1]
         fractions.append(main)
         published.append(pub)
@@ -1018,9 +1222,17 @@ def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: meth
             stop, params_at_stop = t + 1, local_params
         if stop_published is None and pub < config["published_threshold"]:
             stop_published = t + 1
-        rows.append({"seed": seed, "step": t + 1, "forget_fraction": main, "forget_fraction_published": pub,
-                     "step_time_ms": 1e3 * step_times[-1], "nonfinite_skipped": int(not finite),
-                     **{name: float(value) for name, value in step_metrics.items()}})
+        rows.append(
+            {
+                "seed": seed,
+                "step": t + 1,
+                "forget_fraction": main,
+                "forget_fraction_published": pub,
+                "step_time_ms": 1e3 * step_times[-1],
+                "nonfinite_skipped": int(not finite),
+                **{name: float(value) for name, value in step_metrics.items()},
+            }
+        )
     return {
         "seed": seed,
         "stop": stop,
@@ -1036,8 +1248,9 @@ def _run_one(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: meth
     }
 
 
-def _per_seed_record(run: dict[str, Any], at_stop: dict[str, float], at_end: dict[str, float] | None,
-                     budget: int) -> dict[str, Any]:
+def _per_seed_record(
+    run: dict[str, Any], at_stop: dict[str, float], at_end: dict[str, float] | None, budget: int
+) -> dict[str, Any]:
     step_ms = 1e3 * float(np.median(run["step_times"])) if run["step_times"] else None
     record = {
         "seed": run["seed"],
@@ -1048,8 +1261,9 @@ def _per_seed_record(run: dict[str, Any], at_stop: dict[str, float], at_end: dic
         "nonfinite_steps": run.get("nonfinite_steps", 0),
         "step_time_ms": step_ms,
         "step_time_ms_mean": 1e3 * float(np.mean(run["step_times"])) if run["step_times"] else None,
-        "time_to_unlearn_s": (None if run["stop"] is None or step_ms is None
-                              else metrics.time_to_unlearn(step_ms / 1e3, run["stop"])),
+        "time_to_unlearn_s": (
+            None if run["stop"] is None or step_ms is None else metrics.time_to_unlearn(step_ms / 1e3, run["stop"])
+        ),
     }
     for key, value in at_stop.items():
         record["mia_auc" if key == "mia_auc" else f"{key}_at_stop"] = value
@@ -1059,12 +1273,28 @@ def _per_seed_record(run: dict[str, Any], at_stop: dict[str, float], at_end: dic
 
 
 _SUMMARY_KEYS = (
-    "step_time_ms", "step_time_ms_mean", "time_to_unlearn_s", "forget_fraction_at_stop",
-    "forget_fraction_published_at_stop", "forget_fraction_fid_samples_at_stop", "fid_retain_at_stop",
-    "fid_all_at_stop", "inception_score_at_stop", "nelbo_heldout_retain_at_stop", "nelbo_heldout_forget_at_stop",
-    "nelbo_forget_train_at_stop", "mia_auc", "forget_fraction_at_end", "forget_fraction_fid_samples_at_end",
-    "fid_retain_at_end", "fid_all_at_end", "inception_score_at_end", "nelbo_heldout_retain_at_end",
-    "nelbo_heldout_forget_at_end", "nelbo_forget_train_at_end", "mia_auc_at_end",
+    "step_time_ms",
+    "step_time_ms_mean",
+    "time_to_unlearn_s",
+    "forget_fraction_at_stop",
+    "forget_fraction_published_at_stop",
+    "forget_fraction_fid_samples_at_stop",
+    "fid_retain_at_stop",
+    "fid_all_at_stop",
+    "inception_score_at_stop",
+    "nelbo_heldout_retain_at_stop",
+    "nelbo_heldout_forget_at_stop",
+    "nelbo_forget_train_at_stop",
+    "mia_auc",
+    "forget_fraction_at_end",
+    "forget_fraction_fid_samples_at_end",
+    "fid_retain_at_end",
+    "fid_all_at_end",
+    "inception_score_at_end",
+    "nelbo_heldout_retain_at_end",
+    "nelbo_heldout_forget_at_end",
+    "nelbo_forget_train_at_end",
+    "mia_auc_at_end",
 )
 # Added to the summary of a class-conditional DDPM (the SalUn / Selective Amnesia protocol).
 _CONDITIONAL_KEYS = ("forget_label_class_prob", "forget_label_accuracy", "forget_label_entropy")
@@ -1078,9 +1308,15 @@ def _summary_keys(loss_prefix: str, conditional: bool) -> tuple[str, ...]:
     return keys
 
 
-def _summarize_method(name: str, label: str, hparams: dict[str, Any], per_seed: list[dict[str, Any]],
-                      compile_seconds: float, guided: bool, summary_keys: Sequence[str] = _SUMMARY_KEYS
-                      ) -> dict[str, Any]:
+def _summarize_method(
+    name: str,
+    label: str,
+    hparams: dict[str, Any],
+    per_seed: list[dict[str, Any]],
+    compile_seconds: float,
+    guided: bool,
+    summary_keys: Sequence[str] = _SUMMARY_KEYS,
+) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "method": name,
         "label": label,
@@ -1110,10 +1346,16 @@ def _code_version() -> dict[str, Any]:
 
     root = pathlib.Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None, "git_dirty": None, "source_digest": _source_digest()}
     return {"git_commit": commit, "git_dirty": bool(dirty), "source_digest": _source_digest()}
@@ -1133,8 +1375,7 @@ def _source_digest() -> str:
 
 
 # JAX settings that change numbers (precision, random bits) without changing any config field.
-_JAX_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_partitionable",
-              "jax_default_prng_impl")
+_JAX_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_partitionable", "jax_default_prng_impl")
 
 
 def _jax_flags() -> dict[str, Any]:
@@ -1148,14 +1389,19 @@ def _load(plan: RunPlan, workdir: pathlib.Path, role: str) -> training.TrainedMo
 
 
 def _parallel_record(plan: RunPlan) -> dict[str, Any]:
-    return {"mesh": None if plan.mesh is None else dict(plan.mesh.shape), "process_count": jax.process_count(),
-            "device_count": jax.device_count()}
+    return {
+        "mesh": None if plan.mesh is None else dict(plan.mesh.shape),
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+    }
 
 
 def _device() -> str:
     device = jax.devices()[0]
-    return f"{device.platform}:{device.device_kind} ({jax.device_count()} device(s), {platform.machine()}, " \
-           f"{platform.processor() or 'cpu'})"
+    return (
+        f"{device.platform}:{device.device_kind} ({jax.device_count()} device(s), {platform.machine()}, "
+        f"{platform.processor() or 'cpu'})"
+    )
 
 
 # ------------------------------------------------------------------------------------------- saved results
@@ -1172,8 +1418,18 @@ _RESULTS_DIR = "results"
 # Config fields that choose which runs to do or where the models come from, not what one (method, seed) run
 # computes: saved runs stay valid when they change. The models enter a run's identity by their parameter digests,
 # the method's own optimizer and hyperparameters as resolved for it.
-_SELECTION_FIELDS = ("methods", "seeds", "first_seed", "progress", "checkpoint", "oracle_checkpoint", "train_dir",
-                     "optimizer", "method_optimizers", "method_hparams")
+_SELECTION_FIELDS = (
+    "methods",
+    "seeds",
+    "first_seed",
+    "progress",
+    "checkpoint",
+    "oracle_checkpoint",
+    "train_dir",
+    "optimizer",
+    "method_optimizers",
+    "method_hparams",
+)
 _MAX_DIFFERENCES = 3
 
 
@@ -1184,8 +1440,13 @@ def _json_round_trip(value: Any) -> Any:
 
 def _environment_identity() -> dict[str, Any]:
     """Besides the config, what fixes a run's numbers: code, package versions, Python, device, JAX flags."""
-    return {"code": _source_digest(), "versions": checkpointing.package_versions(),
-            "python": platform.python_version(), "device": _device(), "jax_flags": _jax_flags()}
+    return {
+        "code": _source_digest(),
+        "versions": checkpointing.package_versions(),
+        "python": platform.python_version(),
+        "device": _device(),
+        "jax_flags": _jax_flags(),
+    }
 
 
 def _config_identity(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -1199,13 +1460,16 @@ def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
         for key in list(saved) + [k for k in current if k not in saved]:
             path = f"{prefix}.{key}" if prefix else str(key)
             if key not in saved or key not in current:
-                found.append(f"{path}: {'<unset>' if key not in saved else repr(saved[key])} -> "
-                             f"{'<unset>' if key not in current else repr(current[key])}")
+                found.append(
+                    f"{path}: {'<unset>' if key not in saved else repr(saved[key])} -> "
+                    f"{'<unset>' if key not in current else repr(current[key])}"
+                )
             else:
                 found.extend(_differences(saved[key], current[key], path))
         return found
-    same = saved == current or (isinstance(saved, float) and isinstance(current, float)
-                                and math.isnan(saved) and math.isnan(current))
+    same = saved == current or (
+        isinstance(saved, float) and isinstance(current, float) and math.isnan(saved) and math.isnan(current)
+    )
     return [] if same else [f"{prefix}: {saved!r} -> {current!r}"]
 
 
@@ -1225,20 +1489,26 @@ def _read_result(path: pathlib.Path) -> dict[str, Any]:
         content = saved["content"]
         intact = saved["format"] == _RESULT_FORMAT and saved["digest"] == _content_digest(content)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SavedResultError(f"saved result {str(path)!r} is unreadable ({type(err).__name__}: "
-                               f"{' '.join(str(err).split())[:120]}); {remedy}") from err
+        raise SavedResultError(
+            f"saved result {str(path)!r} is unreadable ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:120]}); {remedy}"
+        ) from err
     if not intact:
-        raise SavedResultError(f"saved result {str(path)!r} is damaged or was edited (its content does not match "
-                               f"the digest saved with it); {remedy}")
+        raise SavedResultError(
+            f"saved result {str(path)!r} is damaged or was edited (its content does not match "
+            f"the digest saved with it); {remedy}"
+        )
     return content
 
 
 def _mismatch_message(path: pathlib.Path, workdir: pathlib.Path, differences: Sequence[str]) -> str:
     shown = "; ".join(differences[:_MAX_DIFFERENCES])
     more = f" (and {len(differences) - _MAX_DIFFERENCES} more)" if len(differences) > _MAX_DIFFERENCES else ""
-    return (f"workdir {str(workdir)!r} holds results of another run, which are not mixed with this one: "
-            f"{str(path.relative_to(workdir))!r} differs in {shown}{more}; use another workdir, or delete "
-            f"{str(workdir / _RESULTS_DIR)!r} to recompute every run")
+    return (
+        f"workdir {str(workdir)!r} holds results of another run, which are not mixed with this one: "
+        f"{str(path.relative_to(workdir))!r} differs in {shown}{more}; use another workdir, or delete "
+        f"{str(workdir / _RESULTS_DIR)!r} to recompute every run"
+    )
 
 
 def _check_saved_results(workdir: pathlib.Path, config: Mapping[str, Any]) -> None:
@@ -1292,8 +1562,11 @@ def _train_missing(plan: RunPlan) -> dict[str, Any]:
     """Trains (or resumes, or finds finished) every model the plan needs, with train.py's own code."""
     started = time.perf_counter()
     trained = {}
-    model_roles = tuple(role for role in ROLES if role in plan.train_model + (
-        plan.train_classifiers if plan.classifier_dir == plan.model_dir else ()))
+    model_roles = tuple(
+        role
+        for role in ROLES
+        if role in plan.train_model + (plan.train_classifiers if plan.classifier_dir == plan.model_dir else ())
+    )
     if model_roles:
         config = ml_collections.ConfigDict(dict(plan.config["train"], roles=",".join(model_roles)))
         trained["model"] = training.train_and_evaluate(config, plan.model_dir)
@@ -1301,8 +1574,7 @@ def _train_missing(plan: RunPlan) -> dict[str, Any]:
         config = ml_collections.ConfigDict(dict(plan.classifier_config, roles=",".join(plan.train_classifiers)))
         trained["classifiers"] = training.train_and_evaluate(config, plan.classifier_dir)
     if plan.train_oracle:
-        trained["oracle"] = training.train_and_evaluate(ml_collections.ConfigDict(plan.oracle_config),
-                                                        plan.oracle_dir)
+        trained["oracle"] = training.train_and_evaluate(ml_collections.ConfigDict(plan.oracle_config), plan.oracle_dir)
     return {"seconds": time.perf_counter() - started, "runs": trained}
 
 
@@ -1325,8 +1597,10 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     evaluator = _load(plan, plan.classifier_dir, "evaluator")
     oracle = _load(plan, plan.oracle_dir, "generative")
     if generator.metadata["train_fingerprint"] != plan.run_data.generative.fingerprint():
-        raise RuntimeError(f"the generative model in {str(plan.model_dir)!r} was trained on other data than "
-                           "its config describes now (training-data fingerprints differ)")
+        raise RuntimeError(
+            f"the generative model in {str(plan.model_dir)!r} was trained on other data than "
+            "its config describes now (training-data fingerprints differ)"
+        )
     integrity: dict[str, Any] = {
         "evaluator_used_inside_runs": False,
         "evaluator_params_digest": evaluator.metadata["params_digest"],
@@ -1338,8 +1612,13 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         integrity["classifiers"] = check_classifier_independence(evaluator, guidance)
         retained = [c for c in range(plan.run_data.train.num_classes) if c not in plan.forget_classes]
         guidance_loss = losses.uniformity_guidance_loss(
-            generator.graphdef, guidance.graphdef, guidance.params, retained_classes=retained,
-            num_samples=config["guidance_samples"], latent_dim=int(generator.metadata["model_kwargs"]["latent_dim"]))
+            generator.graphdef,
+            guidance.graphdef,
+            guidance.params,
+            retained_classes=retained,
+            num_samples=config["guidance_samples"],
+            latent_dim=int(generator.metadata["model_kwargs"]["latent_dim"]),
+        )
         integrity["guidance_params_digest"] = guidance.metadata["params_digest"]
 
     evaluation = _Evaluation(plan, generator, evaluator)
@@ -1352,11 +1631,13 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         threshold = plan.threshold
     gated_target = _gated_target(config, original_eval, oracle_eval, evaluation.loss_prefix)
 
-    _progress(plan, f"original: forget fraction {original_eval['forget_fraction']:.4f}, FID retain "
-                    f"{original_eval['fid_retain']:.2f}; oracle: {oracle_eval['forget_fraction']:.4f}, "
-                    f"{oracle_eval['fid_retain']:.2f}; threshold {threshold:.4f}")
+    _progress(
+        plan,
+        f"original: forget fraction {original_eval['forget_fraction']:.4f}, FID retain "
+        f"{original_eval['fid_retain']:.2f}; oracle: {oracle_eval['forget_fraction']:.4f}, "
+        f"{oracle_eval['fid_retain']:.2f}; threshold {threshold:.4f}",
+    )
     start_fractions = (original_eval["forget_fraction"], original_eval["forget_fraction_published"])
-    budget = config["max_steps"]
     for sub in ("logs", "samples", "unlearned"):
         (workdir / sub).mkdir(exist_ok=True)
     original_grid = evaluation.grid(generator.params, config["grid_samples"])
@@ -1365,43 +1646,64 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     method_reports: dict[str, Any] = {}
     curves: dict[str, list[list[float]]] = {}
     resumed: list[str] = []
-    model_digests = {"original": generator.metadata["params_digest"], "oracle": oracle.metadata["params_digest"],
-                     **{role: digest for role, digest in integrity.items() if role.endswith("params_digest")}}
-    run_identity = {"config": _config_identity(config), **_environment_identity(), "models": model_digests,
-                    "threshold": threshold, "gated_target": gated_target}
+    model_digests = {
+        "original": generator.metadata["params_digest"],
+        "oracle": oracle.metadata["params_digest"],
+        **{role: digest for role, digest in integrity.items() if role.endswith("params_digest")},
+    }
+    run_identity = {
+        "config": _config_identity(config),
+        **_environment_identity(),
+        "models": model_digests,
+        "threshold": threshold,
+        "gated_target": gated_target,
+    }
     for name in plan.method_names:
         label = plan.label(name)
         hparams = dict(plan.method_hparams.get(name, {}))
         if name == "sa_gated":
             hparams.setdefault("forget_loss_target", gated_target)
         optimizer_spec = config["method_optimizers"].get(name, config["optimizer"])
-        method = methods.make_method(name, loss_fn=evaluation.loss_fn, optimizer=build_optimizer(optimizer_spec),
-                                     guidance_loss=guidance_loss, guidance_weight=config["guidance_weight"],
-                                     chunk_size=config["chunk_size"] or None, **hparams)
-        identities = {seed: {**run_identity, "method": label, "hparams": hparams, "optimizer": optimizer_spec,
-                             "seed": seed} for seed in plan.seeds}
+        method = methods.make_method(
+            name,
+            loss_fn=evaluation.loss_fn,
+            optimizer=build_optimizer(optimizer_spec),
+            guidance_loss=guidance_loss,
+            guidance_weight=config["guidance_weight"],
+            chunk_size=config["chunk_size"] or None,
+            **hparams,
+        )
+        identities = {
+            seed: {**run_identity, "method": label, "hparams": hparams, "optimizer": optimizer_spec, "seed": seed}
+            for seed in plan.seeds
+        }
         saved = {seed: _load_result(workdir, label, seed, identities[seed]) for seed in plan.seeds}
         compiled_step, compile_seconds, state_shardings = None, None, None
         if any(result is None for result in saved.values()):
             # Compile once per method, ahead of time, on the shapes every seed uses.
             example_state = method.init(generator.params)
-            forget_example = jax.device_put(data_lib.as_batch(plan.run_data.train, plan.forget_idx[:1].repeat(
-                config["batch_size"])))
-            retain_example = jax.device_put(data_lib.as_batch(plan.run_data.train, plan.retain_idx[:1].repeat(
-                config["retain_batch_size"])))
+            forget_example = jax.device_put(
+                data_lib.as_batch(plan.run_data.train, plan.forget_idx[:1].repeat(config["batch_size"]))
+            )
+            retain_example = jax.device_put(
+                data_lib.as_batch(plan.run_data.train, plan.retain_idx[:1].repeat(config["retain_batch_size"]))
+            )
             compile_started = time.perf_counter()
             if plan.mesh is None:
-                compiled_step = jax.jit(method.step).lower(generator.params, example_state, forget_example,
-                                                           retain_example, seed_step_keys(0, 1)[0]).compile()
+                compiled_step = (
+                    jax.jit(method.step)
+                    .lower(generator.params, example_state, forget_example, retain_example, seed_step_keys(0, 1)[0])
+                    .compile()
+                )
             else:
-                step, *shardings = parallel.shard_method_step(method.step, plan.mesh, generator.params,
-                                                              example_state)
+                step, *shardings = parallel.shard_method_step(method.step, plan.mesh, generator.params, example_state)
                 state_shardings = tuple(shardings)
                 compiled_step = step.lower(
                     *parallel.put((generator.params, example_state), state_shardings),
                     parallel.shard_batch(jax.device_get(forget_example), plan.mesh),
                     parallel.shard_batch(jax.device_get(retain_example), plan.mesh),
-                    parallel.put(seed_step_keys(0, 1)[0], parallel.replicated(plan.mesh))).compile()
+                    parallel.put(seed_step_keys(0, 1)[0], parallel.replicated(plan.mesh)),
+                ).compile()
             compile_seconds = time.perf_counter() - compile_started
             _progress(plan, f"{label}: step compiled in {compile_seconds:.1f} s")
 
@@ -1410,32 +1712,53 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         for seed in plan.seeds:
             result = saved[seed]
             if result is None:
-                result = _run_seed(plan, evaluation, compiled_step, method, generator, seed, threshold,
-                                   start_fractions, label=label, hparams=hparams, compile_seconds=compile_seconds,
-                                   grids=(original_grid, oracle_grid), identity=identities[seed],
-                                   state_shardings=state_shardings)
+                result = _run_seed(
+                    plan,
+                    evaluation,
+                    compiled_step,
+                    method,
+                    generator,
+                    seed,
+                    threshold,
+                    start_fractions,
+                    label=label,
+                    hparams=hparams,
+                    compile_seconds=compile_seconds,
+                    grids=(original_grid, oracle_grid),
+                    identity=identities[seed],
+                    state_shardings=state_shardings,
+                )
             else:
                 resumed.append(f"{label} seed {seed}")
-                _progress(plan, f"{label} seed {seed}: finished before; read back from "
-                                f"{_result_path(workdir, label, seed)}")
+                _progress(
+                    plan, f"{label} seed {seed}: finished before; read back from {_result_path(workdir, label, seed)}"
+                )
             if compile_seconds is None:  # every seed was read back: the compile time of the run that did them
                 compile_seconds = result["compile_s"]
             record = result["record"]
             per_seed.append(record)
             at_end = record.get("fid_retain_at_end")
-            _progress(plan, f"{label} seed {seed}: stop {record['steps_to_threshold']} (published rule "
-                            f"{record['steps_to_published_threshold']}), FID retain "
-                            f"{record['fid_retain_at_stop']:.2f} -> {'n/a' if at_end is None else format(at_end, '.2f')}"
-                            f", step {record['step_time_ms'] or float('nan'):.1f} ms"
-                            + (f", {record['nonfinite_steps']} non-finite step(s) skipped"
-                               if record["nonfinite_steps"] else ""))
+            _progress(
+                plan,
+                f"{label} seed {seed}: stop {record['steps_to_threshold']} (published rule "
+                f"{record['steps_to_published_threshold']}), FID retain "
+                f"{record['fid_retain_at_stop']:.2f} -> {'n/a' if at_end is None else format(at_end, '.2f')}"
+                f", step {record['step_time_ms'] or float('nan'):.1f} ms"
+                + (f", {record['nonfinite_steps']} non-finite step(s) skipped" if record["nonfinite_steps"] else ""),
+            )
             rows.extend(result["rows"])
             curves[label].append(result["fractions"])
         if parallel.is_main_process():
             reporting.write_step_csv(str(workdir / "logs" / f"{label}.csv"), rows)
         method_reports[label] = _summarize_method(
-            name, label, hparams, per_seed, compile_seconds, plan.guided,
-            _summary_keys(evaluation.loss_prefix, evaluation.conditional))
+            name,
+            label,
+            hparams,
+            per_seed,
+            compile_seconds,
+            plan.guided,
+            _summary_keys(evaluation.loss_prefix, evaluation.conditional),
+        )
         method_reports[label]["optimizer"] = optimizer_spec
 
     report = {
@@ -1452,14 +1775,18 @@ def execute(plan: RunPlan) -> dict[str, Any]:
             "oracle_forget_fraction": oracle_eval["forget_fraction"],
             "original_forget_fraction": original_eval["forget_fraction"],
             "original_already_below": original_eval["forget_fraction"] < threshold,
-            "published": {"value": config["published_threshold"],
-                          "monitor_samples": config["published_monitor_samples"],
-                          "original_forget_fraction": original_eval["forget_fraction_published"]},
+            "published": {
+                "value": config["published_threshold"],
+                "monitor_samples": config["published_monitor_samples"],
+                "original_forget_fraction": original_eval["forget_fraction_published"],
+            },
         },
-        "sa_gated_forget_loss_target": {"source": config["gated_target"], "scale": config["gated_target_scale"],
-                                        "value": gated_target,
-                                        "original_forget_train_loss":
-                                            original_eval[f"{evaluation.loss_prefix}_forget_train"]},
+        "sa_gated_forget_loss_target": {
+            "source": config["gated_target"],
+            "scale": config["gated_target_scale"],
+            "value": gated_target,
+            "original_forget_train_loss": original_eval[f"{evaluation.loss_prefix}_forget_train"],
+        },
         "data": {
             "spec": config["train"]["data"],
             "fingerprint": plan.run_data.source_fingerprint,
@@ -1485,24 +1812,34 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         "original": original_eval,
         "oracle": oracle_eval,
         "methods": method_reports,
-        "reproducibility": {"volatile_fields": list(reporting.VOLATILE_REPORT_FIELDS),
-                            "volatile_log_columns": list(reporting.VOLATILE_LOG_COLUMNS)},
+        "reproducibility": {
+            "volatile_fields": list(reporting.VOLATILE_REPORT_FIELDS),
+            "volatile_log_columns": list(reporting.VOLATILE_LOG_COLUMNS),
+        },
         "resumed": resumed,
         "timing": {"training_s": training_record["seconds"], "total_s": time.perf_counter() - started},
     }
     report["timing"]["total_s"] = time.perf_counter() - started
     if parallel.is_main_process():
-        reporting.plot_forget_fraction(str(workdir / "forget_fraction.png"), curves, threshold=threshold,
-                                       threshold_label=f"threshold {threshold:.4f} ({report['threshold']['mode']})",
-                                       oracle_fraction=oracle_eval["forget_fraction"])
+        reporting.plot_forget_fraction(
+            str(workdir / "forget_fraction.png"),
+            curves,
+            threshold=threshold,
+            threshold_label=f"threshold {threshold:.4f} ({report['threshold']['mode']})",
+            oracle_fraction=oracle_eval["forget_fraction"],
+        )
         report["timing"]["total_s"] = time.perf_counter() - started
         reporting.write_json(str(workdir / "report.json"), report)
         reporting.write_markdown(str(workdir / "report.md"), report)
     return report
 
 
-def _gated_target(config: Mapping[str, Any], original_eval: Mapping[str, float],
-                  oracle_eval: Mapping[str, float], loss_prefix: str = "nelbo") -> float:
+def _gated_target(
+    config: Mapping[str, Any],
+    original_eval: Mapping[str, float],
+    oracle_eval: Mapping[str, float],
+    loss_prefix: str = "nelbo",
+) -> float:
     """``sa_gated``'s forget-loss target: ``L_orig + scale * (L_ref - L_orig)`` (a given number is used as is).
 
     ``L_orig`` is the original model's mean family loss (VAE: negative ELBO, key prefix ``nelbo``; DDPM: epsilon
@@ -1512,8 +1849,11 @@ def _gated_target(config: Mapping[str, Any], original_eval: Mapping[str, float],
     """
     if config["gated_target"] not in _GATED_TARGETS:
         return float(config["gated_target"])
-    reference = (oracle_eval[f"{loss_prefix}_forget_train"] if config["gated_target"] == "oracle"
-                 else original_eval[f"{loss_prefix}_heldout_forget"])
+    reference = (
+        oracle_eval[f"{loss_prefix}_forget_train"]
+        if config["gated_target"] == "oracle"
+        else original_eval[f"{loss_prefix}_heldout_forget"]
+    )
     if config["gated_target_scale"] == 1.0:
         return reference
     start = original_eval[f"{loss_prefix}_forget_train"]
@@ -1522,52 +1862,95 @@ def _gated_target(config: Mapping[str, Any], original_eval: Mapping[str, float],
 
 def _generative_record(evaluation: _Evaluation, config: Mapping[str, Any]) -> dict[str, Any]:
     """What the report's loss columns and sampling are (``reporting`` names the loss columns from it)."""
-    record = {"family": evaluation.family.name, "loss_prefix": evaluation.loss_prefix,
-              "loss_label": evaluation.family.loss_label, "class_conditional": evaluation.conditional}
+    record = {
+        "family": evaluation.family.name,
+        "loss_prefix": evaluation.loss_prefix,
+        "loss_label": evaluation.family.loss_label,
+        "class_conditional": evaluation.conditional,
+    }
     if evaluation.family.name == "ddpm":
-        record.update(sampler="ddim", monitor_sample_steps=config["monitor_sample_steps"],
-                      fid_sample_steps=config["fid_sample_steps"],
-                      guidance_scale=config["train"]["guidance_scale"] if evaluation.conditional else None,
-                      monitoring_labels="i mod K (all classes)" if evaluation.conditional else "none (unconditional)")
+        record.update(
+            sampler="ddim",
+            monitor_sample_steps=config["monitor_sample_steps"],
+            fid_sample_steps=config["fid_sample_steps"],
+            guidance_scale=config["train"]["guidance_scale"] if evaluation.conditional else None,
+            monitoring_labels="i mod K (all classes)" if evaluation.conditional else "none (unconditional)",
+        )
     return record
 
 
 def _model_record(workdir: pathlib.Path, model: training.TrainedModel) -> dict[str, Any]:
     meta = model.metadata
-    return {"workdir": str(workdir), "role": meta.get("role"), "model": meta.get("model"),
-            "model_kwargs": meta.get("model_kwargs"), "seed": meta.get("seed"), "step": meta.get("step"),
-            "num_train": meta.get("num_train"), "train_fingerprint": meta.get("train_fingerprint"),
-            "excluded_classes": meta.get("excluded_classes"), "params_digest": meta.get("params_digest")}
+    return {
+        "workdir": str(workdir),
+        "role": meta.get("role"),
+        "model": meta.get("model"),
+        "model_kwargs": meta.get("model_kwargs"),
+        "seed": meta.get("seed"),
+        "step": meta.get("step"),
+        "num_train": meta.get("num_train"),
+        "train_fingerprint": meta.get("train_fingerprint"),
+        "excluded_classes": meta.get("excluded_classes"),
+        "params_digest": meta.get("params_digest"),
+    }
 
 
 def _jsonable_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(checkpointing.json_normalize(dict(config))))
 
 
-def _run_seed(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: methods.UnlearningMethod,
-              generator: training.TrainedModel, seed: int, threshold: float, start_fractions: tuple[float, float], *,
-              label: str, hparams: dict[str, Any], compile_seconds: float, grids: tuple[np.ndarray, np.ndarray],
-              identity: dict[str, Any], state_shardings: tuple[Any, Any] | None = None) -> dict[str, Any]:
+def _run_seed(
+    plan: RunPlan,
+    evaluation: _Evaluation,
+    compiled_step,
+    method: methods.UnlearningMethod,
+    generator: training.TrainedModel,
+    seed: int,
+    threshold: float,
+    start_fractions: tuple[float, float],
+    *,
+    label: str,
+    hparams: dict[str, Any],
+    compile_seconds: float,
+    grids: tuple[np.ndarray, np.ndarray],
+    identity: dict[str, Any],
+    state_shardings: tuple[Any, Any] | None = None,
+) -> dict[str, Any]:
     """Runs and evaluates one (method, seed), writes its grid and unlearned model, then its result (last).
 
     Files are written by process 0 only; the unlearned model by every process (each its shards)."""
     config, workdir, budget = plan.config, plan.workdir, plan.config["max_steps"]
-    run = _run_one(plan, evaluation, compiled_step, method, generator.params, seed, threshold, start_fractions,
-                   label=label, mesh=plan.mesh, state_shardings=state_shardings)
+    run = _run_one(
+        plan,
+        evaluation,
+        compiled_step,
+        method,
+        generator.params,
+        seed,
+        threshold,
+        start_fractions,
+        label=label,
+        mesh=plan.mesh,
+        state_shardings=state_shardings,
+    )
     at_stop = evaluation.evaluate(run["params_at_stop"], plan.forget_classes)
     at_end = None
     if run["params_at_end"] is not None:
         at_end = at_stop if run["stop"] is None else evaluation.evaluate(run["params_at_end"], plan.forget_classes)
     record = _per_seed_record(run, at_stop, at_end, budget)
     record["params_digest_at_stop"] = checkpointing.state_digest(run["params_at_stop"])
-    record["params_digest_at_end"] = (None if run["params_at_end"] is None
-                                      else checkpointing.state_digest(run["params_at_end"]))
+    record["params_digest_at_end"] = (
+        None if run["params_at_end"] is None else checkpointing.state_digest(run["params_at_end"])
+    )
     first = seed == plan.seeds[0]
     if first and parallel.is_main_process():
         original_grid, oracle_grid = grids
-        panels = {"original": original_grid,
-                  f"{label} at stop (step {record['evaluated_at_step']})":
-                      evaluation.grid(run["params_at_stop"], config["grid_samples"])}
+        panels = {
+            "original": original_grid,
+            f"{label} at stop (step {record['evaluated_at_step']})": evaluation.grid(
+                run["params_at_stop"], config["grid_samples"]
+            ),
+        }
         if run["params_at_end"] is not None:
             panels[f"at end (step {budget})"] = evaluation.grid(run["params_at_end"], config["grid_samples"])
         panels["oracle"] = oracle_grid
@@ -1575,15 +1958,28 @@ def _run_seed(plan: RunPlan, evaluation: _Evaluation, compiled_step, method: met
     saved_params = config["save_params"] == "all" or (config["save_params"] == "first_seed" and first)
     if saved_params:
         _save_unlearned(workdir / "unlearned" / label / f"seed_{seed}", run, record, plan, label, hparams, generator)
-    content = {"identity": identity, "record": record, "rows": run["rows"], "fractions": run["fractions"],
-               "compile_s": compile_seconds, "unlearned_saved": saved_params}
+    content = {
+        "identity": identity,
+        "record": record,
+        "rows": run["rows"],
+        "fractions": run["fractions"],
+        "compile_s": compile_seconds,
+        "unlearned_saved": saved_params,
+    }
     if not parallel.is_main_process():
         return _json_round_trip(content)
     return _save_result(workdir, label, seed, content)
 
 
-def _save_unlearned(directory: pathlib.Path, run: dict[str, Any], record: dict[str, Any], plan: RunPlan,
-                    label: str, hparams: dict[str, Any], generator: training.TrainedModel) -> None:
+def _save_unlearned(
+    directory: pathlib.Path,
+    run: dict[str, Any],
+    record: dict[str, Any],
+    plan: RunPlan,
+    label: str,
+    hparams: dict[str, Any],
+    generator: training.TrainedModel,
+) -> None:
     """Saves the parameters at the stopping step (the unlearned model) with orbax, with what produced them.
 
     Refuses non-finite parameters (nothing is written). A directory left by an earlier, interrupted attempt at
@@ -1591,9 +1987,11 @@ def _save_unlearned(directory: pathlib.Path, run: dict[str, Any], record: dict[s
     every process saves its shards of the parameters placed on the mesh (orbax writes each once).
     """
     if not bool(_tree_all_finite(run["params_at_stop"])):
-        raise UnlearningDivergedError(f"{label} seed {run['seed']}: the parameters at step "
-                                      f"{record['evaluated_at_step']} are not finite; refusing to save them to "
-                                      f"{str(directory)!r}")
+        raise UnlearningDivergedError(
+            f"{label} seed {run['seed']}: the parameters at step "
+            f"{record['evaluated_at_step']} are not finite; refusing to save them to "
+            f"{str(directory)!r}"
+        )
     if parallel.is_main_process():
         shutil.rmtree(directory, ignore_errors=True)
     parallel.barrier(f"unlearn:save:{label}:{run['seed']}:cleared")
@@ -1601,27 +1999,33 @@ def _save_unlearned(directory: pathlib.Path, run: dict[str, Any], record: dict[s
     if plan.mesh is not None:
         params = parallel.put(params, parallel.param_shardings(params, plan.mesh))
     with checkpointing.Checkpointer(directory, max_to_keep=1) as ckpt:
-        ckpt.save(record["evaluated_at_step"], params, metadata={
-            "role": "unlearned",
-            "model": generator.metadata["model"],
-            "model_kwargs": generator.metadata["model_kwargs"],
-            "method": label,
-            "hparams": hparams,
-            "seed": run["seed"],
-            "forget_classes": list(plan.forget_classes),
-            "steps_to_threshold": run["stop"],
-            "original_params_digest": generator.metadata["params_digest"],
-            "train_fingerprint": generator.metadata["train_fingerprint"],
-            "config": _jsonable_config(plan.config),
-        })
+        ckpt.save(
+            record["evaluated_at_step"],
+            params,
+            metadata={
+                "role": "unlearned",
+                "model": generator.metadata["model"],
+                "model_kwargs": generator.metadata["model_kwargs"],
+                "method": label,
+                "hparams": hparams,
+                "seed": run["seed"],
+                "forget_classes": list(plan.forget_classes),
+                "steps_to_threshold": run["stop"],
+                "original_params_digest": generator.metadata["params_digest"],
+                "train_fingerprint": generator.metadata["train_fingerprint"],
+                "config": _jsonable_config(plan.config),
+            },
+        )
 
 
 def format_summary(report: Mapping[str, Any]) -> str:
     """The table printed at the end of a run (the same as in report.md), with the threshold line."""
     threshold = report["threshold"]
-    head = (f"threshold {threshold['mode']} = {threshold['value']:.4f} on {threshold['monitor_samples']} samples "
-            f"(original {threshold['original_forget_fraction']:.4f}, oracle {threshold['oracle_forget_fraction']:.4f});"
-            f" seeds {report['seeds']}")
+    head = (
+        f"threshold {threshold['mode']} = {threshold['value']:.4f} on {threshold['monitor_samples']} samples "
+        f"(original {threshold['original_forget_fraction']:.4f}, oracle {threshold['oracle_forget_fraction']:.4f});"
+        f" seeds {report['seeds']}"
+    )
     return head + "\n\n" + reporting.markdown_table(report)
 
 

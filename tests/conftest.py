@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import hypothesis
 import jax
@@ -27,17 +28,21 @@ TREE_LAYOUT = {
 
 @pytest.fixture(scope="session")
 def make_tree() -> Callable[..., Any]:
-  """Returns ``make_tree(seed, layout=TREE_LAYOUT, *, leading=(), scale=1.0,
-  dtype=np.float32)``: a pytree of standard-normal arrays (times ``scale``)
-  shaped like ``layout`` (shape tuples as leaves), each leaf with the extra
-  leading axes ``leading`` in front; numpy arrays, deterministic in ``seed``.
-  """
-  def build(seed: int, layout: Any = None, *, leading: tuple[int, ...] = (),
-            scale: float = 1.0, dtype: Any = np.float32) -> Any:
-    rng = np.random.default_rng(seed)
-    layout = TREE_LAYOUT if layout is None else layout
-    return jax.tree.map(
-        lambda shape: (scale * rng.standard_normal(tuple(leading) + shape))
-        .astype(dtype),
-        layout, is_leaf=lambda node: isinstance(node, tuple))
-  return build
+    """Returns ``make_tree(seed, layout=TREE_LAYOUT, *, leading=(), scale=1.0,
+    dtype=np.float32)``: a pytree of standard-normal arrays (times ``scale``)
+    shaped like ``layout`` (shape tuples as leaves), each leaf with the extra
+    leading axes ``leading`` in front; numpy arrays, deterministic in ``seed``.
+    """
+
+    def build(
+        seed: int, layout: Any = None, *, leading: tuple[int, ...] = (), scale: float = 1.0, dtype: Any = np.float32
+    ) -> Any:
+        rng = np.random.default_rng(seed)
+        layout = TREE_LAYOUT if layout is None else layout
+        return jax.tree.map(
+            lambda shape: (scale * rng.standard_normal(tuple(leading) + shape)).astype(dtype),
+            layout,
+            is_leaf=lambda node: isinstance(node, tuple),
+        )
+
+    return build

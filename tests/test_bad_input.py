@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import gsu_jax
 from test_checkpointing import unwritable_directory
 from test_data import tiny_digits, write_idx
+
+import gsu_jax
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "smoke.py")]
@@ -45,54 +45,133 @@ CASES = {
     "train_positional_argument": (TRAIN, ["extra"], 2, ["unexpected arguments ['extra']"], True),
     "train_non_boolean_flag": (TRAIN, ["--overwrite=maybe"], 2, ["--overwrite", "maybe"], True),
     "train_int_field_given_a_float": (TRAIN, ["--config.batch_size=1.5"], 2, ["--config.batch_size", "1.5"], True),
-    "train_out_of_range_value": (TRAIN, ["--config.learning_rate=-1"], 2,
-                                 ["config.learning_rate=-1.0 is invalid: allowed: a number > 0"], True),
-    "train_bool_field_given_a_word": (TRAIN, ["--config.restore_fallback=maybe"], 2,
-                                      ["--config.restore_fallback=maybe", "Non-boolean"], True),
-    "train_unknown_field_with_hint": (TRAIN, ["--config.chekpoint_every_steps=5"], 2,
-                                      ["config.chekpoint_every_steps is not a known field; did you mean "
-                                       "'checkpoint_every_steps'?"], True),
+    "train_out_of_range_value": (
+        TRAIN,
+        ["--config.learning_rate=-1"],
+        2,
+        ["config.learning_rate=-1.0 is invalid: allowed: a number > 0"],
+        True,
+    ),
+    "train_bool_field_given_a_word": (
+        TRAIN,
+        ["--config.restore_fallback=maybe"],
+        2,
+        ["--config.restore_fallback=maybe", "Non-boolean"],
+        True,
+    ),
+    "train_unknown_field_with_hint": (
+        TRAIN,
+        ["--config.chekpoint_every_steps=5"],
+        2,
+        ["config.chekpoint_every_steps is not a known field; did you mean 'checkpoint_every_steps'?"],
+        True,
+    ),
     # -- data files (train.py)
-    "train_idx_wrong_magic": (TRAIN, ["--config.data=idx:{data}/magic"], 2,
-                              ["{data}/magic/t-images-idx3-ubyte: IDX magic number 2049, expected 2051"], True),
-    "train_idx_truncated": (TRAIN, ["--config.data=idx:{data}/truncated"], 2,
-                            ["{data}/truncated/t-images-idx3-ubyte.gz: truncated"], True),
-    "train_idx_count_mismatch": (TRAIN, ["--config.data=idx:{data}/counts"], 2,
-                                 ["{data}/counts/t-images-idx3-ubyte holds 12 images but "
-                                  "{data}/counts/t-labels-idx1-ubyte holds 10 labels"], True),
-    "train_heldout_images_of_another_shape": (TRAIN, ["--config.eval_data=idx:{data}/small"], 2,
-                                              ["config.eval_data='idx:{data}/small' has images (5, 4, 1)",
-                                               "(28, 28, 1)", "they must match"], True),
-    "train_images_the_model_cannot_take": (CONVVAE, ["--config.data=idx:{data}/small", "--config.eval_data="], 2,
-                                           ["cannot build a model for images (5, 4, 1) (the images of "
-                                            "'idx:{data}/small')", "not supported by the convolutional models"],
-                                           True),
+    "train_idx_wrong_magic": (
+        TRAIN,
+        ["--config.data=idx:{data}/magic"],
+        2,
+        ["{data}/magic/t-images-idx3-ubyte: IDX magic number 2049, expected 2051"],
+        True,
+    ),
+    "train_idx_truncated": (
+        TRAIN,
+        ["--config.data=idx:{data}/truncated"],
+        2,
+        ["{data}/truncated/t-images-idx3-ubyte.gz: truncated"],
+        True,
+    ),
+    "train_idx_count_mismatch": (
+        TRAIN,
+        ["--config.data=idx:{data}/counts"],
+        2,
+        ["{data}/counts/t-images-idx3-ubyte holds 12 images but {data}/counts/t-labels-idx1-ubyte holds 10 labels"],
+        True,
+    ),
+    "train_heldout_images_of_another_shape": (
+        TRAIN,
+        ["--config.eval_data=idx:{data}/small"],
+        2,
+        ["config.eval_data='idx:{data}/small' has images (5, 4, 1)", "(28, 28, 1)", "they must match"],
+        True,
+    ),
+    "train_images_the_model_cannot_take": (
+        CONVVAE,
+        ["--config.data=idx:{data}/small", "--config.eval_data="],
+        2,
+        [
+            "cannot build a model for images (5, 4, 1) (the images of 'idx:{data}/small')",
+            "not supported by the convolutional models",
+        ],
+        True,
+    ),
     # -- workdirs
     "train_workdir_unwritable": (TRAIN, ["--workdir={ro}"], 2, ["is not writable"], True),
-    "train_workdir_below_a_file": (TRAIN, ["--workdir={data}/magic/t-images-idx3-ubyte/run"], 2,
-                                   ["cannot be created"], True),
+    "train_workdir_below_a_file": (
+        TRAIN,
+        ["--workdir={data}/magic/t-images-idx3-ubyte/run"],
+        2,
+        ["cannot be created"],
+        True,
+    ),
     # -- runtime failures (train.py)
-    "train_corrupt_checkpoint": (TRAIN, ["--workdir={ckpt}", "--config.roles=generative"], 1,
-                                 ["checkpoint step", "is corrupt: file '{ckpt}/generative/checkpoints/",
-                                  "is truncated", "--config.restore_fallback=True"], False),
-    "train_damaged_step_metadata": (TRAIN, ["--workdir={ckpt_meta}", "--config.roles=generative"], 1,
-                                    ["_CHECKPOINT_METADATA' does not match the sha256 recorded at save time"], False),
-    "train_diverging": (TRAIN, ["--config.roles=generative", "--config.learning_rate=1e30"], 1,
-                        ["generative training diverged", "non-finite gradients", "config.learning_rate"], False),
+    "train_corrupt_checkpoint": (
+        TRAIN,
+        ["--workdir={ckpt}", "--config.roles=generative"],
+        1,
+        [
+            "checkpoint step",
+            "is corrupt: file '{ckpt}/generative/checkpoints/",
+            "is truncated",
+            "--config.restore_fallback=True",
+        ],
+        False,
+    ),
+    "train_damaged_step_metadata": (
+        TRAIN,
+        ["--workdir={ckpt_meta}", "--config.roles=generative"],
+        1,
+        ["_CHECKPOINT_METADATA' does not match the sha256 recorded at save time"],
+        False,
+    ),
+    "train_diverging": (
+        TRAIN,
+        ["--config.roles=generative", "--config.learning_rate=1e30"],
+        1,
+        ["generative training diverged", "non-finite gradients", "config.learning_rate"],
+        False,
+    ),
     # -- unlearn.py
-    "unlearn_unknown_train_field_with_hint": (UNLEARN, ["--config.train.latnt_dim=3"], 2,
-                                              ["config.train.latnt_dim is not a known field; did you mean "
-                                               "'latent_dim'?"], True),
+    "unlearn_unknown_train_field_with_hint": (
+        UNLEARN,
+        ["--config.train.latnt_dim=3"],
+        2,
+        ["config.train.latnt_dim is not a known field; did you mean 'latent_dim'?"],
+        True,
+    ),
     "unlearn_out_of_range_value": (UNLEARN, ["--config.monitor_samples=0"], 2, ["config.monitor_samples=0"], True),
-    "unlearn_idx_count_mismatch": (UNLEARN, ["--config.train.data=idx:{data}/counts"], 2,
-                                   ["config.train.data='idx:{data}/counts' cannot be loaded",
-                                    "{data}/counts/t-images-idx3-ubyte holds 12 images"], True),
+    "unlearn_idx_count_mismatch": (
+        UNLEARN,
+        ["--config.train.data=idx:{data}/counts"],
+        2,
+        ["config.train.data='idx:{data}/counts' cannot be loaded", "{data}/counts/t-images-idx3-ubyte holds 12 images"],
+        True,
+    ),
     "unlearn_workdir_unwritable": (UNLEARN, ["--workdir={ro}"], 2, ["is not writable"], True),
-    "unlearn_corrupt_checkpoint": (UNLEARN, ["--config.checkpoint={ckpt}"], 1,
-                                   ["CheckpointCorruptError", "config.checkpoint='{ckpt}'", "is corrupt: file",
-                                    "is truncated"], True),
-    "unlearn_debug_shows_the_traceback": (UNLEARN, ["--config.max_steps=0", "--debug"], 2,
-                                          ["config.max_steps=0 is invalid"], True),
+    "unlearn_corrupt_checkpoint": (
+        UNLEARN,
+        ["--config.checkpoint={ckpt}"],
+        1,
+        ["CheckpointCorruptError", "config.checkpoint='{ckpt}'", "is corrupt: file", "is truncated"],
+        True,
+    ),
+    "unlearn_debug_shows_the_traceback": (
+        UNLEARN,
+        ["--config.max_steps=0", "--debug"],
+        2,
+        ["config.max_steps=0 is invalid"],
+        True,
+    ),
 }
 
 
@@ -112,15 +191,23 @@ def files(tmp_path_factory):
     write_idx(data / "small", "t", small_images, small_labels, gz=False)
 
     good = root / "good"
-    trained = subprocess.run(TRAIN + ["--workdir", str(good), "--config.roles=generative"], cwd=REPO,
-                             capture_output=True, text=True, timeout=600)
+    trained = subprocess.run(
+        TRAIN + ["--workdir", str(good), "--config.roles=generative"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     damaged = root / "damaged"
     shutil.copytree(good, damaged)
-    final = max((p for p in (damaged / "generative" / "checkpoints").iterdir() if p.name.isdigit()),
-                key=lambda p: int(p.name))
-    data_file = max((p for p in (final / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
-                    key=lambda p: p.stat().st_size)
+    final = max(
+        (p for p in (damaged / "generative" / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+    )
+    data_file = max(
+        (p for p in (final / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
+        key=lambda p: p.stat().st_size,
+    )
     data_file.write_bytes(data_file.read_bytes()[:100])
     # orbax's own step metadata damaged: orbax logs its failure to read it while listing steps; the CLI keeps to
     # its one line.
@@ -135,8 +222,13 @@ def files(tmp_path_factory):
 def results(files, tmp_path_factory):
     """Runs every case (a few at a time); ``{name: (workdir, returncode, stderr)}``."""
     read_only = unwritable_directory(tmp_path_factory.mktemp("read_only"))
-    substitutions = {"{data}": files["data"], "{ckpt_meta}": files["ckpt_meta"], "{ckpt}": files["ckpt"],
-                     "{good}": files["good"], "{ro}": str(read_only)}
+    substitutions = {
+        "{data}": files["data"],
+        "{ckpt_meta}": files["ckpt_meta"],
+        "{ckpt}": files["ckpt"],
+        "{good}": files["good"],
+        "{ro}": str(read_only),
+    }
 
     def fill(text: str) -> str:
         for key, value in substitutions.items():
@@ -195,11 +287,13 @@ def test_full_disk_exits_2_before_training(tmp_path):
         "def _full(path):\n"
         "    usage = _real(path)\n"
         "    return type(usage)(usage.total, usage.total - 2**20, 2**20)\n"
-        "shutil.disk_usage = _full\n")
+        "shutil.disk_usage = _full\n"
+    )
     workdir = tmp_path / "run"
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run(TRAIN + [f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=environment)
+    done = subprocess.run(
+        TRAIN + [f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=600, env=environment
+    )
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
@@ -221,8 +315,10 @@ def _tree(leading: tuple[int, ...] = ()) -> dict:
 
 
 @hypothesis.settings(max_examples=30, deadline=None)
-@hypothesis.given(transform=st.sampled_from(sorted(_TRANSFORMS)),
-                  damage=st.sampled_from(["drop_leaf", "extra_leaf", "shape", "dtype", "rename"]))
+@hypothesis.given(
+    transform=st.sampled_from(sorted(_TRANSFORMS)),
+    damage=st.sampled_from(["drop_leaf", "extra_leaf", "shape", "dtype", "rename"]),
+)
 def test_transforms_refuse_mismatched_trees_at_trace_time(transform, damage):
     """A direction tree that does not match the updates is refused while TRACING (``jax.jit(...).trace``, which
     compiles and runs nothing), with ValueError/TypeError -- never a silent broadcast or a runtime crash."""

@@ -20,8 +20,8 @@ from flax import nnx
 from gsu_jax import checkpointing
 from gsu_jax.checkpointing import (
     CheckpointCorruptError,
-    CheckpointNotFoundError,
     Checkpointer,
+    CheckpointNotFoundError,
     WorkdirError,
     abstract_like,
 )
@@ -67,7 +67,8 @@ def test_round_trip_restores_params_opt_state_and_metadata(tmp_path, trained_lik
         ckpt.save(7, params, opt_state, metadata=metadata)
         abstract_params, abstract_opt = _abstract(params, optimizer)
         restored_params, restored_opt, restored_meta = ckpt.restore(
-            abstract_params=abstract_params, abstract_opt_state=abstract_opt)
+            abstract_params=abstract_params, abstract_opt_state=abstract_opt
+        )
     assert jax.tree.structure(restored_params) == jax.tree.structure(params)
     assert jax.tree.structure(restored_opt) == jax.tree.structure(opt_state)
     chex.assert_trees_all_equal(restored_params, params)
@@ -89,8 +90,7 @@ def test_params_only_restore_and_a_save_without_optimizer(tmp_path, trained_like
             chex.assert_trees_all_equal(restored, params)
             assert no_opt is None and meta["has_opt_state"] == (step == 1)
         with pytest.raises(checkpointing.CheckpointMismatchError, match="no optimizer state"):
-            ckpt.restore(2, abstract_params=abstract_like(params),
-                         abstract_opt_state=_abstract(params, optimizer)[1])
+            ckpt.restore(2, abstract_params=abstract_like(params), abstract_opt_state=_abstract(params, optimizer)[1])
 
 
 def test_latest_step_and_max_to_keep(tmp_path, trained_like):
@@ -190,8 +190,11 @@ def test_any_damaged_file_is_refused_by_name_before_orbax_reads_it(tmp_path, tra
         ckpt.save(2, params, opt_state, metadata={})
         step_dir = ckpt.step_path(2)
         pristine = {path: path.read_bytes() for path in _every_file(step_dir)}
-        targets = ([step_dir / "params" / "manifest.ocdbt", step_dir / "opt_state" / "manifest.ocdbt"]
-                   if damage == "index" else [p for p in pristine if p.name != checkpointing.FILES_MANIFEST])
+        targets = (
+            [step_dir / "params" / "manifest.ocdbt", step_dir / "opt_state" / "manifest.ocdbt"]
+            if damage == "index"
+            else [p for p in pristine if p.name != checkpointing.FILES_MANIFEST]
+        )
         for target in targets:
             raw = pristine[target]
             if damage in ("flip", "index"):
@@ -220,12 +223,18 @@ def test_damaged_files_manifest_is_refused(tmp_path, trained_like):
         first = sorted(record["files"])[0]
         record["files"][first]["size"] += 1  # an edited record: caught by the manifest's own digest
         manifest.write_text(json.dumps(record))
-        with pytest.raises(CheckpointCorruptError, match=rf"step 6 .*file '{manifest}' .*does not match its own "
-                                                         "digest"):
+        with pytest.raises(
+            CheckpointCorruptError,
+            match=rf"step 6 .*file '{manifest}' .*does not match its own "
+            "digest",
+        ):
             ckpt.read_metadata()
         manifest.write_text('{"files": 3}')
-        with pytest.raises(CheckpointCorruptError, match=rf"step 6 .*file '{manifest}' \(the list of the step's "
-                                                         r"files\) is unreadable"):
+        with pytest.raises(
+            CheckpointCorruptError,
+            match=rf"step 6 .*file '{manifest}' \(the list of the step's "
+            r"files\) is unreadable",
+        ):
             ckpt.read_metadata()
 
 
@@ -245,7 +254,8 @@ def test_restore_newest_good_skips_bad_steps_and_says_why(tmp_path, trained_like
             if data_file.is_file() and data_file.parent.name == "d":
                 data_file.write_bytes(bytes(b ^ 0xFF for b in data_file.read_bytes()))
         restored, restored_opt, metadata, skipped = ckpt.restore_newest_good(
-            abstract_params=abstract_params, abstract_opt_state=abstract_opt)
+            abstract_params=abstract_params, abstract_opt_state=abstract_opt
+        )
         assert metadata["at"] == 1 and [item.step for item in skipped] == [3, 2]
         assert "is truncated" in skipped[0].reason and skipped[1].reason
         chex.assert_trees_all_equal(restored, params)
@@ -332,7 +342,7 @@ def test_state_digest_sees_every_bit(trained_like):
     for index in (0, len(leaves) - 1):
         flipped = np.array(leaves[index]).copy()
         flipped.reshape(-1).view(np.uint8)[0] ^= 1
-        changed = jax.tree.unflatten(treedef, leaves[:index] + [flipped] + leaves[index + 1:])
+        changed = jax.tree.unflatten(treedef, leaves[:index] + [flipped] + leaves[index + 1 :])
         assert checkpointing.state_digest(changed) != checkpointing.state_digest(tree)
 
 
@@ -364,7 +374,7 @@ def test_random_damage_to_any_file_is_refused_by_name_never_loaded(tmp_path_fact
         offset = data.draw(st.integers(0, len(raw) - 1), label="offset")
         raw[offset] ^= data.draw(st.integers(1, 255), label="xor")
     elif damage == "truncate":
-        del raw[data.draw(st.integers(0, len(raw) - 1), label="keep"):]
+        del raw[data.draw(st.integers(0, len(raw) - 1), label="keep") :]
     else:
         raw += data.draw(st.binary(min_size=1, max_size=16), label="extra")
     target.write_bytes(bytes(raw))

@@ -23,15 +23,53 @@ BOUNDED = hypothesis.settings(max_examples=150, deadline=None)
 
 # Any value a config file or a mapping could hold.
 ANY_VALUE = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.binary(max_size=4), st.lists(st.integers(), max_size=3),
-    st.tuples(st.integers(), st.integers()), st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.binary(max_size=4),
+    st.lists(st.integers(), max_size=3),
+    st.tuples(st.integers(), st.integers()),
+    st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
 )
 # Values near the edges of the typical rules (>= 0, >= 1, fractions, booleans, data specs, class lists).
 EDGE_VALUE = st.one_of(
-    st.sampled_from([0, 1, -1, 8, 9, 400, 401, 0.0, 0.5, 1.0, -0.0, 1e-300, 1e300, float("nan"), float("inf"),
-                     True, False, "", ",", "1,1", "0,7", "embedded", "idx:", "idx:/d", "idx::x", "tfds:mnist:test",
-                     "generative", "evaluator,guidance", "mlp_vae", "conv_vae", "mlp_classifier"]),
+    st.sampled_from(
+        [
+            0,
+            1,
+            -1,
+            8,
+            9,
+            400,
+            401,
+            0.0,
+            0.5,
+            1.0,
+            -0.0,
+            1e-300,
+            1e300,
+            float("nan"),
+            float("inf"),
+            True,
+            False,
+            "",
+            ",",
+            "1,1",
+            "0,7",
+            "embedded",
+            "idx:",
+            "idx:/d",
+            "idx::x",
+            "tfds:mnist:test",
+            "generative",
+            "evaluator,guidance",
+            "mlp_vae",
+            "conv_vae",
+            "mlp_classifier",
+        ]
+    ),
     ANY_VALUE,
 )
 
@@ -68,8 +106,9 @@ def test_any_value_of_any_train_field_is_accepted_by_its_rule_or_refused_naming_
 
 
 @BOUNDED
-@hypothesis.given(name=st.one_of(st.text(min_size=1, max_size=24), st.integers(), st.none(), st.booleans()),
-                  value=ANY_VALUE)
+@hypothesis.given(
+    name=st.one_of(st.text(min_size=1, max_size=24), st.integers(), st.none(), st.booleans()), value=ANY_VALUE
+)
 def test_any_unknown_key_is_refused_naming_it(name, value):
     hypothesis.assume(name not in TRAIN_SCHEMA)
     values = _train_values()
@@ -83,14 +122,17 @@ def test_any_unknown_key_is_refused_naming_it(name, value):
 
 
 @BOUNDED
-@hypothesis.given(name=st.sampled_from(sorted(TRAIN_SCHEMA)), edit=st.sampled_from(["drop", "swap", "double"]),
-                  position=st.integers(0, 40))
+@hypothesis.given(
+    name=st.sampled_from(sorted(TRAIN_SCHEMA)),
+    edit=st.sampled_from(["drop", "swap", "double"]),
+    position=st.integers(0, 40),
+)
 def test_a_one_letter_typo_of_a_field_gets_a_did_you_mean_hint(name, edit, position):
     index = position % len(name)
     if edit == "drop":
-        typo = name[:index] + name[index + 1:]
+        typo = name[:index] + name[index + 1 :]
     elif edit == "swap" and index + 1 < len(name):
-        typo = name[:index] + name[index + 1] + name[index] + name[index + 2:]
+        typo = name[:index] + name[index + 1] + name[index] + name[index + 2 :]
     else:
         typo = name[:index] + name[index] + name[index:]
     hypothesis.assume(typo and typo not in TRAIN_SCHEMA)
@@ -102,11 +144,20 @@ def test_a_one_letter_typo_of_a_field_gets_a_did_you_mean_hint(name, edit, posit
 
 
 @BOUNDED
-@hypothesis.given(field=st.sampled_from(["model_kwargs", "classifier_kwargs"]),
-                  kwargs=st.dictionaries(st.one_of(st.sampled_from(["hidden", "channels", "num_groups", "image_shape",
-                                                                    "latent_dim", "num_classes", "layer_norm"]),
-                                                   st.text(max_size=8), st.integers()),
-                                         ANY_VALUE, max_size=3))
+@hypothesis.given(
+    field=st.sampled_from(["model_kwargs", "classifier_kwargs"]),
+    kwargs=st.dictionaries(
+        st.one_of(
+            st.sampled_from(
+                ["hidden", "channels", "num_groups", "image_shape", "latent_dim", "num_classes", "layer_norm"]
+            ),
+            st.text(max_size=8),
+            st.integers(),
+        ),
+        ANY_VALUE,
+        max_size=3,
+    ),
+)
 def test_random_model_hyperparameters_are_accepted_or_refused_naming_the_key(field, kwargs):
     values = _train_values()
     values[field] = kwargs

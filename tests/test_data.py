@@ -29,9 +29,17 @@ BOUNDED = settings(max_examples=40, deadline=None)
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def write_idx(directory: pathlib.Path, prefix: str, images: np.ndarray, labels: np.ndarray, *, gz: bool,
-              images_magic: int = data.IDX_IMAGES_MAGIC, labels_magic: int = data.IDX_LABELS_MAGIC,
-              sep: str = "-") -> tuple[pathlib.Path, pathlib.Path]:
+def write_idx(
+    directory: pathlib.Path,
+    prefix: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    gz: bool,
+    images_magic: int = data.IDX_IMAGES_MAGIC,
+    labels_magic: int = data.IDX_LABELS_MAGIC,
+    sep: str = "-",
+) -> tuple[pathlib.Path, pathlib.Path]:
     """Writes an IDX pair the way the original MNIST distribution does (big-endian header, uint8 payload)."""
     images_bytes = struct.pack(">4I", images_magic, *images.shape) + images.astype(np.uint8).tobytes()
     labels_bytes = struct.pack(">2I", labels_magic, labels.shape[0]) + labels.astype(np.uint8).tobytes()
@@ -259,17 +267,24 @@ def prepared_tfds_dir(tmp_path_factory):
     """A real array_record TFDS data_dir prepared without TensorFlow (uint8 Tensor image + ClassLabel)."""
     tfds = pytest.importorskip("tensorflow_datasets", reason="the tfds: source needs the [tfds] extra")
     rng = np.random.default_rng(0)
-    splits = {"train": (rng.integers(0, 256, (10, 6, 5, 1), dtype=np.uint8), np.arange(10) % 3),
-              "test": (rng.integers(0, 256, (4, 6, 5, 1), dtype=np.uint8), np.array([2, 0, 1, 1]))}
+    splits = {
+        "train": (rng.integers(0, 256, (10, 6, 5, 1), dtype=np.uint8), np.arange(10) % 3),
+        "test": (rng.integers(0, 256, (4, 6, 5, 1), dtype=np.uint8), np.array([2, 0, 1, 1])),
+    }
 
     class GsuJaxTestDigits(tfds.core.GeneratorBasedBuilder):
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(6, 5, 1), dtype=np.uint8),
-                "label": tfds.features.ClassLabel(num_classes=3),
-            }))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Tensor(shape=(6, 5, 1), dtype=np.uint8),
+                        "label": tfds.features.ClassLabel(num_classes=3),
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {name: self._generate_examples(name) for name in splits}
@@ -281,7 +296,8 @@ def prepared_tfds_dir(tmp_path_factory):
 
     data_dir = tmp_path_factory.mktemp("tfds")
     GsuJaxTestDigits(data_dir=str(data_dir), file_format="array_record").download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
     return data_dir, splits
 
 
@@ -331,8 +347,9 @@ def test_tfds_missing_says_what_to_install(monkeypatch):
 # ------------------------------------------------------------------------------------------ specs, dataset
 
 
-@pytest.mark.parametrize("spec", ["mnist", "csv:/tmp/x.csv", "embedded:5k", "idx:", "tfds:", "tfds::train",
-                                  "tfds:mnist:"])
+@pytest.mark.parametrize(
+    "spec", ["mnist", "csv:/tmp/x.csv", "embedded:5k", "idx:", "tfds:", "tfds::train", "tfds:mnist:"]
+)
 def test_bad_specs_list_the_allowed_forms(spec):
     with pytest.raises(ValueError, match=r"'embedded', 'idx:<dir>'"):
         data.load_dataset(spec)
@@ -361,8 +378,9 @@ def test_spec_must_be_a_string():
     ],
 )
 def test_dataset_validation_refuses_bad_arrays(change, error, message):
-    fields = dict(images=np.zeros((3, 4, 4, 1), np.float32), labels=np.array([0, 1, 2], np.int32),
-                  name="fixture", num_classes=3)
+    fields = dict(
+        images=np.zeros((3, 4, 4, 1), np.float32), labels=np.array([0, 1, 2], np.int32), name="fixture", num_classes=3
+    )
     fields.update(change)
     with pytest.raises(error, match=message):
         data.ImageDataset(**fields)
@@ -386,8 +404,10 @@ def test_subset_and_as_batch_gather_the_same_examples(embedded):
     assert batch["label"].dtype == np.int32 and subset.num_classes == 10
 
 
-@pytest.mark.parametrize("bad, error", [([5000], ValueError), ([-1], ValueError), ([], ValueError),
-                                         ([[0, 1]], ValueError), ([0.0, 1.0], TypeError)])
+@pytest.mark.parametrize(
+    "bad, error",
+    [([5000], ValueError), ([-1], ValueError), ([], ValueError), ([[0, 1]], ValueError), ([0.0, 1.0], TypeError)],
+)
 def test_subset_and_as_batch_refuse_bad_indices(embedded, bad, error):
     with pytest.raises(error):
         embedded.subset(bad)
@@ -398,8 +418,7 @@ def test_subset_and_as_batch_refuse_bad_indices(embedded, bad, error):
 def test_fingerprint_depends_on_data_only():
     base = make_dataset()
     assert len(base.fingerprint()) == 64 and int(base.fingerprint(), 16) >= 0
-    renamed = data.ImageDataset(images=base.images.copy(), labels=base.labels.copy(), name="other",
-                                num_classes=3)
+    renamed = data.ImageDataset(images=base.images.copy(), labels=base.labels.copy(), name="other", num_classes=3)
     assert renamed.fingerprint() == base.fingerprint()
     labels = base.labels.copy()
     labels[0] = (labels[0] + 1) % 3
@@ -407,8 +426,7 @@ def test_fingerprint_depends_on_data_only():
     images = base.images.copy()
     images[0, 0, 0, 0] = (np.rint(images[0, 0, 0, 0] * 255) + (1 if images[0, 0, 0, 0] < 1 else -1)) / 255
     one_pixel = data.ImageDataset(images=images, labels=base.labels, name="x", num_classes=3)
-    reshaped = data.ImageDataset(images=base.images.reshape(6, 2, 8, 1), labels=base.labels, name="x",
-                                 num_classes=3)
+    reshaped = data.ImageDataset(images=base.images.reshape(6, 2, 8, 1), labels=base.labels, name="x", num_classes=3)
     prints = {d.fingerprint() for d in (base, relabelled, one_pixel, reshaped)}
     assert len(prints) == 4
 
@@ -417,8 +435,11 @@ def test_fingerprint_depends_on_data_only():
 
 
 @BOUNDED
-@given(labels=st.lists(st.integers(0, 4), min_size=2, max_size=80), fraction=st.floats(0.05, 0.95),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    labels=st.lists(st.integers(0, 4), min_size=2, max_size=80),
+    fraction=st.floats(0.05, 0.95),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_stratified_split_is_disjoint_covering_stratified_and_seeded(labels, fraction, seed):
     labels = np.array(labels)
     try:
@@ -604,8 +625,9 @@ IDX_PROPERTY = settings(max_examples=60, deadline=None)
     extra=st.binary(max_size=8),
     gz=st.booleans(),
 )
-def test_malformed_idx_files_load_exactly_or_are_refused_naming_the_file(tmp_path_factory, which, magic, dims, cut,
-                                                                        extra, gz):
+def test_malformed_idx_files_load_exactly_or_are_refused_naming_the_file(
+    tmp_path_factory, which, magic, dims, cut, extra, gz
+):
     """A valid IDX pair with one file's magic number, header counts, length or trailing bytes drawn at random (raw
     or gzipped): it loads exactly the data written, or raises ValueError naming that file -- never another
     exception type, never a hang (header counts up to 2**32 - 1 claim terabytes: checked before allocating)."""
@@ -618,7 +640,7 @@ def test_malformed_idx_files_load_exactly_or_are_refused_naming_the_file(tmp_pat
         raw[:4] = struct.pack(">I", magic)
     if dims is not None:
         count = 3 if which == "images" else 1
-        raw[4: 4 + 4 * count] = struct.pack(f">{count}I", *dims[:count])
+        raw[4 : 4 + 4 * count] = struct.pack(f">{count}I", *dims[:count])
     if cut is not None:
         del raw[cut:]
     raw += extra

@@ -103,9 +103,17 @@ def test_interrupted_and_resumed_ddpm_run_ends_bit_identical(tmp_path, trained, 
 def test_unlearning_report_holds_the_ddpm_metrics(unlearned):
     workdir, report = unlearned
     family = report["generative"]
-    assert family == {"family": "ddpm", "loss_prefix": "eps_loss", "loss_label": "eps-MSE", "class_conditional": True,
-                      "sampler": "ddim", "monitor_sample_steps": 2, "fid_sample_steps": 3, "guidance_scale": 1.0,
-                      "monitoring_labels": "i mod K (all classes)"}
+    assert family == {
+        "family": "ddpm",
+        "loss_prefix": "eps_loss",
+        "loss_label": "eps-MSE",
+        "class_conditional": True,
+        "sampler": "ddim",
+        "monitor_sample_steps": 2,
+        "fid_sample_steps": 3,
+        "guidance_scale": 1.0,
+        "monitoring_labels": "i mod K (all classes)",
+    }
     assert set(report["methods"]) == {"sa", "sa_per_example"}
     for name in ("original", "oracle"):
         evaluation = report[name]
@@ -115,8 +123,12 @@ def test_unlearning_report_holds_the_ddpm_metrics(unlearned):
         assert 0 <= evaluation["forget_label_entropy"] <= np.log(10) + 1e-6
         assert np.isfinite(evaluation["fid_retain"]) and not any(key.startswith("nelbo") for key in evaluation)
     for summary in report["methods"].values():
-        for key in ("eps_loss_heldout_forget_at_stop", "forget_label_class_prob_at_stop",
-                    "forget_label_entropy_at_end", "fid_retain_at_end"):
+        for key in (
+            "eps_loss_heldout_forget_at_stop",
+            "forget_label_class_prob_at_stop",
+            "forget_label_entropy_at_end",
+            "fid_retain_at_end",
+        ):
             assert len(summary[key]["per_seed"]) == len(report["seeds"]), key
         for record in summary["per_seed"]:
             assert record["steps_run"] == report["config"]["max_steps"]
@@ -138,15 +150,24 @@ def test_monitoring_noises_are_fixed_and_the_same_for_every_method_and_seed(unle
     assert start == [pytest.approx(report["original"]["forget_fraction"], abs=1e-6)] * len(start)
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    ({"diffusion_schedule": "quadratic"}, "config.diffusion_schedule='quadratic' is invalid: allowed: one of cosine"),
-    ({"diffusion_steps": 1}, "config.diffusion_steps=1 is invalid: allowed: an integer >= 2"),
-    ({"sample_steps": 51}, "config.sample_steps=51 is invalid: allowed: an integer in [1, config.diffusion_steps=50]"),
-    ({"class_dropout": 1.0}, "config.class_dropout=1.0 is invalid: allowed: a number in [0, 1)"),
-    ({"guidance_scale": -1.0}, "config.guidance_scale=-1.0 is invalid: allowed: a number >= 0"),
-    ({"class_dropout": 0.0, "guidance_scale": 2.0}, "config.guidance_scale=2.0 needs an unconditional model"),
-    ({"class_conditional": "yes"}, "config.class_conditional='yes' is invalid: expected bool"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            {"diffusion_schedule": "quadratic"},
+            "config.diffusion_schedule='quadratic' is invalid: allowed: one of cosine",
+        ),
+        ({"diffusion_steps": 1}, "config.diffusion_steps=1 is invalid: allowed: an integer >= 2"),
+        (
+            {"sample_steps": 51},
+            "config.sample_steps=51 is invalid: allowed: an integer in [1, config.diffusion_steps=50]",
+        ),
+        ({"class_dropout": 1.0}, "config.class_dropout=1.0 is invalid: allowed: a number in [0, 1)"),
+        ({"guidance_scale": -1.0}, "config.guidance_scale=-1.0 is invalid: allowed: a number >= 0"),
+        ({"class_dropout": 0.0, "guidance_scale": 2.0}, "config.guidance_scale=2.0 needs an unconditional model"),
+        ({"class_conditional": "yes"}, "config.class_conditional='yes' is invalid: expected bool"),
+    ],
+)
 def test_bad_ddpm_train_values_are_refused_in_one_line(overrides, expected):
     values = dict(_train_config().items())  # a plain mapping: ConfigDict itself refuses a str for a bool field
     values.update(overrides)
@@ -164,12 +185,32 @@ def test_reserved_unet_hyperparameters_are_refused():
 
 def test_bad_ddpm_requests_exit_2_with_one_line_through_both_clis(tmp_path):
     commands = {
-        "train": (["train.py", "--config", str(TRAIN_SMOKE), "--workdir", str(tmp_path / "t"),
-                   "--config.sample_steps=500"], "config.sample_steps=500 is invalid"),
-        "unlearn_steps": (["unlearn.py", "--config", str(UNLEARN_SMOKE), "--workdir", str(tmp_path / "u1"),
-                           "--config.monitor_sample_steps=0"], "config.monitor_sample_steps=0 is invalid"),
-        "unlearn_guidance": (["unlearn.py", "--config", str(UNLEARN_SMOKE), "--workdir", str(tmp_path / "u2"),
-                              "--config.guidance_weight=10"], "config.guidance_weight=10.0 is VAE-only"),
+        "train": (
+            ["train.py", "--config", str(TRAIN_SMOKE), "--workdir", str(tmp_path / "t"), "--config.sample_steps=500"],
+            "config.sample_steps=500 is invalid",
+        ),
+        "unlearn_steps": (
+            [
+                "unlearn.py",
+                "--config",
+                str(UNLEARN_SMOKE),
+                "--workdir",
+                str(tmp_path / "u1"),
+                "--config.monitor_sample_steps=0",
+            ],
+            "config.monitor_sample_steps=0 is invalid",
+        ),
+        "unlearn_guidance": (
+            [
+                "unlearn.py",
+                "--config",
+                str(UNLEARN_SMOKE),
+                "--workdir",
+                str(tmp_path / "u2"),
+                "--config.guidance_weight=10",
+            ],
+            "config.guidance_weight=10.0 is VAE-only",
+        ),
     }
     with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
         done = {name: pool.submit(_run, *args, timeout=300) for name, (args, _) in commands.items()}

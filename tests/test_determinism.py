@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -33,8 +33,9 @@ pytestmark = pytest.mark.slow
 
 
 def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 def _finish(process: subprocess.Popen) -> str:
@@ -49,9 +50,10 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("determinism_train")
     workdirs = {"a": root / "a", "b": root / "b", "oracle": root / "oracle"}
     extra = {"oracle": ("--config.exclude_classes=1", "--config.roles=generative")}
-    processes = {name: _start("train.py", "--config", "configs/smoke.py", "--workdir", str(workdir),
-                              *extra.get(name, ()))
-                 for name, workdir in workdirs.items()}
+    processes = {
+        name: _start("train.py", "--config", "configs/smoke.py", "--workdir", str(workdir), *extra.get(name, ()))
+        for name, workdir in workdirs.items()
+    }
     for process in processes.values():
         _finish(process)
     return workdirs
@@ -62,10 +64,19 @@ def unlearned(trained, tmp_path_factory):
     """Two identical unlearn.py runs on run a's models: [(workdir, report), (workdir, report)]."""
     root = tmp_path_factory.mktemp("determinism_unlearn")
     workdirs = [root / "first", root / "second"]
-    processes = [_start("unlearn.py", "--config", "configs/unlearn_smoke.py", "--workdir", str(workdir),
-                        f"--config.checkpoint={trained['a']}", f"--config.oracle_checkpoint={trained['oracle']}",
-                        *UNLEARN_OVERRIDES)
-                 for workdir in workdirs]
+    processes = [
+        _start(
+            "unlearn.py",
+            "--config",
+            "configs/unlearn_smoke.py",
+            "--workdir",
+            str(workdir),
+            f"--config.checkpoint={trained['a']}",
+            f"--config.oracle_checkpoint={trained['oracle']}",
+            *UNLEARN_OVERRIDES,
+        )
+        for workdir in workdirs
+    ]
     for process in processes:
         _finish(process)
     return [(workdir, json.loads((workdir / "report.json").read_text())) for workdir in workdirs]
@@ -79,8 +90,9 @@ def test_two_training_runs_give_bit_identical_models(trained):
         assert first.metadata["params_digest"] == second.metadata["params_digest"]
         assert first.metadata["opt_state_digest"] == second.metadata["opt_state_digest"]
         assert first.metadata["history"] == second.metadata["history"]
-        metrics = [json.loads((workdir / role / "metrics.json").read_text()) for workdir in (trained["a"],
-                                                                                           trained["b"])]
+        metrics = [
+            json.loads((workdir / role / "metrics.json").read_text()) for workdir in (trained["a"], trained["b"])
+        ]
         for values in metrics:
             for key in TRAIN_VOLATILE:
                 values.pop(key, None)
@@ -130,11 +142,13 @@ def test_two_unlearning_runs_write_identical_logs_and_bit_identical_unlearned_mo
         for record in summary["per_seed"]:
             saved = []
             for workdir in (first_dir, second_dir):
-                with checkpointing.Checkpointer(workdir / "unlearned" / label / f"seed_{record['seed']}",
-                                                create=False) as ckpt:
+                with checkpointing.Checkpointer(
+                    workdir / "unlearned" / label / f"seed_{record['seed']}", create=False
+                ) as ckpt:
                     metadata = ckpt.read_metadata()
-                    target = checkpointing.abstract_like(training.load_trained(
-                        first["models"]["original"]["workdir"], "generative").params)
+                    target = checkpointing.abstract_like(
+                        training.load_trained(first["models"]["original"]["workdir"], "generative").params
+                    )
                     saved.append(ckpt.restore(abstract_params=target)[0])
                 assert metadata["params_digest"] == record["params_digest_at_stop"]
             chex.assert_trees_all_equal(*saved)
@@ -164,13 +178,31 @@ def test_the_report_records_what_reproduces_it(unlearned, trained):
 
 
 def test_without_volatile_fields_drops_exactly_the_listed_fields():
-    record = {"seed": 0, "fid_retain_at_stop": 1.5, "step_time_ms": 3.0, "step_time_ms_mean": 3.1,
-              "time_to_unlearn_s": 0.2}
-    report = {"command": "python unlearn.py ...", "timing": {"total_s": 9.0}, "resumed": ["sa seed 0"],
-              "seeds": [0], "methods": {"sa": {"compile_s": 1.0, "step_time_ms": {"mean": 3.0},
-                                               "fid_retain_at_stop": {"mean": 1.5}, "per_seed": [record]}}}
+    record = {
+        "seed": 0,
+        "fid_retain_at_stop": 1.5,
+        "step_time_ms": 3.0,
+        "step_time_ms_mean": 3.1,
+        "time_to_unlearn_s": 0.2,
+    }
+    report = {
+        "command": "python unlearn.py ...",
+        "timing": {"total_s": 9.0},
+        "resumed": ["sa seed 0"],
+        "seeds": [0],
+        "methods": {
+            "sa": {
+                "compile_s": 1.0,
+                "step_time_ms": {"mean": 3.0},
+                "fid_retain_at_stop": {"mean": 1.5},
+                "per_seed": [record],
+            }
+        },
+    }
     kept = reporting.without_volatile_fields(report)
-    assert kept == {"seeds": [0], "methods": {"sa": {"fid_retain_at_stop": {"mean": 1.5},
-                                                     "per_seed": [{"seed": 0, "fid_retain_at_stop": 1.5}]}}}
+    assert kept == {
+        "seeds": [0],
+        "methods": {"sa": {"fid_retain_at_stop": {"mean": 1.5}, "per_seed": [{"seed": 0, "fid_retain_at_stop": 1.5}]}},
+    }
     assert report["methods"]["sa"]["compile_s"] == 1.0  # the input is left alone
     np.testing.assert_equal(reporting.without_volatile_fields({"x": float("nan")}), {"x": None})

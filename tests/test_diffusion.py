@@ -5,7 +5,6 @@ scan samplers against an oracle and a Python-loop reference, classifier-free gui
 from __future__ import annotations
 
 import doctest
-import math
 
 import chex
 import hypothesis
@@ -21,7 +20,7 @@ from gsu_jax import diffusion, methods
 from gsu_jax.diffusion import epsilon_loss, generate, make_schedule, predict_epsilon, sample, sampling_timesteps
 from gsu_jax.losses import batch_mean
 from gsu_jax.models import UNet
-from gsu_jax.per_example import per_example_grads, per_example_projected_mean
+from gsu_jax.per_example import per_example_grads
 
 TINY = {"channels": 8, "channel_mults": (1, 2), "num_groups": 4, "time_embed_dim": 16}
 NUM_CLASSES = 10
@@ -136,8 +135,11 @@ def _draws(keys, class_dropout):
 
     def one(key):
         t_key, noise_key, dropout_key = jax.random.split(key, 3)
-        return (jax.random.randint(t_key, (), 0, T), jax.random.normal(noise_key, PROBE_SHAPE, jnp.float32),
-                jax.random.bernoulli(dropout_key, class_dropout))
+        return (
+            jax.random.randint(t_key, (), 0, T),
+            jax.random.normal(noise_key, PROBE_SHAPE, jnp.float32),
+            jax.random.bernoulli(dropout_key, class_dropout),
+        )
 
     return jax.vmap(one)(keys)
 
@@ -169,8 +171,9 @@ def test_loss_noising_equals_a_numpy_reference(schedule, num_classes, class_drop
         return jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, batch, keys), batch_mean(loss_fn)(params, batch, key)
 
     losses, mean = losses_and_mean(params)
-    reference, t, dropped = _reference_losses(schedule, images, labels, keys, num_classes=num_classes,
-                                              class_dropout=class_dropout)
+    reference, t, dropped = _reference_losses(
+        schedule, images, labels, keys, num_classes=num_classes, class_dropout=class_dropout
+    )
     np.testing.assert_allclose(losses, reference, rtol=2e-5)
     assert len(set(t.tolist())) > 1  # each example drew its own timestep
     if class_dropout:
@@ -227,8 +230,9 @@ def test_samplers_recover_the_one_data_point_from_the_exact_noise(schedule, samp
     x0 = np.random.default_rng(5).uniform(-0.9, 0.9, size=PROBE_SHAPE).astype(np.float32)
     graphdef, params = nnx.split(Oracle(x0, schedule))
     noise = jax.random.normal(jax.random.key(1), (3, *PROBE_SHAPE))
-    images = generate(graphdef, params, noise, schedule=schedule, num_steps=num_steps, sampler=sampler,
-                      key=jax.random.key(2))
+    images = generate(
+        graphdef, params, noise, schedule=schedule, num_steps=num_steps, sampler=sampler, key=jax.random.key(2)
+    )
     np.testing.assert_allclose(images, np.broadcast_to((x0 + 1) / 2, images.shape), atol=1e-4)
 
 
@@ -247,16 +251,26 @@ def loop_reference(conditional):
         for i, t in enumerate(timesteps):
             a = abar[t]
             a_prev = abar[timesteps[i + 1]] if i + 1 < num_steps else 1.0
-            eps = np.asarray(eps_fn(x.astype(np.float32), np.float32(t / schedule.num_train_steps), jnp.int32(label),
-                                    np.float32(guidance_scale)), np.float64)
+            eps = np.asarray(
+                eps_fn(
+                    x.astype(np.float32),
+                    np.float32(t / schedule.num_train_steps),
+                    jnp.int32(label),
+                    np.float32(guidance_scale),
+                ),
+                np.float64,
+            )
             x0 = np.clip((x - np.sqrt(1 - a) * eps) / np.sqrt(a), -1, 1)
             if sampler == "ddim":
                 x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * (x - np.sqrt(a) * x0) / np.sqrt(1 - a)
             else:
                 beta = 1 - a / a_prev
                 z = np.asarray(jax.random.normal(step_keys[i], x.shape), np.float64)
-                x = (np.sqrt(a_prev) * beta / (1 - a) * x0 + np.sqrt(1 - beta) * (1 - a_prev) / (1 - a) * x
-                     + np.sqrt(beta * (1 - a_prev) / (1 - a)) * z)
+                x = (
+                    np.sqrt(a_prev) * beta / (1 - a) * x0
+                    + np.sqrt(1 - beta) * (1 - a_prev) / (1 - a) * x
+                    + np.sqrt(beta * (1 - a_prev) / (1 - a)) * z
+                )
         return np.clip((x + 1) / 2, 0, 1)
 
     return run
@@ -277,8 +291,7 @@ def test_ddim_scan_equals_a_python_loop(schedule, conditional, loop_reference):
     graphdef, params = conditional
     noise = jax.random.normal(jax.random.key(0), (28, 28, 1))
     got = sample(graphdef, params, noise, schedule=schedule, sampler="ddim", label=3, **GUIDED)
-    _assert_images_close(got, loop_reference(schedule, noise, sampler="ddim", label=3, key=jax.random.key(0),
-                                             **GUIDED))
+    _assert_images_close(got, loop_reference(schedule, noise, sampler="ddim", label=3, key=jax.random.key(0), **GUIDED))
 
 
 def test_ddpm_generate_equals_sample_and_a_python_loop(schedule, conditional, loop_reference):
@@ -289,8 +302,9 @@ def test_ddpm_generate_equals_sample_and_a_python_loop(schedule, conditional, lo
     assert batch.shape == (2, 28, 28, 1) and 0 <= float(batch.min()) and float(batch.max()) <= 1
     keys = jax.random.split(key, 2)  # one key per example
     for b in range(2):
-        one = sample(graphdef, params, noise[b], schedule=schedule, sampler="ddpm", label=int(labels[b]),
-                     key=keys[b], **GUIDED)
+        one = sample(
+            graphdef, params, noise[b], schedule=schedule, sampler="ddpm", label=int(labels[b]), key=keys[b], **GUIDED
+        )
         reference = loop_reference(schedule, noise[b], sampler="ddpm", label=labels[b], key=keys[b], **GUIDED)
         _assert_images_close(batch[b], reference)
         _assert_images_close(one, reference)
@@ -300,8 +314,10 @@ def test_ddim_is_deterministic_in_the_noise_and_ddpm_follows_its_key(schedule, c
     graphdef, params = conditional
     noise = jax.random.normal(jax.random.key(0), (28, 28, 1))
     options = dict(schedule=schedule, label=3, **GUIDED)  # the specs compiled by the tests above
-    ddim = [sample(graphdef, params, noise, sampler="ddim", key=key, **options)
-            for key in (None, jax.random.key(1), jax.random.key(2))]
+    ddim = [
+        sample(graphdef, params, noise, sampler="ddim", key=key, **options)
+        for key in (None, jax.random.key(1), jax.random.key(2))
+    ]
     assert np.array_equal(ddim[0], ddim[1]) and np.array_equal(ddim[0], ddim[2])
     ddpm = [sample(graphdef, params, noise, sampler="ddpm", key=jax.random.key(k), **options) for k in (1, 1, 2)]
     assert np.array_equal(ddpm[0], ddpm[1]) and not np.allclose(ddpm[0], ddpm[2])
@@ -314,8 +330,12 @@ def test_guidance_combines_the_conditional_and_null_predictions(conditional):
     @jax.jit
     def predictions(w):
         model = nnx.merge(graphdef, params)
-        return (predict_epsilon(graphdef, params, x, t, label=y, guidance_scale=w), model(x, t, y), model(x, t),
-                predict_epsilon(graphdef, params, x, t))
+        return (
+            predict_epsilon(graphdef, params, x, t, label=y, guidance_scale=w),
+            model(x, t, y),
+            model(x, t),
+            predict_epsilon(graphdef, params, x, t),
+        )
 
     guided, conditional_eps, null_eps, unlabelled = predictions(0.0)  # a traced w = 0
     chex.assert_trees_all_close(guided, conditional_eps, atol=1e-5, rtol=1e-5)
@@ -380,8 +400,9 @@ def test_sa_per_example_step_on_the_unet_equals_the_materialised_computation(sch
     def compute(params):
         new_params, _, metrics = method.step(params, method.init(params), forget, retain, key)
         forget_keys, retain_keys, _ = methods.split_step_keys(key, forget, retain)
-        retain_grad = jax.grad(
-            lambda p: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, retain, retain_keys)))(params)
+        retain_grad = jax.grad(lambda p: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, retain, retain_keys)))(
+            params
+        )
         update = jax.tree.map(lambda old, new: (old - new) / learning_rate, params, new_params)
         return update, metrics, per_example_grads(loss_fn, params, forget, forget_keys), retain_grad
 
@@ -390,8 +411,9 @@ def test_sa_per_example_step_on_the_unet_equals_the_materialised_computation(sch
     ascents = [-_flat(jax.tree.map(lambda g, i=i: g[i], grads)) for i in range(4)]
     conflicts = [u @ d < 0 for u in ascents]
     assert any(conflicts)  # the projection is exercised
-    reference = np.mean([u - ((u @ d) / (d @ d) if conflict else 0.0) * d for u, conflict in zip(ascents, conflicts)],
-                        axis=0)
+    reference = np.mean(
+        [u - ((u @ d) / (d @ d) if conflict else 0.0) * d for u, conflict in zip(ascents, conflicts)], axis=0
+    )
     assert np.linalg.norm(got - reference) <= 1e-4 * np.linalg.norm(reference)
     assert float(metrics["projected"]) == pytest.approx(np.mean(conflicts))
     assert all(np.isfinite(float(value)) for value in metrics.values())

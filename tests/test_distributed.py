@@ -19,11 +19,20 @@ TIMEOUT_S = 600
 # which restores them on its mesh, unlearns with sharded steps, saves the unlearned parameters from both
 # processes and writes the report from process 0.
 OVERRIDES = [
-    "--config", "configs/unlearn_smoke.py",
-    "--config.seeds=1", "--config.methods=s,sa", "--config.guidance_weight=0.0", "--config.max_steps=2",
-    "--config.fid_samples=100", "--config.monitor_samples=64", "--config.elbo_samples=1",
-    "--config.train.batch_size=240", "--config.train.classifier_batch_size=240", "--config.train.num_epochs=1",
-    "--config.train.classifier_num_epochs=1", "--config.train.roles=generative,evaluator",
+    "--config",
+    "configs/unlearn_smoke.py",
+    "--config.seeds=1",
+    "--config.methods=s,sa",
+    "--config.guidance_weight=0.0",
+    "--config.max_steps=2",
+    "--config.fid_samples=100",
+    "--config.monitor_samples=64",
+    "--config.elbo_samples=1",
+    "--config.train.batch_size=240",
+    "--config.train.classifier_batch_size=240",
+    "--config.train.num_epochs=1",
+    "--config.train.classifier_num_epochs=1",
+    "--config.train.roles=generative,evaluator",
 ]
 
 
@@ -34,14 +43,16 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict[str, str]:
-    return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
-                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
 
 
 def _unlearn(workdir: pathlib.Path, train_dir: pathlib.Path, *extra: str) -> list[str]:
-    return [sys.executable, "unlearn.py", *OVERRIDES, f"--workdir={workdir}", f"--config.train_dir={train_dir}",
-            *extra]
+    return [sys.executable, "unlearn.py", *OVERRIDES, f"--workdir={workdir}", f"--config.train_dir={train_dir}", *extra]
 
 
 def _numbers(report: dict) -> dict[str, float]:
@@ -58,16 +69,36 @@ def _numbers(report: dict) -> dict[str, float]:
 
 def test_two_processes_report_what_one_process_reports(tmp_path):
     train_dir = tmp_path / "train"
-    one = subprocess.run(_unlearn(tmp_path / "one", train_dir, "--config.mesh.data=2"), cwd=ROOT, env=_env(2),
-                         capture_output=True, text=True, timeout=TIMEOUT_S)
+    one = subprocess.run(
+        _unlearn(tmp_path / "one", train_dir, "--config.mesh.data=2"),
+        cwd=ROOT,
+        env=_env(2),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert one.returncode == 0, f"the one-process run failed:\n{one.stderr[-4000:]}"
 
     port = _free_port()
-    procs = [subprocess.Popen(
-        _unlearn(tmp_path / "two", train_dir, "--config.mesh.data=-1", "--config.distributed.enabled=True",
-                 f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                 "--config.distributed.num_processes=2", f"--config.distributed.process_id={index}"),
-        cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for index in range(2)]
+    procs = [
+        subprocess.Popen(
+            _unlearn(
+                tmp_path / "two",
+                train_dir,
+                "--config.mesh.data=-1",
+                "--config.distributed.enabled=True",
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={index}",
+            ),
+            cwd=ROOT,
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(2)
+    ]
     outputs = []
     try:
         for proc in procs:
@@ -76,11 +107,14 @@ def test_two_processes_report_what_one_process_reports(tmp_path):
         for proc in procs:
             proc.kill()
         outputs = [proc.communicate() for proc in procs]
-        pytest.fail("the two-process run did not finish in time:\n" + "\n".join(
-            f"--- process {i} stderr:\n{err[-3000:]}" for i, (_, err) in enumerate(outputs)))
+        pytest.fail(
+            "the two-process run did not finish in time:\n"
+            + "\n".join(f"--- process {i} stderr:\n{err[-3000:]}" for i, (_, err) in enumerate(outputs))
+        )
     failed = [i for i, proc in enumerate(procs) if proc.returncode != 0]
     assert not failed, "the two-process run failed:\n" + "\n".join(
-        f"--- process {i} (exit {procs[i].returncode}) stderr:\n{outputs[i][1][-3000:]}" for i in range(2))
+        f"--- process {i} (exit {procs[i].returncode}) stderr:\n{outputs[i][1][-3000:]}" for i in range(2)
+    )
 
     reference = json.loads((tmp_path / "one" / "report.json").read_text())
     report = json.loads((tmp_path / "two" / "report.json").read_text())

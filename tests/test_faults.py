@@ -40,16 +40,27 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 ROLES = ("generative", "evaluator", "guidance")
 TRAIN = ("train.py", "--config", "configs/smoke.py")
 # One guided method, two seeds, three steps: two results, so a kill after the first leaves one to redo.
-UNLEARN = ("unlearn.py", "--config", "configs/unlearn_smoke.py", "--config.methods=sa", "--config.seeds=2",
-           "--config.save_params=all")
+UNLEARN = (
+    "unlearn.py",
+    "--config",
+    "configs/unlearn_smoke.py",
+    "--config.methods=sa",
+    "--config.seeds=2",
+    "--config.save_params=all",
+)
 KILL_DELAYS = random.Random(8)  # seeded: the kill moments are random but the same on every test run
 
 pytestmark = pytest.mark.slow
 
 
 def _start(args: tuple[str, ...], workdir: pathlib.Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args, "--workdir", str(workdir), *extra], cwd=REPO, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, *args, "--workdir", str(workdir), *extra],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _finish(process: subprocess.Popen) -> None:
@@ -57,8 +68,13 @@ def _finish(process: subprocess.Popen) -> None:
     assert process.returncode == 0, stderr[-3000:]
 
 
-def _kill_after(args: tuple[str, ...], workdir: pathlib.Path, extra: tuple[str, ...],
-                saved: Callable[[pathlib.Path], bool], finished: Callable[[pathlib.Path], bool]) -> pathlib.Path:
+def _kill_after(
+    args: tuple[str, ...],
+    workdir: pathlib.Path,
+    extra: tuple[str, ...],
+    saved: Callable[[pathlib.Path], bool],
+    finished: Callable[[pathlib.Path], bool],
+) -> pathlib.Path:
     """Starts a run, SIGKILLs it a random moment after ``saved(workdir)`` holds; returns the interrupted workdir.
 
     If the run finished before the kill landed, it is started again on a fresh workdir and killed at once.
@@ -92,16 +108,20 @@ def train_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults_train")
     reference = _start(TRAIN, root / "reference")
     oracle = _start(TRAIN, root / "oracle", "--config.exclude_classes=1", "--config.roles=generative")
-    interrupted = _kill_after(TRAIN, root / "killed", (), _train_checkpoint_saved,
-                              lambda workdir: (workdir / "summary.json").exists())
-    steps_at_kill = {role: sorted(int(p.name) for p in (interrupted / role / "checkpoints").glob("*")
-                                  if p.name.isdigit())
-                     for role in ROLES if (interrupted / role / "checkpoints").is_dir()}
+    interrupted = _kill_after(
+        TRAIN, root / "killed", (), _train_checkpoint_saved, lambda workdir: (workdir / "summary.json").exists()
+    )
+    steps_at_kill = {
+        role: sorted(int(p.name) for p in (interrupted / role / "checkpoints").glob("*") if p.name.isdigit())
+        for role in ROLES
+        if (interrupted / role / "checkpoints").is_dir()
+    }
     rerun = _start(TRAIN, interrupted)
     for process in (reference, oracle, rerun):
         _finish(process)
-    return types.SimpleNamespace(reference=root / "reference", oracle=root / "oracle", resumed=interrupted,
-                                 steps_at_kill=steps_at_kill)
+    return types.SimpleNamespace(
+        reference=root / "reference", oracle=root / "oracle", resumed=interrupted, steps_at_kill=steps_at_kill
+    )
 
 
 @pytest.fixture(scope="module")
@@ -112,22 +132,40 @@ def unlearn_runs(train_runs, tmp_path_factory):
     models_args = (f"--config.checkpoint={train_runs.reference}", f"--config.oracle_checkpoint={train_runs.oracle}")
     reference = _start(UNLEARN, root / "reference", *models_args)
     diverging = subprocess.Popen(
-        [sys.executable, *UNLEARN, "--workdir", str(root / "diverging"), *models_args, "--config.seeds=1",
-         "--config.max_steps=8", "--config.optimizer.learning_rate=1e30"],
-        cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    interrupted = _kill_after(UNLEARN, root / "killed", models_args, _unlearn_result_saved,
-                              lambda workdir: (workdir / "report.json").exists())
+        [
+            sys.executable,
+            *UNLEARN,
+            "--workdir",
+            str(root / "diverging"),
+            *models_args,
+            "--config.seeds=1",
+            "--config.max_steps=8",
+            "--config.optimizer.learning_rate=1e30",
+        ],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    interrupted = _kill_after(
+        UNLEARN, root / "killed", models_args, _unlearn_result_saved, lambda workdir: (workdir / "report.json").exists()
+    )
     saved_at_kill = sorted(str(p.relative_to(interrupted)) for p in interrupted.glob("results/*/seed_*.json"))
     rerun = _start(UNLEARN, interrupted, *models_args)
     for process in (reference, rerun):
         _finish(process)
     diverged = diverging.communicate(timeout=600)
     return types.SimpleNamespace(
-        reference=root / "reference", resumed=interrupted, saved_at_kill=saved_at_kill,
+        reference=root / "reference",
+        resumed=interrupted,
+        saved_at_kill=saved_at_kill,
         reference_report=json.loads((root / "reference" / "report.json").read_text()),
         resumed_report=json.loads((interrupted / "report.json").read_text()),
-        diverging=root / "diverging", diverged_status=diverging.returncode, diverged_stderr=diverged[1],
-        models_args=models_args)
+        diverging=root / "diverging",
+        diverged_status=diverging.returncode,
+        diverged_stderr=diverged[1],
+        models_args=models_args,
+    )
 
 
 # ------------------------------------------------------------------------------------------- SIGKILL, train.py
@@ -163,8 +201,12 @@ def test_unlearn_run_killed_with_sigkill_resumes_to_the_same_report(unlearn_runs
         logs = []
         for workdir in (unlearn_runs.resumed, unlearn_runs.reference):
             with open(workdir / "logs" / f"{label}.csv") as handle:
-                logs.append([{k: v for k, v in row.items() if k not in reporting.VOLATILE_LOG_COLUMNS}
-                             for row in csv.DictReader(handle)])
+                logs.append(
+                    [
+                        {k: v for k, v in row.items() if k not in reporting.VOLATILE_LOG_COLUMNS}
+                        for row in csv.DictReader(handle)
+                    ]
+                )
         assert logs[0] == logs[1]
 
 
@@ -174,8 +216,9 @@ def test_unlearn_run_killed_with_sigkill_saves_bit_identical_unlearned_models(un
         for record in summary["per_seed"]:
             restored = []
             for workdir in (unlearn_runs.resumed, unlearn_runs.reference):
-                with checkpointing.Checkpointer(workdir / "unlearned" / label / f"seed_{record['seed']}",
-                                                create=False) as ckpt:
+                with checkpointing.Checkpointer(
+                    workdir / "unlearned" / label / f"seed_{record['seed']}", create=False
+                ) as ckpt:
                     params, _, metadata = ckpt.restore(abstract_params=target)
                 assert metadata["params_digest"] == record["params_digest_at_stop"]
                 restored.append(params)
@@ -225,8 +268,13 @@ def test_an_edited_saved_result_is_refused_naming_the_file(unlearn_runs, train_r
         unlearning.plan_run(config, workdir)
     assert isinstance(info.value.__cause__, unlearning.SavedResultError)
     # Through the command line: damage on disk is a runtime failure, exit 1, one line naming the file.
-    done = subprocess.run([sys.executable, *UNLEARN, "--workdir", str(workdir), *unlearn_runs.models_args],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, *UNLEARN, "--workdir", str(workdir), *unlearn_runs.models_args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert lines[0].startswith("unlearn.py: error: SavedResultError: ") and str(path) in lines[0]
@@ -241,8 +289,7 @@ def test_a_saved_result_of_other_models_is_refused(unlearn_runs):
     identity = content["identity"]
     assert unlearning._load_result(workdir, "sa+guided", 0, identity) == content
     other = dict(identity, models=dict(identity["models"], original="0" * 64))
-    with pytest.raises(checkpointing.CheckpointMismatchError,
-                       match=r"models\.original: '[0-9a-f]{64}' -> '0{64}'"):
+    with pytest.raises(checkpointing.CheckpointMismatchError, match=r"models\.original: '[0-9a-f]{64}' -> '0{64}'"):
         unlearning._load_result(workdir, "sa+guided", 0, other)
 
 
@@ -279,9 +326,17 @@ def _nan_plan(poisoned: np.ndarray, *, budget: int):
     labels[poisoned] = POISON
     train = data_lib.ImageDataset(images=images, labels=labels, name="nan_injected", num_classes=3)
     return types.SimpleNamespace(
-        config={"max_steps": budget, "batch_size": 2, "retain_batch_size": 2, "continue_to_budget": True,
-                "published_threshold": 0.02},
-        run_data=types.SimpleNamespace(train=train), forget_idx=np.arange(6), retain_idx=np.arange(6, 12))
+        config={
+            "max_steps": budget,
+            "batch_size": 2,
+            "retain_batch_size": 2,
+            "continue_to_budget": True,
+            "published_threshold": 0.02,
+        },
+        run_data=types.SimpleNamespace(train=train),
+        forget_idx=np.arange(6),
+        retain_idx=np.arange(6, 12),
+    )
 
 
 def _poisoned(loss_fn: losses.LossFn) -> losses.LossFn:
@@ -296,10 +351,10 @@ def _poisoned(loss_fn: losses.LossFn) -> losses.LossFn:
 @pytest.fixture(scope="module")
 def tiny_method():
     """A real method ('sa', Adam) on a tiny VAE with the poisoned loss, its compiled step, its parameters."""
-    graphdef, params = nnx.split(models.build_model("mlp_vae", image_shape=(4, 4, 1), hidden=8, latent_dim=2,
-                                                    rngs=nnx.Rngs(0)))
-    method = methods.make_method("sa", loss_fn=_poisoned(losses.negative_elbo(graphdef)),
-                                 optimizer=optax.adam(1e-2))
+    graphdef, params = nnx.split(
+        models.build_model("mlp_vae", image_shape=(4, 4, 1), hidden=8, latent_dim=2, rngs=nnx.Rngs(0))
+    )
+    method = methods.make_method("sa", loss_fn=_poisoned(losses.negative_elbo(graphdef)), optimizer=optax.adam(1e-2))
     return method, jax.jit(method.step), params
 
 
@@ -307,8 +362,17 @@ def test_nan_gradients_are_skipped_counted_and_the_rest_matches_a_replay_without
     method, step, params0 = tiny_method
     budget, seed, poisoned = 9, 3, np.array([4])
     plan = _nan_plan(poisoned, budget=budget)
-    run = unlearning._run_one(plan, _ConstantMonitor(), step, method, params0, seed=seed, threshold=0.01,
-                              start_fractions=(0.5, 0.5), label="sa")
+    run = unlearning._run_one(
+        plan,
+        _ConstantMonitor(),
+        step,
+        method,
+        params0,
+        seed=seed,
+        threshold=0.01,
+        start_fractions=(0.5, 0.5),
+        label="sa",
+    )
     # The schedule _run_one draws (forget first, then retain, from the seed's generator).
     rng = np.random.default_rng([seed, 1])
     forget_schedule = unlearning._batch_schedule(plan.forget_idx, 2, budget, rng)
@@ -327,8 +391,13 @@ def test_nan_gradients_are_skipped_counted_and_the_rest_matches_a_replay_without
     for t in range(budget):
         if t in poisoned_steps:
             continue
-        params, state, _ = step(params, state, data_lib.as_batch(plan.run_data.train, forget_schedule[t]),
-                                data_lib.as_batch(plan.run_data.train, retain_schedule[t]), keys[t])
+        params, state, _ = step(
+            params,
+            state,
+            data_lib.as_batch(plan.run_data.train, forget_schedule[t]),
+            data_lib.as_batch(plan.run_data.train, retain_schedule[t]),
+            keys[t],
+        )
     chex.assert_trees_all_equal(run["params_at_end"], params)
     chex.assert_tree_all_finite(run["params_at_end"])
 
@@ -336,14 +405,34 @@ def test_nan_gradients_are_skipped_counted_and_the_rest_matches_a_replay_without
 def test_nan_gradients_on_every_step_stop_the_run_with_an_error(tiny_method):
     method, step, params0 = tiny_method
     plan = _nan_plan(np.arange(6), budget=20)
-    with pytest.raises(unlearning.UnlearningDivergedError,
-                       match=r"sa seed 0 diverged: the last 5 steps \(up to step 5\) had non-finite updates"):
-        unlearning._run_one(plan, _ConstantMonitor(), step, method, params0, seed=0, threshold=0.01,
-                            start_fractions=(0.5, 0.5), label="sa")
+    with pytest.raises(
+        unlearning.UnlearningDivergedError,
+        match=r"sa seed 0 diverged: the last 5 steps \(up to step 5\) had non-finite updates",
+    ):
+        unlearning._run_one(
+            plan,
+            _ConstantMonitor(),
+            step,
+            method,
+            params0,
+            seed=0,
+            threshold=0.01,
+            start_fractions=(0.5, 0.5),
+            label="sa",
+        )
     # A budget shorter than the window: every step skipped is a divergence too.
     with pytest.raises(unlearning.UnlearningDivergedError, match=r"the last 3 steps \(up to step 3\)"):
-        unlearning._run_one(_nan_plan(np.arange(6), budget=3), _ConstantMonitor(), step, method, params0, seed=0,
-                            threshold=0.01, start_fractions=(0.5, 0.5), label="sa")
+        unlearning._run_one(
+            _nan_plan(np.arange(6), budget=3),
+            _ConstantMonitor(),
+            step,
+            method,
+            params0,
+            seed=0,
+            threshold=0.01,
+            start_fractions=(0.5, 0.5),
+            label="sa",
+        )
 
 
 def test_non_finite_parameters_are_never_saved(tmp_path):
@@ -357,8 +446,9 @@ def test_non_finite_parameters_are_never_saved(tmp_path):
 def test_a_diverging_unlearn_run_exits_1_in_one_line_and_writes_no_model(unlearn_runs):
     lines = [line for line in unlearn_runs.diverged_stderr.splitlines() if line.strip()]
     assert unlearn_runs.diverged_status == 1, unlearn_runs.diverged_stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith("unlearn.py: error: UnlearningDivergedError: sa+guided seed 0 "
-                                                   "diverged"), lines
+    assert len(lines) == 1 and lines[0].startswith(
+        "unlearn.py: error: UnlearningDivergedError: sa+guided seed 0 diverged"
+    ), lines
     assert "Traceback" not in unlearn_runs.diverged_stderr
     workdir = unlearn_runs.diverging
     assert not list(workdir.glob("unlearned/*/*")) and not list(workdir.glob("results/*/*"))

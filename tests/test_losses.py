@@ -29,7 +29,7 @@ from gsu_jax.losses import (
     negative_elbo,
     uniformity_guidance_loss,
 )
-from gsu_jax.models import ConvVAE, MLPClassifier, MLPVAE
+from gsu_jax.models import MLPVAE, ConvVAE, MLPClassifier
 
 IMAGE_SHAPE = (4, 4, 1)  # tiny images: every property below is about the maths, not the size
 LATENT_DIM = 3
@@ -66,7 +66,9 @@ def numpy_mlp_decode_probs(params, z):
 
 def numpy_mlp_classifier_logits(params, images):
     p = np64(nnx.to_pure_dict(params))
-    return numpy_dense(p, "output_layer", np.maximum(numpy_dense(p, "hidden_layer", images.reshape(len(images), -1)), 0.0))
+    return numpy_dense(
+        p, "output_layer", np.maximum(numpy_dense(p, "hidden_layer", images.reshape(len(images), -1)), 0.0)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +157,7 @@ def test_elbo_kl_term_is_zero_when_the_encoder_outputs_the_prior(tiny_vae, image
 def test_bernoulli_nll_is_stable_and_equals_float64_log_sigmoid_form(logits, targets):
     logits64, targets64 = logits.astype(np.float64), targets.astype(np.float64)
     # -x log sigmoid(l) - (1 - x) log sigmoid(-l), with log sigmoid(l) = -log(1 + exp(-l)) written stably.
-    log_sigmoid = lambda l: -np.logaddexp(0.0, -l)  # noqa: E731
+    log_sigmoid = lambda logit: -np.logaddexp(0.0, -logit)
     expected = np.sum(-targets64 * log_sigmoid(logits64) - (1.0 - targets64) * log_sigmoid(-logits64))
     value = _jitted_bernoulli_nll(logits, targets)
     assert np.isfinite(value)
@@ -189,8 +191,9 @@ def test_cross_entropy_equals_numpy_log_softmax(tiny_classifier, images, label_s
         value = loss_fn(params, {"image": images[index], "label": np.int32(label)}, jax.random.key(0))
         np.testing.assert_allclose(value, -np.sum(targets * log_probs), rtol=1e-5)
         # The key is accepted and unused.
-        assert float(value) == float(loss_fn(params, {"image": images[index], "label": np.int32(label)},
-                                             jax.random.key(1)))
+        assert float(value) == float(
+            loss_fn(params, {"image": images[index], "label": np.int32(label)}, jax.random.key(1))
+        )
 
 
 @pytest.mark.parametrize(
@@ -315,7 +318,9 @@ def test_guidance_loss_is_positive_and_matches_the_closed_form_otherwise(tiny_va
 
 def test_guidance_loss_equals_numpy_and_differentiates_the_generator(tiny_vae):
     gen_graphdef, gen_params = tiny_vae
-    clf_graphdef, clf_params = nnx.split(MLPClassifier(image_shape=IMAGE_SHAPE, hidden=6, num_classes=4, rngs=nnx.Rngs(4)))
+    clf_graphdef, clf_params = nnx.split(
+        MLPClassifier(image_shape=IMAGE_SHAPE, hidden=6, num_classes=4, rngs=nnx.Rngs(4))
+    )
     guidance = uniformity_guidance_loss(
         gen_graphdef, clf_graphdef, clf_params, retained_classes=np.array([1, 2]), num_samples=16, latent_dim=3
     )
@@ -328,8 +333,9 @@ def test_guidance_loss_equals_numpy_and_differentiates_the_generator(tiny_vae):
     probs = np.exp(logits - logits.max(1, keepdims=True))
     mean_probs = (probs / probs.sum(1, keepdims=True)).mean(0)
     target = np.array([0.0, 0.5, 0.5, 0.0])
-    np.testing.assert_allclose(value, np.sum(mean_probs * (np.log(mean_probs + 1e-8) - np.log(target + 1e-8))),
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        value, np.sum(mean_probs * (np.log(mean_probs + 1e-8) - np.log(target + 1e-8))), rtol=1e-4
+    )
     assert float(value) == float(value_and_grad(gen_params, key)[0])  # same key, same z, same value
     assert float(value) != float(value_and_grad(gen_params, jax.random.key(10))[0])
     decoder_grad = grads["decoder_output"]["kernel"][...]

@@ -29,8 +29,10 @@ BUDGET_BYTES = 128 * 2**20  # temporaries of one step; the unchunked sa step nee
 @pytest.fixture(scope="module")
 def conv_vae():
     graphdef, params = nnx.split(ConvVAE(rngs=nnx.Rngs(0)))
-    batch = {"image": jax.ShapeDtypeStruct((BATCH, 28, 28, 1), jnp.float32),
-             "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32)}
+    batch = {
+        "image": jax.ShapeDtypeStruct((BATCH, 28, 28, 1), jnp.float32),
+        "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32),
+    }
     return negative_elbo(graphdef), jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params), batch
 
 

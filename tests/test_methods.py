@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from jax.flatten_util import ravel_pytree
 
 from gsu_jax import methods
@@ -35,8 +34,11 @@ METRIC_NAMES = {"forget_loss", "retain_loss", "cos_forget_retain", "projected", 
 FORGET_ASCENDING = ("sa", "sa_conflict", "sa_per_example", "sa_span", "pcgrad", "ascent", "sa_gated")
 RETAIN_DESCENDING = ("s", "retain_finetune", "pcgrad")
 # Hyperparameters the tests pass by default (sa_gated: a target no example reaches, i.e. full ascent).
-TEST_HPARAMS: dict[str, dict[str, Any]] = {"sa_gated": {"forget_loss_target": math.inf}, "sa_span": {"num_directions": 4},
-                                           "remap_surgery": {"image_field": "x"}}
+TEST_HPARAMS: dict[str, dict[str, Any]] = {
+    "sa_gated": {"forget_loss_target": math.inf},
+    "sa_span": {"num_directions": 4},
+    "remap_surgery": {"image_field": "x"},
+}
 TRACE_COUNT = {"loss": 0}
 
 
@@ -155,8 +157,19 @@ def _expected_loss(params, batch, key, *, samples=64):
 
 def test_registry_lists_every_method_with_its_record():
     expected = {
-        "sa", "sa_conflict", "sa_per_example", "sa_span", "pcgrad", "s", "ascent", "ascent_descent",
-        "retain_finetune", "uno", "uno_s", "sa_gated", "remap_surgery",
+        "sa",
+        "sa_conflict",
+        "sa_per_example",
+        "sa_span",
+        "pcgrad",
+        "s",
+        "ascent",
+        "ascent_descent",
+        "retain_finetune",
+        "uno",
+        "uno_s",
+        "sa_gated",
+        "remap_surgery",
     }
     assert set(METHODS) == expected
     for name, record in METHODS.items():
@@ -170,11 +183,16 @@ def test_registry_lists_every_method_with_its_record():
 
 def test_resolve_hparams_fills_defaults_and_normalises_types():
     assert resolve_hparams("sa_span", num_directions=np.int64(4)) == {
-        "num_directions": 4, "only_on_conflict": False,
+        "num_directions": 4,
+        "only_on_conflict": False,
     }
     resolved = resolve_hparams("sa_gated", forget_loss_target=3)
     assert resolved == {
-        "forget_loss_target": 3.0, "temperature": 0.0, "only_on_conflict": True, "combine": "fill", "ascend_only": None,
+        "forget_loss_target": 3.0,
+        "temperature": 0.0,
+        "only_on_conflict": True,
+        "combine": "fill",
+        "ascend_only": None,
     }
     assert isinstance(resolved["forget_loss_target"], float)
 
@@ -291,7 +309,9 @@ def test_sa_is_orthogonal_to_the_retain_gradient_and_s_to_the_forget_gradient(st
     assert abs(sa @ g_r) <= 1e-5 * np.linalg.norm(sa) * np.linalg.norm(g_r)
     np.testing.assert_allclose(sa, -g_f + (g_f @ g_r) / (g_r @ g_r) * g_r, rtol=1e-5, atol=1e-6)
     assert float(metrics["projected"]) == 1.0
-    np.testing.assert_allclose(float(metrics["cos_forget_retain"]), g_f @ g_r / np.linalg.norm(g_f) / np.linalg.norm(g_r), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(metrics["cos_forget_retain"]), g_f @ g_r / np.linalg.norm(g_f) / np.linalg.norm(g_r), rtol=1e-5
+    )
     np.testing.assert_allclose(float(metrics["update_norm"]), np.linalg.norm(sa), rtol=1e-5)
 
     s, _ = steps.direction("s", params, forget, retain, key)
@@ -343,9 +363,7 @@ def test_sa_per_example_equals_the_materialised_computation(only_on_conflict, st
     grads = per_example_grads(params, forget, forget_keys)
     transform = project_normal_plane(per_example=True, only_on_conflict=only_on_conflict)
     expected, _ = transform.update(jax.tree.map(jnp.negative, grads), transform.init(params), direction=g_r)
-    update, metrics = steps.direction(
-        "sa_per_example", params, forget, retain, key, only_on_conflict=only_on_conflict
-    )
+    update, metrics = steps.direction("sa_per_example", params, forget, retain, key, only_on_conflict=only_on_conflict)
     chex.assert_trees_all_close(update, expected, rtol=1e-5, atol=1e-6)
     derivatives = _flat_rows(grads) @ _flat(g_r)
     expected_fraction = np.mean(derivatives > 0) if only_on_conflict else 1.0
@@ -366,12 +384,16 @@ def test_sa_span_is_orthogonal_to_every_group_gradient(steps, problem):
     _, retain_keys, g_f, g_r = _gradients(params, forget, retain, key)
     groups = 4
     size = RETAIN_SIZE // groups
-    group_grads = np.stack([
-        _flat(jax.grad(_mean_loss)(
-            params, {"x": retain["x"][k * size:(k + 1) * size]}, retain_keys[k * size:(k + 1) * size]
-        ))
-        for k in range(groups)
-    ])
+    group_grads = np.stack(
+        [
+            _flat(
+                jax.grad(_mean_loss)(
+                    params, {"x": retain["x"][k * size : (k + 1) * size]}, retain_keys[k * size : (k + 1) * size]
+                )
+            )
+            for k in range(groups)
+        ]
+    )
     np.testing.assert_allclose(group_grads.mean(axis=0), _flat(g_r), rtol=1e-5, atol=1e-6)
     update, metrics = steps.direction("sa_span", params, forget, retain, key)
     update = _flat(update)
@@ -405,8 +427,9 @@ def test_uno_gradient_matches_float64_finite_differences(steps, problem):
         retain64 = {"x": jnp.asarray(retain["x"], jnp.float64)}
         flat_params, unravel = ravel_pytree(params64)
         objective = jax.jit(
-            lambda flat: _uno_objective(unravel(flat), forget64, retain64, forget_keys, retain_keys,
-                                        weight=_default_uno_weight(retain))
+            lambda flat: _uno_objective(
+                unravel(flat), forget64, retain64, forget_keys, retain_keys, weight=_default_uno_weight(retain)
+            )
         )
         rng = np.random.default_rng(0)
         step = 1e-5
@@ -423,7 +446,10 @@ def test_alternating_methods_switch_rules_on_the_step_parity(steps, problem):
     _, _, g_f, g_r = _gradients(params, forget, retain, key)
     expectations = {
         "ascent_descent": (jax.tree.map(jnp.negative, g_f), g_r),
-        "uno_s": (steps.direction("uno", params, forget, retain, key)[0], steps.direction("s", params, forget, retain, key)[0]),
+        "uno_s": (
+            steps.direction("uno", params, forget, retain, key)[0],
+            steps.direction("s", params, forget, retain, key)[0],
+        ),
     }
     for name, (even, odd) in expectations.items():
         method, step = steps.get(name)
@@ -503,13 +529,23 @@ def test_sa_gated_ascend_only_restricts_the_ascent_to_matching_parameters(steps,
     params, forget, retain = problem
     key = jax.random.key(15)
     update, _ = steps.direction(
-        "sa_gated", params, forget, retain, key, forget_loss_target=math.inf, combine="sa",
+        "sa_gated",
+        params,
+        forget,
+        retain,
+        key,
+        forget_loss_target=math.inf,
+        combine="sa",
         ascend_only="^\\['decoder'\\]",
     )
     for leaf_name in ("encoder", "logvar"):
         chex.assert_trees_all_equal(update[leaf_name], jax.tree.map(jnp.zeros_like, params[leaf_name]))
-    mask = _flat({name: jax.tree.map(lambda leaf: jnp.full_like(leaf, name == "decoder"), subtree)
-                  for name, subtree in params.items()})
+    mask = _flat(
+        {
+            name: jax.tree.map(lambda leaf: jnp.full_like(leaf, name == "decoder"), subtree)
+            for name, subtree in params.items()
+        }
+    )
     expected, _, g_r = _materialised_gated_update(
         params, forget, retain, key, target=math.inf, temperature=0.0, mask=mask
     )
@@ -561,8 +597,10 @@ def test_chunked_step_equals_the_unchunked_step(name, hparams, chunk_size, steps
         extra = {} if chunk is None else {"chunk_size": chunk}  # None: the step the other tests compiled
         method, step = steps.get(name, **hparams, **extra)
         fresh = method.init(params)
-        results[chunk] = [step(params, state, forget, retain, key)[1:]
-                          for state in (fresh, fresh._replace(step=jnp.ones((), jnp.int32)))]
+        results[chunk] = [
+            step(params, state, forget, retain, key)[1:]
+            for state in (fresh, fresh._replace(step=jnp.ones((), jnp.int32)))
+        ]
     # K = B_r = 8 per-example span directions: the least-squares solve amplifies the rounding differences.
     rtol, atol = (2e-4, 2e-5) if hparams.get("num_directions") == RETAIN_SIZE else (2e-5, 2e-6)
     chex.assert_trees_all_close(results[chunk_size], results[None], rtol=rtol, atol=atol)
@@ -591,11 +629,23 @@ def test_a_chunk_holding_both_batches_is_bit_identical_to_no_chunking(steps, pro
         ("sa_span", {"num_directions": 0}, "num_directions=0 is invalid; allowed: an integer >= 1"),
         ("sa_span", {"chunk_size": 0}, "chunk_size must be >= 1 (examples per chunk), got 0; allowed: None or"),
         ("sa_per_example", {"only_on_conflict": "yes"}, "only_on_conflict='yes' is invalid; allowed: True or False"),
-        ("uno", {"orthogonality_weight": -1.0}, "orthogonality_weight=-1.0 is invalid; allowed: None or a finite number >= 0"),
+        (
+            "uno",
+            {"orthogonality_weight": -1.0},
+            "orthogonality_weight=-1.0 is invalid; allowed: None or a finite number >= 0",
+        ),
         ("sa_gated", {}, "method 'sa_gated' needs forget_loss_target"),
         ("sa_gated", {"forget_loss_target": math.nan}, "forget_loss_target=nan is invalid"),
-        ("sa_gated", {"forget_loss_target": 1.0, "combine": "sum"}, "combine='sum' is invalid; allowed: 'fill', 'sa' or"),
-        ("sa_gated", {"forget_loss_target": 1.0, "ascend_only": "["}, "ascend_only='[' is invalid; allowed: None or a valid"),
+        (
+            "sa_gated",
+            {"forget_loss_target": 1.0, "combine": "sum"},
+            "combine='sum' is invalid; allowed: 'fill', 'sa' or",
+        ),
+        (
+            "sa_gated",
+            {"forget_loss_target": 1.0, "ascend_only": "["},
+            "ascend_only='[' is invalid; allowed: None or a valid",
+        ),
         ("sa", {"guidance_weight": 1.0}, "guidance_weight=1.0 needs a guidance_loss"),
         ("sa", {"guidance_weight": -1.0}, "guidance_weight must be a finite number >= 0, got -1.0"),
     ],
@@ -644,8 +694,12 @@ def test_sa_gated_runs_on_the_real_vae_loss_with_nnx_state_params():
     images = jax.random.uniform(jax.random.key(1), (8, 4, 4, 1))
     forget, retain = {"image": images[:4]}, {"image": images[4:]}
     method = make_method(
-        "sa_gated", loss_fn=negative_elbo(graphdef), optimizer=capture_direction(), forget_loss_target=math.inf,
-        combine="sa", ascend_only="decoder",
+        "sa_gated",
+        loss_fn=negative_elbo(graphdef),
+        optimizer=capture_direction(),
+        forget_loss_target=math.inf,
+        combine="sa",
+        ascend_only="decoder",
     )
     _, state, metrics = jax.jit(method.step)(params, method.init(params), forget, retain, jax.random.key(2))
     for path, leaf in jax.tree_util.tree_flatten_with_path(state.optimizer)[0]:

@@ -15,19 +15,21 @@ from flax import nnx
 
 import gsu_jax.models
 from gsu_jax.models import (
+    MLPVAE,
     CNNClassifier,
     ConvVAE,
     MLPClassifier,
-    MLPVAE,
     UNet,
+    batched,
     build_model,
+    classifier,
     classifier_features,
     classifier_logits,
     generate_images,
     model_hyperparameters,
     reconstruct,
+    vae,
 )
-from gsu_jax.models import batched, classifier, vae
 from gsu_jax.models.layers import ExampleGroupNorm
 
 # Tiny convolutional widths keep every compile and run cheap; the layout is the same as with the defaults.
@@ -103,8 +105,14 @@ def test_vae_shapes(name, kwargs, image_shape):
     def forward(params, images, z):
         model = nnx.merge(graphdef, params)
         mean, logvar = model.encode(images[0])
-        return (mean, logvar, model.decode(mean), generate_images(graphdef, params, z),
-                reconstruct(graphdef, params, images), reconstruct(graphdef, params, images, key=jax.random.key(0)))
+        return (
+            mean,
+            logvar,
+            model.decode(mean),
+            generate_images(graphdef, params, z),
+            reconstruct(graphdef, params, images),
+            reconstruct(graphdef, params, images, key=jax.random.key(0)),
+        )
 
     images = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
     z = jax.ShapeDtypeStruct((3, latent_dim), jnp.float32)
@@ -311,14 +319,22 @@ def test_single_example_methods_refuse_a_batch():
 
 
 def test_registry_builds_every_model_with_its_defaults():
-    expected = {"mlp_vae": MLPVAE, "conv_vae": ConvVAE, "mlp_classifier": MLPClassifier, "cnn_classifier": CNNClassifier,
-                "ddpm_unet": UNet}
+    expected = {
+        "mlp_vae": MLPVAE,
+        "conv_vae": ConvVAE,
+        "mlp_classifier": MLPClassifier,
+        "cnn_classifier": CNNClassifier,
+        "ddpm_unet": UNet,
+    }
     assert {name: cls for name, cls in gsu_jax.models.MODELS.items()} == expected
     families = (gsu_jax.models.VAE_MODELS, gsu_jax.models.CLASSIFIER_MODELS, gsu_jax.models.DIFFUSION_MODELS)
     assert set().union(*families) == set(expected)
     assert sum(len(family) for family in families) == len(expected)  # each model in exactly one family
     assert model_hyperparameters("mlp_vae") == {
-        "image_shape": (28, 28, 1), "hidden": 400, "latent_dim": 2, "layer_norm": False
+        "image_shape": (28, 28, 1),
+        "hidden": 400,
+        "latent_dim": 2,
+        "layer_norm": False,
     }
     model = nnx.eval_shape(lambda: build_model("mlp_vae", latent_dim=20, rngs=nnx.Rngs(0)))
     assert isinstance(model, MLPVAE) and model.latent_dim == 20
@@ -327,9 +343,19 @@ def test_registry_builds_every_model_with_its_defaults():
 @pytest.mark.parametrize(
     "name,kwargs,error,match",
     [
-        ("vae", {}, ValueError, r"unknown model 'vae'; allowed: \['cnn_classifier', 'conv_vae', 'ddpm_unet', 'mlp_classifier', 'mlp_vae'\]"),
+        (
+            "vae",
+            {},
+            ValueError,
+            r"unknown model 'vae'; allowed: \['cnn_classifier', 'conv_vae', 'ddpm_unet', 'mlp_classifier', 'mlp_vae'\]",
+        ),
         (None, {}, ValueError, "unknown model None"),
-        ("mlp_vae", {"latent": 3}, ValueError, r"unknown hyperparameter\(s\) \['latent'\] for model 'mlp_vae'; allowed"),
+        (
+            "mlp_vae",
+            {"latent": 3},
+            ValueError,
+            r"unknown hyperparameter\(s\) \['latent'\] for model 'mlp_vae'; allowed",
+        ),
         ("mlp_vae", {"latent_dim": 0}, ValueError, "latent_dim must be an integer >= 1, got 0"),
         ("mlp_vae", {"latent_dim": "2"}, TypeError, "latent_dim must be an integer"),
         ("mlp_vae", {"latent_dim": True}, TypeError, "latent_dim must be an integer"),

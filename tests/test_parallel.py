@@ -22,18 +22,31 @@ SUBPROCESS_TIMEOUT_S = 900
 
 @pytest.mark.parametrize("num_devices", [4, 8])
 def test_multidevice_suite(num_devices):
-    env = dict(os.environ, GSU_JAX_MULTIDEVICE=str(num_devices), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={num_devices}",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        GSU_JAX_MULTIDEVICE=str(num_devices),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={num_devices}",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     try:
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                 str(ROOT / "tests" / "multidevice")], cwd=ROOT, env=env, capture_output=True,
-                                text=True, timeout=SUBPROCESS_TIMEOUT_S)
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "multidevice")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=SUBPROCESS_TIMEOUT_S,
+        )
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"the {num_devices}-device tests did not finish in {SUBPROCESS_TIMEOUT_S} s:\n"
-                    f"{(err.stdout or b'')[-4000:]!r}")
-    assert result.returncode == 0, (f"the {num_devices}-device tests failed (exit {result.returncode}):\n"
-                                    f"{result.stdout[-8000:]}\n{result.stderr[-4000:]}")
+        pytest.fail(
+            f"the {num_devices}-device tests did not finish in {SUBPROCESS_TIMEOUT_S} s:\n"
+            f"{(err.stdout or b'')[-4000:]!r}"
+        )
+    assert result.returncode == 0, (
+        f"the {num_devices}-device tests failed (exit {result.returncode}):\n"
+        f"{result.stdout[-8000:]}\n{result.stderr[-4000:]}"
+    )
     assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
 
 
@@ -78,8 +91,11 @@ def test_batch_refusals():
     mesh = parallel.make_mesh(data=1)
     with pytest.raises(ValueError, match=r"one common leading \(batch\) axis"):
         parallel.shard_batch({"a": np.zeros((4, 2)), "b": np.zeros((5,))}, mesh)
-    with pytest.raises(ValueError, match=r"config.batch_size=10 is not divisible by the mesh's data axis \(4 "
-                                         r"devices\); allowed: a multiple of 4, e.g. 8 or 12"):
+    with pytest.raises(
+        ValueError,
+        match=r"config.batch_size=10 is not divisible by the mesh's data axis \(4 "
+        r"devices\); allowed: a multiple of 4, e.g. 8 or 12",
+    ):
         parallel.check_batch_size(10, type("FakeMesh", (), {"shape": {"data": 4}})(), field="config.batch_size")
 
 
@@ -121,20 +137,31 @@ def test_configs_without_mesh_fields_validate_as_one_device():
     assert validate_train_config(config)["mesh"] == {"data": 1, "model": 1}
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"mesh": {"data": 0}}, r"config.mesh.data=0 is invalid: allowed: an integer >= 1 or -1"),
-    ({"mesh": {"model": 0}}, r"config.mesh.model=0 is invalid"),
-    ({"mesh": {"dat": 2}}, r"config.mesh.dat is not a known field; did you mean 'data'\?"),
-    ({"mesh": {"data": "all"}}, r"config.mesh.data='all' is invalid: expected int"),
-    ({"distributed": {"enabled": True, "num_processes": 2}},
-     r"give all of coordinator_address, num_processes and process_id"),
-    ({"distributed": {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0}},
-     r"coordinator fields are set but enabled=False"),
-    ({"distributed": {"enabled": True, "coordinator_address": "h:1", "num_processes": 2, "process_id": 5}},
-     r"process_id=5 with num_processes=2 is invalid"),
-    ({"distributed": {"enabled": True, "coordinator_address": "host", "num_processes": 2, "process_id": 0}},
-     r"coordinator_address='host' is invalid: allowed: 'host:port'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"mesh": {"data": 0}}, r"config.mesh.data=0 is invalid: allowed: an integer >= 1 or -1"),
+        ({"mesh": {"model": 0}}, r"config.mesh.model=0 is invalid"),
+        ({"mesh": {"dat": 2}}, r"config.mesh.dat is not a known field; did you mean 'data'\?"),
+        ({"mesh": {"data": "all"}}, r"config.mesh.data='all' is invalid: expected int"),
+        (
+            {"distributed": {"enabled": True, "num_processes": 2}},
+            r"give all of coordinator_address, num_processes and process_id",
+        ),
+        (
+            {"distributed": {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0}},
+            r"coordinator fields are set but enabled=False",
+        ),
+        (
+            {"distributed": {"enabled": True, "coordinator_address": "h:1", "num_processes": 2, "process_id": 5}},
+            r"process_id=5 with num_processes=2 is invalid",
+        ),
+        (
+            {"distributed": {"enabled": True, "coordinator_address": "host", "num_processes": 2, "process_id": 0}},
+            r"coordinator_address='host' is invalid: allowed: 'host:port'",
+        ),
+    ],
+)
 def test_mesh_and_distributed_refusals(overrides, message):
     config = default_train_config().to_dict()  # a plain mapping: ConfigDict's own type checks come first
     for field, values in overrides.items():

@@ -73,8 +73,12 @@ def _flat(tree) -> np.ndarray:
 
 def _decoder_mask(params) -> np.ndarray:
     """1 on the decoder's coordinates in the flattened order of :func:`_flat` (leaves sorted by path)."""
-    return np.concatenate([np.full(np.size(leaf), float("decoder" in jax.tree_util.keystr(path)))
-                           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]])
+    return np.concatenate(
+        [
+            np.full(np.size(leaf), float("decoder" in jax.tree_util.keystr(path)))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        ]
+    )
 
 
 def _example_grad(params, image, target):
@@ -86,8 +90,19 @@ def _example_grad(params, image, target):
         return float(loss), _flat(grad)
 
 
-def reference_direction(params, forget, retain, *, forget_only=True, projection="conflict", forget_weight=1.0,
-                        retain_weight=1.0, gate=False, saliency=1.0, weight_scale=1.0):
+def reference_direction(
+    params,
+    forget,
+    retain,
+    *,
+    forget_only=True,
+    projection="conflict",
+    forget_weight=1.0,
+    retain_weight=1.0,
+    gate=False,
+    saliency=1.0,
+    weight_scale=1.0,
+):
     """The rule in NumPy: pair by brute force, per-example gradients one at a time, mask, gate, project, combine."""
     forget_images, retain_images = np.asarray(forget["image"], np.float64), np.asarray(retain["image"], np.float64)
     mask = _decoder_mask(params) if forget_only else 1.0
@@ -141,9 +156,16 @@ def test_step_matches_numpy_reference(problem, hparams):
     defaults = methods.resolve_hparams("remap_surgery")
     resolved = {**defaults, **hparams}
     expected, gated = reference_direction(
-        params, forget, retain, forget_only=resolved["forget_only"] is not None, projection=resolved["projection"],
-        forget_weight=resolved["forget_weight"], retain_weight=resolved["retain_weight"], gate=resolved["gate"],
-        saliency=resolved["saliency"])
+        params,
+        forget,
+        retain,
+        forget_only=resolved["forget_only"] is not None,
+        projection=resolved["projection"],
+        forget_weight=resolved["forget_weight"],
+        retain_weight=resolved["retain_weight"],
+        gate=resolved["gate"],
+        saliency=resolved["saliency"],
+    )
     np.testing.assert_allclose(_flat(update), expected, rtol=2e-4, atol=2e-5)
     assert float(step_metrics["gated_fraction"]) == pytest.approx(gated)
 
@@ -169,8 +191,14 @@ def test_gate_stops_the_pull_exactly_when_the_example_is_forgotten():
         return 0.5 * jnp.sum(jnp.square(example.get("target", example["image"]) - params["decoder"]["b"]))
 
     x, n = jnp.array([[0.0, 0.0]]), jnp.array([[4.0, 0.0]])
-    method = make_method("remap_surgery", loss_fn=bias_loss, optimizer=optax.sgd(0.3), gate=True, retain_weight=0.0,
-                         forget_half_life=None)
+    method = make_method(
+        "remap_surgery",
+        loss_fn=bias_loss,
+        optimizer=optax.sgd(0.3),
+        gate=True,
+        retain_weight=0.0,
+        forget_half_life=None,
+    )
     params = {"decoder": {"b": jnp.array([0.0, 1.0])}}
     state = method.init(params)
     step = jax.jit(method.step)
@@ -180,7 +208,7 @@ def test_gate_stops_the_pull_exactly_when_the_example_is_forgotten():
         positions.append(float(params["decoder"]["b"][0]))
     crossed = next(i for i, p in enumerate(positions) if p >= 2.0)  # the bisector is b_0 = 2
     # Before crossing: b_0 <- b_0 + 0.3 (4 - b_0); after: frozen.
-    for before, after in zip(positions[:crossed], positions[1:crossed + 1]):
+    for before, after in zip(positions[:crossed], positions[1 : crossed + 1]):
         assert after == pytest.approx(before + 0.3 * (4.0 - before), rel=1e-6)
     assert positions[crossed:] == [positions[crossed]] * (len(positions) - crossed)
     assert 2.0 <= positions[crossed] < 4.0

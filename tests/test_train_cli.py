@@ -15,8 +15,9 @@ SMOKE = str(REPO / "configs" / "smoke.py")
 
 
 def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_usage_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -79,8 +80,9 @@ def test_corrupt_checkpoint_exits_1_without_traceback_and_restore_fallback_resum
     assert f"checkpoint step {steps[-1]}" in lines[0] and f"file '{index}'" in lines[0]
     assert "--config.restore_fallback=True" in lines[0]
 
-    resumed = run_train("--config", SMOKE, "--workdir", str(workdir), "--config.roles=generative",
-                        "--config.restore_fallback=True")
+    resumed = run_train(
+        "--config", SMOKE, "--workdir", str(workdir), "--config.roles=generative", "--config.restore_fallback=True"
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"skipped corrupt checkpoint step {steps[-1]}" in resumed.stderr and "Traceback" not in resumed.stderr
     assert f"resumed from step {steps[-2]} (skipped corrupt step {steps[-1]}" in resumed.stdout
@@ -107,8 +109,9 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, args, fragments):
 
 
 def test_missing_config_file_and_missing_workdir_flag(tmp_path):
-    assert_usage_error(run_train("--config", str(tmp_path / "absent.py"), "--workdir", str(tmp_path)),
-                       "absent.py: no such file")
+    assert_usage_error(
+        run_train("--config", str(tmp_path / "absent.py"), "--workdir", str(tmp_path)), "absent.py: no such file"
+    )
     assert_usage_error(run_train("--config", SMOKE), "--workdir")
 
 

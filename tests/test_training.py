@@ -66,7 +66,8 @@ def test_run_writes_every_role_with_metrics_png_and_history(reference):
     for key in ("heldout_neg_elbo", "heldout_reconstruction", "heldout_kl", "train_neg_elbo"):
         assert math.isfinite(generative[key]) and generative[key] > 0
     assert generative["heldout_neg_elbo"] == pytest.approx(
-        generative["heldout_reconstruction"] + generative["heldout_kl"], rel=1e-5)
+        generative["heldout_reconstruction"] + generative["heldout_kl"], rel=1e-5
+    )
     png = pathlib.Path(generative["samples_png"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
     for role in ("evaluator", "guidance"):
@@ -199,21 +200,27 @@ def test_corrupt_latest_checkpoint_is_refused_naming_step_and_path(tmp_path, ref
     shutil.copytree(reference_dir, workdir)
     step = results["generative"]["steps"]
     step_dir = workdir / "generative" / "checkpoints" / str(step)
-    data_file = max((p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
-                    key=lambda p: p.stat().st_size)
+    data_file = max(
+        (p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
+        key=lambda p: p.stat().st_size,
+    )
     raw = bytearray(data_file.read_bytes())
     raw[len(raw) // 3] ^= 0x10
     data_file.write_bytes(bytes(raw))
-    for attempt in (lambda: training.train_and_evaluate(smoke_config(), workdir),
-                    lambda: training.load_trained(workdir, "generative")):
+    for attempt in (
+        lambda: training.train_and_evaluate(smoke_config(), workdir),
+        lambda: training.load_trained(workdir, "generative"),
+    ):
         with pytest.raises(checkpointing.CheckpointCorruptError) as excinfo:
             attempt()
         assert f"step {step}" in str(excinfo.value) and str(step_dir) in str(excinfo.value)
 
 
 def _damage_largest_params_file(step_dir: pathlib.Path) -> pathlib.Path:
-    data_file = max((p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
-                    key=lambda p: p.stat().st_size)
+    data_file = max(
+        (p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
+        key=lambda p: p.stat().st_size,
+    )
     data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])  # truncated on disk
     return data_file
 
@@ -274,8 +281,11 @@ def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training.shutil, "disk_usage", nearly_full)
     workdir = tmp_path / "full"
-    with pytest.raises(checkpointing.WorkdirError, match=r"has 3\.0 MiB free; the checkpoints of this run need "
-                                                         r"about \d+\.\d MiB"):
+    with pytest.raises(
+        checkpointing.WorkdirError,
+        match=r"has 3\.0 MiB free; the checkpoints of this run need "
+        r"about \d+\.\d MiB",
+    ):
         training.train_and_evaluate(smoke_config(), workdir)
     assert list(workdir.iterdir()) == []  # nothing trained or written
 
@@ -285,8 +295,11 @@ def test_workdir_that_is_a_file_or_unwritable_is_refused_before_training(tmp_pat
 
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    for workdir, expected in ((a_file, "exists and is not a directory"), (a_file / "below", "cannot be created"),
-                              (unwritable_directory(tmp_path), "is not writable")):
+    for workdir, expected in (
+        (a_file, "exists and is not a directory"),
+        (a_file / "below", "cannot be created"),
+        (unwritable_directory(tmp_path), "is not writable"),
+    ):
         with pytest.raises(checkpointing.WorkdirError, match=expected):
             training.train_and_evaluate(smoke_config(), workdir)
 
@@ -356,8 +369,9 @@ def test_a_nan_gradient_skips_exactly_its_step_counts_it_and_the_rest_is_a_repla
     labels[order[1, 7]] = poison
     epoch = training.make_train_epoch(loss_fn, optimizer, num_batches=3, batch_size=64)
     start = jax.tree.map(jnp.copy, params)
-    out_params, out_state, batch_losses, finite = epoch(start, optimizer.init(start), jnp.asarray(images),
-                                                        jnp.asarray(labels), key)
+    out_params, out_state, batch_losses, finite = epoch(
+        start, optimizer.init(start), jnp.asarray(images), jnp.asarray(labels), key
+    )
     assert np.asarray(finite).tolist() == [True, False, True]
     assert np.isnan(np.asarray(batch_losses)[1]) and np.isfinite(np.asarray(batch_losses)[[0, 2]]).all()
     assert int(out_state.total_notfinite) == 1
@@ -398,8 +412,9 @@ def test_stepwise_epoch_draws_the_same_batches_as_the_scanned_epoch():
     images, labels = jnp.asarray(data.evaluator.images[:300]), jnp.asarray(data.evaluator.labels[:300])
     outputs = []
     for scan in (True, False):
-        epoch = training.make_train_epoch(losses.cross_entropy(graphdef), optimizer, num_batches=3, batch_size=64,
-                                          augment_shift=2, scan=scan)
+        epoch = training.make_train_epoch(
+            losses.cross_entropy(graphdef), optimizer, num_batches=3, batch_size=64, augment_shift=2, scan=scan
+        )
         start = jax.tree.map(jnp.copy, params)
         outputs.append(epoch(start, optimizer.init(start), images, labels, jax.random.key(3)))
     (scan_params, _, scan_losses, scan_finite), (step_params, _, step_losses, step_finite) = outputs
@@ -445,13 +460,22 @@ def test_unknown_key_is_refused_with_a_did_you_mean_hint():
         ("roles", "generative,evaluater", r"unknown role 'evaluater'; did you mean 'evaluator'\?"),
         ("exclude_classes", "1,x", r"'x' is not a class index"),
         ("exclude_classes", "3,3", r"a class is listed twice"),
-        ("model_kwargs", {"hiden": 3},
-         r"config\.model_kwargs\.hiden is not a hyperparameter of 'mlp_vae'; did you mean 'hidden'\?"),
-        ("model_kwargs", {"latent_dim": 3},
-         r"config\.model_kwargs\.latent_dim cannot be set: it is fixed by config\.latent_dim"),
+        (
+            "model_kwargs",
+            {"hiden": 3},
+            r"config\.model_kwargs\.hiden is not a hyperparameter of 'mlp_vae'; did you mean 'hidden'\?",
+        ),
+        (
+            "model_kwargs",
+            {"latent_dim": 3},
+            r"config\.model_kwargs\.latent_dim cannot be set: it is fixed by config\.latent_dim",
+        ),
         ("model_kwargs", {"hidden": 1.5}, r"config\.model_kwargs\.hidden=1\.5 is invalid: expected int"),
-        ("classifier_kwargs", {"num_classes": 3},
-         r"classifier_kwargs\.num_classes cannot be set: it is fixed by the data"),
+        (
+            "classifier_kwargs",
+            {"num_classes": 3},
+            r"classifier_kwargs\.num_classes cannot be set: it is fixed by the data",
+        ),
     ],
 )
 def test_bad_values_are_refused_in_one_line_naming_field_and_value(field, value, expected):
@@ -482,7 +506,8 @@ def test_a_model_the_data_cannot_feed_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"config\.model_kwargs=.*num_groups.*cannot build a model"):
         training.train_and_evaluate(
             smoke_config(model="conv_vae", model_kwargs=ml_collections.ConfigDict({"channels": 6, "num_groups": 4})),
-            tmp_path / "never")
+            tmp_path / "never",
+        )
     with pytest.raises(ConfigError, match=r"config\.batch_size=5000 exceeds the 4500 training examples"):
         training.train_and_evaluate(smoke_config(batch_size=5000), tmp_path / "never")
 
@@ -498,8 +523,9 @@ def test_any_unknown_key_is_refused(name):
 
 
 @hypothesis.settings(max_examples=40, deadline=None)
-@hypothesis.given(value=st.one_of(st.integers(-10, 10), st.floats(allow_nan=True), st.text(max_size=3),
-                                  st.booleans(), st.none()))
+@hypothesis.given(
+    value=st.one_of(st.integers(-10, 10), st.floats(allow_nan=True), st.text(max_size=3), st.booleans(), st.none())
+)
 def test_latent_dim_accepts_exactly_the_positive_integers(value):
     values = dict(smoke_config().items())
     values["latent_dim"] = value

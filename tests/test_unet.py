@@ -111,11 +111,18 @@ def test_registry_builds_the_unet_and_lists_it_as_a_diffusion_model():
     assert MODELS["ddpm_unet"] is UNet
     assert DIFFUSION_MODELS == frozenset({"ddpm_unet"}) and not DIFFUSION_MODELS & VAE_MODELS
     assert model_hyperparameters("ddpm_unet") == {
-        "image_shape": (28, 28, 1), "channels": 32, "channel_mults": (1, 2), "num_groups": 8,
-        "time_embed_dim": 128, "num_classes": 0,
+        "image_shape": (28, 28, 1),
+        "channels": 32,
+        "channel_mults": (1, 2),
+        "num_groups": 8,
+        "time_embed_dim": 128,
+        "num_classes": 0,
     }
-    model = nnx.eval_shape(lambda: build_model("ddpm_unet", num_classes=10, channel_mults=[1, 2, 2],
-                                               image_shape=[32, 32, 3], rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: build_model(
+            "ddpm_unet", num_classes=10, channel_mults=[1, 2, 2], image_shape=[32, 32, 3], rngs=nnx.Rngs(0)
+        )
+    )
     assert isinstance(model, UNet) and model.num_classes == 10 and model.image_shape == (32, 32, 3)
     # Parameters only, no RNG or other state after construction.
     assert len(jax.tree.leaves(nnx.state(model))) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -124,8 +131,11 @@ def test_registry_builds_the_unet_and_lists_it_as_a_diffusion_model():
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        ({"image_shape": (30, 30, 1)}, ValueError,
-         r"image_shape \(30, 30, 1\) cannot be downsampled 2 times by 2 .*allowed: H and W multiples of 4"),
+        (
+            {"image_shape": (30, 30, 1)},
+            ValueError,
+            r"image_shape \(30, 30, 1\) cannot be downsampled 2 times by 2 .*allowed: H and W multiples of 4",
+        ),
         ({"channel_mults": (1, 2, 2)}, ValueError, r"image_shape \(28, 28, 1\) cannot be downsampled 3 times"),
         ({"channel_mults": ()}, ValueError, "channel_mults must be a non-empty sequence"),
         ({"channel_mults": (1, 0)}, ValueError, "channel_mults entry must be an integer >= 1, got 0"),

@@ -44,8 +44,16 @@ def test_end_to_end_report(smoke_run):
     assert report["seeds"] == [0, 1]
     assert set(report["methods"]) == {"remap_surgery+guided", "sa_gated+guided", "sa+guided"}
     assert report["recommended_method"] == "remap_surgery" == list(report["methods"])[0].split("+")[0]
-    per_method = ("step_time_ms", "time_to_unlearn_s", "fid_retain_at_stop", "fid_all_at_stop", "fid_retain_at_end",
-                  "fid_all_at_end", "forget_fraction_at_stop", "mia_auc")
+    per_method = (
+        "step_time_ms",
+        "time_to_unlearn_s",
+        "fid_retain_at_stop",
+        "fid_all_at_stop",
+        "fid_retain_at_end",
+        "fid_all_at_end",
+        "forget_fraction_at_stop",
+        "mia_auc",
+    )
     for summary in report["methods"].values():
         assert set(summary["steps_to_threshold"]) >= {"mean", "std", "per_seed"}
         assert len(summary["steps_to_threshold"]["per_seed"]) == 2
@@ -61,8 +69,9 @@ def test_end_to_end_report(smoke_run):
     assert report["sa_gated_forget_loss_target"]["value"] == pytest.approx(report["oracle"]["nelbo_forget_train"])
     # The threshold is the oracle's fraction plus two binomial standard errors on the same samples.
     threshold = report["threshold"]
-    assert threshold["value"] == metrics.auto_threshold(threshold["oracle_forget_fraction"],
-                                                        threshold["monitor_samples"])
+    assert threshold["value"] == metrics.auto_threshold(
+        threshold["oracle_forget_fraction"], threshold["monitor_samples"]
+    )
     markdown = (workdir / "report.md").read_text()
     assert "python unlearn.py --config configs/unlearn_smoke.py" in markdown
     assert "| sa_gated+guided |" in markdown and "| sa+guided |" in markdown
@@ -120,8 +129,12 @@ def test_monitoring_latents_are_the_same_for_every_method_and_seed(smoke_run):
     z = unlearning.monitoring_latents(report["config"]["monitor_samples"], latent_dim)
     assert report["integrity"]["monitoring_latents_digest"] == checkpointing.state_digest(z)
     # Before any update every run reads the same model on the same z: the same fraction, the original's.
-    start = {(label, row["seed"]): float(row["forget_fraction"])
-             for label in report["methods"] for row in _log_rows(workdir, label) if row["step"] == "0"}
+    start = {
+        (label, row["seed"]): float(row["forget_fraction"])
+        for label in report["methods"]
+        for row in _log_rows(workdir, label)
+        if row["step"] == "0"
+    }
     assert len(start) == 2 * len(report["methods"])
     assert set(start.values()) == {report["original"]["forget_fraction"]}
 
@@ -140,8 +153,9 @@ def test_evaluator_and_guidance_are_distinct_models_from_distinct_runs(smoke_run
     assert run_data.evaluator.fingerprint() == evaluator.metadata["train_fingerprint"]
     assert run_data.guidance.fingerprint() == guidance.metadata["train_fingerprint"]
     evaluator_rows = {row.tobytes() for row in run_data.evaluator.images.reshape(len(run_data.evaluator), -1)}
-    assert not any(row.tobytes() in evaluator_rows
-                   for row in run_data.guidance.images.reshape(len(run_data.guidance), -1)[:200])
+    assert not any(
+        row.tobytes() in evaluator_rows for row in run_data.guidance.images.reshape(len(run_data.guidance), -1)[:200]
+    )
     evidence = report["integrity"]["classifiers"]
     assert evidence["evaluator"]["params_digest"] == evaluator.metadata["params_digest"]
     assert evidence["guidance"]["params_digest"] == guidance.metadata["params_digest"]
@@ -173,8 +187,12 @@ def refusals(tmp_path_factory):
     processes = {}
     for name, (overrides, _) in REFUSALS.items():
         workdir = root / name
-        processes[name] = (workdir, subprocess.Popen(_command(workdir, *overrides), cwd=REPO, text=True,
-                                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        processes[name] = (
+            workdir,
+            subprocess.Popen(
+                _command(workdir, *overrides), cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            ),
+        )
     results = {}
     for name, (workdir, process) in processes.items():
         _, stderr = process.communicate(timeout=300)
@@ -212,9 +230,10 @@ def test_refuses_a_checkpoint_of_another_model(smoke_run, tmp_path):
 
 def test_refuses_a_cached_model_of_another_config(smoke_run, tmp_path):
     workdir, _, _ = smoke_run
-    _assert_refused(*_refuse_in_subprocess(tmp_path, f"--config.train_dir={workdir / 'train'}",
-                                           "--config.train.latent_dim=3"),
-                    "trained with a different config")
+    _assert_refused(
+        *_refuse_in_subprocess(tmp_path, f"--config.train_dir={workdir / 'train'}", "--config.train.latent_dim=3"),
+        "trained with a different config",
+    )
 
 
 def test_reuses_a_given_checkpoint(smoke_run, tmp_path):
@@ -223,9 +242,20 @@ def test_reuses_a_given_checkpoint(smoke_run, tmp_path):
     model_dir = report["models"]["original"]["workdir"]
     oracle_dir = report["models"]["oracle"]["workdir"]
     rerun = tmp_path / "rerun"
-    done = subprocess.run(_command(rerun, f"--config.checkpoint={model_dir}", f"--config.oracle_checkpoint={oracle_dir}",
-                                   "--config.methods=sa", "--config.seeds=1", "--config.save_params=none"),
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        _command(
+            rerun,
+            f"--config.checkpoint={model_dir}",
+            f"--config.oracle_checkpoint={oracle_dir}",
+            "--config.methods=sa",
+            "--config.seeds=1",
+            "--config.save_params=none",
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     again = json.loads((rerun / "report.json").read_text())
     assert not (rerun / "train").exists()
@@ -245,24 +275,54 @@ def test_recommended_method_never_reads_the_oracle(smoke_run, tmp_path):
     """
     workdir, _, report = smoke_run
     other_oracle = tmp_path / "other_oracle"
-    trained = subprocess.run([sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir",
-                              str(other_oracle), "--config.seed=5", "--config.exclude_classes=1",
-                              "--config.roles=generative"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    trained = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/smoke.py",
+            "--workdir",
+            str(other_oracle),
+            "--config.seed=5",
+            "--config.exclude_classes=1",
+            "--config.roles=generative",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     runs = {}
     for name, oracle_dir in (("smoke", report["models"]["oracle"]["workdir"]), ("other", other_oracle)):
         out = tmp_path / name
-        done = subprocess.run(_command(out, f"--config.checkpoint={report['models']['original']['workdir']}",
-                                       f"--config.oracle_checkpoint={oracle_dir}", "--config.methods=remap_surgery",
-                                       "--config.seeds=1", "--config.guidance_weight=0", "--config.threshold=1e-6"),
-                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            _command(
+                out,
+                f"--config.checkpoint={report['models']['original']['workdir']}",
+                f"--config.oracle_checkpoint={oracle_dir}",
+                "--config.methods=remap_surgery",
+                "--config.seeds=1",
+                "--config.guidance_weight=0",
+                "--config.threshold=1e-6",
+            ),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         again = json.loads((out / "report.json").read_text())
-        rows = [{key: value for key, value in row.items() if key != "step_time_ms"}
-                for row in _log_rows(out, "remap_surgery")]
+        rows = [
+            {key: value for key, value in row.items() if key != "step_time_ms"}
+            for row in _log_rows(out, "remap_surgery")
+        ]
         record = again["methods"]["remap_surgery"]["per_seed"][0]
-        runs[name] = (again["models"]["oracle"]["params_digest"], rows,
-                      [record[key] for key in ("fid_retain_at_end", "nelbo_heldout_retain_at_end")])
+        runs[name] = (
+            again["models"]["oracle"]["params_digest"],
+            rows,
+            [record[key] for key in ("fid_retain_at_end", "nelbo_heldout_retain_at_end")],
+        )
     assert runs["smoke"][0] != runs["other"][0]  # two different oracles ...
     assert runs["smoke"][1:] == runs["other"][1:]  # ... the same steps and the same unlearned model
     losses = [row["retain_loss"] for row in runs["smoke"][1][1:]]
@@ -285,14 +345,18 @@ def test_runtime_failure_is_one_line_exit_1(smoke_run, tmp_path):
         text = target.read_text()
         digest = json.loads(text)["params_digest"]
         target.write_text(text.replace(digest, "0" * len(digest)))
-    overrides = (f"--config.checkpoint={damaged}", f"--config.oracle_checkpoint={report['models']['oracle']['workdir']}",
-                 "--config.methods=sa", "--config.seeds=1")
-    done = subprocess.run(_command(tmp_path / "out", *overrides), cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    overrides = (
+        f"--config.checkpoint={damaged}",
+        f"--config.oracle_checkpoint={report['models']['oracle']['workdir']}",
+        "--config.methods=sa",
+        "--config.seeds=1",
+    )
+    done = subprocess.run(_command(tmp_path / "out", *overrides), cwd=REPO, capture_output=True, text=True, timeout=300)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 1, done.stderr
     assert len(lines) == 1 and lines[0].startswith("unlearn.py: error: CheckpointCorruptError"), done.stderr
     assert "Traceback" not in done.stderr
-    debug = subprocess.run(_command(tmp_path / "out_debug", *overrides, "--debug"), cwd=REPO, capture_output=True,
-                           text=True, timeout=300)
+    debug = subprocess.run(
+        _command(tmp_path / "out_debug", *overrides, "--debug"), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert debug.returncode == 1 and "Traceback" in debug.stderr

@@ -58,8 +58,13 @@ def _tiny_plan(*, budget: int, continue_to_budget: bool, published_threshold: fl
     labels = np.array([1, 1, 1, 0, 0, 0, 2, 2, 2, 2], np.int32)
     train = data_lib.ImageDataset(images=images, labels=labels, name="tiny", num_classes=3)
     return types.SimpleNamespace(
-        config={"max_steps": budget, "batch_size": 2, "retain_batch_size": 3, "continue_to_budget": continue_to_budget,
-                "published_threshold": published_threshold},
+        config={
+            "max_steps": budget,
+            "batch_size": 2,
+            "retain_batch_size": 3,
+            "continue_to_budget": continue_to_budget,
+            "published_threshold": published_threshold,
+        },
         run_data=types.SimpleNamespace(train=train),
         forget_idx=np.array([0, 1, 2]),
         retain_idx=np.arange(3, 10),
@@ -71,8 +76,16 @@ def _run(main, published, *, threshold, continue_to_budget, budget=None):
     plan = _tiny_plan(budget=budget, continue_to_budget=continue_to_budget)
     method = types.SimpleNamespace(init=lambda params: ())
     params0 = {"updates": jnp.int32(0)}
-    return unlearning._run_one(plan, _ScriptedEvaluation(main, published), _counting_step, method, params0,
-                               seed=0, threshold=threshold, start_fractions=(main[0], published[0]))
+    return unlearning._run_one(
+        plan,
+        _ScriptedEvaluation(main, published),
+        _counting_step,
+        method,
+        params0,
+        seed=0,
+        threshold=threshold,
+        start_fractions=(main[0], published[0]),
+    )
 
 
 def test_run_stops_at_first_update_below_threshold_and_keeps_those_params():
@@ -123,7 +136,7 @@ def test_batch_schedule_is_fresh_permutations_of_the_set():
     assert schedule.shape == (7, 3)
     flat = schedule.reshape(-1)
     for start in range(0, 21, 7):  # every consecutive pass is a permutation of the set
-        assert sorted(flat[start:start + 7].tolist()) == indices.tolist()
+        assert sorted(flat[start : start + 7].tolist()) == indices.tolist()
     other = unlearning._batch_schedule(indices, 3, 7, np.random.default_rng(1))
     assert not np.array_equal(schedule, other)  # fresh shuffles per seed
 
@@ -137,14 +150,16 @@ def test_monitoring_latents_are_fixed_and_independent_of_every_loss_key():
     # The published 128-sample monitor reads a prefix of the same latents.
     chex.assert_trees_all_equal(unlearning.monitoring_latents(128, 2), z[:128])
     monitor_key = jax.random.key_data(unlearning.stream_key("monitor"))
-    step_keys = np.concatenate([np.asarray(jax.random.key_data(unlearning.seed_step_keys(seed, 50)))
-                                for seed in range(10)])
+    step_keys = np.concatenate(
+        [np.asarray(jax.random.key_data(unlearning.seed_step_keys(seed, 50))) for seed in range(10)]
+    )
     assert not (step_keys == np.asarray(monitor_key)).all(axis=1).any()
     # Every key a loss sees is derived from a step key; none reproduces the monitoring draw.
     for step_key in unlearning.seed_step_keys(0, 5):
         assert not np.allclose(np.asarray(jax.random.normal(step_key, (1024, 2))), np.asarray(z))
-    streams = {name: np.asarray(jax.random.key_data(unlearning.stream_key(name)))
-               for name in ("monitor", "fid", "elbo", "run")}
+    streams = {
+        name: np.asarray(jax.random.key_data(unlearning.stream_key(name))) for name in ("monitor", "fid", "elbo", "run")
+    }
     assert len({value.tobytes() for value in streams.values()}) == len(streams)
 
 
@@ -236,8 +251,13 @@ def test_guided_labels():
 def _fake_trained(role: str, params, fingerprint: str, seed: int = 0) -> training.TrainedModel:
     from gsu_jax.checkpointing import state_digest
 
-    metadata = {"role": role, "seed": seed, "params_digest": state_digest(params), "train_fingerprint": fingerprint,
-                "num_train": 10}
+    metadata = {
+        "role": role,
+        "seed": seed,
+        "params_digest": state_digest(params),
+        "train_fingerprint": fingerprint,
+        "num_train": 10,
+    }
     return training.TrainedModel(graphdef=None, params=params, config=ml_collections.ConfigDict(), metadata=metadata)
 
 
@@ -269,19 +289,45 @@ def _fake_report() -> dict:
     stat = metrics.summarize
     method = {key: stat([1.0, 2.0]) for key in unlearning._SUMMARY_KEYS}
     method.update(steps_to_threshold=stat([2, None]), steps_to_published_threshold=stat([1, 1]), guided=True)
-    reference = {"forget_fraction": 0.03, "fid_retain": 10.0, "fid_all": 11.0, "inception_score": 8.0,
-                 "nelbo_heldout_retain": 140.0, "nelbo_heldout_forget": 60.0, "mia_auc": 0.55}
+    reference = {
+        "forget_fraction": 0.03,
+        "fid_retain": 10.0,
+        "fid_all": 11.0,
+        "inception_score": 8.0,
+        "nelbo_heldout_retain": 140.0,
+        "nelbo_heldout_forget": 60.0,
+        "mia_auc": 0.55,
+    }
     return {
         "command": "python unlearn.py --config configs/unlearn_mnist.py --workdir runs/unlearn",
-        "config": {"max_steps": 50, "continue_to_budget": True, "batch_size": 128, "retain_batch_size": 128,
-                   "optimizer": {"name": "adam", "learning_rate": 1e-3}, "fid_samples": 5000,
-                   "guidance_weight": 10.0},
-        "forget_classes": [1], "seeds": [0, 1],
-        "threshold": {"mode": "auto", "value": 0.012, "monitor_samples": 1024, "oracle_forget_fraction": 0.006,
-                      "published": {"value": 0.02, "monitor_samples": 128}},
-        "data": {"spec": "embedded", "fingerprint": "f" * 64, "num_forget_train": 450, "num_retain_train": 4050,
-                 "num_heldout": 500},
-        "device": "cpu", "original": reference, "oracle": dict(reference, fid_retain=float("nan")),
+        "config": {
+            "max_steps": 50,
+            "continue_to_budget": True,
+            "batch_size": 128,
+            "retain_batch_size": 128,
+            "optimizer": {"name": "adam", "learning_rate": 1e-3},
+            "fid_samples": 5000,
+            "guidance_weight": 10.0,
+        },
+        "forget_classes": [1],
+        "seeds": [0, 1],
+        "threshold": {
+            "mode": "auto",
+            "value": 0.012,
+            "monitor_samples": 1024,
+            "oracle_forget_fraction": 0.006,
+            "published": {"value": 0.02, "monitor_samples": 128},
+        },
+        "data": {
+            "spec": "embedded",
+            "fingerprint": "f" * 64,
+            "num_forget_train": 450,
+            "num_retain_train": 4050,
+            "num_heldout": 500,
+        },
+        "device": "cpu",
+        "original": reference,
+        "oracle": dict(reference, fid_retain=float("nan")),
         "methods": {"sa+guided": method},
     }
 
@@ -309,8 +355,10 @@ def test_json_writer_turns_non_finite_into_null(tmp_path):
 
 
 def test_csv_and_pictures(tmp_path):
-    rows = [{"seed": 0, "step": 0, "forget_fraction": 0.5},
-            {"seed": 0, "step": 1, "forget_fraction": 0.25, "update_norm": np.float32(2.0)}]
+    rows = [
+        {"seed": 0, "step": 0, "forget_fraction": 0.5},
+        {"seed": 0, "step": 1, "forget_fraction": 0.25, "update_norm": np.float32(2.0)},
+    ]
     reporting.write_step_csv(str(tmp_path / "log.csv"), rows)
     lines = (tmp_path / "log.csv").read_text().splitlines()
     assert lines == ["seed,step,forget_fraction,update_norm", "0,0,0.5,", "0,1,0.25,2"]
@@ -319,8 +367,13 @@ def test_csv_and_pictures(tmp_path):
     assert grid.shape == (8, 12, 1)
     np.testing.assert_array_equal(grid[4:8, 0:4], images[3])
     reporting.save_sample_panels(str(tmp_path / "s.png"), {"before": images, "after": images})
-    reporting.plot_forget_fraction(str(tmp_path / "f.png"), {"sa": [[0.3, 0.1], [0.3, 0.2, 0.0]]},
-                                   threshold=0.05, threshold_label="auto", oracle_fraction=0.01)
+    reporting.plot_forget_fraction(
+        str(tmp_path / "f.png"),
+        {"sa": [[0.3, 0.1], [0.3, 0.2, 0.0]]},
+        threshold=0.05,
+        threshold_label="auto",
+        oracle_fraction=0.01,
+    )
     for name in ("s.png", "f.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -29,7 +29,7 @@ from flax import nnx
 from gsu_jax.models.batched import classifier_features, classifier_logits, generate_images, reconstruct
 from gsu_jax.models.classifier import CNNClassifier, MLPClassifier
 from gsu_jax.models.unet import UNet
-from gsu_jax.models.vae import ConvVAE, MLPVAE, reparameterize
+from gsu_jax.models.vae import MLPVAE, ConvVAE, reparameterize
 
 MODELS: dict[str, type[nnx.Module]] = {
     "mlp_vae": MLPVAE,

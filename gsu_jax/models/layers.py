@@ -52,8 +52,8 @@ def check_conv_image_shape(image_shape: object) -> tuple[int, int, int]:
     height, width, channels = check_image_shape(image_shape)
     if height != width or height not in CONV_DOWNSAMPLINGS or channels not in CONV_IMAGE_CHANNELS:
         raise ValueError(
-                f"image_shape {(height, width, channels)} is not supported by the convolutional models; allowed: "
-                f"(S, S, C) with S in {sorted(CONV_DOWNSAMPLINGS)} and C in {list(CONV_IMAGE_CHANNELS)}"
+            f"image_shape {(height, width, channels)} is not supported by the convolutional models; allowed: "
+            f"(S, S, C) with S in {sorted(CONV_DOWNSAMPLINGS)} and C in {list(CONV_IMAGE_CHANNELS)}"
         )
     return (height, width, channels)
 
@@ -73,8 +73,8 @@ def check_one_example(array: jax.Array, expected_shape: tuple[int, ...], *, what
     """
     if tuple(array.shape) != tuple(expected_shape):
         raise ValueError(
-                f"{what} must be one example of shape {tuple(expected_shape)}, got shape {tuple(array.shape)}; "
-                "batch it with jax.vmap or the batched helpers in gsu_jax.models"
+            f"{what} must be one example of shape {tuple(expected_shape)}, got shape {tuple(array.shape)}; "
+            "batch it with jax.vmap or the batched helpers in gsu_jax.models"
         )
 
 

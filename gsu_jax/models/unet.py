@@ -145,9 +145,7 @@ class UNet(nnx.Module):
             jax.nn.silu,
             nnx.Linear(time_embed_dim, time_embed_dim, rngs=rngs),
         )
-        self.label_embedding = (
-            nnx.Embed(self.num_classes + 1, time_embed_dim, rngs=rngs) if self.num_classes else None
-        )
+        self.label_embedding = nnx.Embed(self.num_classes + 1, time_embed_dim, rngs=rngs) if self.num_classes else None
         widths = [channels * mult for mult in channel_mults]
         block = dict(embed_dim=time_embed_dim, num_groups=num_groups, rngs=rngs)
         self.input_conv = nnx.Conv(image_channels, channels, kernel_size=(3, 3), padding="SAME", rngs=rngs)

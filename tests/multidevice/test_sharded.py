@@ -40,8 +40,10 @@ def vae():
 
 def _batch(seed: int, size: int = BATCH) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"image": rng.random((size, 28, 28, 1), dtype=np.float32),
-            "label": rng.integers(0, 10, size).astype(np.int32)}
+    return {
+        "image": rng.random((size, 28, 28, 1), dtype=np.float32),
+        "label": rng.integers(0, 10, size).astype(np.int32),
+    }
 
 
 def _method(name: str, graphdef) -> methods.UnlearningMethod:
@@ -69,8 +71,9 @@ def test_sharded_unlearning_step_equals_single_device(name, mesh, vae):
     for (forget, retain), key in zip(batches, keys):
         p1, s1, m1 = single(p1, s1, forget, retain, key)
 
-    step, params_sharding, state_sharding = parallel.shard_method_step(method.step, mesh, params, state,
-                                                                       min_size=MIN_SIZE)
+    step, params_sharding, state_sharding = parallel.shard_method_step(
+        method.step, mesh, params, state, min_size=MIN_SIZE
+    )
     p2, s2 = parallel.put((params, state), (params_sharding, state_sharding))
     sharded_args = [(parallel.shard_batch(f, mesh), parallel.shard_batch(r, mesh)) for f, r in batches]
     compiled = step.lower(p2, s2, *sharded_args[0], keys[0]).compile()
@@ -80,8 +83,9 @@ def test_sharded_unlearning_step_equals_single_device(name, mesh, vae):
     chex.assert_trees_all_close(p2, p1, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(m2, m1, rtol=1e-5, atol=1e-5)
     # The state stays where it was put: split over the model axis where large enough, replicated otherwise.
-    chex.assert_trees_all_equal(jax.tree.map(lambda x: x.sharding.spec, p2),
-                                jax.tree.map(lambda s: s.spec, params_sharding))
+    chex.assert_trees_all_equal(
+        jax.tree.map(lambda x: x.sharding.spec, p2), jax.tree.map(lambda s: s.spec, params_sharding)
+    )
     # Each device holds BATCH / data examples of every per-example computation: the partitioned program's
     # image operands have the per-device batch size and never the whole batch.
     data = MESH_SHAPE[0]
@@ -112,21 +116,32 @@ def test_batch_and_per_example_losses_are_split(mesh, vae):
 def test_sharded_training_epoch_equals_single_device(model_name, augment_shift, scan, mesh):
     kwargs = {"hidden": 16, **({"latent_dim": 2} if model_name == "mlp_vae" else {})}
     graphdef, params = nnx.split(models.build_model(model_name, rngs=nnx.Rngs(1), **kwargs))
-    loss_fn = (losses.negative_elbo(graphdef) if model_name == "mlp_vae" else losses.cross_entropy(graphdef))
+    loss_fn = losses.negative_elbo(graphdef) if model_name == "mlp_vae" else losses.cross_entropy(graphdef)
     optimizer = optax.adam(1e-3) if model_name == "mlp_vae" else optax.sgd(1e-2)
     rng = np.random.default_rng(3)
     images, labels = rng.random((80, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, 80).astype(np.int32)
     key = jax.random.key(5)
 
-    single = training.make_train_epoch(loss_fn, optimizer, num_batches=4, batch_size=BATCH,
-                                       augment_shift=augment_shift, scan=scan)
+    single = training.make_train_epoch(
+        loss_fn, optimizer, num_batches=4, batch_size=BATCH, augment_shift=augment_shift, scan=scan
+    )
     start = jax.tree.map(jnp.copy, params)
     p1, _, losses1, finite1 = single(start, optimizer.init(start), jnp.asarray(images), jnp.asarray(labels), key)
 
-    shardings = (parallel.param_shardings(params, mesh, min_size=MIN_SIZE),
-                 parallel.param_shardings(jax.eval_shape(optimizer.init, params), mesh, min_size=MIN_SIZE))
-    sharded = training.make_train_epoch(loss_fn, optimizer, num_batches=4, batch_size=BATCH,
-                                        augment_shift=augment_shift, scan=scan, mesh=mesh, state_shardings=shardings)
+    shardings = (
+        parallel.param_shardings(params, mesh, min_size=MIN_SIZE),
+        parallel.param_shardings(jax.eval_shape(optimizer.init, params), mesh, min_size=MIN_SIZE),
+    )
+    sharded = training.make_train_epoch(
+        loss_fn,
+        optimizer,
+        num_batches=4,
+        batch_size=BATCH,
+        augment_shift=augment_shift,
+        scan=scan,
+        mesh=mesh,
+        state_shardings=shardings,
+    )
     p2, s2 = parallel.put((params, optimizer.init(params)), shardings)
     rep = parallel.replicated(mesh)
     p2, _, losses2, finite2 = sharded(p2, s2, *parallel.put((images, labels, key), rep))
@@ -134,15 +149,17 @@ def test_sharded_training_epoch_equals_single_device(model_name, augment_shift, 
     chex.assert_trees_all_close(p2, p1, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(losses2), np.asarray(losses1), rtol=1e-5)
     assert np.asarray(finite1).all() and np.asarray(finite2).all()
-    chex.assert_trees_all_equal(jax.tree.map(lambda x: x.sharding.spec, p2),
-                                jax.tree.map(lambda s: s.spec, shardings[0]))
+    chex.assert_trees_all_equal(
+        jax.tree.map(lambda x: x.sharding.spec, p2), jax.tree.map(lambda s: s.spec, shardings[0])
+    )
 
 
 def test_training_refuses_a_batch_the_data_axis_cannot_split(mesh, vae):
     graphdef, _ = vae
     with pytest.raises(ValueError, match=r"batch_size=10 is not divisible by the mesh's data axis \(4 devices\)"):
-        training.make_train_epoch(losses.negative_elbo(graphdef), optax.sgd(1e-3), num_batches=1, batch_size=10,
-                                  mesh=mesh)
+        training.make_train_epoch(
+            losses.negative_elbo(graphdef), optax.sgd(1e-3), num_batches=1, batch_size=10, mesh=mesh
+        )
 
 
 def test_sharded_checkpoint_restores_on_other_device_counts(tmp_path, vae):
@@ -150,15 +167,19 @@ def test_sharded_checkpoint_restores_on_other_device_counts(tmp_path, vae):
     optimizer = optax.adam(1e-3)
     state = optimizer.init(params)
     saving_mesh = parallel.make_mesh(data=NUM_DEVICES // 2, model=2)
-    shardings = (parallel.param_shardings(params, saving_mesh, min_size=MIN_SIZE),
-                 parallel.param_shardings(state, saving_mesh, min_size=MIN_SIZE))
+    shardings = (
+        parallel.param_shardings(params, saving_mesh, min_size=MIN_SIZE),
+        parallel.param_shardings(state, saving_mesh, min_size=MIN_SIZE),
+    )
     saved_params, saved_state = parallel.put((params, state), shardings)
     assert any(leaf.sharding.spec != P() for leaf in jax.tree.leaves(saved_params)), "nothing was model-sharded"
     with checkpointing.Checkpointer(tmp_path / "ckpt") as ckpt:
         ckpt.save(3, saved_params, saved_state, metadata={"role": "test"})
 
-    abstract = (checkpointing.abstract_like(params), checkpointing.abstract_like(jax.eval_shape(optimizer.init,
-                                                                                                  params)))
+    abstract = (
+        checkpointing.abstract_like(params),
+        checkpointing.abstract_like(jax.eval_shape(optimizer.init, params)),
+    )
     # Half the devices (model axis 2 -> 1 for 4 of 8, or 2 -> 2 for 2 of 4), and a single device.
     half = jax.devices()[: NUM_DEVICES // 2]
     targets = {"half": parallel.make_mesh(data=len(half), model=1, devices=half), "one": None}
@@ -167,10 +188,13 @@ def test_sharded_checkpoint_restores_on_other_device_counts(tmp_path, vae):
         if target is not None:
             abstract_params, abstract_state = jax.tree.map(
                 lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                abstract, (parallel.param_shardings(params, target), parallel.param_shardings(state, target)))
+                abstract,
+                (parallel.param_shardings(params, target), parallel.param_shardings(state, target)),
+            )
         with checkpointing.Checkpointer(tmp_path / "ckpt", create=False) as ckpt:
-            restored, restored_state, metadata = ckpt.restore(abstract_params=abstract_params,
-                                                              abstract_opt_state=abstract_state)
+            restored, restored_state, metadata = ckpt.restore(
+                abstract_params=abstract_params, abstract_opt_state=abstract_state
+            )
         devices = {d for leaf in jax.tree.leaves(restored) for d in leaf.sharding.device_set}
         assert len(devices) == (len(half) if target is not None else 1), label
         assert metadata["params_digest"] == checkpointing.state_digest(params)
