@@ -16,25 +16,19 @@ anything unexpected: with its traceback). ``--debug`` shows the traceback of eve
 
 from __future__ import annotations
 
-import logging as std_logging
-import os
 import pathlib
-import re
-import sys
-import traceback
 
-import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gsu_jax import parallel, training
+from gsu_jax import cli, parallel, training
 from gsu_jax.checkpointing import (
     CheckpointCorruptError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
     WorkdirError,
 )
-from gsu_jax.config_validation import TRAIN_SCHEMA, ConfigError, unknown_key_message
+from gsu_jax.config_validation import TRAIN_SCHEMA, ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: one checkpoint directory per role, metrics, PNGs.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard the workdir's checkpoints of the roles being trained.")
@@ -47,83 +41,31 @@ flags.mark_flags_as_required(["config", "workdir"])
 # Refusals of what the user asked for: exit 2. Failures found while running: exit 1. Both print one line.
 USAGE_ERRORS = (ConfigError, CheckpointMismatchError, CheckpointNotFoundError, WorkdirError)
 RUNTIME_ERRORS = (CheckpointCorruptError, training.TrainingDivergedError)
-_OVERRIDE = re.compile(r"^--config\.([^=.\s]+)")
-
-
-def _fail(message: str, status: int, *, debug: bool) -> None:
-    if debug:
-        traceback.print_exc()
-    print(f"train.py: error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(status)
-
-
-def _not_from_orbax(record: std_logging.LogRecord) -> bool:
-    return f"{os.sep}orbax{os.sep}" not in record.pathname
+_PROGRAM = "train.py"
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with every refusal as ONE line and exit status 2 (absl alone exits 1)."""
-    debug = any(arg == "--debug" or arg.lower() in ("--debug=true", "--debug=1") for arg in argv)
-    for arg in argv[1:]:
-        match = _OVERRIDE.match(arg)
-        if match and match.group(1) not in TRAIN_SCHEMA:
-            _fail(unknown_key_message(match.group(1), TRAIN_SCHEMA), 2, debug=debug)
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:
-        _fail(str(err), 2, debug=debug)
-    except (AttributeError, KeyError, TypeError, ValueError) as err:
-        # config_flags reports a bad nested override (--config.model_kwargs.hiden=3) with ml_collections' own
-        # KeyError, wrapped: unwrap it to its text ("'hiden' Did you mean "hidden" instead of "hiden"?").
-        unknown = isinstance(err, (AttributeError, KeyError))
-        while err.args and isinstance(err.args[0], BaseException):
-            err = err.args[0]
-        text = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
-        overrides = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
-        _fail(
-            f"bad override among {', '.join(overrides) or '--config'}: {'unknown field ' if unknown else ''}{text}",
-            2,
-            debug=debug,
-        )
-    except Exception as err:  # the config file itself failed to load (syntax error, import error, ...)
-        _fail(f"--config cannot be loaded: {type(err).__name__}: {err}", 2, debug=debug)
-    raise AssertionError("unreachable")
-
-
-def _load_config() -> ml_collections.ConfigDict:
-    path = config_flags.get_config_filename(flags.FLAGS["config"])
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config={path}: no such file; allowed: a config file such as configs/mnist_vae.py")
-    config = flags.FLAGS.config
-    if not isinstance(config, ml_collections.ConfigDict):
-        # config_flags keeps a failure to load the file (syntax error, missing get_config) for the first access.
-        try:
-            config.to_dict()
-        except Exception as err:  # whatever the config file raised while loading
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            raise ConfigError(f"--config={path} cannot be loaded: {lines[-1] if lines else err}") from err
-        raise ConfigError(f"--config={path} did not give an ml_collections.ConfigDict")
-    return config
+    return cli.parse_flags(argv, program=_PROGRAM, schemas={"": TRAIN_SCHEMA})
 
 
 def main(argv: list[str]) -> None:
     debug = _DEBUG.value
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; use --config.<field>=<value> for overrides", 2, debug=debug)
-    if not flags.FLAGS["verbosity"].present:
-        # orbax logs every save at INFO; the progress bar and the summary below are the run's output.
-        logging.set_verbosity(logging.WARNING)
-    if not debug:
-        # orbax logs what it cannot read while listing steps (e.g. a damaged _CHECKPOINT_METADATA) on its own; the
-        # verification here reports the same damage in its one line, naming the file.
-        logging.get_absl_handler().addFilter(_not_from_orbax)
+        cli.fail(
+            _PROGRAM, cli.USAGE_ERROR, f"unexpected arguments {argv[1:]}; use --config.<field>=<value>", debug=debug
+        )
+    # orbax logs every save at INFO; the progress bar and the summary below are the run's output.
+    cli.quiet_orbax_logs(debug=debug, verbosity=None if flags.FLAGS["verbosity"].present else logging.WARNING)
     try:
-        config = _load_config()
+        config = cli.load_config_flag(example="configs/mnist_vae.py")
+    except ValueError as err:
+        cli.fail(_PROGRAM, cli.USAGE_ERROR, err, debug=debug)
+    try:
         results = training.train_and_evaluate(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
     except USAGE_ERRORS as err:
-        _fail(str(err), 2, debug=debug)
+        cli.fail(_PROGRAM, cli.USAGE_ERROR, err, debug=debug)
     except RUNTIME_ERRORS as err:
-        _fail(str(err), 1, debug=debug)
+        cli.fail(_PROGRAM, cli.RUNTIME_ERROR, err, debug=debug)
     if not parallel.is_main_process():
         return
     for role, metrics in results.items():

@@ -1,0 +1,155 @@
+"""What ``train.py`` and ``unlearn.py`` share as programs: one-line errors with fixed exit statuses, flag parsing
+whose every refusal is one line, loading ``--config``, and keeping orbax's own log lines off stderr.
+
+Exit statuses: :data:`USAGE_ERROR` (2) for a request the program refuses before any work (a bad flag, config
+value, workdir, checkpoint of another config), :data:`RUNTIME_ERROR` (1) for a failure while running. Either way
+the program prints ONE line ``<program>: error: <message>`` (``--debug`` adds the traceback above it), so a
+script's log stays greppable.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
+
+import ml_collections
+from absl import flags, logging
+
+from gsu_jax.config_validation import Field, unknown_key_message
+
+__all__ = [
+    "RUNTIME_ERROR",
+    "USAGE_ERROR",
+    "debug_requested",
+    "fail",
+    "load_config_flag",
+    "one_line",
+    "parse_flags",
+    "quiet_orbax_logs",
+    "unknown_override",
+]
+
+USAGE_ERROR = 2
+RUNTIME_ERROR = 1
+
+
+def one_line(error: BaseException | str) -> str:
+    """``error``'s message on one line; a KeyError's quotes (and ml_collections' wrapping of one) removed."""
+    text = (error if isinstance(error, str) else str(error)).strip() or type(error).__name__
+    for _ in range(2):
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+            text = text[1:-1]
+    return " ".join(text.split())
+
+
+def fail(program: str, status: int, message: BaseException | str, *, debug: bool = False) -> NoReturn:
+    """Prints ``<program>: error: <message>`` on one line (the traceback above it under ``debug``) and exits."""
+    if debug and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    print(f"{program}: error: {one_line(message)}", file=sys.stderr)
+    sys.exit(status)
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    """Whether ``--debug`` is on the command line (read before absl has parsed it)."""
+    return any(arg == "--debug" or arg.lower() in ("--debug=true", "--debug=1") for arg in argv)
+
+
+def unknown_override(argv: Sequence[str], schemas: Mapping[str, Mapping[str, Field]]) -> str | None:
+    """The refusal of the first ``--config.<field>=`` override whose field no schema knows, else None.
+
+    Args:
+      argv: the command line.
+      schemas: dotted prefix below ``config.`` -> the schema of the fields under it; ``""`` is the config itself,
+        e.g. ``{"": UNLEARN_SCHEMA, "train.": TRAIN_SCHEMA}``. Deeper paths (``--config.model_kwargs.hidden``) are
+        left to the field's own validation, which knows the model's hyperparameters.
+
+    ml_collections' locked ConfigDict refuses the same overrides, but its message neither names the dotted field
+    nor fits one line; this one does, with a "did you mean" hint from the schema.
+    """
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config.") :].split("=", 1)[0]
+        for prefix in sorted(schemas, key=len, reverse=True):
+            if prefix and not path.startswith(prefix):
+                continue
+            name = path[len(prefix) :].split(".", 1)[0]
+            if name and name not in schemas[prefix]:
+                return unknown_key_message(name, schemas[prefix], prefix=f"config.{prefix}")
+            break
+    return None
+
+
+def parse_flags(argv: list[str], *, program: str, schemas: Mapping[str, Mapping[str, Field]]) -> list[str]:
+    """absl's flag parsing for ``app.run(flags_parser=...)``, every refusal one line with exit status 2.
+
+    absl alone exits 1 with a multi-line message; an override of an unknown field is refused first by
+    :func:`unknown_override` with the schema's hint.
+    """
+    debug = debug_requested(argv)
+    refusal = unknown_override(argv, schemas)
+    if refusal is not None:
+        fail(program, USAGE_ERROR, refusal, debug=debug)
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        fail(program, USAGE_ERROR, error, debug=debug)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        # config_flags wraps a bad nested override's ml_collections error: unwrap it to its own text.
+        while error.args and isinstance(error.args[0], BaseException):
+            error = error.args[0]
+        overrides = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
+        fail(
+            program,
+            USAGE_ERROR,
+            f"bad override among {', '.join(overrides) or '--config'}: {one_line(error)}",
+            debug=debug,
+        )
+    except Exception as error:  # the config file itself failed to load (a syntax error, an import error, ...)
+        fail(program, USAGE_ERROR, f"--config cannot be loaded: {type(error).__name__}: {error}", debug=debug)
+
+
+def load_config_flag(*, example: str, flag_name: str = "config") -> ml_collections.ConfigDict:
+    """The ConfigDict that ``config_flags.DEFINE_config_file(flag_name)`` loaded, or a one-line usage refusal.
+
+    config_flags keeps a failure to load the file (a syntax error, a missing ``get_config``) for the first access
+    of the value; this access turns it into a ``ValueError`` naming the file and the cause.
+    """
+    from ml_collections import config_flags
+
+    holder = flags.FLAGS[flag_name]
+    if not holder.present:
+        raise ValueError(f"--{flag_name} is required (e.g. --{flag_name} {example})")
+    path = config_flags.get_config_filename(holder)
+    if not os.path.isfile(path):
+        raise ValueError(f"--{flag_name}={path}: no such file; allowed: a config file such as {example}")
+    config = holder.value
+    if isinstance(config, ml_collections.ConfigDict):
+        return config
+    try:
+        config.to_dict()
+    except Exception as error:  # whatever the user's config file raised while loading
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ValueError(f"--{flag_name}={path} cannot be loaded: {lines[-1] if lines else error}") from error
+    raise ValueError(f"--{flag_name}={path} did not give an ml_collections.ConfigDict")
+
+
+def _not_from_orbax(record: std_logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_orbax_logs(*, debug: bool, verbosity: Any = None) -> None:
+    """Keeps orbax's per-save INFO lines and its own complaints off stderr unless ``debug``.
+
+    orbax logs what it cannot read while listing steps (e.g. a damaged ``_CHECKPOINT_METADATA``); the programs'
+    checkpoint verification reports the same damage in their one error line, naming the file.
+    """
+    if verbosity is not None:
+        logging.set_verbosity(verbosity)
+    if not debug:
+        logging.get_absl_handler().addFilter(_not_from_orbax)
