@@ -393,23 +393,27 @@ class Report:
         return "\n".join(parts)
 
     def write(self) -> None:
+        """Rewrites both files atomically: a run killed mid-write keeps the previous section's complete files."""
+        from gsu_jax import io
+
         payload = {
             "mode": self.mode,
             "environment": self.env,
             "sections": [dataclasses.asdict(section) for section in self.sections],
         }
-        with open(os.path.join(self.out_dir, "results.json"), "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=1, default=_json_default)
-        with open(os.path.join(self.out_dir, "results.md"), "w", encoding="utf-8") as handle:
-            handle.write(self.markdown())
+        io.write_text(os.path.join(self.out_dir, "results.json"), json.dumps(payload, indent=1, default=_json_value))
+        io.write_text(os.path.join(self.out_dir, "results.md"), self.markdown())
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
+def _json_value(value: Any) -> Any:
+    """:func:`gsu_jax.io.json_default`, and the text of anything else: a row never fails to be written for a note
+    or a status object JSON cannot hold."""
+    from gsu_jax import io
+
+    try:
+        return io.json_default(value)
+    except TypeError:
+        return str(value)
 
 
 def row_failure(row: dict[str, Any], error: BaseException) -> dict[str, Any]:

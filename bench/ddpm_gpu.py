@@ -306,7 +306,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.mode == "probe":
         result = probe(args.config, args.data)
-        pathlib.Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        from gsu_jax import io  # the probe process has imported gsu_jax; the orchestrator stays standard-library
+
+        io.write_json(args.json, result)
         print(json.dumps(result))
         return 0
     return run(args)

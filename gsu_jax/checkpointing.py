@@ -52,6 +52,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gsu_jax import io
+
 __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
@@ -63,7 +65,6 @@ __all__ = [
     "WorkdirError",
     "abstract_like",
     "ensure_writable_directory",
-    "json_normalize",
     "metadata_differences",
     "package_versions",
     "state_digest",
@@ -125,24 +126,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def json_normalize(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists, numpy scalars plain numbers, keys strings).
-
-    Comparing a live config with a saved one goes through this so that ``(28, 28, 1)`` equals ``[28, 28, 1]``.
-    """
-    return json.loads(json.dumps(value, default=_json_default, sort_keys=True))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
-        return value.to_dict()
-    raise TypeError(f"cannot store {type(value).__name__} {value!r} in checkpoint metadata (JSON)")
-
-
 def metadata_differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
     """Descriptions ``"key: saved -> current"`` of the ``keys`` whose JSON-normalised values differ.
 
@@ -151,8 +134,8 @@ def metadata_differences(saved: Mapping[str, Any], current: Mapping[str, Any], k
     unset = object()
     differences = []
     for key in keys:
-        old = json_normalize(saved[key]) if key in saved else unset
-        new = json_normalize(current[key]) if key in current else unset
+        old = io.json_normalize(saved[key], sort_keys=True) if key in saved else unset
+        new = io.json_normalize(current[key], sort_keys=True) if key in current else unset
         if old != new:
             differences.append(
                 f"{key}: {'<unset>' if old is unset else repr(old)} -> {'<unset>' if new is unset else repr(new)}"
@@ -305,7 +288,7 @@ class Checkpointer:
             step: the step number (>= 0); the directory name.
             params: pytree of arrays (an ``nnx.State``).
             opt_state: optax state pytree, or ``None`` to save parameters only.
-            metadata: JSON-serialisable mapping (tuples, numpy scalars and ConfigDicts are converted); the keys
+            metadata: JSON-serialisable mapping (converted by :func:`gsu_jax.io.json_normalize`); the keys
                 ``format``, ``step``, ``has_opt_state``, ``params_digest``, ``opt_state_digest`` and ``versions``
                 are filled in here.
 
@@ -317,7 +300,7 @@ class Checkpointer:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
         step = int(step)
         try:
-            record = json_normalize(dict(metadata))
+            record = io.json_normalize(dict(metadata), sort_keys=True)
         except TypeError as err:
             raise ValueError(f"metadata of step {step} is not JSON-serialisable: {err}") from err
         record.update(
@@ -341,17 +324,16 @@ class Checkpointer:
             ) from err
 
     def _write_files_manifest(self, step: int) -> None:
-        """Records size and sha256 of every file of the committed ``step`` (atomically: temporary file + rename)."""
+        """Records size and sha256 of every file of the committed ``step`` (atomically: :func:`gsu_jax.io.atomic_file`;
+        its temporary file is named after the manifest, which the listing leaves out)."""
         step_dir = self.step_path(step)
         files = {
             path.relative_to(step_dir).as_posix(): {"size": path.stat().st_size, "sha256": _file_sha256(path)}
             for path in sorted(step_dir.rglob("*"))
             if path.is_file() and FILES_MANIFEST not in path.name
         }
-        temporary = step_dir / f".{FILES_MANIFEST}.{uuid.uuid4().hex}.tmp"
         record = {"format": METADATA_FORMAT, "files": files, "files_sha256": _records_sha256(files)}
-        temporary.write_text(json.dumps(record, indent=1, sort_keys=True))
-        os.replace(temporary, step_dir / FILES_MANIFEST)
+        io.write_text(step_dir / FILES_MANIFEST, io.json_text(record, indent=1, sort_keys=True))
 
     def set_aside(self, step: int, into: str | os.PathLike) -> pathlib.Path:
         """Moves ``step``'s directory out of the checkpoint directory into ``into`` (kept for inspection).

@@ -45,7 +45,8 @@ skipped (and counted in the metrics); a run that ends an epoch with its last :da
 steps (or its whole epoch, if shorter) all skipped stops with :class:`TrainingDivergedError` before writing
 anything of that epoch.
 
-Workdir layout::
+Workdir layout (the JSON, CSV and PNG files written atomically by :mod:`gsu_jax.io`: a run killed while writing
+leaves the previous complete file or none)::
 
     <workdir>/
       summary.json                    metrics of every role trained by the last run, with wall times
@@ -71,10 +72,8 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 import shutil
@@ -92,7 +91,7 @@ from flax import nnx
 
 from gsu_jax import data as data_lib
 from gsu_jax import generative as families
-from gsu_jax import losses, models, parallel
+from gsu_jax import io, losses, models, parallel
 from gsu_jax.checkpointing import (
     CheckpointCorruptError,
     Checkpointer,
@@ -102,7 +101,6 @@ from gsu_jax.checkpointing import (
     WorkdirError,
     abstract_like,
     ensure_writable_directory,
-    json_normalize,
     metadata_differences,
 )
 from gsu_jax.config_validation import (
@@ -140,6 +138,8 @@ _CHECKPOINTS = "checkpoints"
 _CORRUPT_CHECKPOINTS = "corrupt_checkpoints"
 # Models whose epochs run step by step on CPU (convolution gradients are slow inside XLA:CPU loops).
 _CONV_MODELS = frozenset({"conv_vae", "cnn_classifier", "ddpm_unet"})
+# Columns of <role>/history.csv, one row per epoch.
+_HISTORY_COLUMNS = ("epoch", "step", "loss", "skipped_steps")
 
 
 class TrainedModel(NamedTuple):
@@ -772,18 +772,6 @@ def _evaluate(plan: _RolePlan, programs: _Programs, params: nnx.State, excluded:
     return metrics
 
 
-def _tile(images: np.ndarray, columns: int) -> np.ndarray:
-    """``f32[N, H, W, C]`` -> one ``f32[rows*(H+1)-1, columns*(W+1)-1, C]`` grid with 1-pixel white gaps."""
-    count, height, width, channels = images.shape
-    rows = math.ceil(count / columns)
-    grid = np.ones((rows * (height + 1) - 1, columns * (width + 1) - 1, channels), np.float32)
-    for index, image in enumerate(images):
-        row, column = divmod(index, columns)
-        top, left = row * (height + 1), column * (width + 1)
-        grid[top : top + height, left : left + width] = image
-    return grid
-
-
 def _write_samples_png(
     path: pathlib.Path, plan: _RolePlan, programs: _Programs, params: nnx.State, *, num_images: int, title: str
 ) -> None:
@@ -800,10 +788,14 @@ def _write_samples_png(
         )
     )
     columns = max(2, 2 * math.ceil(math.sqrt(num_images) / 2))
+
+    def tile(images: np.ndarray) -> np.ndarray:
+        return io.tile_images(images, columns, gap=1, fill=1.0)  # 1-pixel white lines between the images
+
     if reconstructions is None:  # a DDPM: samples only
         panels = [
             (
-                _tile(samples, columns),
+                tile(samples),
                 "DDIM samples from x_T ~ N(0, I)"
                 + (", labels 0, 1, ... row-wise" if families.Family.is_conditional(plan.model_kwargs) else ""),
             )
@@ -811,8 +803,8 @@ def _write_samples_png(
     else:
         interleaved = np.stack([originals, reconstructions], axis=1).reshape(-1, *originals.shape[1:])
         panels = [
-            (_tile(samples, columns), "samples, z ~ N(0, I)"),
-            (_tile(interleaved, columns), "held-out | reconstruction (posterior mean)"),
+            (tile(samples), "samples, z ~ N(0, I)"),
+            (tile(interleaved), "held-out | reconstruction (posterior mean)"),
         ]
     figure = Figure(figsize=(10 if len(panels) > 1 else 7, 5.4), dpi=100)
     FigureCanvasAgg(figure)
@@ -825,7 +817,7 @@ def _write_samples_png(
         axis.axis("off")
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path)
+    io.write_png(path, figure)
 
 
 # ------------------------------------------------------------------------------------------- training a role
@@ -1020,11 +1012,8 @@ def _train_role(
     )
     if not main_process:
         return metrics
-    (role_dir / "metrics.json").write_text(json.dumps(json_normalize(metrics), indent=2) + "\n")
-    with open(role_dir / "history.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["epoch", "step", "loss", "skipped_steps"])
-        writer.writeheader()
-        writer.writerows(history)
+    io.write_json(role_dir / "metrics.json", metrics, sort_keys=True)
+    io.write_csv(role_dir / "history.csv", history, _HISTORY_COLUMNS)
     return metrics
 
 
@@ -1114,7 +1103,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
         logging.info("%s: %s", plan.role, {k: v for k, v in results[plan.role].items() if isinstance(v, float)})
     summary = {"workdir": str(workdir), "wall_seconds": round(time.perf_counter() - started, 2), "roles": results}
     if parallel.is_main_process():
-        (workdir / "summary.json").write_text(json.dumps(json_normalize(summary), indent=2) + "\n")
+        io.write_json(workdir / "summary.json", summary, sort_keys=True)
     return results
 
 

@@ -133,7 +133,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from gsu_jax import checkpointing, losses, methods, metrics, models, parallel, reporting, training
+from gsu_jax import checkpointing, io, losses, methods, metrics, models, parallel, reporting, training
 from gsu_jax import data as data_lib
 from gsu_jax import generative as families
 from gsu_jax.config_validation import (
@@ -1433,11 +1433,6 @@ _SELECTION_FIELDS = (
 _MAX_DIFFERENCES = 3
 
 
-def _json_round_trip(value: Any) -> Any:
-    """``value`` as JSON reads it back (key order and NaN kept): fresh and read-back results are the same object."""
-    return json.loads(json.dumps(value, default=lambda v: v.item() if isinstance(v, np.generic) else v.tolist()))
-
-
 def _environment_identity() -> dict[str, Any]:
     """Besides the config, what fixes a run's numbers: code, package versions, Python, device, JAX flags."""
     return {
@@ -1450,7 +1445,7 @@ def _environment_identity() -> dict[str, Any]:
 
 
 def _config_identity(config: Mapping[str, Any]) -> dict[str, Any]:
-    return _json_round_trip({key: value for key, value in config.items() if key not in _SELECTION_FIELDS})
+    return io.json_normalize({key: value for key, value in config.items() if key not in _SELECTION_FIELDS})
 
 
 def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
@@ -1542,7 +1537,7 @@ def _load_result(workdir: pathlib.Path, label: str, seed: int, identity: Mapping
     if not path.is_file():
         return None
     content = _read_result(path)
-    differences = _differences(content["identity"], _json_round_trip(identity))
+    differences = _differences(content["identity"], io.json_normalize(identity))
     if differences:
         raise checkpointing.CheckpointMismatchError(_mismatch_message(path, workdir, differences))
     return content
@@ -1550,11 +1545,11 @@ def _load_result(workdir: pathlib.Path, label: str, seed: int, identity: Mapping
 
 def _save_result(workdir: pathlib.Path, label: str, seed: int, content: Mapping[str, Any]) -> dict[str, Any]:
     """Writes a finished run's result atomically; returns it as it reads back (what the report is built from)."""
-    content = _json_round_trip(content)
+    content = io.json_normalize(content)
     path = _result_path(workdir, label, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with reporting.atomic_file(path) as handle:
-        json.dump({"format": _RESULT_FORMAT, "digest": _content_digest(content), "content": content}, handle)
+    saved = {"format": _RESULT_FORMAT, "digest": _content_digest(content), "content": content}
+    io.write_text(path, io.json_text(saved, indent=None))
     return content
 
 
@@ -1896,7 +1891,7 @@ def _model_record(workdir: pathlib.Path, model: training.TrainedModel) -> dict[s
 
 
 def _jsonable_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(checkpointing.json_normalize(dict(config))))
+    return io.json_normalize(dict(config), sort_keys=True)
 
 
 def _run_seed(
@@ -1967,7 +1962,7 @@ def _run_seed(
         "unlearned_saved": saved_params,
     }
     if not parallel.is_main_process():
-        return _json_round_trip(content)
+        return io.json_normalize(content)
     return _save_result(workdir, label, seed, content)
 
 
