@@ -40,7 +40,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -52,7 +51,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gsu_jax import io
+from gsu_jax import io, provenance
 
 __all__ = [
     "CheckpointCorruptError",
@@ -65,15 +64,12 @@ __all__ = [
     "WorkdirError",
     "abstract_like",
     "ensure_writable_directory",
-    "metadata_differences",
-    "package_versions",
     "state_digest",
 ]
 
 METADATA_FORMAT = "gsu_jax.checkpoint/v1"
 # Written into each step directory after orbax has committed it: {relative path: {"size", "sha256"}}.
 FILES_MANIFEST = "gsu_files.json"
-_PACKAGES = ("gsu-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_collections")
 _MAX_LISTED = 8
 
 
@@ -113,34 +109,6 @@ class SkippedStep(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def package_versions() -> dict[str, str]:
-    """Installed versions of the packages a checkpoint's numbers depend on (``"absent"`` if not installed)."""
-    versions = {}
-    for name in _PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "absent"
-    return versions
-
-
-def metadata_differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
-    """Descriptions ``"key: saved -> current"`` of the ``keys`` whose JSON-normalised values differ.
-
-    A key missing on one side reads as ``<unset>``.
-    """
-    unset = object()
-    differences = []
-    for key in keys:
-        old = io.json_normalize(saved[key], sort_keys=True) if key in saved else unset
-        new = io.json_normalize(current[key], sort_keys=True) if key in current else unset
-        if old != new:
-            differences.append(
-                f"{key}: {'<unset>' if old is unset else repr(old)} -> {'<unset>' if new is unset else repr(new)}"
-            )
-    return differences
 
 
 def state_digest(tree: Any) -> str:
@@ -309,7 +277,7 @@ class Checkpointer:
             has_opt_state=opt_state is not None,
             params_digest=state_digest(params),
             opt_state_digest=None if opt_state is None else state_digest(opt_state),
-            versions=package_versions(),
+            versions=provenance.package_versions(),
         )
         items = {"params": ocp.args.StandardSave(params), "metadata": ocp.args.JsonSave(record)}
         if opt_state is not None:

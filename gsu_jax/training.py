@@ -91,7 +91,7 @@ from flax import nnx
 
 from gsu_jax import data as data_lib
 from gsu_jax import generative as families
-from gsu_jax import io, losses, models, parallel
+from gsu_jax import io, losses, models, parallel, provenance
 from gsu_jax.checkpointing import (
     CheckpointCorruptError,
     Checkpointer,
@@ -101,7 +101,6 @@ from gsu_jax.checkpointing import (
     WorkdirError,
     abstract_like,
     ensure_writable_directory,
-    metadata_differences,
 )
 from gsu_jax.config_validation import (
     ROLES,
@@ -701,7 +700,7 @@ def _existing_checkpoint(plan: _RolePlan, role_dir: pathlib.Path, *, step: int |
             f"role/model: {saved.get('role')!r}/{saved.get('model')!r} -> {plan.role!r}/{plan.spec.model_name!r}"
         )
     saved_identity = saved.get("identity", {})
-    differences += metadata_differences(saved_identity, plan.identity, sorted(set(saved_identity) | set(plan.identity)))
+    differences += provenance.differences(saved_identity, plan.identity)
     role_key = jax.random.key_data(plan.key).tolist()
     if not saved.get("finished") and saved.get("role_key") != role_key:
         # Resuming must continue with the keys the uninterrupted run would have drawn.
@@ -914,7 +913,7 @@ def _train_role(
             "num_epochs": spec.num_epochs,
             "steps_per_epoch": spec.num_batches,
             "batch_size": spec.batch_size,
-            "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+            "device": provenance.device_name(),
         }
         divergence_window = min(MAX_CONSECUTIVE_NONFINITE, spec.num_batches)
         if start_epoch < spec.num_epochs:

@@ -114,7 +114,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -133,7 +132,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from gsu_jax import checkpointing, io, losses, methods, metrics, models, parallel, reporting, training
+from gsu_jax import checkpointing, io, losses, methods, metrics, models, parallel, provenance, reporting, training
 from gsu_jax import data as data_lib
 from gsu_jax import generative as families
 from gsu_jax.config_validation import (
@@ -1340,48 +1339,6 @@ def _progress(plan: RunPlan, message: str) -> None:
         print(f"[unlearn] {message}", file=sys.stderr, flush=True)
 
 
-def _code_version() -> dict[str, Any]:
-    """The git commit of the code that produced a report, and whether tracked files had local changes."""
-    import subprocess
-
-    root = pathlib.Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": None, "git_dirty": None, "source_digest": _source_digest()}
-    return {"git_commit": commit, "git_dirty": bool(dirty), "source_digest": _source_digest()}
-
-
-@functools.lru_cache(maxsize=1)
-def _source_digest() -> str:
-    """sha256 of every ``gsu_jax`` source file (relative path and bytes, sorted): the code behind the numbers.
-
-    Unlike the git commit it also pins uncommitted changes, and it exists outside a git checkout.
-    """
-    root = pathlib.Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-# JAX settings that change numbers (precision, random bits) without changing any config field.
-_JAX_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_partitionable", "jax_default_prng_impl")
-
-
-def _jax_flags() -> dict[str, Any]:
-    return {name: getattr(jax.config, name) for name in _JAX_FLAGS}
-
-
 def _load(plan: RunPlan, workdir: pathlib.Path, role: str) -> training.TrainedModel:
     """A trained role, restored through the run's mesh (every process reads its shards) into this process's copy."""
     model = training.load_trained(workdir, role, mesh=plan.mesh)
@@ -1394,14 +1351,6 @@ def _parallel_record(plan: RunPlan) -> dict[str, Any]:
         "process_count": jax.process_count(),
         "device_count": jax.device_count(),
     }
-
-
-def _device() -> str:
-    device = jax.devices()[0]
-    return (
-        f"{device.platform}:{device.device_kind} ({jax.device_count()} device(s), {platform.machine()}, "
-        f"{platform.processor() or 'cpu'})"
-    )
 
 
 # ------------------------------------------------------------------------------------------- saved results
@@ -1433,39 +1382,8 @@ _SELECTION_FIELDS = (
 _MAX_DIFFERENCES = 3
 
 
-def _environment_identity() -> dict[str, Any]:
-    """Besides the config, what fixes a run's numbers: code, package versions, Python, device, JAX flags."""
-    return {
-        "code": _source_digest(),
-        "versions": checkpointing.package_versions(),
-        "python": platform.python_version(),
-        "device": _device(),
-        "jax_flags": _jax_flags(),
-    }
-
-
 def _config_identity(config: Mapping[str, Any]) -> dict[str, Any]:
     return io.json_normalize({key: value for key, value in config.items() if key not in _SELECTION_FIELDS})
-
-
-def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    """``"path: saved -> current"`` for every leaf where two JSON values differ (dicts compared key by key)."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        found = []
-        for key in list(saved) + [k for k in current if k not in saved]:
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if key not in saved or key not in current:
-                found.append(
-                    f"{path}: {'<unset>' if key not in saved else repr(saved[key])} -> "
-                    f"{'<unset>' if key not in current else repr(current[key])}"
-                )
-            else:
-                found.extend(_differences(saved[key], current[key], path))
-        return found
-    same = saved == current or (
-        isinstance(saved, float) and isinstance(current, float) and math.isnan(saved) and math.isnan(current)
-    )
-    return [] if same else [f"{prefix}: {saved!r} -> {current!r}"]
 
 
 def _result_path(workdir: pathlib.Path, label: str, seed: int) -> pathlib.Path:
@@ -1515,13 +1433,13 @@ def _check_saved_results(workdir: pathlib.Path, config: Mapping[str, Any]) -> No
     directory = workdir / _RESULTS_DIR
     if not directory.is_dir():
         return
-    current = {"config": _config_identity(config), **_environment_identity()}
+    current = {"config": _config_identity(config), **provenance.environment_identity()}
     for path in sorted(directory.glob("*/seed_*.json")):
         try:
             identity = _read_result(path)["identity"]
         except SavedResultError as err:
             raise _refuse(str(err)) from err
-        differences = _differences({key: identity.get(key) for key in current}, current)
+        differences = provenance.differences({key: identity.get(key) for key in current}, current)
         if differences:
             raise _refuse(_mismatch_message(path, workdir, differences))
 
@@ -1537,7 +1455,7 @@ def _load_result(workdir: pathlib.Path, label: str, seed: int, identity: Mapping
     if not path.is_file():
         return None
     content = _read_result(path)
-    differences = _differences(content["identity"], io.json_normalize(identity))
+    differences = provenance.differences(content["identity"], identity)
     if differences:
         raise checkpointing.CheckpointMismatchError(_mismatch_message(path, workdir, differences))
     return content
@@ -1648,7 +1566,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     }
     run_identity = {
         "config": _config_identity(config),
-        **_environment_identity(),
+        **provenance.environment_identity(),
         "models": model_digests,
         "threshold": threshold,
         "gated_target": gated_target,
@@ -1799,10 +1717,10 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         },
         "integrity": integrity,
         "generative": _generative_record(evaluation, config),
-        "versions": {**checkpointing.package_versions(), "python": platform.python_version()},
-        "jax_flags": _jax_flags(),
-        "code": _code_version(),
-        "device": _device(),
+        "versions": {**provenance.package_versions(), "python": platform.python_version()},
+        "jax_flags": provenance.jax_flags(),
+        "code": provenance.code_version(),
+        "device": provenance.device_description(),
         "parallel": _parallel_record(plan),
         "original": original_eval,
         "oracle": oracle_eval,
