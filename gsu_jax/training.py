@@ -1062,11 +1062,11 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
     if not isinstance(workdir, (str, pathlib.Path)) or not str(workdir).strip():
         raise WorkdirError(f"workdir must be a non-empty path, got {workdir!r}")
     values = validate_train_config(config)
-    _join_hosts(values)  # before anything touches a device
+    parallel.join_hosts(values)  # before anything touches a device
     roles = parse_roles(values["roles"])
     run_data = prepare_data(values)
     plans = [_plan(role, values, run_data) for role in roles]
-    mesh = _run_mesh(values, plans)
+    mesh = parallel.run_mesh(values, _batch_fields(plans))
     workdir = ensure_writable_directory(workdir)
     saved, skipped = {}, {}
     for plan in plans:
@@ -1106,28 +1106,10 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
     return results
 
 
-def _join_hosts(values: Mapping[str, Any]) -> None:
-    """``config.distributed``: joins the processes of a multi-host run (nothing when not enabled)."""
-    try:
-        parallel.initialize_from_config(values["distributed"])
-    except (ValueError, RuntimeError) as err:
-        raise ConfigError(f"config.distributed: {err}") from err
-
-
-def _run_mesh(values: Mapping[str, Any], plans: list[_RolePlan]) -> jax.sharding.Mesh | None:
-    """Builds ``config.mesh`` (after ``config.distributed`` joined the hosts); refuses batches it cannot split."""
-    try:
-        mesh = parallel.mesh_from_config(values["mesh"])
-    except ValueError as err:
-        raise ConfigError(f"config.mesh={values['mesh']!r}: {err}") from err
-    if mesh is not None:
-        for plan in plans:
-            field = "batch_size" if plan.generative else "classifier_batch_size"
-            try:
-                parallel.check_batch_size(plan.spec.batch_size, mesh, field=f"config.{field}")
-            except ValueError as err:
-                raise ConfigError(str(err)) from err
-    return mesh
+def _batch_fields(plans: list[_RolePlan]) -> list[str]:
+    """The config fields holding the batch sizes of ``plans``' roles (each once, in role order)."""
+    fields = ["batch_size" if plan.generative else "classifier_batch_size" for plan in plans]
+    return list(dict.fromkeys(fields))
 
 
 def _on_shardings(abstract: Any, shardings: Any) -> Any:
@@ -1150,10 +1132,10 @@ def check_resumable(config: Any, workdir: str | pathlib.Path) -> dict[str, dict[
         CheckpointCorruptError: a role's latest checkpoint metadata is unreadable.
     """
     values = validate_train_config(config)
-    _join_hosts(values)
+    parallel.join_hosts(values)
     run_data = prepare_data(values)
     plans = [_plan(role, values, run_data) for role in parse_roles(values["roles"])]
-    _run_mesh(values, plans)
+    parallel.run_mesh(values, _batch_fields(plans))
     directory = pathlib.Path(workdir).expanduser().absolute()
     return {plan.role: _existing_checkpoint(plan, directory / plan.role) for plan in plans}
 

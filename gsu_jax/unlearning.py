@@ -711,25 +711,6 @@ def _config_values(config: Any) -> dict[str, Any]:
     return values
 
 
-def _run_mesh(values: Mapping[str, Any]) -> jax.sharding.Mesh | None:
-    """Joins the hosts and builds the mesh of ``config.mesh``; refuses batches its data axis cannot split."""
-    try:
-        parallel.initialize_from_config(values["distributed"])
-    except (ValueError, RuntimeError) as err:
-        raise _refuse(f"config.distributed: {err}") from err
-    try:
-        mesh = parallel.mesh_from_config(values["mesh"])
-    except ValueError as err:
-        raise _refuse(f"config.mesh={values['mesh']!r}: {err}") from err
-    if mesh is not None:
-        for field in ("batch_size", "retain_batch_size"):
-            try:
-                parallel.check_batch_size(values[field], mesh, field=f"config.{field}")
-            except ValueError as err:
-                raise _refuse(str(err)) from err
-    return mesh
-
-
 def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = None) -> RunPlan:
     """Validates an unlearning request completely, touching nothing on disk; see the module docstring.
 
@@ -745,7 +726,10 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
         UnlearnConfigError: one line naming the bad value and what is allowed.
     """
     values = _config_values(config)
-    mesh = _run_mesh(values)
+    try:
+        mesh = parallel.run_mesh(values, ("batch_size", "retain_batch_size"))  # joins the hosts first
+    except ConfigError as err:
+        raise _refuse(str(err)) from err
     names = _parse_methods(values["methods"])
     threshold = _parse_threshold(values["threshold"])
     values["optimizer"] = _parse_optimizer(values["optimizer"])
