@@ -130,8 +130,12 @@ MAX_CONSECUTIVE_NONFINITE = 20
 _ROLE_INDEX = {role: index for index, role in enumerate(ROLES)}
 # Independent key streams of one role, folded into its key.
 _INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _SAMPLE_STREAM = 0, 1, 2, 3
-# Examples per chunk when evaluating held-out data (bounds activation memory of the conv models).
-_EVAL_CHUNK = 500
+# Held-out examples per vmapped chunk of the evaluation (bounds activation memory of the conv models). Not only a
+# memory bound: XLA picks kernels per batch shape, so another size changes the metrics in their last float32 bits
+# (measured on CPU: chunks of 1000 change the per-example loss terms of both VAEs and the CNN's logits). Kept at
+# 500, the size every metrics.json so far was computed with; gsu_jax.unlearning keeps its own 1000 for the same
+# reason (and because its FID latents are drawn in chunks of that size).
+_HELDOUT_EVAL_CHUNK = 500
 _CHECKPOINTS = "checkpoints"
 # Where config.restore_fallback moves the checkpoints it skipped (beside <role>/checkpoints, outside orbax's view).
 _CORRUPT_CHECKPOINTS = "corrupt_checkpoints"
@@ -515,7 +519,7 @@ def _programs(spec: _ProgramSpec, mesh: jax.sharding.Mesh | None = None) -> _Pro
                 return terms_fn(params, {"image": image, "label": label}, example_key)
 
             keys = jax.random.split(key, images.shape[0])
-            return jax.lax.map(one, (images, labels, keys), batch_size=_EVAL_CHUNK)
+            return jax.lax.map(one, (images, labels, keys), batch_size=_HELDOUT_EVAL_CHUNK)
 
         @functools.partial(jax.jit, static_argnames="num_samples")
         def draw(params, key, originals, *, num_samples):
@@ -536,7 +540,9 @@ def _programs(spec: _ProgramSpec, mesh: jax.sharding.Mesh | None = None) -> _Pro
             """``f32[N, K]`` logits."""
             del key  # classifiers are deterministic; the argument keeps one signature
             return jax.lax.map(
-                lambda image: models.classifier_logits(graphdef, params, image[None])[0], images, batch_size=_EVAL_CHUNK
+                lambda image: models.classifier_logits(graphdef, params, image[None])[0],
+                images,
+                batch_size=_HELDOUT_EVAL_CHUNK,
             )
 
     train_epoch = make_train_epoch(

@@ -192,8 +192,14 @@ MAX_CONSECUTIVE_NONFINITE = 5
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "rmsprop", "adabelief", "lion", "nadam", "radam")
 _SAVE_PARAMS = ("first_seed", "all", "none")
 _GATED_TARGETS = ("oracle", "heldout")
-# Generated images per compiled evaluation call (bounds activation memory for the convolutional models).
-_EVAL_CHUNK = 1000
+# Generated images per compiled FID call (bounds activation memory for the convolutional models). Not only a memory
+# bound: a VAE's FID latents are drawn padded to a multiple of it (another size draws other z, other FIDs), and XLA
+# picks kernels per batch shape (another size changes the features' last float32 bits). gsu_jax.training's
+# held-out evaluation keeps its own 500 for the same reason.
+_FID_CHUNK = 1000
+# Real training images per compiled feature-extraction call (FID reference statistics); 1000 as always, for the
+# same reason: features of another chunk shape differ in their last bits.
+_REAL_FEATURES_CHUNK = 1000
 # Built once at import: one compiled feature extractor per (graphdef, chunk shape), whatever the caller.
 _classifier_features = jax.jit(models.classifier_features, static_argnums=0)
 
@@ -948,7 +954,7 @@ class _Evaluation:
         self.z_monitor = monitoring_noise(max(self.num_monitor, self.num_published), noise_shape)
         num_fid = config["fid_samples"]
         # The VAE keeps the padded draw of its earlier reports (same z, same numbers); a DDPM pays per sample.
-        chunk = _EVAL_CHUNK if family.name == "vae" else min(_EVAL_CHUNK, num_fid)
+        chunk = _FID_CHUNK if family.name == "vae" else min(_FID_CHUNK, num_fid)
         padded = chunk * math.ceil(num_fid / chunk)
         self.num_fid = num_fid
         self.z_fid = jax.random.normal(stream_key("fid"), (padded, *noise_shape)).reshape(-1, chunk, *noise_shape)
@@ -1032,8 +1038,8 @@ class _Evaluation:
 
     def _features(self, images: jax.Array) -> np.ndarray:
         chunks = [
-            np.asarray(_classifier_features(self.eval_graphdef, self.eval_params, images[i : i + _EVAL_CHUNK]))
-            for i in range(0, images.shape[0], _EVAL_CHUNK)
+            np.asarray(_classifier_features(self.eval_graphdef, self.eval_params, images[i : i + _REAL_FEATURES_CHUNK]))
+            for i in range(0, images.shape[0], _REAL_FEATURES_CHUNK)
         ]
         return np.concatenate(chunks).astype(np.float64)
 
