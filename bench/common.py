@@ -22,7 +22,6 @@ import math
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -205,15 +204,6 @@ def check_close(name: str, got: Any, want: Any, *, rtol: float) -> float:
 # Environment
 
 
-def _package_version(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
@@ -225,26 +215,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def environment(torch_device: str | None) -> dict[str, Any]:
     """Hardware and software of this run: what a reader needs to compare numbers across machines."""
     import jax
 
-    device = jax.devices()[0]
+    from gsu_jax import provenance
+
     env: dict[str, Any] = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         # Other processes share the CPU on some machines: the load is part of the context of every CPU number.
@@ -254,15 +230,15 @@ def environment(torch_device: str | None) -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "jax_backend": jax.default_backend(),
-        "jax_device": f"{device.platform}:{getattr(device, 'device_kind', '?')}",
+        "jax_device": provenance.device_name(),
         "jax_device_count": jax.device_count(),
         "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
-        "git_commit": _git_commit(),
+        "git_commit": provenance.git_commit(short=True),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
         "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
     }
     for package in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
-        env[f"{package}_version"] = _package_version(package)
+        env[f"{package}_version"] = provenance.package_version(package)
     if torch_device is not None:
         import torch
 
@@ -393,23 +369,27 @@ class Report:
         return "\n".join(parts)
 
     def write(self) -> None:
+        """Rewrites both files atomically: a run killed mid-write keeps the previous section's complete files."""
+        from gsu_jax import io
+
         payload = {
             "mode": self.mode,
             "environment": self.env,
             "sections": [dataclasses.asdict(section) for section in self.sections],
         }
-        with open(os.path.join(self.out_dir, "results.json"), "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=1, default=_json_default)
-        with open(os.path.join(self.out_dir, "results.md"), "w", encoding="utf-8") as handle:
-            handle.write(self.markdown())
+        io.write_text(os.path.join(self.out_dir, "results.json"), json.dumps(payload, indent=1, default=_json_value))
+        io.write_text(os.path.join(self.out_dir, "results.md"), self.markdown())
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
+def _json_value(value: Any) -> Any:
+    """:func:`gsu_jax.io.json_default`, and the text of anything else: a row never fails to be written for a note
+    or a status object JSON cannot hold."""
+    from gsu_jax import io
+
+    try:
+        return io.json_default(value)
+    except TypeError:
+        return str(value)
 
 
 def row_failure(row: dict[str, Any], error: BaseException) -> dict[str, Any]:

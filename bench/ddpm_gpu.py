@@ -56,7 +56,7 @@ def probe(train_config: str, data: str) -> dict:
     """Compiles and times the generative role's training epoch exactly as train.py runs it (prints JSON)."""
     import jax
 
-    from gsu_jax import training
+    from gsu_jax import provenance, training
     from gsu_jax.config_validation import load_config_file, validate_train_config
 
     config = load_config_file(REPO / train_config)
@@ -74,7 +74,7 @@ def probe(train_config: str, data: str) -> dict:
         jax.block_until_ready(losses)
         timings.append(time.perf_counter() - started)
     return {
-        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+        "device": provenance.device_name(),
         "first_epoch_s": timings[0],
         "epoch_s": timings[1],
         "compile_s": max(0.0, timings[0] - timings[1]),
@@ -306,7 +306,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.mode == "probe":
         result = probe(args.config, args.data)
-        pathlib.Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        from gsu_jax import io  # the probe process has imported gsu_jax; the orchestrator stays standard-library
+
+        io.write_json(args.json, result)
         print(json.dumps(result))
         return 0
     return run(args)

@@ -234,11 +234,10 @@ def summary_lines(results: list[dict[str, Any]]) -> str:
 
 def write_outputs(stem: pathlib.Path, payload: dict[str, Any], text: str) -> None:
     """``<stem>.json`` (the numbers) and ``<stem>.md`` (the table), each written atomically, and the table printed."""
-    from gsu_jax import reporting
+    from gsu_jax import io, reporting
 
     reporting.write_json(str(stem.with_suffix(".json")), payload)
-    with reporting.atomic_file(stem.with_suffix(".md")) as handle:
-        handle.write(text)
+    io.write_text(stem.with_suffix(".md"), text)
     print(text)
 
 

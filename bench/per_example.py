@@ -36,6 +36,7 @@ import numpy as np
 
 from bench import common
 from bench.common import Budget, Report, Section, SectionTimeout, Target
+from gsu_jax import io
 
 # Diagnostic row: the same vmap(grad), returned in the layout XLA computes it in (no transposing copy). Not a
 # drop-in variant: such arrays must be consumed by computations compiled for their format (see
@@ -386,8 +387,7 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
                     )
                 except Exception:  # noqa: BLE001 - the row above already reports the missing API
                     pass
-                with open(cfg.hlo_file, "w", encoding="utf-8") as handle:
-                    handle.write(hlo_report(variants, args, floor_bytes=grad_bytes))
+                io.write_text(cfg.hlo_file, hlo_report(variants, args, floor_bytes=grad_bytes))
                 notes.append(f"HLO op counts and large writes of the variants at B={size}: {cfg.hlo_file}")
             reference.clear()
 

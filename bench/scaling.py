@@ -33,6 +33,7 @@ from bench.step import (
     protocol_model,
     time_step,
 )
+from gsu_jax import io
 
 MATERIALISED = "sa_per_example, materialised"
 
@@ -185,7 +186,7 @@ def _plot(rows: list[dict[str, Any]], path: str) -> str | None:
     device = jax.devices()[0]
     fig.suptitle(f"Unlearning step cost, MLP VAE, Adam ({device.platform}: {getattr(device, 'device_kind', '')})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    io.write_png(path, fig, dpi=110)
     plt.close(fig)
     return None
 

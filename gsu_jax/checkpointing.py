@@ -40,7 +40,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -51,6 +50,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from gsu_jax import io, provenance
 
 __all__ = [
     "CheckpointCorruptError",
@@ -63,16 +64,12 @@ __all__ = [
     "WorkdirError",
     "abstract_like",
     "ensure_writable_directory",
-    "json_normalize",
-    "metadata_differences",
-    "package_versions",
     "state_digest",
 ]
 
 METADATA_FORMAT = "gsu_jax.checkpoint/v1"
 # Written into each step directory after orbax has committed it: {relative path: {"size", "sha256"}}.
 FILES_MANIFEST = "gsu_files.json"
-_PACKAGES = ("gsu-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_collections")
 _MAX_LISTED = 8
 
 
@@ -112,52 +109,6 @@ class SkippedStep(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def package_versions() -> dict[str, str]:
-    """Installed versions of the packages a checkpoint's numbers depend on (``"absent"`` if not installed)."""
-    versions = {}
-    for name in _PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "absent"
-    return versions
-
-
-def json_normalize(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists, numpy scalars plain numbers, keys strings).
-
-    Comparing a live config with a saved one goes through this so that ``(28, 28, 1)`` equals ``[28, 28, 1]``.
-    """
-    return json.loads(json.dumps(value, default=_json_default, sort_keys=True))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
-        return value.to_dict()
-    raise TypeError(f"cannot store {type(value).__name__} {value!r} in checkpoint metadata (JSON)")
-
-
-def metadata_differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
-    """Descriptions ``"key: saved -> current"`` of the ``keys`` whose JSON-normalised values differ.
-
-    A key missing on one side reads as ``<unset>``.
-    """
-    unset = object()
-    differences = []
-    for key in keys:
-        old = json_normalize(saved[key]) if key in saved else unset
-        new = json_normalize(current[key]) if key in current else unset
-        if old != new:
-            differences.append(
-                f"{key}: {'<unset>' if old is unset else repr(old)} -> {'<unset>' if new is unset else repr(new)}"
-            )
-    return differences
 
 
 def state_digest(tree: Any) -> str:
@@ -305,7 +256,7 @@ class Checkpointer:
             step: the step number (>= 0); the directory name.
             params: pytree of arrays (an ``nnx.State``).
             opt_state: optax state pytree, or ``None`` to save parameters only.
-            metadata: JSON-serialisable mapping (tuples, numpy scalars and ConfigDicts are converted); the keys
+            metadata: JSON-serialisable mapping (converted by :func:`gsu_jax.io.json_normalize`); the keys
                 ``format``, ``step``, ``has_opt_state``, ``params_digest``, ``opt_state_digest`` and ``versions``
                 are filled in here.
 
@@ -317,7 +268,7 @@ class Checkpointer:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
         step = int(step)
         try:
-            record = json_normalize(dict(metadata))
+            record = io.json_normalize(dict(metadata), sort_keys=True)
         except TypeError as err:
             raise ValueError(f"metadata of step {step} is not JSON-serialisable: {err}") from err
         record.update(
@@ -326,7 +277,7 @@ class Checkpointer:
             has_opt_state=opt_state is not None,
             params_digest=state_digest(params),
             opt_state_digest=None if opt_state is None else state_digest(opt_state),
-            versions=package_versions(),
+            versions=provenance.package_versions(),
         )
         items = {"params": ocp.args.StandardSave(params), "metadata": ocp.args.JsonSave(record)}
         if opt_state is not None:
@@ -341,17 +292,16 @@ class Checkpointer:
             ) from err
 
     def _write_files_manifest(self, step: int) -> None:
-        """Records size and sha256 of every file of the committed ``step`` (atomically: temporary file + rename)."""
+        """Records size and sha256 of every file of the committed ``step`` (atomically: :func:`gsu_jax.io.atomic_file`;
+        its temporary file is named after the manifest, which the listing leaves out)."""
         step_dir = self.step_path(step)
         files = {
             path.relative_to(step_dir).as_posix(): {"size": path.stat().st_size, "sha256": _file_sha256(path)}
             for path in sorted(step_dir.rglob("*"))
             if path.is_file() and FILES_MANIFEST not in path.name
         }
-        temporary = step_dir / f".{FILES_MANIFEST}.{uuid.uuid4().hex}.tmp"
         record = {"format": METADATA_FORMAT, "files": files, "files_sha256": _records_sha256(files)}
-        temporary.write_text(json.dumps(record, indent=1, sort_keys=True))
-        os.replace(temporary, step_dir / FILES_MANIFEST)
+        io.write_text(step_dir / FILES_MANIFEST, io.json_text(record, indent=1, sort_keys=True))
 
     def set_aside(self, step: int, into: str | os.PathLike) -> pathlib.Path:
         """Moves ``step``'s directory out of the checkpoint directory into ``into`` (kept for inspection).

@@ -44,6 +44,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gsu_jax.config_validation import ConfigError
+
 __all__ = [
     "DATA_AXIS",
     "MIN_SHARDED_SIZE",
@@ -55,12 +57,14 @@ __all__ = [
     "initialize_from_config",
     "is_main_process",
     "jit_sharded",
+    "join_hosts",
     "localize",
     "make_mesh",
     "mesh_from_config",
     "param_shardings",
     "put",
     "replicated",
+    "run_mesh",
     "shard_batch",
     "shard_method_step",
 ]
@@ -153,6 +157,41 @@ def initialize_from_config(distributed: Mapping[str, Any]) -> None:
         num_processes=distributed["num_processes"] if explicit else None,
         process_id=distributed["process_id"] if explicit else None,
     )
+
+
+def join_hosts(values: Mapping[str, Any]) -> None:
+    """Joins the processes of a run's ``config.distributed`` (nothing when not enabled; again: a no-op).
+
+    Raises:
+        ConfigError: ``config.distributed`` cannot be honoured (one line naming it).
+    """
+    try:
+        initialize_from_config(values["distributed"])
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"config.distributed: {err}") from err
+
+
+def run_mesh(values: Mapping[str, Any], batch_fields: Sequence[str]) -> Mesh | None:
+    """The mesh of a validated run config (``train.py``'s and ``unlearn.py``'s), ``None`` for one device.
+
+    Joins the hosts first (:func:`join_hosts`), builds ``config.mesh`` (:func:`mesh_from_config`) and refuses each
+    batch size named by ``batch_fields`` (fields of ``values``) that the data axis cannot split.
+
+    Raises:
+        ConfigError: one line naming ``config.distributed``, ``config.mesh`` or the batch field.
+    """
+    join_hosts(values)
+    try:
+        mesh = mesh_from_config(values["mesh"])
+    except ValueError as err:
+        raise ConfigError(f"config.mesh={values['mesh']!r}: {err}") from err
+    if mesh is not None:
+        for field in batch_fields:
+            try:
+                check_batch_size(values[field], mesh, field=f"config.{field}")
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+    return mesh
 
 
 def _divisors(count: int) -> list[int]:

@@ -1,7 +1,7 @@
-"""Writers for the unlearning report: JSON, Markdown table, per-step CSV logs, PNG grids, forget-fraction plot.
+"""The unlearning report's formats: JSON, Markdown table, per-step CSV logs, PNG grids, forget-fraction plot.
 
-Everything here is plain host-side I/O on numbers that `gsu_jax.unlearning` has already computed; nothing here
-touches JAX. The report is a nested dict (see `gsu_jax.unlearning.unlearn_and_evaluate`):
+Everything here is plain host-side formatting of numbers that `gsu_jax.unlearning` has already computed; nothing
+here touches JAX, and every file goes through the atomic writers of :mod:`gsu_jax.io`. The report is a nested dict (see `gsu_jax.unlearning.unlearn_and_evaluate`):
 
 * ``report["original"]`` / ``report["oracle"]``: one evaluation of one model, ``{metric: float | None}``.
 * ``report["methods"][label]``: one summary per method label (``"sa"``, ``"sa_gated+guided"``, ...) where
@@ -18,17 +18,12 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
-import json
-import math
-import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from gsu_jax import io
 
 # Columns of the results table: (header, key in a method summary, key in an original/oracle evaluation, format).
 # A method key names a statistic {mean, std, per_seed}; a reference key names a float of one model.
@@ -48,10 +43,6 @@ _TABLE_COLUMNS: tuple[tuple[str, str | None, str | None, str], ...] = (
     ("MIA AUC", "mia_auc", "mia_auc", "{:.3f}"),
 )
 
-
-# The process's file-creation mask (read once: os.umask can only be read by setting it).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 # Fields of report.json that are not reproducible numbers: wall-clock measurements, and how this process came
 # by its numbers (the command names the workdir; ``resumed`` lists the results read back from an interrupted
@@ -81,7 +72,7 @@ def without_volatile_fields(report: Mapping[str, Any]) -> dict[str, Any]:
         >>> without_volatile_fields({"timing": {"total_s": 3.1}, "methods": {"sa": {"compile_s": 2.0, "x": 1}}})
         {'methods': {'sa': {'x': 1}}}
     """
-    kept = json.loads(json.dumps(_to_jsonable(report)))
+    kept = io.json_normalize(report, nonfinite_as_null=True)
     for field in VOLATILE_REPORT_FIELDS:
         _drop(kept, field.split("."))
     return kept
@@ -103,69 +94,9 @@ def _drop(node: Any, path: list[str]) -> None:
         del node[head]
 
 
-def _finite_or_none(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _to_jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_to_jsonable(v) for v in value.tolist()]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return _finite_or_none(value)
-    return value
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[Any]:
-    """Opens a temporary file beside ``path``; on a clean exit, fsyncs it and renames it over ``path``.
-
-    A process killed (even by SIGKILL) or failing while writing leaves ``path`` as it was (absent or the previous
-    complete file) and at most a ``.<name>.tmp-*`` file beside it, never a truncated ``path``: ``os.replace`` is
-    atomic on POSIX file systems, and the directory is fsynced so the rename survives a crash.
-
-    Example:
-        >>> import tempfile, os
-        >>> path = os.path.join(tempfile.mkdtemp(), "out.txt")
-        >>> with atomic_file(path) as f:
-        ...     _ = f.write("complete")
-        >>> open(path).read()
-        'complete'
-    """
-    directory, name = os.path.split(os.path.abspath(os.fspath(path)))
-    handle, temporary = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=directory)
-    try:
-        os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
-        with os.fdopen(handle, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, os.path.join(directory, name))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    with contextlib.suppress(OSError):  # some file systems cannot open a directory; the rename is done anyway
-        directory_handle = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(directory_handle)
-        finally:
-            os.close(directory_handle)
-
-
 def write_json(path: str, report: Mapping[str, Any]) -> None:
     """Writes ``report`` atomically as indented JSON (NaN/inf become ``null``; numpy scalars Python numbers)."""
-    with atomic_file(path) as f:
-        json.dump(_to_jsonable(report), f, indent=2, sort_keys=False)
-        f.write("\n")
+    io.write_json(path, report, indent=2, nonfinite_as_null=True)
 
 
 def write_step_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -173,11 +104,7 @@ def write_step_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    with atomic_file(path, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _format_csv_value(v) for k, v in row.items()})
+    io.write_csv(path, [{k: _format_csv_value(v) for k, v in row.items()} for row in rows], columns)
 
 
 def _format_csv_value(value: Any) -> Any:
@@ -361,30 +288,11 @@ def _short(value: Any) -> str:
 
 def write_markdown(path: str, report: Mapping[str, Any]) -> None:
     """Writes `markdown_report(report)` to ``path`` (atomically)."""
-    with atomic_file(path) as f:
-        f.write(markdown_report(report))
+    io.write_text(path, markdown_report(report))
 
 
-def _save_figure(fig: Any, path: str) -> None:
-    """Renders ``fig`` as PNG in memory, then writes it atomically (a killed run never leaves half a PNG)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    with atomic_file(path, "wb") as f:
-        f.write(buffer.getvalue())
-
-
-def image_grid(images: np.ndarray, *, columns: int = 8) -> np.ndarray:
-    """Tiles ``f32[N, H, W, C]`` images into one ``f32[rows*H, columns*W, C]`` array (blank cells are 0)."""
-    images = np.asarray(images, dtype=np.float32)
-    if images.ndim != 4:
-        raise ValueError(f"image_grid expects f32[N, H, W, C], got shape {images.shape}")
-    n, h, w, c = images.shape
-    rows = max(1, -(-n // columns))
-    grid = np.zeros((rows * h, columns * w, c), dtype=np.float32)
-    for i in range(n):
-        r, col = divmod(i, columns)
-        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = images[i]
-    return grid
+# Resolution of the report's PNGs (sample panels, forget-fraction plot).
+_PNG_DPI = 110
 
 
 def save_sample_panels(path: str, panels: Mapping[str, np.ndarray], *, columns: int = 8) -> None:
@@ -403,7 +311,7 @@ def save_sample_panels(path: str, panels: Mapping[str, np.ndarray], *, columns: 
 
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
     for ax, (title, images) in zip(axes[0], panels.items()):
-        grid = image_grid(images, columns=columns)
+        grid = io.tile_images(images, columns)
         if grid.shape[-1] == 1:
             ax.imshow(grid[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
         else:
@@ -411,7 +319,7 @@ def save_sample_panels(path: str, panels: Mapping[str, np.ndarray], *, columns: 
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    _save_figure(fig, path)
+    io.write_png(path, fig, dpi=_PNG_DPI)
     plt.close(fig)
 
 
@@ -456,5 +364,5 @@ def plot_forget_fraction(
     ax.set_ylim(bottom=0.0)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    _save_figure(fig, path)
+    io.write_png(path, fig, dpi=_PNG_DPI)
     plt.close(fig)

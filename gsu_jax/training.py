@@ -45,7 +45,8 @@ skipped (and counted in the metrics); a run that ends an epoch with its last :da
 steps (or its whole epoch, if shorter) all skipped stops with :class:`TrainingDivergedError` before writing
 anything of that epoch.
 
-Workdir layout::
+Workdir layout (the JSON, CSV and PNG files written atomically by :mod:`gsu_jax.io`: a run killed while writing
+leaves the previous complete file or none)::
 
     <workdir>/
       summary.json                    metrics of every role trained by the last run, with wall times
@@ -71,10 +72,8 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 import shutil
@@ -92,7 +91,7 @@ from flax import nnx
 
 from gsu_jax import data as data_lib
 from gsu_jax import generative as families
-from gsu_jax import losses, models, parallel
+from gsu_jax import io, losses, models, parallel, provenance
 from gsu_jax.checkpointing import (
     CheckpointCorruptError,
     Checkpointer,
@@ -102,8 +101,6 @@ from gsu_jax.checkpointing import (
     WorkdirError,
     abstract_like,
     ensure_writable_directory,
-    json_normalize,
-    metadata_differences,
 )
 from gsu_jax.config_validation import (
     ROLES,
@@ -133,13 +130,19 @@ MAX_CONSECUTIVE_NONFINITE = 20
 _ROLE_INDEX = {role: index for index, role in enumerate(ROLES)}
 # Independent key streams of one role, folded into its key.
 _INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _SAMPLE_STREAM = 0, 1, 2, 3
-# Examples per chunk when evaluating held-out data (bounds activation memory of the conv models).
-_EVAL_CHUNK = 500
+# Held-out examples per vmapped chunk of the evaluation (bounds activation memory of the conv models). Not only a
+# memory bound: XLA picks kernels per batch shape, so another size changes the metrics in their last float32 bits
+# (measured on CPU: chunks of 1000 change the per-example loss terms of both VAEs and the CNN's logits). Kept at
+# 500, the size every metrics.json so far was computed with; gsu_jax.unlearning keeps its own 1000 for the same
+# reason (and because its FID latents are drawn in chunks of that size).
+_HELDOUT_EVAL_CHUNK = 500
 _CHECKPOINTS = "checkpoints"
 # Where config.restore_fallback moves the checkpoints it skipped (beside <role>/checkpoints, outside orbax's view).
 _CORRUPT_CHECKPOINTS = "corrupt_checkpoints"
 # Models whose epochs run step by step on CPU (convolution gradients are slow inside XLA:CPU loops).
 _CONV_MODELS = frozenset({"conv_vae", "cnn_classifier", "ddpm_unet"})
+# Columns of <role>/history.csv, one row per epoch.
+_HISTORY_COLUMNS = ("epoch", "step", "loss", "skipped_steps")
 
 
 class TrainedModel(NamedTuple):
@@ -516,7 +519,7 @@ def _programs(spec: _ProgramSpec, mesh: jax.sharding.Mesh | None = None) -> _Pro
                 return terms_fn(params, {"image": image, "label": label}, example_key)
 
             keys = jax.random.split(key, images.shape[0])
-            return jax.lax.map(one, (images, labels, keys), batch_size=_EVAL_CHUNK)
+            return jax.lax.map(one, (images, labels, keys), batch_size=_HELDOUT_EVAL_CHUNK)
 
         @functools.partial(jax.jit, static_argnames="num_samples")
         def draw(params, key, originals, *, num_samples):
@@ -537,7 +540,9 @@ def _programs(spec: _ProgramSpec, mesh: jax.sharding.Mesh | None = None) -> _Pro
             """``f32[N, K]`` logits."""
             del key  # classifiers are deterministic; the argument keeps one signature
             return jax.lax.map(
-                lambda image: models.classifier_logits(graphdef, params, image[None])[0], images, batch_size=_EVAL_CHUNK
+                lambda image: models.classifier_logits(graphdef, params, image[None])[0],
+                images,
+                batch_size=_HELDOUT_EVAL_CHUNK,
             )
 
     train_epoch = make_train_epoch(
@@ -701,7 +706,7 @@ def _existing_checkpoint(plan: _RolePlan, role_dir: pathlib.Path, *, step: int |
             f"role/model: {saved.get('role')!r}/{saved.get('model')!r} -> {plan.role!r}/{plan.spec.model_name!r}"
         )
     saved_identity = saved.get("identity", {})
-    differences += metadata_differences(saved_identity, plan.identity, sorted(set(saved_identity) | set(plan.identity)))
+    differences += provenance.differences(saved_identity, plan.identity)
     role_key = jax.random.key_data(plan.key).tolist()
     if not saved.get("finished") and saved.get("role_key") != role_key:
         # Resuming must continue with the keys the uninterrupted run would have drawn.
@@ -772,18 +777,6 @@ def _evaluate(plan: _RolePlan, programs: _Programs, params: nnx.State, excluded:
     return metrics
 
 
-def _tile(images: np.ndarray, columns: int) -> np.ndarray:
-    """``f32[N, H, W, C]`` -> one ``f32[rows*(H+1)-1, columns*(W+1)-1, C]`` grid with 1-pixel white gaps."""
-    count, height, width, channels = images.shape
-    rows = math.ceil(count / columns)
-    grid = np.ones((rows * (height + 1) - 1, columns * (width + 1) - 1, channels), np.float32)
-    for index, image in enumerate(images):
-        row, column = divmod(index, columns)
-        top, left = row * (height + 1), column * (width + 1)
-        grid[top : top + height, left : left + width] = image
-    return grid
-
-
 def _write_samples_png(
     path: pathlib.Path, plan: _RolePlan, programs: _Programs, params: nnx.State, *, num_images: int, title: str
 ) -> None:
@@ -800,10 +793,14 @@ def _write_samples_png(
         )
     )
     columns = max(2, 2 * math.ceil(math.sqrt(num_images) / 2))
+
+    def tile(images: np.ndarray) -> np.ndarray:
+        return io.tile_images(images, columns, gap=1, fill=1.0)  # 1-pixel white lines between the images
+
     if reconstructions is None:  # a DDPM: samples only
         panels = [
             (
-                _tile(samples, columns),
+                tile(samples),
                 "DDIM samples from x_T ~ N(0, I)"
                 + (", labels 0, 1, ... row-wise" if families.Family.is_conditional(plan.model_kwargs) else ""),
             )
@@ -811,8 +808,8 @@ def _write_samples_png(
     else:
         interleaved = np.stack([originals, reconstructions], axis=1).reshape(-1, *originals.shape[1:])
         panels = [
-            (_tile(samples, columns), "samples, z ~ N(0, I)"),
-            (_tile(interleaved, columns), "held-out | reconstruction (posterior mean)"),
+            (tile(samples), "samples, z ~ N(0, I)"),
+            (tile(interleaved), "held-out | reconstruction (posterior mean)"),
         ]
     figure = Figure(figsize=(10 if len(panels) > 1 else 7, 5.4), dpi=100)
     FigureCanvasAgg(figure)
@@ -825,7 +822,7 @@ def _write_samples_png(
         axis.axis("off")
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path)
+    io.write_png(path, figure)
 
 
 # ------------------------------------------------------------------------------------------- training a role
@@ -922,7 +919,7 @@ def _train_role(
             "num_epochs": spec.num_epochs,
             "steps_per_epoch": spec.num_batches,
             "batch_size": spec.batch_size,
-            "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+            "device": provenance.device_name(),
         }
         divergence_window = min(MAX_CONSECUTIVE_NONFINITE, spec.num_batches)
         if start_epoch < spec.num_epochs:
@@ -1020,11 +1017,8 @@ def _train_role(
     )
     if not main_process:
         return metrics
-    (role_dir / "metrics.json").write_text(json.dumps(json_normalize(metrics), indent=2) + "\n")
-    with open(role_dir / "history.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["epoch", "step", "loss", "skipped_steps"])
-        writer.writeheader()
-        writer.writerows(history)
+    io.write_json(role_dir / "metrics.json", metrics, sort_keys=True)
+    io.write_csv(role_dir / "history.csv", history, _HISTORY_COLUMNS)
     return metrics
 
 
@@ -1074,11 +1068,11 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
     if not isinstance(workdir, (str, pathlib.Path)) or not str(workdir).strip():
         raise WorkdirError(f"workdir must be a non-empty path, got {workdir!r}")
     values = validate_train_config(config)
-    _join_hosts(values)  # before anything touches a device
+    parallel.join_hosts(values)  # before anything touches a device
     roles = parse_roles(values["roles"])
     run_data = prepare_data(values)
     plans = [_plan(role, values, run_data) for role in roles]
-    mesh = _run_mesh(values, plans)
+    mesh = parallel.run_mesh(values, _batch_fields(plans))
     workdir = ensure_writable_directory(workdir)
     saved, skipped = {}, {}
     for plan in plans:
@@ -1114,32 +1108,14 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
         logging.info("%s: %s", plan.role, {k: v for k, v in results[plan.role].items() if isinstance(v, float)})
     summary = {"workdir": str(workdir), "wall_seconds": round(time.perf_counter() - started, 2), "roles": results}
     if parallel.is_main_process():
-        (workdir / "summary.json").write_text(json.dumps(json_normalize(summary), indent=2) + "\n")
+        io.write_json(workdir / "summary.json", summary, sort_keys=True)
     return results
 
 
-def _join_hosts(values: Mapping[str, Any]) -> None:
-    """``config.distributed``: joins the processes of a multi-host run (nothing when not enabled)."""
-    try:
-        parallel.initialize_from_config(values["distributed"])
-    except (ValueError, RuntimeError) as err:
-        raise ConfigError(f"config.distributed: {err}") from err
-
-
-def _run_mesh(values: Mapping[str, Any], plans: list[_RolePlan]) -> jax.sharding.Mesh | None:
-    """Builds ``config.mesh`` (after ``config.distributed`` joined the hosts); refuses batches it cannot split."""
-    try:
-        mesh = parallel.mesh_from_config(values["mesh"])
-    except ValueError as err:
-        raise ConfigError(f"config.mesh={values['mesh']!r}: {err}") from err
-    if mesh is not None:
-        for plan in plans:
-            field = "batch_size" if plan.generative else "classifier_batch_size"
-            try:
-                parallel.check_batch_size(plan.spec.batch_size, mesh, field=f"config.{field}")
-            except ValueError as err:
-                raise ConfigError(str(err)) from err
-    return mesh
+def _batch_fields(plans: list[_RolePlan]) -> list[str]:
+    """The config fields holding the batch sizes of ``plans``' roles (each once, in role order)."""
+    fields = ["batch_size" if plan.generative else "classifier_batch_size" for plan in plans]
+    return list(dict.fromkeys(fields))
 
 
 def _on_shardings(abstract: Any, shardings: Any) -> Any:
@@ -1162,10 +1138,10 @@ def check_resumable(config: Any, workdir: str | pathlib.Path) -> dict[str, dict[
         CheckpointCorruptError: a role's latest checkpoint metadata is unreadable.
     """
     values = validate_train_config(config)
-    _join_hosts(values)
+    parallel.join_hosts(values)
     run_data = prepare_data(values)
     plans = [_plan(role, values, run_data) for role in parse_roles(values["roles"])]
-    _run_mesh(values, plans)
+    parallel.run_mesh(values, _batch_fields(plans))
     directory = pathlib.Path(workdir).expanduser().absolute()
     return {plan.role: _existing_checkpoint(plan, directory / plan.role) for plan in plans}
 

@@ -114,7 +114,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -133,7 +132,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from gsu_jax import checkpointing, losses, methods, metrics, models, parallel, reporting, training
+from gsu_jax import checkpointing, io, losses, methods, metrics, models, parallel, provenance, reporting, training
 from gsu_jax import data as data_lib
 from gsu_jax import generative as families
 from gsu_jax.config_validation import (
@@ -193,8 +192,14 @@ MAX_CONSECUTIVE_NONFINITE = 5
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "rmsprop", "adabelief", "lion", "nadam", "radam")
 _SAVE_PARAMS = ("first_seed", "all", "none")
 _GATED_TARGETS = ("oracle", "heldout")
-# Generated images per compiled evaluation call (bounds activation memory for the convolutional models).
-_EVAL_CHUNK = 1000
+# Generated images per compiled FID call (bounds activation memory for the convolutional models). Not only a memory
+# bound: a VAE's FID latents are drawn padded to a multiple of it (another size draws other z, other FIDs), and XLA
+# picks kernels per batch shape (another size changes the features' last float32 bits). gsu_jax.training's
+# held-out evaluation keeps its own 500 for the same reason.
+_FID_CHUNK = 1000
+# Real training images per compiled feature-extraction call (FID reference statistics); 1000 as always, for the
+# same reason: features of another chunk shape differ in their last bits.
+_REAL_FEATURES_CHUNK = 1000
 # Built once at import: one compiled feature extractor per (graphdef, chunk shape), whatever the caller.
 _classifier_features = jax.jit(models.classifier_features, static_argnums=0)
 
@@ -712,25 +717,6 @@ def _config_values(config: Any) -> dict[str, Any]:
     return values
 
 
-def _run_mesh(values: Mapping[str, Any]) -> jax.sharding.Mesh | None:
-    """Joins the hosts and builds the mesh of ``config.mesh``; refuses batches its data axis cannot split."""
-    try:
-        parallel.initialize_from_config(values["distributed"])
-    except (ValueError, RuntimeError) as err:
-        raise _refuse(f"config.distributed: {err}") from err
-    try:
-        mesh = parallel.mesh_from_config(values["mesh"])
-    except ValueError as err:
-        raise _refuse(f"config.mesh={values['mesh']!r}: {err}") from err
-    if mesh is not None:
-        for field in ("batch_size", "retain_batch_size"):
-            try:
-                parallel.check_batch_size(values[field], mesh, field=f"config.{field}")
-            except ValueError as err:
-                raise _refuse(str(err)) from err
-    return mesh
-
-
 def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = None) -> RunPlan:
     """Validates an unlearning request completely, touching nothing on disk; see the module docstring.
 
@@ -746,7 +732,10 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
         UnlearnConfigError: one line naming the bad value and what is allowed.
     """
     values = _config_values(config)
-    mesh = _run_mesh(values)
+    try:
+        mesh = parallel.run_mesh(values, ("batch_size", "retain_batch_size"))  # joins the hosts first
+    except ConfigError as err:
+        raise _refuse(str(err)) from err
     names = _parse_methods(values["methods"])
     threshold = _parse_threshold(values["threshold"])
     values["optimizer"] = _parse_optimizer(values["optimizer"])
@@ -965,7 +954,7 @@ class _Evaluation:
         self.z_monitor = monitoring_noise(max(self.num_monitor, self.num_published), noise_shape)
         num_fid = config["fid_samples"]
         # The VAE keeps the padded draw of its earlier reports (same z, same numbers); a DDPM pays per sample.
-        chunk = _EVAL_CHUNK if family.name == "vae" else min(_EVAL_CHUNK, num_fid)
+        chunk = _FID_CHUNK if family.name == "vae" else min(_FID_CHUNK, num_fid)
         padded = chunk * math.ceil(num_fid / chunk)
         self.num_fid = num_fid
         self.z_fid = jax.random.normal(stream_key("fid"), (padded, *noise_shape)).reshape(-1, chunk, *noise_shape)
@@ -1049,8 +1038,8 @@ class _Evaluation:
 
     def _features(self, images: jax.Array) -> np.ndarray:
         chunks = [
-            np.asarray(_classifier_features(self.eval_graphdef, self.eval_params, images[i : i + _EVAL_CHUNK]))
-            for i in range(0, images.shape[0], _EVAL_CHUNK)
+            np.asarray(_classifier_features(self.eval_graphdef, self.eval_params, images[i : i + _REAL_FEATURES_CHUNK]))
+            for i in range(0, images.shape[0], _REAL_FEATURES_CHUNK)
         ]
         return np.concatenate(chunks).astype(np.float64)
 
@@ -1340,48 +1329,6 @@ def _progress(plan: RunPlan, message: str) -> None:
         print(f"[unlearn] {message}", file=sys.stderr, flush=True)
 
 
-def _code_version() -> dict[str, Any]:
-    """The git commit of the code that produced a report, and whether tracked files had local changes."""
-    import subprocess
-
-    root = pathlib.Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": None, "git_dirty": None, "source_digest": _source_digest()}
-    return {"git_commit": commit, "git_dirty": bool(dirty), "source_digest": _source_digest()}
-
-
-@functools.lru_cache(maxsize=1)
-def _source_digest() -> str:
-    """sha256 of every ``gsu_jax`` source file (relative path and bytes, sorted): the code behind the numbers.
-
-    Unlike the git commit it also pins uncommitted changes, and it exists outside a git checkout.
-    """
-    root = pathlib.Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-# JAX settings that change numbers (precision, random bits) without changing any config field.
-_JAX_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_partitionable", "jax_default_prng_impl")
-
-
-def _jax_flags() -> dict[str, Any]:
-    return {name: getattr(jax.config, name) for name in _JAX_FLAGS}
-
-
 def _load(plan: RunPlan, workdir: pathlib.Path, role: str) -> training.TrainedModel:
     """A trained role, restored through the run's mesh (every process reads its shards) into this process's copy."""
     model = training.load_trained(workdir, role, mesh=plan.mesh)
@@ -1394,14 +1341,6 @@ def _parallel_record(plan: RunPlan) -> dict[str, Any]:
         "process_count": jax.process_count(),
         "device_count": jax.device_count(),
     }
-
-
-def _device() -> str:
-    device = jax.devices()[0]
-    return (
-        f"{device.platform}:{device.device_kind} ({jax.device_count()} device(s), {platform.machine()}, "
-        f"{platform.processor() or 'cpu'})"
-    )
 
 
 # ------------------------------------------------------------------------------------------- saved results
@@ -1433,44 +1372,8 @@ _SELECTION_FIELDS = (
 _MAX_DIFFERENCES = 3
 
 
-def _json_round_trip(value: Any) -> Any:
-    """``value`` as JSON reads it back (key order and NaN kept): fresh and read-back results are the same object."""
-    return json.loads(json.dumps(value, default=lambda v: v.item() if isinstance(v, np.generic) else v.tolist()))
-
-
-def _environment_identity() -> dict[str, Any]:
-    """Besides the config, what fixes a run's numbers: code, package versions, Python, device, JAX flags."""
-    return {
-        "code": _source_digest(),
-        "versions": checkpointing.package_versions(),
-        "python": platform.python_version(),
-        "device": _device(),
-        "jax_flags": _jax_flags(),
-    }
-
-
 def _config_identity(config: Mapping[str, Any]) -> dict[str, Any]:
-    return _json_round_trip({key: value for key, value in config.items() if key not in _SELECTION_FIELDS})
-
-
-def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    """``"path: saved -> current"`` for every leaf where two JSON values differ (dicts compared key by key)."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        found = []
-        for key in list(saved) + [k for k in current if k not in saved]:
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if key not in saved or key not in current:
-                found.append(
-                    f"{path}: {'<unset>' if key not in saved else repr(saved[key])} -> "
-                    f"{'<unset>' if key not in current else repr(current[key])}"
-                )
-            else:
-                found.extend(_differences(saved[key], current[key], path))
-        return found
-    same = saved == current or (
-        isinstance(saved, float) and isinstance(current, float) and math.isnan(saved) and math.isnan(current)
-    )
-    return [] if same else [f"{prefix}: {saved!r} -> {current!r}"]
+    return io.json_normalize({key: value for key, value in config.items() if key not in _SELECTION_FIELDS})
 
 
 def _result_path(workdir: pathlib.Path, label: str, seed: int) -> pathlib.Path:
@@ -1520,13 +1423,13 @@ def _check_saved_results(workdir: pathlib.Path, config: Mapping[str, Any]) -> No
     directory = workdir / _RESULTS_DIR
     if not directory.is_dir():
         return
-    current = {"config": _config_identity(config), **_environment_identity()}
+    current = {"config": _config_identity(config), **provenance.environment_identity()}
     for path in sorted(directory.glob("*/seed_*.json")):
         try:
             identity = _read_result(path)["identity"]
         except SavedResultError as err:
             raise _refuse(str(err)) from err
-        differences = _differences({key: identity.get(key) for key in current}, current)
+        differences = provenance.differences({key: identity.get(key) for key in current}, current)
         if differences:
             raise _refuse(_mismatch_message(path, workdir, differences))
 
@@ -1542,7 +1445,7 @@ def _load_result(workdir: pathlib.Path, label: str, seed: int, identity: Mapping
     if not path.is_file():
         return None
     content = _read_result(path)
-    differences = _differences(content["identity"], _json_round_trip(identity))
+    differences = provenance.differences(content["identity"], identity)
     if differences:
         raise checkpointing.CheckpointMismatchError(_mismatch_message(path, workdir, differences))
     return content
@@ -1550,11 +1453,11 @@ def _load_result(workdir: pathlib.Path, label: str, seed: int, identity: Mapping
 
 def _save_result(workdir: pathlib.Path, label: str, seed: int, content: Mapping[str, Any]) -> dict[str, Any]:
     """Writes a finished run's result atomically; returns it as it reads back (what the report is built from)."""
-    content = _json_round_trip(content)
+    content = io.json_normalize(content)
     path = _result_path(workdir, label, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with reporting.atomic_file(path) as handle:
-        json.dump({"format": _RESULT_FORMAT, "digest": _content_digest(content), "content": content}, handle)
+    saved = {"format": _RESULT_FORMAT, "digest": _content_digest(content), "content": content}
+    io.write_text(path, io.json_text(saved, indent=None))
     return content
 
 
@@ -1653,7 +1556,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     }
     run_identity = {
         "config": _config_identity(config),
-        **_environment_identity(),
+        **provenance.environment_identity(),
         "models": model_digests,
         "threshold": threshold,
         "gated_target": gated_target,
@@ -1804,10 +1707,10 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         },
         "integrity": integrity,
         "generative": _generative_record(evaluation, config),
-        "versions": {**checkpointing.package_versions(), "python": platform.python_version()},
-        "jax_flags": _jax_flags(),
-        "code": _code_version(),
-        "device": _device(),
+        "versions": {**provenance.package_versions(), "python": platform.python_version()},
+        "jax_flags": provenance.jax_flags(),
+        "code": provenance.code_version(),
+        "device": provenance.device_description(),
         "parallel": _parallel_record(plan),
         "original": original_eval,
         "oracle": oracle_eval,
@@ -1896,7 +1799,7 @@ def _model_record(workdir: pathlib.Path, model: training.TrainedModel) -> dict[s
 
 
 def _jsonable_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(checkpointing.json_normalize(dict(config))))
+    return io.json_normalize(dict(config), sort_keys=True)
 
 
 def _run_seed(
@@ -1967,7 +1870,7 @@ def _run_seed(
         "unlearned_saved": saved_params,
     }
     if not parallel.is_main_process():
-        return _json_round_trip(content)
+        return io.json_normalize(content)
     return _save_result(workdir, label, seed, content)
 
 

@@ -327,13 +327,6 @@ def unwritable_directory(tmp_path: pathlib.Path) -> pathlib.Path:
     pytest.skip("running as root without a read-only directory: the permission refusal cannot be provoked")
 
 
-def test_metadata_differences_compare_json_forms():
-    saved = {"latent_dim": 2, "image_shape": [28, 28, 1], "model_kwargs": {"hidden": 400}}
-    current = {"latent_dim": 16, "image_shape": (28, 28, 1), "model_kwargs": {"hidden": 400}, "seed": 0}
-    differences = checkpointing.metadata_differences(saved, current, sorted(set(saved) | set(current)))
-    assert differences == ["latent_dim: 2 -> 16", "seed: <unset> -> 0"]
-
-
 def test_state_digest_sees_every_bit(trained_like):
     _, params, _, opt_state = trained_like
     tree = {"params": params, "opt_state": opt_state}

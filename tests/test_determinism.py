@@ -20,7 +20,7 @@ import chex
 import numpy as np
 import pytest
 
-from gsu_jax import checkpointing, reporting, training
+from gsu_jax import checkpointing, provenance, reporting, training
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ROLES = ("generative", "evaluator", "guidance")
@@ -108,7 +108,7 @@ def test_training_checkpoints_record_seed_config_fingerprints_versions_and_devic
     assert metadata["source_fingerprint"] == run_data.source_fingerprint
     assert metadata["train_fingerprint"] == run_data.generative.fingerprint()
     assert metadata["heldout_fingerprint"] == run_data.heldout.fingerprint()
-    assert metadata["versions"] == checkpointing.package_versions()
+    assert metadata["versions"] == provenance.package_versions()
     assert metadata["device"].startswith("cpu:")
 
 
@@ -168,7 +168,7 @@ def test_the_report_records_what_reproduces_it(unlearned, trained):
     versions = report["versions"]
     assert versions["python"] == ".".join(map(str, sys.version_info[:3]))
     for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
-        assert versions[package] == checkpointing.package_versions()[package]
+        assert versions[package] == provenance.package_versions()[package]
     assert report["device"].startswith("cpu:")
     assert report["jax_flags"]["jax_enable_x64"] is False and "jax_threefry_partitionable" in report["jax_flags"]
     # The digest of the gsu_jax sources the run imported (not compared with today's: the tree may have changed since).

@@ -33,7 +33,7 @@ import optax
 import pytest
 from flax import nnx
 
-from gsu_jax import checkpointing, losses, methods, models, reporting, training, unlearning
+from gsu_jax import checkpointing, io, losses, methods, models, reporting, training, unlearning
 from gsu_jax import data as data_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -296,7 +296,7 @@ def test_a_saved_result_of_other_models_is_refused(unlearn_runs):
 def test_atomic_writes_leave_the_previous_file_when_interrupted(tmp_path):
     path = tmp_path / "report.json"
     reporting.write_json(str(path), {"version": 1})
-    with pytest.raises(RuntimeError, match="interrupted"), reporting.atomic_file(path) as handle:
+    with pytest.raises(RuntimeError, match="interrupted"), io.atomic_file(path) as handle:
         handle.write('{"version": 2, "trunc')
         raise RuntimeError("interrupted mid-write")
     assert json.loads(path.read_text()) == {"version": 1}

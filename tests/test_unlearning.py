@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from gsu_jax import data as data_lib
-from gsu_jax import metrics, reporting, training, unlearning
+from gsu_jax import io, metrics, reporting, training, unlearning
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -363,7 +363,7 @@ def test_csv_and_pictures(tmp_path):
     lines = (tmp_path / "log.csv").read_text().splitlines()
     assert lines == ["seed,step,forget_fraction,update_norm", "0,0,0.5,", "0,1,0.25,2"]
     images = np.random.default_rng(0).uniform(size=(5, 4, 4, 1)).astype(np.float32)
-    grid = reporting.image_grid(images, columns=3)
+    grid = io.tile_images(images, 3)
     assert grid.shape == (8, 12, 1)
     np.testing.assert_array_equal(grid[4:8, 0:4], images[3])
     reporting.save_sample_panels(str(tmp_path / "s.png"), {"before": images, "after": images})
