@@ -28,7 +28,8 @@ from gsu_jax.checkpointing import (
     CheckpointNotFoundError,
     WorkdirError,
 )
-from gsu_jax.config_validation import TRAIN_SCHEMA, ConfigError
+from gsu_jax.config_validation import TRAIN_SCHEMA
+from gsu_jax.schema import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: one checkpoint directory per role, metrics, PNGs.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard the workdir's checkpoints of the roles being trained.")

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import ml_collections
 from absl import flags, logging
 
-from gsu_jax.config_validation import Field, unknown_key_message
+from gsu_jax.schema import Field, unknown_key_message
 
 __all__ = [
     "RUNTIME_ERROR",

@@ -1,19 +1,11 @@
-"""Up-front validation of run configs: every field typed, ranged and known, or a one-line :class:`ConfigError`.
+"""``train.py``'s config: its schema (:data:`TRAIN_SCHEMA`), the parallel fields both programs share, the checks
+between fields, and loading config files.
 
-A config is an ``ml_collections.ConfigDict`` (or any mapping) checked against a *schema*: a mapping from field
-name to :class:`Field`, which holds the field's default, its type, what values are allowed (a predicate plus the
-sentence that says it), and its *scope* -- which trained roles its value influences. Scopes are how a checkpoint
-decides whether a workdir may be resumed under a new config: only fields in scope for a role must match
-(``run`` fields such as the checkpoint interval never do; ``data`` fields are compared through the
-fingerprint of the examples a role trains on, see :mod:`gsu_jax.training`).
-
-:data:`TRAIN_SCHEMA` is the schema of ``train.py``; ``unlearn.py`` builds its own from the same pieces
-(:class:`Field`, the predicate factories, :func:`validate_config`).
-
-Every refusal is ONE line naming the field, the value and what is allowed, e.g.::
-
-    config.latent_dim=0 is invalid: allowed: an integer >= 1
-    config.latnt_dim is not a known field; did you mean 'latent_dim'?
+The machinery (:class:`~gsu_jax.schema.Field`, predicates, one-line refusals) is :mod:`gsu_jax.schema`'s; this
+module holds what ``train.py``'s fields are and what they allow. Scopes are how a checkpoint decides whether a
+workdir may be resumed under a new config: only fields in scope for a role must match (``run`` fields such as the
+checkpoint interval never do; ``data`` fields are compared through the fingerprint of the examples a role trains
+on, see :mod:`gsu_jax.training`).
 
 Example:
     >>> config = default_train_config()
@@ -24,38 +16,43 @@ Example:
     >>> validate_train_config(config)
     Traceback (most recent call last):
     ...
-    gsu_jax.config_validation.ConfigError: config.latent_dim=0 is invalid: allowed: an integer >= 1
+    gsu_jax.schema.ConfigError: config.latent_dim=0 is invalid: allowed: an integer >= 1
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import importlib.util
-import math
 import pathlib
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
 from gsu_jax.models import CLASSIFIER_MODELS, DIFFUSION_MODELS, VAE_MODELS, model_hyperparameters
+from gsu_jax.schema import (
+    ConfigError,
+    Field,
+    as_mapping,
+    at_least,
+    did_you_mean,
+    dotted_name,
+    greater_than,
+    one_of,
+    unknown_key_message,
+    validate_config,
+    within,
+)
 
 __all__ = [
-    "ConfigError",
-    "Field",
     "PARALLEL_SCHEMA",
     "ROLES",
-    "SCOPES",
     "TRAIN_SCHEMA",
     "default_train_config",
     "fields_in_scope",
     "load_config_file",
     "parse_class_list",
     "parse_roles",
-    "unknown_key_message",
-    "validate_config",
     "validate_parallel",
     "validate_train_config",
 ]
@@ -63,90 +60,14 @@ __all__ = [
 # The trained roles of a train workdir, in training order.
 ROLES: tuple[str, ...] = ("generative", "evaluator", "guidance")
 
-# Which roles a field's value influences:
-#   all        -- every role's parameters (e.g. the seed);
-#   generative -- the generative model only; classifier -- the evaluator and the guidance classifier only;
-#   data       -- which examples a role trains on: compared through the fingerprint of those examples, so moving
-#                 the same files elsewhere keeps a workdir resumable while different digits are refused;
-#   run        -- how the run is carried out, never its result (checkpoint interval, progress bar, roles).
-SCOPES: tuple[str, ...] = ("all", "generative", "classifier", "data", "run")
-
 _ROLE_SCOPES: dict[str, frozenset[str]] = {
     "generative": frozenset({"all", "generative"}),
     "evaluator": frozenset({"all", "classifier"}),
     "guidance": frozenset({"all", "classifier"}),
 }
 
-_MAX_LISTED = 12
-
-
-class ConfigError(ValueError):
-    """A config field (or command-line override) is unknown, of the wrong type or out of range.
-
-    The message is one line naming the field, the value and what is allowed; ``train.py`` prints it and exits
-    with status 2.
-    """
-
-
-@dataclasses.dataclass(frozen=True)
-class Field:
-    """One config field of a schema.
-
-    Attributes:
-        default: the value :func:`default_train_config` gives (its type fixes the type ``--config.x=...``
-            overrides are parsed as).
-        kind: the accepted Python type: ``int`` (not ``bool``), ``float`` (ints accepted and converted; must be
-            finite), ``str``, ``bool`` or ``dict`` (a nested mapping of keyword arguments, checked elsewhere).
-        allowed: the sentence a refusal prints after "allowed:", e.g. ``"an integer >= 1"``.
-        check: predicate on the type-checked value; ``None`` accepts every value of the right type.
-        scope: one of :data:`SCOPES`.
-        help: what the field means.
-        optional: a config without the field takes its default instead of being refused as incomplete: for
-            fields added after checkpoints were written (their saved configs lack them) that never change results.
-    """
-
-    default: Any
-    kind: type
-    allowed: str
-    check: Callable[[Any], bool] | None
-    scope: str
-    help: str
-    optional: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind not in (int, float, str, bool, dict):
-            raise TypeError(f"Field.kind must be int, float, str, bool or dict, got {self.kind!r}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"Field.scope must be one of {SCOPES}, got {self.scope!r}")
-
 
 # ------------------------------------------------------------------------------------------- predicates
-
-
-def at_least(low: float) -> Callable[[Any], bool]:
-    """Predicate ``value >= low``."""
-    return lambda value: value >= low
-
-
-def greater_than(low: float) -> Callable[[Any], bool]:
-    """Predicate ``value > low``."""
-    return lambda value: value > low
-
-
-def within(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
-    """Predicate ``low <= value <= high``; ``low_open``/``high_open`` make the ends strict."""
-
-    def check(value: Any) -> bool:
-        above = value > low if low_open else value >= low
-        below = value < high if high_open else value <= high
-        return above and below
-
-    return check
-
-
-def one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
-    """Predicate ``value in choices``."""
-    return lambda value: value in choices
 
 
 def is_data_spec(value: str, *, empty_ok: bool) -> bool:
@@ -219,7 +140,7 @@ def parse_roles(value: str, *, field: str = "roles") -> tuple[str, ...]:
     for name in names:
         if name not in ROLES:
             raise ConfigError(
-                f"config.{field}={value!r} is invalid: unknown role {name!r}{_did_you_mean(name, ROLES)}; "
+                f"config.{field}={value!r} is invalid: unknown role {name!r}{did_you_mean(name, ROLES)}; "
                 f"allowed: a comma-separated subset of {', '.join(ROLES)}"
             )
     if len(set(names)) != len(names):
@@ -629,108 +550,6 @@ def fields_in_scope(role: str, schema: Mapping[str, Field] = TRAIN_SCHEMA) -> tu
 # ------------------------------------------------------------------------------------------- validation
 
 
-def _did_you_mean(name: Any, known: Any) -> str:
-    if not isinstance(name, str):  # a plain mapping may hold keys of any type; no field is spelt like them
-        return ""
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _dotted(prefix: str, name: Any) -> str:
-    """``prefix + name`` for a plain name; ``prefix[repr(name)]`` for any other key (one that could span lines or
-    is not a string), so that a refusal stays one line."""
-    if isinstance(name, str) and name.isidentifier():
-        return f"{prefix}{name}"
-    return f"{prefix.rstrip('.')}[{name!r}]"
-
-
-def unknown_key_message(name: str, known: Any, *, prefix: str = "config.") -> str:
-    """The one-line refusal of an unknown field, with a "did you mean" hint (or the known names)."""
-    hint = _did_you_mean(name, known)
-    if hint:
-        return f"{_dotted(prefix, name)} is not a known field{hint}"
-    listed = sorted(known)
-    shown = ", ".join(listed[:_MAX_LISTED]) + (f", ... ({len(listed)} in all)" if len(listed) > _MAX_LISTED else "")
-    return f"{_dotted(prefix, name)} is not a known field; known fields: {shown}"
-
-
-def _as_mapping(config: Any) -> dict[str, Any]:
-    if isinstance(config, ml_collections.ConfigDict):
-        return dict(config.items())
-    if isinstance(config, Mapping):
-        return dict(config)
-    raise ConfigError(f"config must be an ml_collections.ConfigDict or a mapping, got {type(config).__name__}")
-
-
-def _check_type(name: str, value: Any, field: Field, prefix: str) -> Any:
-    def refuse() -> ConfigError:
-        return ConfigError(
-            f"{prefix}{name}={value!r} is invalid: expected {field.kind.__name__}, got "
-            f"{type(value).__name__}; allowed: {field.allowed}"
-        )
-
-    if field.kind is bool:
-        if not isinstance(value, bool):
-            raise refuse()
-        return value
-    if field.kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise refuse()
-        return int(value)
-    if field.kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise refuse()
-        if not math.isfinite(value):
-            raise ConfigError(f"{prefix}{name}={value!r} is invalid: not finite; allowed: {field.allowed}")
-        return float(value)
-    if field.kind is str:
-        if not isinstance(value, str):
-            raise refuse()
-        return value
-    # dict
-    if isinstance(value, ml_collections.ConfigDict):
-        return value.to_dict()
-    if not isinstance(value, Mapping):
-        raise refuse()
-    return dict(value)
-
-
-def validate_config(config: Any, schema: Mapping[str, Field], *, prefix: str = "config.") -> dict[str, Any]:
-    """Checks ``config`` against ``schema`` field by field, before any work.
-
-    Args:
-        config: a ConfigDict or mapping.
-        schema: field name -> :class:`Field`.
-        prefix: how fields are named in messages (``"config."`` matches the ``--config.x`` flags).
-
-    Returns:
-        A plain dict of the validated values (ints as int, floats as float, nested mappings as dicts).
-
-    Raises:
-        ConfigError: an unknown field (with a "did you mean" hint), a missing field (an ``optional`` one takes its
-            default), a value of the wrong type,
-            or a value outside what the field allows. One line each.
-    """
-    values = _as_mapping(config)
-    for name in values:
-        if name not in schema:
-            raise ConfigError(unknown_key_message(name, schema, prefix=prefix))
-    values.update({name: field.default for name, field in schema.items() if field.optional and name not in values})
-    missing = [name for name in schema if name not in values]
-    if missing:
-        raise ConfigError(
-            f"{prefix}{missing[0]} is missing; every field of the schema must be set "
-            f"(start from gsu_jax.config_validation.default_train_config())"
-        )
-    validated = {}
-    for name, field in schema.items():
-        value = _check_type(name, values[name], field, prefix)
-        if field.check is not None and not field.check(value):
-            raise ConfigError(f"{prefix}{name}={value!r} is invalid: allowed: {field.allowed}")
-        validated[name] = value
-    return validated
-
-
 def _check_model_kwargs(field_name: str, model: str, kwargs: dict[str, Any], *, reserved: tuple[str, ...]) -> None:
     accepted = {name: default for name, default in model_hyperparameters(model).items() if name not in reserved}
     for name, value in kwargs.items():
@@ -740,9 +559,9 @@ def _check_model_kwargs(field_name: str, model: str, kwargs: dict[str, Any], *, 
                 f"{'the data' if name in ('image_shape', 'num_classes') else 'config.' + name}"
             )
         if name not in accepted:
-            hint = _did_you_mean(name, accepted)
+            hint = did_you_mean(name, accepted)
             raise ConfigError(
-                f"{_dotted(f'config.{field_name}.', name)} is not a hyperparameter of {model!r}"
+                f"{dotted_name(f'config.{field_name}.', name)} is not a hyperparameter of {model!r}"
                 f"{hint or '; allowed: ' + ', '.join(sorted(accepted))}"
             )
         default = accepted[name]
@@ -772,7 +591,7 @@ def validate_train_config(config: Any) -> dict[str, Any]:
     Raises:
         ConfigError: one line naming the field, the value and what is allowed.
     """
-    raw = _as_mapping(config)
+    raw = as_mapping(config)
     # Configs (and checkpoint records) written before the mesh existed ran on one device: the defaults.
     raw = {**{name: field.default for name, field in PARALLEL_SCHEMA.items()}, **raw}
     values = validate_config(raw, TRAIN_SCHEMA)

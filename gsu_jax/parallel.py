@@ -44,7 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gsu_jax.config_validation import ConfigError
+from gsu_jax.schema import ConfigError
 
 __all__ = [
     "DATA_AXIS",

@@ -16,7 +16,8 @@ import ml_collections
 import pytest
 
 from gsu_jax import config_validation
-from gsu_jax.config_validation import TRAIN_SCHEMA, ConfigError, default_train_config, validate_train_config
+from gsu_jax.config_validation import TRAIN_SCHEMA, default_train_config, validate_train_config
+from gsu_jax.schema import ConfigError, validate_config
 from gsu_jax.unlearning import UNLEARN_SCHEMA, default_unlearn_config
 
 BOUNDED = hypothesis.settings(max_examples=150, deadline=None)
@@ -176,7 +177,7 @@ def test_any_value_of_any_unlearn_field_is_accepted_by_its_rule_or_refused_namin
     values = dict(default_unlearn_config().items())
     values[name] = value
     try:
-        validated = config_validation.validate_config(values, UNLEARN_SCHEMA)
+        validated = validate_config(values, UNLEARN_SCHEMA)
     except ConfigError as err:
         _assert_one_line_naming(err, name)
         return

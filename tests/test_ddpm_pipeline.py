@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from gsu_jax import checkpointing, generative, training, unlearning
-from gsu_jax.config_validation import ConfigError, load_config_file, validate_train_config
+from gsu_jax.config_validation import load_config_file, validate_train_config
+from gsu_jax.schema import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TRAIN_SMOKE = REPO / "configs" / "ddpm_smoke.py"

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from gsu_jax import parallel
-from gsu_jax.config_validation import ConfigError, default_train_config, validate_train_config
+from gsu_jax.config_validation import default_train_config, validate_train_config
+from gsu_jax.schema import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Wall-clock bound of one multi-device pytest session (a hung collective must fail the test, not the CI job).

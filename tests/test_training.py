@@ -24,7 +24,8 @@ import pytest
 from flax import nnx
 
 from gsu_jax import checkpointing, config_validation, losses, models, training
-from gsu_jax.config_validation import ConfigError, validate_train_config
+from gsu_jax.config_validation import validate_train_config
+from gsu_jax.schema import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MNIST_TEST_DIR = REPO.parent / "shared" / "data" / "mnist"
