@@ -1,6 +1,6 @@
 """Per-example gradient throughput and memory, and the per-example projection with and without materialising.
 
-Models: the MLP VAE 784-400-20 (652,824 parameters, the model of REFERENCE.md section 5's anchors) and the conv
+Models: the MLP VAE 784-400-20 (652,824 parameters, the model of docs/protocol.md §3's anchors) and the conv
 VAE (``ConvVAE`` defaults); the diffusion U-Net once the library has one. Loss: the negative ELBO of one example.
 
 Rows, per model and batch size ``B`` (all jitted, outputs synchronised):

@@ -1,6 +1,6 @@
 """One unlearning step of every registered method on the protocol VAE, beside the PyTorch reference's S step.
 
-Workload (REFERENCE.md section 2): ``MLPVAE`` 784-400-2 (631,188 parameters, no BatchNorm), negative ELBO
+Workload (docs/protocol.md §2): ``MLPVAE`` 784-400-2 (631,188 parameters, no BatchNorm), negative ELBO
 (BCE on logits summed over pixels + KL), one forget batch of 128 images of digit 1 and one retain batch of 128
 other digits, Adam with learning rate 1e-3. Each step is ``jax.jit(method.step, donate_argnums=(0, 1))`` fed its
 own outputs (as in a real unlearning loop) with a fresh key per step.

@@ -3,7 +3,7 @@
 Trains, each in its own subdirectory of the workdir:
 
 * ``generative``: MLP VAE 784-400-2 (latent 2 as in the published protocol; BatchNorm-free), Bernoulli decoder,
-  negative ELBO with KL weight 1, Adam 1e-3, batch 128, 150 epochs (REFERENCE.md section 6);
+  negative ELBO with KL weight 1, Adam 1e-3, batch 128, 150 epochs (docs/protocol.md §4);
 * ``evaluator``: MLP classifier 784-200-10 (its 200-d ReLU layer gives the classifier-FID features), AdamW 2e-3 with
   cosine decay and weight decay 1e-2, random +-2 px translations, batch 128, 100 epochs, on half of the training
   digits (stratified);

@@ -9,7 +9,7 @@ without digit 1 -- through train.py's code into <workdir>/train)::
     python unlearn.py --config configs/unlearn_mnist_ddpm.py --workdir runs/unlearn_ddpm \\
         --config.checkpoint=runs/mnist_ddpm
 
-Protocol as for the VAE (REFERENCE.md section 2): batches of 128 forget + 128 retain examples, Adam 1e-3, a budget
+Protocol as for the VAE (docs/protocol.md §2): batches of 128 forget + 128 retain examples, Adam 1e-3, a budget
 of 50 steps, stop at the first step whose forget fraction falls below the auto threshold (oracle + 2 binomial
 standard errors). The forget fraction is monitored after every step on 512 FIXED initial noises x_T (labels i mod
 10, guidance scale 1) sampled with 8 DDIM steps; FID, grids and the class-conditional protocol (samples generated

@@ -272,7 +272,7 @@ def uniformity_guidance_loss(
 
     It is zero when ``p_bar = u``; mass on a class outside ``R`` costs about ``p_k (log p_k - log eps)``, i.e. a
     weight of ~18 per unit probability at ``eps = 1e-8``: this is the term that drives the published fast UNO
-    numbers (REFERENCE.md section 2). Gradients flow into the generator ``params`` only; the classifier is a
+    numbers (docs/protocol.md §2). Gradients flow into the generator ``params`` only; the classifier is a
     constant. The same key gives the same ``z`` (pass a fixed key for fixed latents); a guided method must be scored
     by a different classifier than ``clf_params``.
 

@@ -7,7 +7,7 @@ decodes samples, runs the evaluator and writes the report lives elsewhere and ca
   (:func:`forget_fraction` on labels in numpy, :func:`forget_fraction_from_logits` on logits, jit-able).
 * Stopping rule: :func:`stopping_step` (first update count whose fraction is below the threshold) and
   :func:`auto_threshold` (the retrain-from-scratch oracle's fraction plus ``num_std`` binomial standard errors,
-  REFERENCE.md §6).
+  docs/protocol.md §4).
 * Sample quality: :func:`frechet_distance` on classifier features (the protocol's "classifier FID"), with
   :func:`feature_statistics` / :func:`frechet_distance_from_stats` so the real-data side is computed once;
   :func:`inception_score` on the evaluator's class probabilities.
@@ -192,7 +192,7 @@ def stopping_step(fractions, threshold: float) -> int | None:
     r"""Number of updates after which the forget fraction first drops strictly below ``threshold``.
 
     ``fractions[t]`` is the forget fraction measured after ``t`` updates have been applied: ``fractions[0]`` is
-    the model before any update. We count updates applied (REFERENCE.md §2 caveat): the published code reads the
+    the model before any update. We count updates applied (docs/protocol.md §2 caveat): the published code reads the
     fraction *before* each update, so its "2.7 steps" is 1.7 of ours.
 
     .. math:: t^\star = \min\{t : \mathrm{ff}_t < \tau\}
@@ -230,7 +230,7 @@ def auto_threshold(oracle_fraction: float, num_samples: int, *, num_std: float =
 
     The oracle (a model retrained without the forget set) still generates some samples the evaluator calls a
     forget class; its fraction ``p`` on the same ``n`` monitoring samples is the level "forgotten" can mean
-    (REFERENCE.md §6). Counts out of ``n`` fluctuate by a binomial standard error, so
+    (docs/protocol.md §4). Counts out of ``n`` fluctuate by a binomial standard error, so
 
     .. math:: \tau = \min\Bigl(1,\ \max\bigl(p + k\sqrt{p(1-p)/n},\ u_0\bigr)\Bigr),
               \qquad u_0 = 1 - \Phi(-k)^{1/n}.

@@ -61,7 +61,7 @@ def test_mlp_vae_param_count_matches_hand_count(latent_dim):
 
 
 def test_mlp_vae_param_counts_match_reference_numbers():
-    # 784-400-20 = 652,824 is the count REFERENCE.md section 5 quotes; 784-400-2 is the protocol model.
+    # 784-400-20 = 652,824 is the count docs/protocol.md §3 quotes; 784-400-2 is the protocol model.
     assert param_count(lambda: MLPVAE(latent_dim=20, rngs=nnx.Rngs(0))) == 652_824
     assert param_count(lambda: MLPVAE(rngs=nnx.Rngs(0))) == 631_188
     # LayerNorm adds a scale and a bias per hidden unit, in the encoder and in the decoder.
