@@ -25,7 +25,7 @@ from jax.flatten_util import ravel_pytree
 from gsu_jax import methods
 from gsu_jax.methods import METHODS, REQUIRED, make_method, resolve_hparams, split_step_keys
 from gsu_jax.per_example import per_example_grads as _per_example_grads
-from gsu_jax.surgery import project_normal_plane
+from gsu_jax.projections import mean_normal_plane_projection
 
 DATA_DIM, LATENT_DIM = 6, 2
 FORGET_SIZE, RETAIN_SIZE = 8, 8
@@ -361,8 +361,7 @@ def test_sa_per_example_equals_the_materialised_computation(only_on_conflict, st
     key = jax.random.key(7)
     forget_keys, _, _, g_r = _gradients(params, forget, retain, key)
     grads = per_example_grads(params, forget, forget_keys)
-    transform = project_normal_plane(per_example=True, only_on_conflict=only_on_conflict)
-    expected, _ = transform.update(jax.tree.map(jnp.negative, grads), transform.init(params), direction=g_r)
+    expected = mean_normal_plane_projection(jax.tree.map(jnp.negative, grads), g_r, only_on_conflict=only_on_conflict)
     update, metrics = steps.direction("sa_per_example", params, forget, retain, key, only_on_conflict=only_on_conflict)
     chex.assert_trees_all_close(update, expected, rtol=1e-5, atol=1e-6)
     derivatives = _flat_rows(grads) @ _flat(g_r)
