@@ -108,8 +108,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gsu_jax import per_example, surgery
+from gsu_jax import per_example
 from gsu_jax.losses import GuidanceLossFn, LossFn, batch_size
+from gsu_jax.projections import normal_plane_projection, off_span_projection
 from gsu_jax.trees import tree_add_scaled, tree_max_abs, tree_norm, tree_squared_norm, tree_vdot
 
 Params = Any  # a pytree of arrays (an nnx.State)
@@ -263,20 +264,6 @@ def _changed(before: Params, after: Params) -> jax.Array:
 # --------------------------------------------------------------------------------------- projections (surgery)
 
 
-def _project(updates: Params, direction: Params, *, only_on_conflict: bool) -> Params:
-    """``P_direction(updates)`` (or ``P^c``) through :func:`gsu_jax.surgery.project_normal_plane`."""
-    transform = surgery.project_normal_plane(only_on_conflict=only_on_conflict)
-    projected, _ = transform.update(updates, transform.init(updates), direction=direction)
-    return projected
-
-
-def _project_off_span(updates: Params, directions: Params, *, only_on_conflict: bool) -> Params:
-    """``updates`` minus its part in the span of ``directions`` (leading axis K) via ``project_off_span``."""
-    transform = surgery.project_off_span(only_on_conflict=only_on_conflict)
-    projected, _ = transform.update(updates, transform.init(updates), direction=directions)
-    return projected
-
-
 def _pcgrad_pair(ascent: Params, retain_grad: Params) -> tuple[Params, jax.Array]:
     """Two-task PCGrad: ``P^c_{g_r}(a) + P^c_{a}(g_r)``, each projected off the *original* other gradient.
 
@@ -284,8 +271,8 @@ def _pcgrad_pair(ascent: Params, retain_grad: Params) -> tuple[Params, jax.Array
     cos^2)`` on conflict), so to first order it ascends the forget loss and descends the retain loss together. A zero
     ``a`` leaves ``g_r`` unchanged (the transform's zero-direction rule), so the sum degrades to retain descent.
     """
-    ascent_part = _project(ascent, retain_grad, only_on_conflict=True)
-    retain_part = _project(retain_grad, ascent, only_on_conflict=True)
+    ascent_part = normal_plane_projection(ascent, retain_grad, only_on_conflict=True)
+    retain_part = normal_plane_projection(retain_grad, ascent, only_on_conflict=True)
     conflict = (tree_vdot(ascent, retain_grad) < 0).astype(jnp.float32)
     return tree_add_scaled(ascent_part, retain_part, 1.0), conflict
 
@@ -312,7 +299,7 @@ def _sa_rule(*, only_on_conflict: bool) -> DirectionRule:
     def rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
         del hparams
         ascent = _negate(inputs.forget_grad)
-        update = _project(ascent, inputs.retain_grad, only_on_conflict=only_on_conflict)
+        update = normal_plane_projection(ascent, inputs.retain_grad, only_on_conflict=only_on_conflict)
         return Direction(update, _changed(ascent, update), _zero())
 
     return rule
@@ -320,7 +307,7 @@ def _sa_rule(*, only_on_conflict: bool) -> DirectionRule:
 
 def _s(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
     del hparams
-    update = _project(inputs.retain_grad, inputs.forget_grad, only_on_conflict=False)
+    update = normal_plane_projection(inputs.retain_grad, inputs.forget_grad, only_on_conflict=False)
     return Direction(update, _changed(inputs.retain_grad, update), _zero())
 
 
@@ -496,7 +483,9 @@ def _remap_surgery(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
     if hparams["projection"] == "none":
         update, projected = surrogate_grad, _zero()
     else:
-        update = _project(surrogate_grad, retain_grad, only_on_conflict=hparams["projection"] == "conflict")
+        update = normal_plane_projection(
+            surrogate_grad, retain_grad, only_on_conflict=hparams["projection"] == "conflict"
+        )
         projected = _changed(surrogate_grad, update)
     forget_weight = hparams["forget_weight"]
     if hparams["forget_half_life"] is not None:
@@ -574,7 +563,7 @@ def _group_mean_grads(inputs: StepInputs, *, num_groups: int) -> Params:
 def _sa_span(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
     directions = _group_mean_grads(inputs, num_groups=hparams["num_directions"])
     ascent = _negate(inputs.forget_grad)
-    update = _project_off_span(ascent, directions, only_on_conflict=hparams["only_on_conflict"])
+    update = off_span_projection(ascent, directions, only_on_conflict=hparams["only_on_conflict"])
     return Direction(update, _changed(ascent, update), _zero())
 
 

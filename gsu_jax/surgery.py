@@ -136,9 +136,12 @@ def project_normal_plane(
 
     Composes with the optax wrappers: ``optax.MultiSteps`` projects the
     accumulated update with the direction of the step that emits it,
-    ``optax.apply_if_finite`` skips the projection with the update, and
-    ``optax.masked`` needs ``mask_compatible_extra_args=True`` so that
-    ``direction`` is masked like the updates::
+    ``optax.apply_if_finite`` skips the projection with the update (around a
+    ``MultiSteps``, which optax does not type as an extra-args transform, hand
+    it ``optax.GradientTransformationExtraArgs(multi.init, multi.update)`` or it
+    drops ``direction``), and ``optax.masked`` needs
+    ``mask_compatible_extra_args=True`` so that ``direction`` is masked like the
+    updates::
 
       optax.masked(project_normal_plane(), mask, mask_compatible_extra_args=True)
 
