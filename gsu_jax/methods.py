@@ -37,12 +37,13 @@ the guidance add-on enters. Build one with :func:`make_method`; its ``step`` is 
     step = jax.jit(method.step)
     params, opt_state, metrics = step(params, opt_state, forget_batch, retain_batch, key)
 
-**Where the projection happens.** Every projection is one of the :mod:`gsu_jax.surgery` transforms
-(``project_normal_plane``, ``project_off_span``) or :func:`gsu_jax.per_example.per_example_projected_mean`. The
-step calls the transform's ``update`` directly on the raw gradients and hands the result to the optimizer, rather
-than chaining ``optax.chain(project_normal_plane(), optimizer)``: the guidance gradient must be added *after* the
-projection (below) and some rules need two projections (``pcgrad``) or none, so one code path serves them all. The
-order is the same as in the chain (projection first, before any scaling or momentum).
+**Where the projection happens.** Every projection is one of the pure functions of :mod:`gsu_jax.projections`
+(``normal_plane_projection``, ``off_span_projection``) or :func:`gsu_jax.per_example.per_example_projected_mean`,
+applied to the raw gradients; the result goes to the optimizer. This is the maths of the optax transforms
+(:func:`gsu_jax.project_normal_plane` wraps ``normal_plane_projection``), but not a chain
+``optax.chain(project_normal_plane(), optimizer)``: the guidance gradient must be added *after* the projection
+(below) and some rules need two projections (``pcgrad``) or none, so one code path serves them all. The order is the
+same as in the chain (projection first, before any scaling or momentum).
 
 **Guidance add-on** (any method). With ``guidance_weight = w > 0`` and ``guidance_loss(params, key) -> f32[]``,
 the step descends ``u + w * grad guidance_loss`` (after the method's projection, never projected itself). Why after:
@@ -261,7 +262,7 @@ def _changed(before: Params, after: Params) -> jax.Array:
     return (tree_max_abs(difference) > 0).astype(jnp.float32)
 
 
-# --------------------------------------------------------------------------------------- projections (surgery)
+# ------------------------------------------------------------------------------------------ two-task PCGrad
 
 
 def _pcgrad_pair(ascent: Params, retain_grad: Params) -> tuple[Params, jax.Array]:
@@ -269,7 +270,7 @@ def _pcgrad_pair(ascent: Params, retain_grad: Params) -> tuple[Params, jax.Array
 
     For two tasks the sum has a non-negative inner product with both ``a`` and ``g_r`` (``u.a = ||a||^2 (1 -
     cos^2)`` on conflict), so to first order it ascends the forget loss and descends the retain loss together. A zero
-    ``a`` leaves ``g_r`` unchanged (the transform's zero-direction rule), so the sum degrades to retain descent.
+    ``a`` leaves ``g_r`` unchanged (a zero direction removes nothing), so the sum degrades to retain descent.
     """
     ascent_part = normal_plane_projection(ascent, retain_grad, only_on_conflict=True)
     retain_part = normal_plane_projection(retain_grad, ascent, only_on_conflict=True)
