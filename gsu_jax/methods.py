@@ -2,9 +2,10 @@
 
 Every method is a rule that turns the gradients of two batch losses into ONE update direction ``u``, which the
 optimizer then *descends* (``params <- params + optimizer(u)``, so plain SGD does ``params - lr * u``). Notation
-(REFERENCE.md section 1): ``l(x)`` is the per-example loss (``LossFn``), ``L_f`` / ``L_r`` the mean loss over the
-forget / retain batch, ``g_f = grad L_f`` and ``g_r = grad L_r``, ``P_v(a) = a - (<a, v> / ||v||^2) v`` the
-projection onto the normal plane of ``v`` and ``P^c_v`` the same projection applied only on conflict
+(after Bae, Kim, Jung & Lim, "Gradient Surgery for One-shot Unlearning on Generative Model", 2023, arXiv:2307.04550,
+the method this project reimplements): ``l(x)`` is the per-example loss (``LossFn``), ``L_f`` / ``L_r`` the mean
+loss over the forget / retain batch, ``g_f = grad L_f`` and ``g_r = grad L_r``, ``P_v(a) = a - (<a, v> / ||v||^2)
+v`` the projection onto the normal plane of ``v`` and ``P^c_v`` the same projection applied only on conflict
 (``<a, v> < 0``). Inner products run over the whole parameter pytree.
 
 ============================ ================================================================= ==================
@@ -80,14 +81,19 @@ variants) maximises a loss that has no maximum, so after the forget point it kee
 the gentle rules (``s``, ``uno``) never forget. ``remap_surgery`` instead *descends* a bounded surrogate: each forget
 example ``x_i`` is encoded as usual but must reconstruct ``n(x_i)``, the retained image nearest to it in pixel space
 (within the step's retain batch, :func:`nearest_retained_images`), so the generator learns to draw a retained
-image wherever it drew the forgotten class, and the surrogate has a minimum to stop at. Only the decoder follows it
+image wherever it drew the forgotten class, and the surrogate has a minimum to stop at. Training the generator
+towards a surrogate in place of the forgotten data is the idea of Selective Amnesia (Heng & Soh, "Selective Amnesia:
+A Continual Learning Approach to Forgetting in Deep Generative Models", 2023, arXiv:2305.10120, whose surrogate is
+noise or another class); here the surrogate is the nearest retained image and the retained data is protected by
+gradient surgery instead of replay and a Fisher penalty. Only the decoder follows it
 (``forget_only='decoder'``: the encoder could lower the surrogate by moving the posterior instead of changing what
 the prior decodes to). Its gradient ``g_s`` is projected off the (decoder part of the) retain gradient on conflict,
 weighted by ``a_t = forget_weight * 2^(-t / forget_half_life)`` (annealed: once the class is gone the step becomes
 retain descent, which repairs what the pull cost) and added to ``retain_weight * g_r``. It reads the forget and
 retain batches only: no oracle, no classifier (``+guided`` adds the guidance term like any method). The README's
-ablation table measures each of these choices; ``gate`` and ``saliency`` are measured options that are off by
-default because they did not help.
+ablation table measures each of these choices; ``gate`` and ``saliency`` (a SalUn-style mask: Fan et al., "SalUn:
+Empowering Machine Unlearning via Gradient-based Weight Saliency in Both Image Classification and Generation", 2024,
+arXiv:2310.12508) are measured options that are off by default because they did not help.
 
 **Metrics** (all ``f32[]``): ``forget_loss`` and ``retain_loss`` (``L_f``, ``L_r`` before the step),
 ``cos_forget_retain`` (``cos(g_f, g_r)``), ``projected`` (1 if the projection removed a component; for per-example
@@ -689,6 +695,11 @@ def uno_orthogonality_weight(weight: float | None, retain_batch_size: int) -> fl
     return _UNO_SUMMED_WEIGHT / retain_batch_size if weight is None else float(weight)
 
 
+# The papers the sources cite (written into report.json with each method's record).
+_BAE = 'Bae et al., "Gradient Surgery for One-shot Unlearning on Generative Model", 2023, arXiv:2307.04550'
+_PCGRAD = 'Yu et al., "Gradient Surgery for Multi-Task Learning", 2020, arXiv:2001.06782'
+_UNO = "Mandal & Gottwald, 2025, arXiv:2506.04712"
+
 _GUIDANCE_AFTER_PROJECTION = "w * grad guidance_loss added to u after the projection (never projected)"
 _GUIDANCE_ADDED = "w * grad guidance_loss added to u"
 
@@ -701,7 +712,7 @@ METHODS: dict[str, Method] = {
         Method(
             "sa",
             "u = P_{g_r}(-g_f) = -g_f + (<g_f, g_r> / ||g_r||^2) g_r",
-            "Bae et al. 2023 (arXiv 2307.04550), the abstract's wording",
+            f"{_BAE}: the abstract's wording",
             {},
             _GUIDANCE_AFTER_PROJECTION,
             _sa_rule(only_on_conflict=False),
@@ -709,7 +720,7 @@ METHODS: dict[str, Method] = {
         Method(
             "sa_conflict",
             "u = P_{g_r}(-g_f) if <-g_f, g_r> < 0 else -g_f",
-            "PCGrad-style reading of Bae et al. 2023 (PCGrad: Yu et al. 2020, arXiv 2001.06782)",
+            f"PCGrad-style reading of {_BAE} (PCGrad: {_PCGRAD})",
             {},
             _GUIDANCE_AFTER_PROJECTION,
             _sa_rule(only_on_conflict=True),
@@ -717,7 +728,8 @@ METHODS: dict[str, Method] = {
         Method(
             "sa_per_example",
             "u = mean_i P_{g_r}(-grad l(x_i)) (each on conflict by default), via one jvp and one vjp",
-            "per-sample reading of Bae et al. 2023; jvp/vjp identity in REFERENCE.md section 1",
+            f"per-sample reading of {_BAE}; the B inner products are one jvp and the mean one vjp of the "
+            "per-example losses, so no per-example gradient is stored",
             # Projection onto a fixed normal plane is linear, so projecting always gives exactly ``sa``; only the
             # per-example conflict test makes this rule different, hence the default.
             {"only_on_conflict": _only_on_conflict(True, "each example's ascent gradient")},
@@ -727,7 +739,7 @@ METHODS: dict[str, Method] = {
         Method(
             "sa_span",
             "u = -g_f minus its least-squares component in span{G_1..G_K}, G_k = mean grad of retain group k",
-            "subspace reading of Bae et al. 2023 (REFERENCE.md section 1)",
+            f"subspace reading of {_BAE}",
             {
                 "num_directions": HParam(
                     8,
@@ -744,7 +756,7 @@ METHODS: dict[str, Method] = {
         Method(
             "pcgrad",
             "u = P^c_{g_r}(-g_f) + P^c_{-g_f}(g_r) (each projected off the other only on conflict)",
-            "two-task PCGrad, Yu et al. 2020 (arXiv 2001.06782), the method Bae et al. 2023 cite",
+            f"two-task PCGrad ({_PCGRAD}), the method Bae et al. cite",
             {},
             _GUIDANCE_AFTER_PROJECTION,
             _pcgrad,
@@ -752,7 +764,7 @@ METHODS: dict[str, Method] = {
         Method(
             "s",
             "u = P_{g_f}(g_r) = g_r - (<g_f, g_r> / ||g_f||^2) g_f",
-            "UNO's reading of gradient surgery, Mandal & Gottwald 2025 (arXiv 2506.04712)",
+            f"UNO's reading of gradient surgery ({_UNO})",
             {},
             _GUIDANCE_AFTER_PROJECTION,
             _s,
@@ -761,7 +773,7 @@ METHODS: dict[str, Method] = {
         Method(
             "ascent_descent",
             "u = -g_f on even steps, g_r on odd steps (first step ascends)",
-            "ascent-descent baseline (A-D), as in the UNO reference code",
+            f"ascent-descent baseline (A-D), as in the UNO reference code ({_UNO})",
             {},
             _GUIDANCE_ADDED,
             _alternate(_ascent, _retain_finetune),
@@ -777,7 +789,7 @@ METHODS: dict[str, Method] = {
         Method(
             "uno",
             "u = grad [L_r + lambda cos^2(g_f, g_r)] (gradient through the gradients)",
-            "UNO, Mandal & Gottwald 2025 (arXiv 2506.04712), lambda = 1e3",
+            f"UNO ({_UNO}), lambda = 1e3",
             {"orthogonality_weight": _ORTHOGONALITY_WEIGHT},
             "w * grad guidance_loss added to u (outside cos^2, unlike the reference code)",
             _uno,
@@ -785,7 +797,7 @@ METHODS: dict[str, Method] = {
         Method(
             "uno_s",
             "u = uno's update on even steps, s's on odd steps (first step is UNO)",
-            "UNO-S, Mandal & Gottwald 2025 (arXiv 2506.04712)",
+            f"UNO-S ({_UNO})",
             {"orthogonality_weight": _ORTHOGONALITY_WEIGHT},
             _GUIDANCE_AFTER_PROJECTION,
             _alternate(_uno, _s),
@@ -793,7 +805,8 @@ METHODS: dict[str, Method] = {
         Method(
             "remap_surgery",
             "u = P^c_{g_r}(g_s) + g_r, g_s = grad mean_i l(x_i -> nearest retained image) (a bounded forget loss)",
-            "ours (gsu-jax): forget by descending a surrogate whose minimum exists, projected off g_r",
+            "ours (gsu-jax): forget by descending a surrogate whose minimum exists, projected off g_r; a surrogate "
+            "target for the forgotten data as in Selective Amnesia (Heng & Soh, 2023, arXiv:2305.10120)",
             {
                 "forget_only": HParam(
                     "decoder",
@@ -825,7 +838,7 @@ METHODS: dict[str, Method] = {
                 ),
                 "saliency": HParam(
                     1.0,
-                    "keep only this fraction of the surrogate gradient's coordinates, the largest (SalUn-style)",
+                    "keep only this fraction of the surrogate gradient's coordinates, the largest (SalUn-style: Fan et al., 2024, arXiv:2310.12508)",
                     "a number in (0, 1]",
                     lambda v: _is_nonnegative_finite(v) and 0 < v <= 1,
                     float,
