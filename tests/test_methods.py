@@ -8,6 +8,7 @@ shared through a module-scoped cache: each (method, configuration) compiles once
 
 from __future__ import annotations
 
+import doctest
 import functools
 import math
 import re
@@ -25,7 +26,8 @@ from jax.flatten_util import ravel_pytree
 from gsu_jax import methods
 from gsu_jax.methods import METHODS, REQUIRED, make_method, resolve_hparams, split_step_keys
 from gsu_jax.per_example import per_example_grads as _per_example_grads
-from gsu_jax.surgery import project_normal_plane
+from gsu_jax.projections import mean_normal_plane_projection
+from gsu_jax.trees import tree_norm
 
 DATA_DIM, LATENT_DIM = 6, 2
 FORGET_SIZE, RETAIN_SIZE = 8, 8
@@ -289,7 +291,7 @@ def test_a_small_step_against_uno_s_update_descends_its_objective(steps, problem
     key = jax.random.key(3)
     forget_keys, retain_keys, _, _ = _gradients(params, forget, retain, key)
     update, _ = steps.direction("uno", params, forget, retain, key)
-    norm = float(methods.tree_norm(update))
+    norm = float(tree_norm(update))
     moved = jax.tree.map(lambda p, u: p - 1e-3 * u / norm, params, update)
     objective = jax.jit(functools.partial(_uno_objective, weight=_default_uno_weight(retain)))
     before = objective(params, forget, retain, forget_keys, retain_keys)
@@ -361,8 +363,7 @@ def test_sa_per_example_equals_the_materialised_computation(only_on_conflict, st
     key = jax.random.key(7)
     forget_keys, _, _, g_r = _gradients(params, forget, retain, key)
     grads = per_example_grads(params, forget, forget_keys)
-    transform = project_normal_plane(per_example=True, only_on_conflict=only_on_conflict)
-    expected, _ = transform.update(jax.tree.map(jnp.negative, grads), transform.init(params), direction=g_r)
+    expected = mean_normal_plane_projection(jax.tree.map(jnp.negative, grads), g_r, only_on_conflict=only_on_conflict)
     update, metrics = steps.direction("sa_per_example", params, forget, retain, key, only_on_conflict=only_on_conflict)
     chex.assert_trees_all_close(update, expected, rtol=1e-5, atol=1e-6)
     derivatives = _flat_rows(grads) @ _flat(g_r)
@@ -706,3 +707,7 @@ def test_sa_gated_runs_on_the_real_vae_loss_with_nnx_state_params():
         is_decoder = "decoder" in jax.tree_util.keystr(path)
         assert bool(jnp.any(leaf != 0)) == is_decoder, jax.tree_util.keystr(path)
     assert np.isfinite(float(metrics["update_norm"])) and float(metrics["update_norm"]) > 0
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(methods, raise_on_error=True).attempted > 0

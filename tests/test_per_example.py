@@ -21,7 +21,7 @@ from flax import nnx
 from hypothesis import strategies as st
 
 import gsu_jax
-from gsu_jax import per_example
+from gsu_jax import per_example, projections
 
 BATCH = 7
 FEATURES, OUTPUTS = 5, 3
@@ -264,8 +264,7 @@ def test_vae_chunked_grads_equal_unchunked(vae):
 def materialised_projected_mean(params, batch, keys, direction, scale, only_on_conflict):
     grads = per_example.per_example_grads(vae_loss, params, batch, keys)
     updates = jax.tree.map(lambda g: scale * g, grads)
-    transform = gsu_jax.project_normal_plane(per_example=True, only_on_conflict=only_on_conflict)
-    return transform.update(updates, transform.init(params), direction=direction)[0]
+    return projections.mean_normal_plane_projection(updates, direction, only_on_conflict=only_on_conflict)
 
 
 @pytest.mark.parametrize("scale, only_on_conflict", [(-1.0, False), (-1.0, True), (0.5, True)])
@@ -340,8 +339,7 @@ def test_nnx_state_params():
     direction = jax.tree.map(lambda x: x + 0.5, params)
     grads = jax.jit(functools.partial(per_example.per_example_grads, loss))(params, data, keys)
     assert isinstance(grads, nnx.State)
-    transform = gsu_jax.project_normal_plane(per_example=True)
-    want, _ = jax.jit(lambda g, d: transform.update(g, transform.init(params), direction=d))(grads, direction)
+    want = jax.jit(projections.mean_normal_plane_projection)(grads, direction)
     got = jax.jit(functools.partial(per_example.per_example_projected_mean, loss))(params, data, keys, direction)
     assert isinstance(got, nnx.State)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ import pytest
 
 from gsu_jax import methods
 from gsu_jax.methods import make_method
+from gsu_jax.remap_surgery import nearest_retained_images
 
 DATA_DIM, HIDDEN = 5, 3
 FORGET_SIZE, RETAIN_SIZE = 6, 9
@@ -135,8 +136,8 @@ def test_nearest_retained_images_match_brute_force():
     retain[4] = retain[9]  # a tie: the first index wins
     forget[0] = retain[9] + 1e-3
     expected = np.stack([retain[np.argmin([np.sum((f - r) ** 2) for r in retain])] for f in forget])
-    np.testing.assert_array_equal(np.asarray(methods.nearest_retained_images(forget, retain)), expected)
-    assert np.array_equal(np.asarray(methods.nearest_retained_images(forget, retain))[0], retain[4])
+    np.testing.assert_array_equal(np.asarray(nearest_retained_images(forget, retain)), expected)
+    assert np.array_equal(np.asarray(nearest_retained_images(forget, retain))[0], retain[4])
 
 
 @pytest.mark.parametrize(
