@@ -1,6 +1,6 @@
 r"""Evaluating generators: the compiled per-step monitor and the full evaluation of a model (:class:`Evaluation`),
-``sa_gated``'s target taken from the reference models' evaluations (:func:`gated_target`), and the independence
-of the two classifiers.
+the reference models' evaluation and the threshold and ``sa_gated`` target taken from it
+(:func:`evaluate_references`), and the independence of the two classifiers.
 
 **Evaluation integrity.** The evaluator scores every run (forget fraction, FID, inception score) and is never
 passed to a method: a method's step closes over the loss and, for ``guidance_weight > 0``, the *guidance*
@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,9 @@ from gsu_jax.unlearning.plan import RunPlan
 
 __all__ = [
     "Evaluation",
+    "References",
     "check_classifier_independence",
+    "evaluate_references",
     "gated_target",
     "generative_record",
 ]
@@ -317,6 +319,44 @@ class Evaluation:
         if self.conditional:
             result.update(self._forget_label_protocol(gen_params))
         return result
+
+
+# ------------------------------------------------------------------------------------------- the references
+
+
+class References(NamedTuple):
+    """The reference models' evaluations and what every run takes from them."""
+
+    original: dict[str, float]  # the original model's evaluation
+    oracle: dict[str, float]  # the oracle's
+    threshold: float  # the stopping threshold (config.threshold, or auto from the oracle)
+    gated_target: float  # sa_gated's forget_loss_target
+
+    @property
+    def start_fractions(self) -> tuple[float, float]:
+        """The forget fractions (main, published) before any update: the original model's."""
+        return (self.original["forget_fraction"], self.original["forget_fraction_published"])
+
+
+def evaluate_references(
+    plan: RunPlan, evaluation: Evaluation, generator: training.TrainedModel, oracle: training.TrainedModel
+) -> References:
+    """Evaluates the original model and the oracle, and derives the threshold and ``sa_gated``'s target."""
+    config = plan.config
+    original_eval = evaluation.evaluate(generator.params, plan.forget_classes)
+    oracle_eval = evaluation.evaluate(oracle.params, plan.forget_classes)
+    if plan.threshold is None:
+        threshold = metrics.auto_threshold(oracle_eval["forget_fraction"], config["monitor_samples"])
+    else:
+        threshold = plan.threshold
+    target = gated_target(config, original_eval, oracle_eval, evaluation.loss_prefix)
+
+    plan.progress(
+        f"original: forget fraction {original_eval['forget_fraction']:.4f}, FID retain "
+        f"{original_eval['fid_retain']:.2f}; oracle: {oracle_eval['forget_fraction']:.4f}, "
+        f"{oracle_eval['fid_retain']:.2f}; threshold {threshold:.4f}",
+    )
+    return References(original_eval, oracle_eval, threshold, target)
 
 
 def gated_target(

@@ -1,5 +1,6 @@
-r"""The run loop: one (method, seed) run from its first step to its saved result (:func:`run_seed`), and the steps
-themselves with the monitoring and the stopping rules (:func:`run_steps`).
+r"""The run loop: one method over the seeds (:func:`run_method`), one (method, seed) run from its first step to its
+saved result (:func:`run_seed`), and the steps themselves with the monitoring and the stopping rules
+(:func:`run_steps`).
 
 **The run** (per method, per seed): fresh permutations of the forget and retain training examples for the seed,
 consumed 128 + 128 per step (reshuffled at each pass); the method's step is compiled ONCE per method (ahead of
@@ -36,24 +37,28 @@ import math
 import pathlib
 import shutil
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsu_jax import checkpointing, io, methods, metrics, parallel, reporting, training
+from gsu_jax import checkpointing, io, losses, methods, metrics, parallel, reporting, training
 from gsu_jax import data as data_lib
-from gsu_jax.unlearning.config import jsonable_config
+from gsu_jax.unlearning.config import build_optimizer, jsonable_config
 from gsu_jax.unlearning.errors import UnlearningDivergedError
-from gsu_jax.unlearning.evaluation import Evaluation
+from gsu_jax.unlearning.evaluation import Evaluation, References
 from gsu_jax.unlearning.keys import data_order_rng, seed_step_keys
 from gsu_jax.unlearning.plan import RunPlan
-from gsu_jax.unlearning.results import save_result
+from gsu_jax.unlearning.results import load_result, result_path, save_result
 
 __all__ = [
     "MAX_CONSECUTIVE_NONFINITE",
+    "MethodRun",
     "batch_schedule",
+    "compile_step",
+    "run_method",
     "run_seed",
     "run_steps",
     "save_unlearned",
@@ -70,6 +75,140 @@ def _tree_all_finite(tree: Any) -> jax.Array:
     """``bool[]``: every element of every leaf is finite (integer leaves always are)."""
     leaves = jax.tree.leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.bool_(True)
+
+
+class MethodRun(NamedTuple):
+    """One method over the seeds, as the report takes it."""
+
+    label: str  # the method's name in tables and files (+guided when guided)
+    hparams: dict[str, Any]  # as resolved for this run (sa_gated's target included)
+    optimizer: dict[str, Any]  # the optimizer spec of this method
+    compile_seconds: float  # of its step (read back when every seed was)
+    per_seed: list[dict[str, Any]]  # one record per seed
+    rows: list[dict[str, Any]]  # the log rows of every seed, seed after seed
+    fractions: list[list[float]]  # per seed, the forget fraction before and after each update
+    resumed: list[str]  # "<label> seed <s>" of the seeds read back
+
+
+def run_method(
+    plan: RunPlan,
+    name: str,
+    evaluation: Evaluation,
+    generator: training.TrainedModel,
+    guidance_loss: losses.GuidanceLossFn | None,
+    references: References,
+    grids: tuple[np.ndarray, np.ndarray],
+    run_identity: Mapping[str, Any],
+) -> MethodRun:
+    """Runs the method ``name`` over the plan's seeds; seeds saved by an earlier run of this config are read back.
+
+    The step is compiled once (only when a seed is left to run) and shared by every seed; ``grids`` are the
+    original's and the oracle's sample grids, ``run_identity`` what a saved result must match (see
+    :func:`gsu_jax.unlearning.results.run_identity`).
+    """
+    config = plan.config
+    label = plan.label(name)
+    hparams = dict(plan.method_hparams.get(name, {}))
+    if name == "sa_gated":
+        hparams.setdefault("forget_loss_target", references.gated_target)
+    optimizer_spec = config["method_optimizers"].get(name, config["optimizer"])
+    method = methods.make_method(
+        name,
+        loss_fn=evaluation.loss_fn,
+        optimizer=build_optimizer(optimizer_spec),
+        guidance_loss=guidance_loss,
+        guidance_weight=config["guidance_weight"],
+        chunk_size=config["chunk_size"] or None,
+        **hparams,
+    )
+    identities = {
+        seed: {**run_identity, "method": label, "hparams": hparams, "optimizer": optimizer_spec, "seed": seed}
+        for seed in plan.seeds
+    }
+    saved = {seed: load_result(plan.workdir, label, seed, identities[seed]) for seed in plan.seeds}
+    compiled_step, compile_seconds, state_shardings = None, None, None
+    if any(result is None for result in saved.values()):
+        compiled_step, compile_seconds, state_shardings = compile_step(plan, method, generator)
+        plan.progress(f"{label}: step compiled in {compile_seconds:.1f} s")
+
+    per_seed, rows, fractions, resumed = [], [], [], []
+    for seed in plan.seeds:
+        result = saved[seed]
+        if result is None:
+            result = run_seed(
+                plan,
+                evaluation,
+                compiled_step,
+                method,
+                generator,
+                seed,
+                references.threshold,
+                references.start_fractions,
+                label=label,
+                hparams=hparams,
+                compile_seconds=compile_seconds,
+                grids=grids,
+                identity=identities[seed],
+                state_shardings=state_shardings,
+            )
+        else:
+            resumed.append(f"{label} seed {seed}")
+            plan.progress(
+                f"{label} seed {seed}: finished before; read back from {result_path(plan.workdir, label, seed)}"
+            )
+        if compile_seconds is None:  # every seed was read back: the compile time of the run that did them
+            compile_seconds = result["compile_s"]
+        record = result["record"]
+        per_seed.append(record)
+        plan.progress(_seed_progress(label, seed, record))
+        rows.extend(result["rows"])
+        fractions.append(result["fractions"])
+    return MethodRun(label, hparams, optimizer_spec, compile_seconds, per_seed, rows, fractions, resumed)
+
+
+def _seed_progress(label: str, seed: int, record: Mapping[str, Any]) -> str:
+    """The progress line of a finished (method, seed): its stops, FID retain at the stop and end, step time."""
+    at_end = record.get("fid_retain_at_end")
+    return (
+        f"{label} seed {seed}: stop {record['steps_to_threshold']} (published rule "
+        f"{record['steps_to_published_threshold']}), FID retain "
+        f"{record['fid_retain_at_stop']:.2f} -> {'n/a' if at_end is None else format(at_end, '.2f')}"
+        f", step {record['step_time_ms'] or float('nan'):.1f} ms"
+        + (f", {record['nonfinite_steps']} non-finite step(s) skipped" if record["nonfinite_steps"] else "")
+    )
+
+
+def compile_step(
+    plan: RunPlan, method: methods.UnlearningMethod, generator: training.TrainedModel
+) -> tuple[Any, float, tuple[Any, Any] | None]:
+    """``(compiled step, compile seconds, state shardings)``: the method's step compiled ahead of time on the shapes
+    every seed uses (on the plan's mesh, with the shardings its state is placed with; ``None`` on one device)."""
+    config = plan.config
+    state_shardings = None
+    example_state = method.init(generator.params)
+    forget_example = jax.device_put(
+        data_lib.as_batch(plan.run_data.train, plan.forget_idx[:1].repeat(config["batch_size"]))
+    )
+    retain_example = jax.device_put(
+        data_lib.as_batch(plan.run_data.train, plan.retain_idx[:1].repeat(config["retain_batch_size"]))
+    )
+    compile_started = time.perf_counter()
+    if plan.mesh is None:
+        compiled_step = (
+            jax.jit(method.step)
+            .lower(generator.params, example_state, forget_example, retain_example, seed_step_keys(0, 1)[0])
+            .compile()
+        )
+    else:
+        step, *shardings = parallel.shard_method_step(method.step, plan.mesh, generator.params, example_state)
+        state_shardings = tuple(shardings)
+        compiled_step = step.lower(
+            *parallel.put((generator.params, example_state), state_shardings),
+            parallel.shard_batch(jax.device_get(forget_example), plan.mesh),
+            parallel.shard_batch(jax.device_get(retain_example), plan.mesh),
+            parallel.put(seed_step_keys(0, 1)[0], parallel.replicated(plan.mesh)),
+        ).compile()
+    return compiled_step, time.perf_counter() - compile_started, state_shardings
 
 
 def run_seed(

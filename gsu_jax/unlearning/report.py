@@ -25,21 +25,21 @@ from typing import Any
 import jax
 
 from gsu_jax import checkpointing, losses, methods, metrics, parallel, provenance, reporting, training
-from gsu_jax import data as data_lib
-from gsu_jax.unlearning.config import build_optimizer, jsonable_config
+from gsu_jax.unlearning.config import jsonable_config
 from gsu_jax.unlearning.evaluation import (
     Evaluation,
+    References,
     check_classifier_independence,
+    evaluate_references,
     generative_record,
 )
-from gsu_jax.unlearning.evaluation import gated_target as sa_gated_target
-from gsu_jax.unlearning.keys import seed_step_keys
-from gsu_jax.unlearning.loop import run_seed
+from gsu_jax.unlearning.loop import run_method
 from gsu_jax.unlearning.plan import RunPlan, load_model, plan_run, train_missing_models
-from gsu_jax.unlearning.results import config_identity, load_result, result_path
+from gsu_jax.unlearning.results import run_identity
 
 __all__ = [
     "SUMMARY_KEYS",
+    "assemble_report",
     "execute",
     "format_summary",
     "method_summary_keys",
@@ -69,6 +69,49 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     training_record = train_missing_models(plan)
     plan.progress(f"models ready in {training_record['seconds']:.1f} s")
 
+    generator, evaluator, oracle = _load_models(plan)
+    integrity, guidance_loss = _integrity_and_guidance(plan, generator, evaluator)
+    evaluation = Evaluation(plan, generator, evaluator)
+    integrity["monitoring_latents_digest"] = checkpointing.state_digest(evaluation.z_monitor)
+    references = evaluate_references(plan, evaluation, generator, oracle)
+    for sub in ("logs", "samples", "unlearned"):
+        (workdir / sub).mkdir(exist_ok=True)
+    grids = (
+        evaluation.grid(generator.params, config["grid_samples"]),
+        evaluation.grid(oracle.params, config["grid_samples"]),
+    )
+
+    model_digests = {
+        "original": generator.metadata["params_digest"],
+        "oracle": oracle.metadata["params_digest"],
+        **{role: digest for role, digest in integrity.items() if role.endswith("params_digest")},
+    }
+    identity = run_identity(config, model_digests, references.threshold, references.gated_target)
+    method_reports, curves, resumed = _run_methods(
+        plan, evaluation, generator, guidance_loss, references, grids, identity
+    )
+
+    report = assemble_report(
+        plan,
+        references=references,
+        evaluation=evaluation,
+        models={"original": generator, "evaluator": evaluator, "oracle": oracle},
+        integrity=integrity,
+        method_reports=method_reports,
+        resumed=resumed,
+        training_seconds=training_record["seconds"],
+        started=started,
+    )
+    report["timing"]["total_s"] = time.perf_counter() - started
+    if parallel.is_main_process():
+        _write_report_files(workdir, report, curves, references, started)
+    return report
+
+
+def _load_models(
+    plan: RunPlan,
+) -> tuple[training.TrainedModel, training.TrainedModel, training.TrainedModel]:
+    """``(original, evaluator, oracle)``, refusing an original trained on other data than its config describes."""
     generator = load_model(plan, plan.model_dir, "generative")
     evaluator = load_model(plan, plan.classifier_dir, "evaluator")
     oracle = load_model(plan, plan.oracle_dir, "generative")
@@ -77,6 +120,15 @@ def execute(plan: RunPlan) -> dict[str, Any]:
             f"the generative model in {str(plan.model_dir)!r} was trained on other data than "
             "its config describes now (training-data fingerprints differ)"
         )
+    return generator, evaluator, oracle
+
+
+def _integrity_and_guidance(
+    plan: RunPlan, generator: training.TrainedModel, evaluator: training.TrainedModel
+) -> tuple[dict[str, Any], losses.GuidanceLossFn | None]:
+    """The report's evidence that the evaluator stays out of the runs and, when guided, the guidance loss (built
+    from the guidance classifier, refused unless independent of the evaluator)."""
+    config = plan.config
     integrity: dict[str, Any] = {
         "evaluator_used_inside_runs": False,
         "evaluator_params_digest": evaluator.metadata["params_digest"],
@@ -96,185 +148,75 @@ def execute(plan: RunPlan) -> dict[str, Any]:
             latent_dim=int(generator.metadata["model_kwargs"]["latent_dim"]),
         )
         integrity["guidance_params_digest"] = guidance.metadata["params_digest"]
+    return integrity, guidance_loss
 
-    evaluation = Evaluation(plan, generator, evaluator)
-    integrity["monitoring_latents_digest"] = checkpointing.state_digest(evaluation.z_monitor)
-    original_eval = evaluation.evaluate(generator.params, plan.forget_classes)
-    oracle_eval = evaluation.evaluate(oracle.params, plan.forget_classes)
-    if plan.threshold is None:
-        threshold = metrics.auto_threshold(oracle_eval["forget_fraction"], config["monitor_samples"])
-    else:
-        threshold = plan.threshold
-    gated_target = sa_gated_target(config, original_eval, oracle_eval, evaluation.loss_prefix)
 
-    plan.progress(
-        f"original: forget fraction {original_eval['forget_fraction']:.4f}, FID retain "
-        f"{original_eval['fid_retain']:.2f}; oracle: {oracle_eval['forget_fraction']:.4f}, "
-        f"{oracle_eval['fid_retain']:.2f}; threshold {threshold:.4f}",
-    )
-    start_fractions = (original_eval["forget_fraction"], original_eval["forget_fraction_published"])
-    for sub in ("logs", "samples", "unlearned"):
-        (workdir / sub).mkdir(exist_ok=True)
-    original_grid = evaluation.grid(generator.params, config["grid_samples"])
-    oracle_grid = evaluation.grid(oracle.params, config["grid_samples"])
+def _run_methods(
+    plan: RunPlan,
+    evaluation: Evaluation,
+    generator: training.TrainedModel,
+    guidance_loss: losses.GuidanceLossFn | None,
+    references: References,
+    grids: tuple[Any, Any],
+    identity: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, list[list[float]]], list[str]]:
+    """Runs every method in table order, writing each one's log as soon as its seeds are done.
 
+    Returns:
+        ``(summary per label, forget-fraction curves per label, the runs read back)``.
+    """
     method_reports: dict[str, Any] = {}
     curves: dict[str, list[list[float]]] = {}
     resumed: list[str] = []
-    model_digests = {
-        "original": generator.metadata["params_digest"],
-        "oracle": oracle.metadata["params_digest"],
-        **{role: digest for role, digest in integrity.items() if role.endswith("params_digest")},
-    }
-    run_identity = {
-        "config": config_identity(config),
-        **provenance.environment_identity(),
-        "models": model_digests,
-        "threshold": threshold,
-        "gated_target": gated_target,
-    }
+    keys = method_summary_keys(evaluation.loss_prefix, evaluation.conditional)
     for name in plan.method_names:
-        label = plan.label(name)
-        hparams = dict(plan.method_hparams.get(name, {}))
-        if name == "sa_gated":
-            hparams.setdefault("forget_loss_target", gated_target)
-        optimizer_spec = config["method_optimizers"].get(name, config["optimizer"])
-        method = methods.make_method(
-            name,
-            loss_fn=evaluation.loss_fn,
-            optimizer=build_optimizer(optimizer_spec),
-            guidance_loss=guidance_loss,
-            guidance_weight=config["guidance_weight"],
-            chunk_size=config["chunk_size"] or None,
-            **hparams,
-        )
-        identities = {
-            seed: {**run_identity, "method": label, "hparams": hparams, "optimizer": optimizer_spec, "seed": seed}
-            for seed in plan.seeds
-        }
-        saved = {seed: load_result(workdir, label, seed, identities[seed]) for seed in plan.seeds}
-        compiled_step, compile_seconds, state_shardings = None, None, None
-        if any(result is None for result in saved.values()):
-            # Compile once per method, ahead of time, on the shapes every seed uses.
-            example_state = method.init(generator.params)
-            forget_example = jax.device_put(
-                data_lib.as_batch(plan.run_data.train, plan.forget_idx[:1].repeat(config["batch_size"]))
-            )
-            retain_example = jax.device_put(
-                data_lib.as_batch(plan.run_data.train, plan.retain_idx[:1].repeat(config["retain_batch_size"]))
-            )
-            compile_started = time.perf_counter()
-            if plan.mesh is None:
-                compiled_step = (
-                    jax.jit(method.step)
-                    .lower(generator.params, example_state, forget_example, retain_example, seed_step_keys(0, 1)[0])
-                    .compile()
-                )
-            else:
-                step, *shardings = parallel.shard_method_step(method.step, plan.mesh, generator.params, example_state)
-                state_shardings = tuple(shardings)
-                compiled_step = step.lower(
-                    *parallel.put((generator.params, example_state), state_shardings),
-                    parallel.shard_batch(jax.device_get(forget_example), plan.mesh),
-                    parallel.shard_batch(jax.device_get(retain_example), plan.mesh),
-                    parallel.put(seed_step_keys(0, 1)[0], parallel.replicated(plan.mesh)),
-                ).compile()
-            compile_seconds = time.perf_counter() - compile_started
-            plan.progress(f"{label}: step compiled in {compile_seconds:.1f} s")
-
-        per_seed, rows = [], []
-        curves[label] = []
-        for seed in plan.seeds:
-            result = saved[seed]
-            if result is None:
-                result = run_seed(
-                    plan,
-                    evaluation,
-                    compiled_step,
-                    method,
-                    generator,
-                    seed,
-                    threshold,
-                    start_fractions,
-                    label=label,
-                    hparams=hparams,
-                    compile_seconds=compile_seconds,
-                    grids=(original_grid, oracle_grid),
-                    identity=identities[seed],
-                    state_shardings=state_shardings,
-                )
-            else:
-                resumed.append(f"{label} seed {seed}")
-                plan.progress(
-                    f"{label} seed {seed}: finished before; read back from {result_path(workdir, label, seed)}"
-                )
-            if compile_seconds is None:  # every seed was read back: the compile time of the run that did them
-                compile_seconds = result["compile_s"]
-            record = result["record"]
-            per_seed.append(record)
-            at_end = record.get("fid_retain_at_end")
-            plan.progress(
-                f"{label} seed {seed}: stop {record['steps_to_threshold']} (published rule "
-                f"{record['steps_to_published_threshold']}), FID retain "
-                f"{record['fid_retain_at_stop']:.2f} -> {'n/a' if at_end is None else format(at_end, '.2f')}"
-                f", step {record['step_time_ms'] or float('nan'):.1f} ms"
-                + (f", {record['nonfinite_steps']} non-finite step(s) skipped" if record["nonfinite_steps"] else ""),
-            )
-            rows.extend(result["rows"])
-            curves[label].append(result["fractions"])
+        run = run_method(plan, name, evaluation, generator, guidance_loss, references, grids, identity)
+        resumed.extend(run.resumed)
+        curves[run.label] = run.fractions
         if parallel.is_main_process():
-            reporting.write_step_csv(str(workdir / "logs" / f"{label}.csv"), rows)
-        method_reports[label] = summarize_method(
-            name,
-            label,
-            hparams,
-            per_seed,
-            compile_seconds,
-            plan.guided,
-            method_summary_keys(evaluation.loss_prefix, evaluation.conditional),
+            reporting.write_step_csv(str(plan.workdir / "logs" / f"{run.label}.csv"), run.rows)
+        method_reports[run.label] = summarize_method(
+            name, run.label, run.hparams, run.per_seed, run.compile_seconds, plan.guided, keys
         )
-        method_reports[label]["optimizer"] = optimizer_spec
+        method_reports[run.label]["optimizer"] = run.optimizer
+    return method_reports, curves, resumed
 
-    report = {
+
+def assemble_report(
+    plan: RunPlan,
+    *,
+    references: References,
+    evaluation: Evaluation,
+    models: Mapping[str, training.TrainedModel],
+    integrity: dict[str, Any],
+    method_reports: dict[str, Any],
+    resumed: list[str],
+    training_seconds: float,
+    started: float,
+) -> dict[str, Any]:
+    """The report (see :mod:`gsu_jax.reporting`): the request, the references, every method's summary and what the
+    numbers depend on (config, data, models, versions, device, code). ``models``: original, evaluator, oracle."""
+    config = plan.config
+    original_eval, oracle_eval = references.original, references.oracle
+    return {
         "command": plan.command,
         # The method to use when in doubt (its defaults are the measured ones); it heads the default methods list.
         "recommended_method": methods.RECOMMENDED_METHOD,
         "config": jsonable_config(config),
         "forget_classes": list(plan.forget_classes),
         "seeds": list(plan.seeds),
-        "threshold": {
-            "mode": "auto" if plan.threshold is None else "fixed",
-            "value": threshold,
-            "monitor_samples": config["monitor_samples"],
-            "oracle_forget_fraction": oracle_eval["forget_fraction"],
-            "original_forget_fraction": original_eval["forget_fraction"],
-            "original_already_below": original_eval["forget_fraction"] < threshold,
-            "published": {
-                "value": config["published_threshold"],
-                "monitor_samples": config["published_monitor_samples"],
-                "original_forget_fraction": original_eval["forget_fraction_published"],
-            },
-        },
+        "threshold": _threshold_record(plan, references),
         "sa_gated_forget_loss_target": {
             "source": config["gated_target"],
             "scale": config["gated_target_scale"],
-            "value": gated_target,
+            "value": references.gated_target,
             "original_forget_train_loss": original_eval[f"{evaluation.loss_prefix}_forget_train"],
         },
-        "data": {
-            "spec": config["train"]["data"],
-            "fingerprint": plan.run_data.source_fingerprint,
-            "train_fingerprint": plan.run_data.train.fingerprint(),
-            "heldout_fingerprint": plan.run_data.heldout.fingerprint(),
-            "num_train": len(plan.run_data.train),
-            "num_forget_train": int(plan.forget_idx.size),
-            "num_retain_train": int(plan.retain_idx.size),
-            "num_heldout": len(plan.run_data.heldout),
-        },
+        "data": _data_record(plan),
         "models": {
-            "original": _model_record(plan.model_dir, generator),
-            "evaluator": _model_record(plan.classifier_dir, evaluator),
-            "oracle": _model_record(plan.oracle_dir, oracle),
+            "original": _model_record(plan.model_dir, models["original"]),
+            "evaluator": _model_record(plan.classifier_dir, models["evaluator"]),
+            "oracle": _model_record(plan.oracle_dir, models["oracle"]),
         },
         "integrity": integrity,
         "generative": generative_record(evaluation, config),
@@ -291,21 +233,60 @@ def execute(plan: RunPlan) -> dict[str, Any]:
             "volatile_log_columns": list(reporting.VOLATILE_LOG_COLUMNS),
         },
         "resumed": resumed,
-        "timing": {"training_s": training_record["seconds"], "total_s": time.perf_counter() - started},
+        "timing": {"training_s": training_seconds, "total_s": time.perf_counter() - started},
     }
+
+
+def _threshold_record(plan: RunPlan, references: References) -> dict[str, Any]:
+    config, threshold, original_eval = plan.config, references.threshold, references.original
+    return {
+        "mode": "auto" if plan.threshold is None else "fixed",
+        "value": threshold,
+        "monitor_samples": config["monitor_samples"],
+        "oracle_forget_fraction": references.oracle["forget_fraction"],
+        "original_forget_fraction": original_eval["forget_fraction"],
+        "original_already_below": original_eval["forget_fraction"] < threshold,
+        "published": {
+            "value": config["published_threshold"],
+            "monitor_samples": config["published_monitor_samples"],
+            "original_forget_fraction": original_eval["forget_fraction_published"],
+        },
+    }
+
+
+def _data_record(plan: RunPlan) -> dict[str, Any]:
+    config = plan.config
+    return {
+        "spec": config["train"]["data"],
+        "fingerprint": plan.run_data.source_fingerprint,
+        "train_fingerprint": plan.run_data.train.fingerprint(),
+        "heldout_fingerprint": plan.run_data.heldout.fingerprint(),
+        "num_train": len(plan.run_data.train),
+        "num_forget_train": int(plan.forget_idx.size),
+        "num_retain_train": int(plan.retain_idx.size),
+        "num_heldout": len(plan.run_data.heldout),
+    }
+
+
+def _write_report_files(
+    workdir: pathlib.Path,
+    report: dict[str, Any],
+    curves: Mapping[str, list[list[float]]],
+    references: References,
+    started: float,
+) -> None:
+    """``forget_fraction.png``, then ``report.json`` and ``report.md`` (process 0); the total time is taken last."""
+    threshold = references.threshold
+    reporting.plot_forget_fraction(
+        str(workdir / "forget_fraction.png"),
+        curves,
+        threshold=threshold,
+        threshold_label=f"threshold {threshold:.4f} ({report['threshold']['mode']})",
+        oracle_fraction=references.oracle["forget_fraction"],
+    )
     report["timing"]["total_s"] = time.perf_counter() - started
-    if parallel.is_main_process():
-        reporting.plot_forget_fraction(
-            str(workdir / "forget_fraction.png"),
-            curves,
-            threshold=threshold,
-            threshold_label=f"threshold {threshold:.4f} ({report['threshold']['mode']})",
-            oracle_fraction=oracle_eval["forget_fraction"],
-        )
-        report["timing"]["total_s"] = time.perf_counter() - started
-        reporting.write_json(str(workdir / "report.json"), report)
-        reporting.write_markdown(str(workdir / "report.md"), report)
-    return report
+    reporting.write_json(str(workdir / "report.json"), report)
+    reporting.write_markdown(str(workdir / "report.md"), report)
 
 
 # ------------------------------------------------------------------------------------------- summaries

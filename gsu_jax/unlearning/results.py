@@ -32,6 +32,7 @@ __all__ = [
     "load_result",
     "read_result",
     "result_path",
+    "run_identity",
     "save_result",
 ]
 
@@ -117,6 +118,21 @@ def check_saved_results(workdir: pathlib.Path, config: Mapping[str, Any]) -> Non
         differences = provenance.differences({key: identity.get(key) for key in current}, current)
         if differences:
             raise UnlearnConfigError(_mismatch_message(path, workdir, differences))
+
+
+def run_identity(
+    config: Mapping[str, Any], models: Mapping[str, str], threshold: float, gated_target: float
+) -> dict[str, Any]:
+    """What every (method, seed) result of this run shares and a saved one must match to be read back: the config
+    identity, the environment (code, packages, device), the models' parameter digests, the threshold and
+    ``sa_gated``'s target; a run adds its method, hyperparameters, optimizer and seed."""
+    return {
+        "config": config_identity(config),
+        **provenance.environment_identity(),
+        "models": models,
+        "threshold": threshold,
+        "gated_target": gated_target,
+    }
 
 
 def load_result(workdir: pathlib.Path, label: str, seed: int, identity: Mapping[str, Any]) -> dict[str, Any] | None:
