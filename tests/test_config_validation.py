@@ -173,7 +173,7 @@ def test_random_model_hyperparameters_are_accepted_or_refused_naming_the_key(fie
 @BOUNDED
 @hypothesis.given(name=st.sampled_from(sorted(UNLEARN_SCHEMA)), value=EDGE_VALUE)
 def test_any_value_of_any_unlearn_field_is_accepted_by_its_rule_or_refused_naming_it(name, value):
-    """The unlearning schema goes through the same field checks (its cross-field rules are unlearning.py's)."""
+    """The unlearning schema goes through the same field checks (its cross-field rules are gsu_jax.unlearning.plan's)."""
     values = dict(default_unlearn_config().items())
     values[name] = value
     try:

@@ -23,6 +23,7 @@ import pytest
 from gsu_jax import checkpointing, generative, training, unlearning
 from gsu_jax.config_validation import load_config_file, validate_train_config
 from gsu_jax.schema import ConfigError
+from gsu_jax.unlearning.evaluation import gated_target
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TRAIN_SMOKE = REPO / "configs" / "ddpm_smoke.py"
@@ -237,6 +238,6 @@ def test_sa_gated_target_reads_the_family_loss():
     config = {"gated_target": "oracle", "gated_target_scale": 2.0}
     original = {"eps_loss_forget_train": 0.1, "eps_loss_heldout_forget": 0.3}
     oracle = {"eps_loss_forget_train": 0.25}
-    assert unlearning._gated_target(config, original, oracle, "eps_loss") == pytest.approx(0.1 + 2.0 * 0.15)
+    assert gated_target(config, original, oracle, "eps_loss") == pytest.approx(0.1 + 2.0 * 0.15)
     held_out = dict(config, gated_target="heldout", gated_target_scale=1.0)
-    assert unlearning._gated_target(held_out, original, oracle, "eps_loss") == pytest.approx(0.3)
+    assert gated_target(held_out, original, oracle, "eps_loss") == pytest.approx(0.3)

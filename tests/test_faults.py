@@ -35,6 +35,8 @@ from flax import nnx
 
 from gsu_jax import checkpointing, io, losses, methods, models, reporting, training, unlearning
 from gsu_jax import data as data_lib
+from gsu_jax.unlearning.loop import batch_schedule, run_steps, save_unlearned, seed_record
+from gsu_jax.unlearning.results import load_result, read_result
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ROLES = ("generative", "evaluator", "guidance")
@@ -285,12 +287,12 @@ def test_an_edited_saved_result_is_refused_naming_the_file(unlearn_runs, train_r
 
 def test_a_saved_result_of_other_models_is_refused(unlearn_runs):
     workdir = unlearn_runs.reference
-    content = unlearning._read_result(workdir / "results" / "sa+guided" / "seed_0.json")
+    content = read_result(workdir / "results" / "sa+guided" / "seed_0.json")
     identity = content["identity"]
-    assert unlearning._load_result(workdir, "sa+guided", 0, identity) == content
+    assert load_result(workdir, "sa+guided", 0, identity) == content
     other = dict(identity, models=dict(identity["models"], original="0" * 64))
     with pytest.raises(checkpointing.CheckpointMismatchError, match=r"models\.original: '[0-9a-f]{64}' -> '0{64}'"):
-        unlearning._load_result(workdir, "sa+guided", 0, other)
+        load_result(workdir, "sa+guided", 0, other)
 
 
 def test_atomic_writes_leave_the_previous_file_when_interrupted(tmp_path):
@@ -362,7 +364,7 @@ def test_nan_gradients_are_skipped_counted_and_the_rest_matches_a_replay_without
     method, step, params0 = tiny_method
     budget, seed, poisoned = 9, 3, np.array([4])
     plan = _nan_plan(poisoned, budget=budget)
-    run = unlearning._run_one(
+    run = run_steps(
         plan,
         _ConstantMonitor(),
         step,
@@ -373,16 +375,16 @@ def test_nan_gradients_are_skipped_counted_and_the_rest_matches_a_replay_without
         start_fractions=(0.5, 0.5),
         label="sa",
     )
-    # The schedule _run_one draws (forget first, then retain, from the seed's generator).
+    # The schedule run_steps draws (forget first, then retain, from the seed's generator).
     rng = np.random.default_rng([seed, 1])
-    forget_schedule = unlearning._batch_schedule(plan.forget_idx, 2, budget, rng)
-    retain_schedule = unlearning._batch_schedule(plan.retain_idx, 2, budget, rng)
+    forget_schedule = batch_schedule(plan.forget_idx, 2, budget, rng)
+    retain_schedule = batch_schedule(plan.retain_idx, 2, budget, rng)
     poisoned_steps = [t for t in range(budget) if np.isin(forget_schedule[t], poisoned).any()]
     assert 0 < len(poisoned_steps) < budget
     assert run["nonfinite_steps"] == len(poisoned_steps)
     assert [row["step"] for row in run["rows"] if row.get("nonfinite_skipped")] == [t + 1 for t in poisoned_steps]
     assert all(np.isnan(row["forget_loss"]) for row in run["rows"] if row.get("nonfinite_skipped"))
-    record = unlearning._per_seed_record(run, {}, None, budget=budget)
+    record = seed_record(run, {}, None, budget=budget)
     assert record["nonfinite_steps"] == len(poisoned_steps)
 
     # Replay: the same batches and keys, the poisoned steps left out entirely.
@@ -409,7 +411,7 @@ def test_nan_gradients_on_every_step_stop_the_run_with_an_error(tiny_method):
         unlearning.UnlearningDivergedError,
         match=r"sa seed 0 diverged: the last 5 steps \(up to step 5\) had non-finite updates",
     ):
-        unlearning._run_one(
+        run_steps(
             plan,
             _ConstantMonitor(),
             step,
@@ -422,7 +424,7 @@ def test_nan_gradients_on_every_step_stop_the_run_with_an_error(tiny_method):
         )
     # A budget shorter than the window: every step skipped is a divergence too.
     with pytest.raises(unlearning.UnlearningDivergedError, match=r"the last 3 steps \(up to step 3\)"):
-        unlearning._run_one(
+        run_steps(
             _nan_plan(np.arange(6), budget=3),
             _ConstantMonitor(),
             step,
@@ -439,7 +441,7 @@ def test_non_finite_parameters_are_never_saved(tmp_path):
     directory = tmp_path / "unlearned" / "sa" / "seed_0"
     run = {"seed": 0, "params_at_stop": {"w": jnp.array([1.0, jnp.nan])}}
     with pytest.raises(unlearning.UnlearningDivergedError, match="not finite; refusing to save"):
-        unlearning._save_unlearned(directory, run, {"evaluated_at_step": 3}, None, "sa", {}, None)
+        save_unlearned(directory, run, {"evaluated_at_step": 3}, None, "sa", {}, None)
     assert not directory.exists()
 
 

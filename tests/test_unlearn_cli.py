@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from gsu_jax import checkpointing, metrics, training, unlearning
+from gsu_jax.unlearning.results import read_result
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SMOKE = "configs/unlearn_smoke.py"
@@ -95,7 +96,7 @@ def test_end_to_end_files(smoke_run):
         assert not (workdir / "unlearned" / label / "seed_1").exists()  # save_params="first_seed"
         # Each finished run is saved for resumption, and its numbers are the report's.
         for record in report["methods"][label]["per_seed"]:
-            saved = unlearning._read_result(workdir / "results" / label / f"seed_{record['seed']}.json")
+            saved = read_result(workdir / "results" / label / f"seed_{record['seed']}.json")
             assert saved["record"]["fid_retain_at_stop"] == record["fid_retain_at_stop"]
             assert saved["identity"]["seed"] == record["seed"] and saved["identity"]["method"] == label
     assert report["resumed"] == [] and not list(workdir.rglob(".*.tmp-*"))

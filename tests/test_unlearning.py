@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 from gsu_jax import data as data_lib
-from gsu_jax import io, metrics, reporting, training, unlearning
+from gsu_jax import io, methods, metrics, reporting, training, unlearning
+from gsu_jax.unlearning.loop import batch_schedule, run_steps, seed_record
+from gsu_jax.unlearning.report import SUMMARY_KEYS
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -76,7 +78,7 @@ def _run(main, published, *, threshold, continue_to_budget, budget=None):
     plan = _tiny_plan(budget=budget, continue_to_budget=continue_to_budget)
     method = types.SimpleNamespace(init=lambda params: ())
     params0 = {"updates": jnp.int32(0)}
-    return unlearning._run_one(
+    return run_steps(
         plan,
         _ScriptedEvaluation(main, published),
         _counting_step,
@@ -116,7 +118,7 @@ def test_run_that_never_crosses_is_not_reached_and_evaluated_at_the_budget():
     run = _run(main, main, threshold=0.05, continue_to_budget=False)
     assert run["stop"] is None and run["steps_run"] == 3
     assert int(run["params_at_stop"]["updates"]) == 3  # "at stop" falls back to the budget
-    record = unlearning._per_seed_record(run, {"fid_retain": 1.0, "mia_auc": 0.5}, {"fid_retain": 2.0}, budget=3)
+    record = seed_record(run, {"fid_retain": 1.0, "mia_auc": 0.5}, {"fid_retain": 2.0}, budget=3)
     assert record["steps_to_threshold"] is None and record["time_to_unlearn_s"] is None
     assert record["evaluated_at_step"] == 3
     assert record["fid_retain_at_stop"] == 1.0 and record["fid_retain_at_end"] == 2.0 and record["mia_auc"] == 0.5
@@ -132,12 +134,12 @@ def test_original_already_below_threshold_stops_at_zero_updates():
 def test_batch_schedule_is_fresh_permutations_of_the_set():
     rng = np.random.default_rng(0)
     indices = np.arange(10, 17)  # 7 examples, batches of 3: a pass every 7/3 steps
-    schedule = unlearning._batch_schedule(indices, 3, 7, rng)
+    schedule = batch_schedule(indices, 3, 7, rng)
     assert schedule.shape == (7, 3)
     flat = schedule.reshape(-1)
     for start in range(0, 21, 7):  # every consecutive pass is a permutation of the set
         assert sorted(flat[start : start + 7].tolist()) == indices.tolist()
-    other = unlearning._batch_schedule(indices, 3, 7, np.random.default_rng(1))
+    other = batch_schedule(indices, 3, 7, np.random.default_rng(1))
     assert not np.array_equal(schedule, other)  # fresh shuffles per seed
 
 
@@ -187,7 +189,7 @@ def test_main_and_smoke_configs_validate_without_writing(tmp_path):
     assert main.config["optimizer"] == {"name": "adam", "learning_rate": 1e-3}
     # The recommended method comes first, with the learning rate its defaults were measured at (its registry
     # record); every other method runs at the protocol's.
-    assert main.method_names[0] == unlearning.methods.RECOMMENDED_METHOD == "remap_surgery"
+    assert main.method_names[0] == methods.RECOMMENDED_METHOD == "remap_surgery"
     assert main.config["method_optimizers"] == {"remap_surgery": {"name": "adam", "learning_rate": 3e-3}}
     assert main.threshold is None and not main.guided
     assert np.all(main.run_data.train.labels[main.forget_idx] == 1)
@@ -213,7 +215,7 @@ def test_plan_validation(tmp_path, field, value, message):
     if message is None:
         plan = unlearning.plan_run(config, tmp_path / "w")
         if field == "methods":
-            assert plan.method_names == tuple(unlearning.methods.METHODS)
+            assert plan.method_names == tuple(methods.METHODS)
     else:
         with pytest.raises(unlearning.UnlearnConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             unlearning.plan_run(config, tmp_path / "w")
@@ -287,7 +289,7 @@ def test_classifier_independence_refuses(flaw):
 
 def _fake_report() -> dict:
     stat = metrics.summarize
-    method = {key: stat([1.0, 2.0]) for key in unlearning._SUMMARY_KEYS}
+    method = {key: stat([1.0, 2.0]) for key in SUMMARY_KEYS}
     method.update(steps_to_threshold=stat([2, None]), steps_to_published_threshold=stat([1, 1]), guided=True)
     reference = {
         "forget_fraction": 0.03,
@@ -380,6 +382,6 @@ def test_csv_and_pictures(tmp_path):
 
 def test_time_to_unlearn_per_seed_is_step_time_times_steps():
     run = {"seed": 3, "stop": 4, "stop_published": None, "steps_run": 10, "step_times": [0.01] * 10}
-    record = unlearning._per_seed_record(run, {}, None, budget=10)
+    record = seed_record(run, {}, None, budget=10)
     assert math.isclose(record["time_to_unlearn_s"], 0.04)
     assert math.isclose(record["step_time_ms"], 10.0)
