@@ -88,6 +88,7 @@ def make_train_epoch(
     """
     batch_loss = losses.batch_mean(loss_fn)
     translate = jax.vmap(lambda image, key: random_translate(image, max_shift=augment_shift, key=key))
+    rep = state_in = None
     if mesh is not None:
         parallel.check_batch_size(batch_size, mesh)
         rep = parallel.replicated(mesh)
@@ -114,25 +115,50 @@ def make_train_epoch(
         return optax.apply_updates(params, updates), opt_state, loss, finite
 
     if scan:
+        return _scanned_epoch(train_step, epoch_plan, mesh=mesh, state_in=state_in, rep=rep)
+    return _stepwise_epoch(train_step, epoch_plan, num_batches=num_batches, mesh=mesh, state_in=state_in, rep=rep)
 
-        def train_epoch(params, opt_state, images, labels, key):
-            def body(carry, inputs):
-                params, opt_state, loss, finite = train_step(*carry, images, labels, *inputs)
-                return (params, opt_state), (loss, finite)
 
-            (params, opt_state), (batch_losses, finite) = jax.lax.scan(
-                body, (params, opt_state), epoch_plan(key, images.shape[0])
-            )
-            return params, opt_state, batch_losses, finite
+def _scanned_epoch(
+    train_step: Callable[..., Any],
+    epoch_plan: Callable[..., Any],
+    *,
+    mesh: jax.sharding.Mesh | None,
+    state_in: tuple[Any, Any] | None,
+    rep: Any,
+) -> Callable[..., tuple[Any, Any, jax.Array, jax.Array]]:
+    """The epoch as ONE jitted ``lax.scan`` of ``train_step`` over ``epoch_plan``'s batches and keys."""
 
-        if mesh is None:
-            return jax.jit(train_epoch, donate_argnums=(0, 1))
-        return parallel.jit_sharded(
-            train_epoch,
-            in_shardings=(*state_in, rep, rep, rep),
-            out_shardings=(*state_in, rep, rep),
-            donate_argnums=(0, 1),
+    def train_epoch(params, opt_state, images, labels, key):
+        def body(carry, inputs):
+            params, opt_state, loss, finite = train_step(*carry, images, labels, *inputs)
+            return (params, opt_state), (loss, finite)
+
+        (params, opt_state), (batch_losses, finite) = jax.lax.scan(
+            body, (params, opt_state), epoch_plan(key, images.shape[0])
         )
+        return params, opt_state, batch_losses, finite
+
+    if mesh is None:
+        return jax.jit(train_epoch, donate_argnums=(0, 1))
+    return parallel.jit_sharded(
+        train_epoch,
+        in_shardings=(*state_in, rep, rep, rep),
+        out_shardings=(*state_in, rep, rep),
+        donate_argnums=(0, 1),
+    )
+
+
+def _stepwise_epoch(
+    train_step: Callable[..., Any],
+    epoch_plan: Callable[..., Any],
+    *,
+    num_batches: int,
+    mesh: jax.sharding.Mesh | None,
+    state_in: tuple[Any, Any] | None,
+    rep: Any,
+) -> Callable[..., tuple[Any, Any, jax.Array, jax.Array]]:
+    """The same epoch as a Python loop over ONE jitted ``train_step`` (the batches and keys of the scanned one)."""
 
     def indexed_step(params, opt_state, images, labels, order, step_keys, index):
         return train_step(params, opt_state, images, labels, order[index], step_keys[index])
