@@ -13,6 +13,7 @@ import math
 import pathlib
 import shutil
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -20,7 +21,7 @@ from absl import logging
 from flax import nnx
 
 from gsu_jax import io, parallel
-from gsu_jax.checkpointing import WorkdirError, ensure_writable_directory
+from gsu_jax.checkpointing import SkippedStep, WorkdirError, ensure_writable_directory
 from gsu_jax.config_validation import parse_roles, validate_train_config
 from gsu_jax.training.plan import RolePlan, batch_fields, plan_role
 from gsu_jax.training.role import train_role
@@ -79,6 +80,28 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
     plans = [plan_role(role, values, run_data) for role in roles]
     mesh = parallel.run_mesh(values, batch_fields(plans))
     workdir = ensure_writable_directory(workdir)
+    saved, skipped = _checkpoints_to_resume(plans, workdir, values, overwrite)
+    _check_free_space(workdir, plans, values["max_to_keep"])
+    set_aside = _clear_role_dirs(plans, workdir, skipped, overwrite)
+
+    results = {}
+    for plan in plans:
+        role_dir = workdir / plan.role
+        role_dir.mkdir(parents=True, exist_ok=True)
+        results[plan.role] = train_role(plan, role_dir, saved[plan.role], values, run_data, mesh)
+        results[plan.role]["skipped_checkpoints"] = set_aside[plan.role]
+        logging.info("%s: %s", plan.role, {k: v for k, v in results[plan.role].items() if isinstance(v, float)})
+    summary = {"workdir": str(workdir), "wall_seconds": round(time.perf_counter() - started, 2), "roles": results}
+    if parallel.is_main_process():
+        io.write_json(workdir / "summary.json", summary, sort_keys=True)
+    return results
+
+
+def _checkpoints_to_resume(
+    plans: list[RolePlan], workdir: pathlib.Path, values: Mapping[str, Any], overwrite: bool
+) -> tuple[dict[str, dict[str, Any] | None], dict[str, list[SkippedStep]]]:
+    """``({role: metadata of the checkpoint to resume from, or None}, {role: damaged newer steps passed over})``;
+    refuses a checkpoint of another config or data, or (without ``restore_fallback``) a damaged latest step."""
     saved, skipped = {}, {}
     for plan in plans:
         if overwrite:
@@ -87,7 +110,14 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
             saved[plan.role], skipped[plan.role] = newest_good_checkpoint(plan, workdir / plan.role)
         else:
             saved[plan.role], skipped[plan.role] = existing_checkpoint(plan, workdir / plan.role), []
-    _check_free_space(workdir, plans, values["max_to_keep"])
+    return saved, skipped
+
+
+def _clear_role_dirs(
+    plans: list[RolePlan], workdir: pathlib.Path, skipped: dict[str, list[SkippedStep]], overwrite: bool
+) -> dict[str, list[dict[str, Any]]]:
+    """Once every process has read the workdir: process 0 deletes the roles' directories (``overwrite``) or moves
+    their damaged steps aside; returns ``{role: the steps moved aside}`` (empty on the other processes)."""
     # Every process has read the workdir's checkpoints before any of them changes it.
     parallel.barrier("train_and_evaluate:checked")
     if overwrite:
@@ -103,18 +133,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
         for plan in plans
     }
     parallel.barrier("train_and_evaluate:set_aside")
-
-    results = {}
-    for plan in plans:
-        role_dir = workdir / plan.role
-        role_dir.mkdir(parents=True, exist_ok=True)
-        results[plan.role] = train_role(plan, role_dir, saved[plan.role], values, run_data, mesh)
-        results[plan.role]["skipped_checkpoints"] = set_aside[plan.role]
-        logging.info("%s: %s", plan.role, {k: v for k, v in results[plan.role].items() if isinstance(v, float)})
-    summary = {"workdir": str(workdir), "wall_seconds": round(time.perf_counter() - started, 2), "roles": results}
-    if parallel.is_main_process():
-        io.write_json(workdir / "summary.json", summary, sort_keys=True)
-    return results
+    return set_aside
 
 
 def _check_free_space(workdir: pathlib.Path, plans: list[RolePlan], max_to_keep: int) -> None:
