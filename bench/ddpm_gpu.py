@@ -58,13 +58,15 @@ def probe(train_config: str, data: str) -> dict:
 
     from gsu_jax import provenance, training
     from gsu_jax.config_validation import load_config_file, validate_train_config
+    from gsu_jax.training import plan as training_plan
+    from gsu_jax.training import programs as training_programs
 
     config = load_config_file(REPO / train_config)
     config.data = data
     values = validate_train_config(config)
     run_data = training.prepare_data(values)
-    plan = training._plan("generative", values, run_data)  # noqa: SLF001 - the bench times train.py's own programs
-    programs = training._programs(plan.spec)  # noqa: SLF001
+    plan = training_plan.plan_role("generative", values, run_data)  # the bench times train.py's own programs
+    programs = training_programs.compiled_programs(plan.spec)
     params, opt_state = programs.init_state(jax.random.key(0))
     images, labels = jax.numpy.asarray(plan.train.images), jax.numpy.asarray(plan.train.labels)
     timings = []

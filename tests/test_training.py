@@ -280,7 +280,7 @@ def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
         total, used, _ = real_disk_usage(path)
         return type(real_disk_usage(path))(total, used, 3 * 2**20)  # 3 MiB free
 
-    monkeypatch.setattr(training.shutil, "disk_usage", nearly_full)
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)  # the free-space check (gsu_jax.training.run) reads it
     workdir = tmp_path / "full"
     with pytest.raises(
         checkpointing.WorkdirError,
