@@ -16,7 +16,7 @@ Rows, per model and batch size ``B`` (all jitted, outputs synchronised):
 * ``hand-written outer products`` (MLP only, model-specific): one batched forward/backward for the per-example
   output deltas, then each kernel gradient as a broadcast product ``x[:, :, None] * delta[:, None, :]`` written
   straight into the row-major layout;
-* ``projection: materialised``: ``project_normal_plane(per_example=True, only_on_conflict=True)`` on
+* ``projection: materialised``: ``projections.mean_normal_plane_projection(..., only_on_conflict=True)`` on
   ``-per_example_grads``; ``projection: jvp/vjp``: :func:`gsu_jax.per_example.per_example_projected_mean` (no
   per-example gradient is ever stored);
 * ``torch.func vmap(grad)`` and ``torch.compile`` of it (where torch is installed; ``torch.compile`` in ``--full``).
@@ -206,7 +206,7 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
     """Measures the per-example table (and writes the HLO explanation file)."""
     import jax.flatten_util  # noqa: F401 - used by _conflict_projection_from_grads
 
-    from gsu_jax import per_example, surgery
+    from gsu_jax import per_example, projections
 
     bandwidth = copy_bandwidth_gbs(cfg)
     rows: list[dict[str, Any]] = []
@@ -328,13 +328,12 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
                 lambda leaf: jax.random.normal(jax.random.key(7), leaf.shape, leaf.dtype), params
             )
             want = _conflict_projection_from_grads(reference["grads"], direction)
-            project = surgery.project_normal_plane(per_example=True, only_on_conflict=True)
 
             @jax.jit
             def materialised(p, b, k, d):
                 grads = per_example.per_example_grads(loss_fn, p, b, k)
                 negated = jax.tree_util.tree_map(jnp.negative, grads)
-                return project.update(negated, project.init(p), direction=d)[0]
+                return projections.mean_normal_plane_projection(negated, d, only_on_conflict=True)
 
             @jax.jit
             def jvp_vjp(p, b, k, d):

@@ -270,13 +270,11 @@ def time_step(method, *, params, forget, retain, check_key, check, keys, warmup:
 
 def materialised_sa_per_example(loss_fn, optimizer):
     """Per-example SA the straightforward way: materialise the forget batch's per-example gradients
-    (``per_example_grads``), project each with ``project_normal_plane(per_example=True, only_on_conflict=True)``
+    (``per_example_grads``), project each with ``projections.mean_normal_plane_projection(..., only_on_conflict=True)``
     off ``g_r``, average, descend with ``optimizer``. Same update as the registry's ``sa_per_example`` (which never
     materialises them); same ``(init, step)`` interface."""
-    from gsu_jax import per_example, surgery
+    from gsu_jax import per_example, projections
     from gsu_jax.methods import UnlearningMethod, split_step_keys
-
-    project = surgery.project_normal_plane(per_example=True, only_on_conflict=True)
 
     def init(params):
         return optimizer.init(params)
@@ -287,8 +285,8 @@ def materialised_sa_per_example(loss_fn, optimizer):
             lambda p: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, retain_batch, retain_keys))
         )(params)
         grads = per_example.per_example_grads(loss_fn, params, forget_batch, forget_keys)
-        update, _ = project.update(
-            jax.tree_util.tree_map(jnp.negative, grads), project.init(params), direction=retain_grad
+        update = projections.mean_normal_plane_projection(
+            jax.tree_util.tree_map(jnp.negative, grads), retain_grad, only_on_conflict=True
         )
         updates, opt_state = optimizer.update(update, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, {}

@@ -1,7 +1,7 @@
 """The registry of unlearning methods: one record per method, its hyperparameters and where the rule comes from.
 
 ``METHODS[name]`` is a :class:`Method`: the rule in one line, its source (the paper it reads, cited directly, or
-"ours"), its hyperparameters (:class:`HParam`: default, meaning, allowed values, validation) and where the guidance
+"ours"), its hyperparameters (each a :class:`gsu_jax.schema.Field`, the type of every config field) and where the guidance
 add-on enters; its ``direction`` is the rule itself, from :mod:`gsu_jax.update_rules` or
 :mod:`gsu_jax.remap_surgery`. :func:`resolve_hparams` validates a caller's hyperparameters against the record.
 :mod:`gsu_jax.methods` builds the step and re-exports every name here.
@@ -19,40 +19,12 @@ import dataclasses
 import math
 import numbers
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from gsu_jax import remap_surgery, update_rules
+from gsu_jax.schema import REQUIRED, Field, at_least, check_value, greater_than, one_of, within
 from gsu_jax.update_rules import DirectionRule
-
-
-class _Required:
-    """Marks a hyperparameter without a default (the caller must pass it)."""
-
-    def __repr__(self) -> str:
-        return "<required>"
-
-
-REQUIRED = _Required()
-
-
-@dataclasses.dataclass(frozen=True)
-class HParam:
-    """One hyperparameter of a method: its default (or :data:`REQUIRED`), what it means and what is allowed.
-
-    Attributes:
-      default: the value used when the caller passes none; :data:`REQUIRED` when there is none.
-      doc: one line on what it does.
-      allowed: the allowed values, in words (quoted by refusals).
-      is_valid: predicate on a candidate value.
-      convert: turns a valid value into its canonical Python type (e.g. ``np.int64(4)`` -> ``4``, ``3`` -> ``3.0``).
-    """
-
-    default: Any
-    doc: str
-    allowed: str
-    is_valid: Callable[[Any], bool]
-    convert: Callable[[Any], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +35,7 @@ class Method:
       name: registry key.
       rule: the update rule in one line (``u`` is descended by the optimizer).
       source: where the rule comes from.
-      hparams: hyperparameter name -> :class:`HParam` (defaults in :attr:`defaults`).
+      hparams: hyperparameter name -> :class:`gsu_jax.schema.Field` (defaults in :attr:`defaults`).
       guidance: where the guidance add-on enters for this rule (every method accepts it).
       direction: the rule itself, ``(StepInputs, hparams) -> Direction``.
       learning_rate: the learning rate its defaults were measured with, which ``unlearn.py`` gives it unless
@@ -73,7 +45,7 @@ class Method:
     name: str
     rule: str
     source: str
-    hparams: Mapping[str, HParam]
+    hparams: Mapping[str, Field]
     guidance: str
     direction: DirectionRule = dataclasses.field(repr=False)
     learning_rate: float | None = None
@@ -87,31 +59,21 @@ class Method:
 # ----------------------------------------------------------------------------------------- hyperparameters
 
 
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool)
-
-
 def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def is_nonnegative_finite(value: Any) -> bool:
+    """Predicate for :func:`gsu_jax.methods.make_method`'s own numeric arguments (guidance weight)."""
     return _is_real(value) and math.isfinite(value) and value >= 0
 
 
-def _is_not_nan(value: Any) -> bool:
-    return _is_real(value) and not math.isnan(value)
-
-
 def is_positive_int(value: Any) -> bool:
+    """Predicate for :func:`gsu_jax.methods.make_method`'s own integer arguments (chunk size, memory budget)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
-def _is_optional_regex(value: Any) -> bool:
-    if value is None:
-        return True
-    if not isinstance(value, str):
-        return False
+def _is_regex(value: str) -> bool:
     try:
         re.compile(value)
     except re.error:
@@ -119,20 +81,26 @@ def _is_optional_regex(value: Any) -> bool:
     return True
 
 
-def _only_on_conflict(default: bool, what: str) -> HParam:
-    return HParam(
-        default, f"project {what} only where it conflicts (negative inner product)", "True or False", _is_bool, bool
+def _hparam(default: Any, kind: type, allowed: str, check: Any, doc: str, **options: Any) -> Field:
+    """A method hyperparameter: a schema Field in scope ``run`` (method settings never change trained models)."""
+    return Field(default, kind, allowed, check, "run", doc, **options)
+
+
+def _only_on_conflict(default: bool, what: str) -> Field:
+    return _hparam(
+        default, bool, "True or False", None, f"project {what} only where it conflicts (negative inner product)"
     )
 
 
 # UNO's reference code sums its losses over the batch and weighs cos^2 by 1e3; cos^2 is scale-free, so on our mean
 # losses the same direction needs 1e3 / B (B the retain batch size): None selects that faithful default.
-_ORTHOGONALITY_WEIGHT = HParam(
+_ORTHOGONALITY_WEIGHT = _hparam(
     None,
-    "lambda, the weight of cos^2(g_f, g_r); None: 1e3 / B_r, the reference's 1e3 on summed losses rescaled to means",
+    float,
     "None or a finite number >= 0",
-    lambda value: value is None or is_nonnegative_finite(value),
-    lambda value: None if value is None else float(value),
+    at_least(0),
+    "lambda, the weight of cos^2(g_f, g_r); None: 1e3 / B_r, the reference's 1e3 on summed losses rescaled to means",
+    nullable=True,
 )
 # The papers the sources cite (written into report.json with each method's record).
 _BAE = 'Bae et al., "Gradient Surgery for One-shot Unlearning on Generative Model", 2023, arXiv:2307.04550'
@@ -180,12 +148,12 @@ METHODS: dict[str, Method] = {
             "u = -g_f minus its least-squares component in span{G_1..G_K}, G_k = mean grad of retain group k",
             f"subspace reading of {_BAE}",
             {
-                "num_directions": HParam(
+                "num_directions": _hparam(
                     8,
-                    "K, the number of equal contiguous groups of the retain batch (K = B_r: per-example)",
-                    "an integer >= 1 dividing the retain batch size",
-                    is_positive_int,
                     int,
+                    "an integer >= 1 dividing the retain batch size",
+                    at_least(1),
+                    "K, the number of equal contiguous groups of the retain batch (K = B_r: per-example)",
                 ),
                 "only_on_conflict": _only_on_conflict(False, "-g_f off the span"),
             },
@@ -247,57 +215,56 @@ METHODS: dict[str, Method] = {
             "ours (gsu-jax): forget by descending a surrogate whose minimum exists, projected off g_r; a surrogate "
             "target for the forgotten data as in Selective Amnesia (Heng & Soh, 2023, arXiv:2305.10120)",
             {
-                "forget_only": HParam(
+                "forget_only": _hparam(
                     "decoder",
-                    "the surrogate moves only the parameters whose path matches this regex; None: all",
+                    str,
                     "None or a valid regular expression",
-                    _is_optional_regex,
-                    lambda value: value,
+                    _is_regex,
+                    "the surrogate moves only the parameters whose path matches this regex; None: all",
+                    nullable=True,
                 ),
-                "projection": HParam(
+                "projection": _hparam(
                     "conflict",
-                    "g_s projected off g_r: 'conflict' (only when <g_s, g_r> < 0), 'always' or 'none'",
+                    str,
                     "'conflict', 'always' or 'none'",
-                    lambda value: value in ("conflict", "always", "none"),
-                    str,
+                    one_of(("conflict", "always", "none")),
+                    "g_s projected off g_r: 'conflict' (only when <g_s, g_r> < 0), 'always' or 'none'",
                 ),
-                "gate": HParam(
+                "gate": _hparam(
                     False,
-                    "drop example i from the surrogate once l(x_i -> n_i) <= l(x_i) (forgotten)",
-                    "True or False",
-                    _is_bool,
                     bool,
+                    "True or False",
+                    None,
+                    "drop example i from the surrogate once l(x_i -> n_i) <= l(x_i) (forgotten)",
                 ),
-                "forget_half_life": HParam(
+                "forget_half_life": _hparam(
                     20.0,
-                    "steps over which forget_weight halves (annealing); None: constant",
+                    float,
                     "None or a finite number > 0",
-                    lambda v: v is None or (is_nonnegative_finite(v) and v > 0),
-                    lambda v: None if v is None else float(v),
+                    greater_than(0),
+                    "steps over which forget_weight halves (annealing); None: constant",
+                    nullable=True,
                 ),
-                "saliency": HParam(
+                "saliency": _hparam(
                     1.0,
-                    "keep only this fraction of the surrogate gradient's coordinates, the largest (SalUn-style: Fan et al., 2024, arXiv:2310.12508)",
+                    float,
                     "a number in (0, 1]",
-                    lambda v: is_nonnegative_finite(v) and 0 < v <= 1,
-                    float,
+                    within(0, 1, low_open=True),
+                    "keep only this fraction of the surrogate gradient's coordinates, the largest (SalUn-style: "
+                    "Fan et al., 2024, arXiv:2310.12508)",
                 ),
-                "forget_weight": HParam(
-                    1.0,
-                    "weight of the projected surrogate gradient",
-                    "a finite number >= 0",
-                    is_nonnegative_finite,
-                    float,
+                "forget_weight": _hparam(
+                    1.0, float, "a finite number >= 0", at_least(0), "weight of the projected surrogate gradient"
                 ),
-                "retain_weight": HParam(
-                    1.0, "weight of g_r added to the update", "a finite number >= 0", is_nonnegative_finite, float
+                "retain_weight": _hparam(
+                    1.0, float, "a finite number >= 0", at_least(0), "weight of g_r added to the update"
                 ),
-                "image_field": HParam(
+                "image_field": _hparam(
                     "image",
-                    "the example field that is paired and replaced by 'target'",
-                    "a string naming a field of the examples",
-                    lambda v: isinstance(v, str),
                     str,
+                    "a string naming a field of the examples",
+                    None,
+                    "the example field that is paired and replaced by 'target'",
                 ),
             },
             _GUIDANCE_AFTER_PROJECTION,
@@ -309,35 +276,37 @@ METHODS: dict[str, Method] = {
             "u = mean_i w_i P^c_{g_r}(-grad l(x_i)) + (1 - mean_i w_i) g_r, w_i = 1[l(x_i) < forget_loss_target]",
             "ours (gsu-jax): ascent that stops per example once its loss reaches the retrained oracle's level",
             {
-                "forget_loss_target": HParam(
+                "forget_loss_target": _hparam(
                     REQUIRED,
-                    "the retrain-from-scratch oracle's mean forget loss: examples at or above it stop ascending",
+                    float,
                     "a number (+inf: never gate, -inf: gate everything)",
-                    _is_not_nan,
-                    float,
+                    None,
+                    "the retrain-from-scratch oracle's mean forget loss: examples at or above it stop ascending",
+                    finite=False,
                 ),
-                "temperature": HParam(
+                "temperature": _hparam(
                     0.0,
-                    "0: hard gate 1[l < target]; > 0: smooth gate sigmoid((target - l) / temperature)",
-                    "a finite number >= 0",
-                    is_nonnegative_finite,
                     float,
+                    "a finite number >= 0",
+                    at_least(0),
+                    "0: hard gate 1[l < target]; > 0: smooth gate sigmoid((target - l) / temperature)",
                 ),
                 "only_on_conflict": _only_on_conflict(True, "each example's ascent gradient"),
-                "combine": HParam(
+                "combine": _hparam(
                     "fill",
+                    str,
+                    "'fill', 'sa' or 'pcgrad'",
+                    one_of(("fill", "sa", "pcgrad")),
                     "'fill': gated-out share goes to retain descent; 'sa': gated ascent alone (zero once all are "
                     "gated); 'pcgrad': two-task PCGrad of the gated ascent and g_r",
-                    "'fill', 'sa' or 'pcgrad'",
-                    lambda value: value in ("fill", "sa", "pcgrad"),
-                    str,
                 ),
-                "ascend_only": HParam(
+                "ascend_only": _hparam(
                     None,
-                    "ascend only the parameters whose path matches this regex (e.g. 'decoder'); None: all",
+                    str,
                     "None or a valid regular expression",
-                    _is_optional_regex,
-                    lambda value: value,
+                    _is_regex,
+                    "ascend only the parameters whose path matches this regex (e.g. 'decoder'); None: all",
+                    nullable=True,
                 ),
             },
             _GUIDANCE_AFTER_PROJECTION,
@@ -369,11 +338,9 @@ def resolve_hparams(name: str, **hparams: Any) -> dict[str, Any]:
         allowed = ", ".join(f"{key}={hparam.default!r}" for key, hparam in method.hparams.items()) or "none"
         raise ValueError(f"method {name!r} has no hyperparameter {', '.join(unknown)}; allowed: {allowed}")
     resolved = {}
-    for key, hparam in method.hparams.items():
-        value = hparams.get(key, hparam.default)
+    for key, field in method.hparams.items():
+        value = hparams.get(key, field.default)
         if value is REQUIRED:
-            raise ValueError(f"method {name!r} needs {key} ({hparam.doc}); allowed: {hparam.allowed}")
-        if not hparam.is_valid(value):
-            raise ValueError(f"method {name!r}: {key}={value!r} is invalid; allowed: {hparam.allowed}")
-        resolved[key] = hparam.convert(value)
+            raise ValueError(f"method {name!r} needs {key} ({field.help}); allowed: {field.allowed}")
+        resolved[key] = check_value(key, value, field, prefix=f"method {name!r}: ")
     return resolved

@@ -260,9 +260,11 @@ def default_unlearn_config() -> ml_collections.ConfigDict:
             config.method_hparams = ml_collections.ConfigDict(
                 {
                     method: {
-                        key: _hparam_default(hparam)
-                        for key, hparam in record.hparams.items()
-                        if hparam.default is not methods.REQUIRED
+                        key: ml_collections.config_dict.placeholder(field.kind)
+                        if field.default is None
+                        else field.default
+                        for key, field in record.hparams.items()
+                        if field.default is not methods.REQUIRED
                     }
                     for method, record in methods.METHODS.items()
                 }
@@ -287,16 +289,6 @@ def default_unlearn_config() -> ml_collections.ConfigDict:
         else:
             setattr(config, name, field.default)
     return config
-
-
-def _hparam_default(hparam: methods.HParam) -> Any:
-    """The default, or for ``None`` a placeholder typed by what the hyperparameter accepts (str, int or float)."""
-    if hparam.default is not None:
-        return hparam.default
-    for kind, probe in ((int, 1), (float, 0.5), (str, "x")):
-        if hparam.is_valid(probe):
-            return ml_collections.config_dict.placeholder(kind)
-    return None
 
 
 # ------------------------------------------------------------------------------------------- parsing
