@@ -7,7 +7,7 @@ consumed 128 + 128 per step (reshuffled at each pass); the method's step is comp
 time, reused across seeds) and timed alone, synchronised with ``block_until_ready``, excluding the monitoring.
 After every update the forget fraction is measured on ``monitor_samples`` images decoded from the fixed z and
 labelled by the evaluator. The run *stops* at the first update count ``t`` with fraction < threshold (updates
-applied, REFERENCE.md section 2) and, when ``continue_to_budget``, continues to ``max_steps`` so that the
+applied, docs/protocol.md §2) and, when ``continue_to_budget``, continues to ``max_steps`` so that the
 protocol's end-of-budget FID is measured too. Seeds that never cross the threshold are evaluated "at stop" at the
 budget and counted as not reached (the table says how many reached).
 
