@@ -378,20 +378,23 @@ def build_optimizer(spec: Mapping[str, Any]) -> optax.GradientTransformation:
     return getattr(optax, spec["name"])(spec["learning_rate"], **kwargs)
 
 
+def _per_method_mappings(field: str, value: Mapping[str, Any], allowed: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """``config.<field>``'s (method, mapping) entries, refusing an unknown method or an entry that is no mapping."""
+    for name, entry in value.items():
+        if name not in methods.METHODS:
+            raise UnlearnConfigError(f"config.{field}: unknown method {name!r}; allowed: {', '.join(methods.METHODS)}")
+        if not isinstance(entry, Mapping):
+            raise UnlearnConfigError(f"config.{field}.{name}={entry!r} is invalid; allowed: {allowed}")
+    return list(value.items())
+
+
 def parse_method_optimizers(overrides: Mapping[str, Any], optimizer: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """``config.method_optimizers``: per method, its set fields over the parsed ``optimizer`` (methods that set
     nothing are left out: they use ``optimizer``)."""
     method_optimizers = {}
-    for name, override in overrides.items():
-        if name not in methods.METHODS:
-            raise UnlearnConfigError(
-                f"config.method_optimizers: unknown method {name!r}; allowed: {', '.join(methods.METHODS)}"
-            )
-        if not isinstance(override, Mapping):
-            raise UnlearnConfigError(
-                f"config.method_optimizers.{name}={override!r} is invalid; allowed: a mapping like "
-                "{'learning_rate': 3e-3}"
-            )
+    for name, override in _per_method_mappings(
+        "method_optimizers", overrides, "a mapping like {'learning_rate': 3e-3}"
+    ):
         override = {key: value for key, value in override.items() if value is not None}
         if override:
             method_optimizers[name] = parse_optimizer({**optimizer, **override}, field=f"method_optimizers.{name}")
@@ -400,18 +403,12 @@ def parse_method_optimizers(overrides: Mapping[str, Any], optimizer: Mapping[str
 
 def parse_method_hparams(value: Mapping[str, Any], names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``config.method_hparams``, each of the methods ``names`` resolved against the registry with them."""
-    result = {}
-    for name, hparams in value.items():
-        if name not in methods.METHODS:
-            raise UnlearnConfigError(
-                f"config.method_hparams: unknown method {name!r}; allowed: {', '.join(methods.METHODS)}"
-            )
-        if not isinstance(hparams, Mapping):
-            raise UnlearnConfigError(
-                f"config.method_hparams.{name}={hparams!r} is invalid; allowed: a mapping of "
-                "hyperparameter names to values"
-            )
-        result[name] = dict(hparams)
+    result = {
+        name: dict(hparams)
+        for name, hparams in _per_method_mappings(
+            "method_hparams", value, "a mapping of hyperparameter names to values"
+        )
+    }
     for name in names:
         trial = dict(result.get(name, {}))
         if name == "sa_gated":
