@@ -253,6 +253,7 @@ def validate_parallel(values: Mapping[str, Any], *, prefix: str = "config.") -> 
 # ------------------------------------------------------------------------------------------- the train schema
 
 
+# Over 80 lines: a table, one Field per train.py config field, read top to bottom like configs/mnist_vae.py.
 def _train_schema() -> dict[str, Field]:
     generative_models = tuple(sorted(VAE_MODELS | DIFFUSION_MODELS))
     classifier_models = tuple(sorted(CLASSIFIER_MODELS))
