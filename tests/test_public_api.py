@@ -13,15 +13,13 @@ from gsu_jax import methods, per_example, projections, surgery
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Every module of the surgery and methods layers, each imported first in a fresh set of gsu_jax modules: a cycle
 # shows as an ImportError (a partially initialised module) for the module that closes it.
-MODULES = (
-    "trees",
-    "projections",
-    "surgery",
-    "per_example",
-    "update_rules",
-    "remap_surgery",
-    "method_registry",
-    "methods",
+# Every module of the package, each imported first on its own: a cycle anywhere fails.
+MODULES = tuple(
+    sorted(
+        str(path.relative_to(REPO / "gsu_jax").with_suffix("")).replace("/", ".").removesuffix(".__init__")
+        for path in (REPO / "gsu_jax").rglob("*.py")
+        if path.name != "__init__.py" or path.parent != REPO / "gsu_jax"
+    )
 )
 
 

@@ -90,7 +90,7 @@ from gsu_jax.checkpointing import CheckpointCorruptError as CheckpointCorruptErr
 from gsu_jax.checkpointing import CheckpointMismatchError as CheckpointMismatchError
 from gsu_jax.checkpointing import CheckpointNotFoundError as CheckpointNotFoundError
 from gsu_jax.checkpointing import WorkdirError as WorkdirError
-from gsu_jax.config_validation import ConfigError as ConfigError
+from gsu_jax.schema import ConfigError as ConfigError
 from gsu_jax.training.epoch import make_train_epoch, random_translate
 from gsu_jax.training.loading import TrainedModel, load_trained
 from gsu_jax.training.role import MAX_CONSECUTIVE_NONFINITE, TrainingDivergedError

@@ -16,7 +16,8 @@ from flax import nnx
 
 from gsu_jax import data as data_lib
 from gsu_jax import generative as families
-from gsu_jax.config_validation import ROLES, ConfigError, fields_in_scope
+from gsu_jax.config_validation import ROLES, fields_in_scope
+from gsu_jax.schema import ConfigError
 from gsu_jax.training.programs import ProgramSpec
 from gsu_jax.training.run_data import RunData
 

@@ -11,7 +11,9 @@ import dataclasses
 from typing import Any
 
 from gsu_jax import data as data_lib
-from gsu_jax.config_validation import ConfigError, parse_class_list, validate_train_config
+from gsu_jax import data_splits
+from gsu_jax.config_validation import parse_class_list, validate_train_config
+from gsu_jax.schema import ConfigError
 
 __all__ = ["RunData", "prepare_data"]
 
@@ -79,7 +81,7 @@ def prepare_data(config: Any) -> RunData:
         train = source
     else:
         try:
-            train, heldout = data_lib.train_test_split(source, test_fraction=values["holdout_fraction"], seed=seed)
+            train, heldout = data_splits.train_test_split(source, test_fraction=values["holdout_fraction"], seed=seed)
         except ValueError as err:
             raise ConfigError(f"config.holdout_fraction={values['holdout_fraction']!r}: {err}") from err
 
@@ -92,7 +94,7 @@ def prepare_data(config: Any) -> RunData:
                 f"allowed: classes 0..{train.num_classes - 1}"
             )
         try:
-            _, kept = data_lib.select_forget_retain(train.labels, classes=list(excluded))
+            _, kept = data_splits.select_forget_retain(train.labels, classes=list(excluded))
         except ValueError as err:
             raise ConfigError(f"config.exclude_classes={values['exclude_classes']!r}: {err}") from err
         generative = train.subset(kept)
@@ -105,7 +107,7 @@ def prepare_data(config: Any) -> RunData:
         guidance = train
     else:
         try:
-            guidance_idx, evaluator_idx = data_lib.stratified_split(
+            guidance_idx, evaluator_idx = data_splits.stratified_split(
                 train.labels, test_fraction=values["evaluator_fraction"], seed=seed
             )
         except ValueError as err:

@@ -19,17 +19,12 @@ import optax
 from gsu_jax import io, methods
 from gsu_jax.config_validation import (
     PARALLEL_SCHEMA,
-    ConfigError,
-    Field,
-    at_least,
     default_train_config,
-    one_of,
     parse_class_list,
-    validate_config,
     validate_parallel,
     validate_train_config,
-    within,
 )
+from gsu_jax.schema import ConfigError, Field, at_least, one_of, validate_config, within
 from gsu_jax.unlearning.errors import UnlearnConfigError
 
 __all__ = [

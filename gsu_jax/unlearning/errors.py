@@ -8,7 +8,7 @@ stops diverged runs (:class:`UnlearningDivergedError`).
 from __future__ import annotations
 
 from gsu_jax import checkpointing
-from gsu_jax.config_validation import ConfigError
+from gsu_jax.schema import ConfigError
 
 __all__ = ["SavedResultError", "UnlearnConfigError", "UnlearningDivergedError"]
 

@@ -32,10 +32,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from gsu_jax import checkpointing, models, parallel, training
-from gsu_jax import data as data_lib
+from gsu_jax import checkpointing, data_splits, models, parallel, training
 from gsu_jax import generative as families
-from gsu_jax.config_validation import ROLES, ConfigError, default_train_config, parse_class_list
+from gsu_jax.config_validation import ROLES, default_train_config, parse_class_list
+from gsu_jax.schema import ConfigError
 from gsu_jax.unlearning.config import (
     check_gated_target,
     parse_config_values,
@@ -310,7 +310,7 @@ def _forget_retain_split(
             f"classes 0..{run_data.train.num_classes - 1} of the data"
         )
     try:
-        return data_lib.select_forget_retain(run_data.train.labels, classes=list(forget_classes))
+        return data_splits.select_forget_retain(run_data.train.labels, classes=list(forget_classes))
     except (ValueError, TypeError) as err:
         raise UnlearnConfigError(f"config.forget_classes={value!r}: {err}") from err
 
