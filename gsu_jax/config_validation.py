@@ -31,6 +31,7 @@ import ml_collections
 
 from gsu_jax.models import CLASSIFIER_MODELS, DIFFUSION_MODELS, VAE_MODELS, model_hyperparameters
 from gsu_jax.schema import (
+    HOST_PORT_ALLOWED,
     ConfigError,
     Field,
     as_mapping,
@@ -38,6 +39,7 @@ from gsu_jax.schema import (
     did_you_mean,
     dotted_name,
     greater_than,
+    is_host_port,
     one_of,
     unknown_key_message,
     validate_config,
@@ -241,11 +243,9 @@ def validate_parallel(values: Mapping[str, Any], *, prefix: str = "config.") -> 
                 "in 0..num_processes-1"
             )
         address = dist["coordinator_address"]
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not is_host_port(address):
             raise ConfigError(
-                f"{prefix}distributed.coordinator_address={address!r} is invalid: allowed: "
-                "'host:port', e.g. '10.0.0.1:1234'"
+                f"{prefix}distributed.coordinator_address={address!r} is invalid: allowed: {HOST_PORT_ALLOWED}"
             )
     return result
 

@@ -71,7 +71,6 @@ are always computed because the metrics need them, so ``ascent`` and ``retain_fi
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -79,6 +78,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gsu_jax import per_example
 from gsu_jax.losses import GuidanceLossFn, LossFn, batch_size
 from gsu_jax.method_registry import (
     METHODS,
@@ -225,12 +225,7 @@ def make_method(
       ['cos_forget_retain', 'forget_loss', 'gated_fraction', 'projected', 'retain_loss', 'update_norm']
     """
     resolved = resolve_hparams(name, **hparams)
-    if chunk_size is not None and not is_positive_int(chunk_size):
-        if isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool):
-            raise ValueError(
-                f"chunk_size must be >= 1 (examples per chunk), got {chunk_size!r}; allowed: None or an integer >= 1"
-            )
-        raise TypeError(f"chunk_size must be None or an integer >= 1 (examples per chunk), got {chunk_size!r}")
+    per_example.check_chunk_size(chunk_size)
     chunk_size = None if chunk_size is None else int(chunk_size)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (params, example, key) -> f32[], got {loss_fn!r}")

@@ -35,7 +35,6 @@ Example:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,7 +43,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gsu_jax.schema import ConfigError
+from gsu_jax.schema import HOST_PORT_ALLOWED, ConfigError, is_host_port
 
 __all__ = [
     "DATA_AXIS",
@@ -74,7 +73,6 @@ MODEL_AXIS = "model"
 # Leaves with fewer elements than this stay replicated on a model axis: splitting biases and scales saves no
 # memory worth the collectives it adds.
 MIN_SHARDED_SIZE = 4096
-_ADDRESS = re.compile(r"^\[?[A-Za-z0-9_.:-]+\]?:\d{1,5}$")
 
 
 # ------------------------------------------------------------------------------------------- the mesh
@@ -447,10 +445,8 @@ def initialize_distributed(
             f"{process_id=}"
         )
     if coordinator_address is not None:
-        if not isinstance(coordinator_address, str) or not _ADDRESS.match(coordinator_address):
-            raise ValueError(
-                f"coordinator_address={coordinator_address!r} is invalid; allowed: 'host:port', e.g. '10.0.0.1:1234'"
-            )
+        if not is_host_port(coordinator_address):
+            raise ValueError(f"coordinator_address={coordinator_address!r} is invalid; allowed: {HOST_PORT_ALLOWED}")
         if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
             raise ValueError(f"num_processes={num_processes!r} is invalid; allowed: an integer >= 1")
         if isinstance(process_id, bool) or not isinstance(process_id, int) or not 0 <= process_id < num_processes:

@@ -22,6 +22,7 @@ per-example normal-plane projections without ever holding ``B`` gradients.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -91,11 +92,14 @@ def _cast_like(tree: PyTree, reference: PyTree) -> PyTree:
 
 
 def check_chunk_size(chunk_size: Any) -> None:
-    """Refuses a ``chunk_size`` that is neither ``None`` nor an int >= 1."""
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
-        raise TypeError(f"chunk_size must be an int or None, got {chunk_size!r}.")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    """Refuses a ``chunk_size`` that is neither ``None`` nor an integer >= 1 (the one rule for every function that
+    takes one: the per-example engine and :func:`gsu_jax.methods.make_method`)."""
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"chunk_size={chunk_size!r} is invalid: allowed: None or an integer >= 1 (examples per chunk)")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} is invalid: allowed: None or an integer >= 1 (examples per chunk)")
 
 
 def _leading_size(data: PyTree) -> int:

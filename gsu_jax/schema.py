@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import math
 import numbers
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -143,6 +144,18 @@ def within(low: float, high: float, *, low_open: bool = False, high_open: bool =
 def one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
     """Predicate ``value in choices``."""
     return lambda value: value in choices
+
+
+HOST_PORT_ALLOWED = "'host:port' with a port in 1..65535, e.g. '10.0.0.1:1234'"
+
+
+def is_host_port(value: Any) -> bool:
+    """Predicate: ``value`` is ``'host:port'`` (IPv6 hosts in brackets) with a port in 1..65535 (the one rule for a
+    coordinator address, used by the config schema and by :func:`gsu_jax.parallel.initialize_distributed`)."""
+    if not isinstance(value, str):
+        return False
+    host, _, port = value.rpartition(":")
+    return bool(re.fullmatch(r"\[?[A-Za-z0-9_.:-]+\]?", host)) and port.isdigit() and 0 < int(port) < 65536
 
 
 # ------------------------------------------------------------------------------------------- validation

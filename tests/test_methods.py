@@ -628,7 +628,7 @@ def test_a_chunk_holding_both_batches_is_bit_identical_to_no_chunking(steps, pro
         ("sa", {"num_directions": 4}, "method 'sa' has no hyperparameter num_directions; allowed: none"),
         ("sa_span", {"directions": 4}, "has no hyperparameter directions; allowed: num_directions=8"),
         ("sa_span", {"num_directions": 0}, "num_directions=0 is invalid: allowed: an integer >= 1"),
-        ("sa_span", {"chunk_size": 0}, "chunk_size must be >= 1 (examples per chunk), got 0; allowed: None or"),
+        ("sa_span", {"chunk_size": 0}, "chunk_size=0 is invalid: allowed: None or an integer >= 1 (examples per"),
         (
             "sa_per_example",
             {"only_on_conflict": "yes"},
@@ -668,7 +668,7 @@ def test_bad_callables_are_refused():
     with pytest.raises(TypeError, match="guidance_loss must be callable"):
         make_method("sa", loss_fn=vae_like_loss, optimizer=optax.sgd(0.1), guidance_loss="kl")
     for bad in (2.5, True, "4"):
-        with pytest.raises(TypeError, match="chunk_size must be None or an integer >= 1"):
+        with pytest.raises(TypeError, match="is invalid: allowed: None or an integer >= 1"):
             make_method("sa", loss_fn=vae_like_loss, optimizer=optax.sgd(0.1), chunk_size=bad)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import pytest
 
 from gsu_jax import parallel
 from gsu_jax.config_validation import default_train_config, validate_train_config
-from gsu_jax.schema import ConfigError
+from gsu_jax.schema import ConfigError, is_host_port
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Wall-clock bound of one multi-device pytest session (a hung collective must fail the test, not the CI job).
@@ -185,3 +186,31 @@ def test_runs_refuse_a_mesh_larger_than_the_machine_before_any_work(tmp_path):
     with pytest.raises(unlearning.UnlearnConfigError, match=r"config.mesh=.*does not divide"):
         unlearning.plan_run(config, tmp_path / "unlearn")
     assert not (tmp_path / "train").exists() and not (tmp_path / "unlearn").exists()
+
+
+@pytest.mark.parametrize(
+    "address, valid",
+    [
+        ("10.0.0.1:1234", True),
+        ("node-01.cluster:65535", True),
+        ("[::1]:8476", True),
+        ("host", False),
+        ("host:0", False),
+        ("host:65536", False),
+        (":1234", False),
+        ("host:12ab", False),
+    ],
+)
+def test_the_config_and_the_library_share_one_coordinator_address_rule(address, valid):
+    """The train config's refusal and parallel.initialize_distributed's follow the same predicate."""
+    assert is_host_port(address) is valid
+    config = default_train_config().to_dict()
+    config["distributed"].update({"enabled": True, "coordinator_address": address, "num_processes": 2})
+    config["distributed"]["process_id"] = 0
+    if valid:
+        validate_train_config(config)
+    else:
+        with pytest.raises(ConfigError, match=re.escape(f"coordinator_address={address!r} is invalid")):
+            validate_train_config(config)
+        with pytest.raises(ValueError, match=re.escape(f"coordinator_address={address!r} is invalid")):
+            parallel.initialize_distributed(coordinator_address=address, num_processes=2, process_id=0)

@@ -379,12 +379,12 @@ def test_bad_inputs_raise_clear_errors():
         (
             lambda: per_example.per_example_grads(tanh_loss, params, data, keys, chunk_size=0),
             ValueError,
-            "chunk_size must be >= 1",
+            r"chunk_size=0 is invalid: allowed: None or an integer >= 1",
         ),
         (
             lambda: per_example.per_example_grads(tanh_loss, params, data, keys, chunk_size=2.0),
             TypeError,
-            "chunk_size must be an int",
+            r"chunk_size=2.0 is invalid: allowed: None or an integer >= 1",
         ),
         (
             lambda: per_example.weighted_grad_sum(tanh_loss, params, data, keys, np.ones(3)),
