@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Mapping, Sequence
@@ -30,7 +31,7 @@ __all__ = [
     "one_line",
     "parse_flags",
     "quiet_orbax_logs",
-    "unknown_override",
+    "unknown_field_refusal",
 ]
 
 USAGE_ERROR = 2
@@ -59,42 +60,50 @@ def debug_requested(argv: Sequence[str]) -> bool:
     return any(arg == "--debug" or arg.lower() in ("--debug=true", "--debug=1") for arg in argv)
 
 
-def unknown_override(argv: Sequence[str], schemas: Mapping[str, Mapping[str, Field]]) -> str | None:
-    """The refusal of the first ``--config.<field>=`` override whose field no schema knows, else None.
+# ml_collections' refusal of a key its locked ConfigDict lacks: ``KeyError("'name'\nDid you mean "x" instead of
+# "name"?")`` (the second line only when a field is spelt alike).
+_LOCKED_KEY_REFUSAL = re.compile(r"""^'(?P<key>[^'\n]+)'(?:\nDid you mean "(?P<suggestion>[^"]+)")?""")
 
-    Args:
-      argv: the command line.
-      schemas: dotted prefix below ``config.`` -> the schema of the fields under it; ``""`` is the config itself,
-        e.g. ``{"": UNLEARN_SCHEMA, "train.": TRAIN_SCHEMA}``. Deeper paths (``--config.model_kwargs.hidden``) are
-        left to the field's own validation, which knows the model's hyperparameters.
 
-    ml_collections' locked ConfigDict refuses the same overrides, but its message neither names the dotted field
-    nor fits one line; this one does, with a "did you mean" hint from the schema.
+def unknown_field_refusal(
+    error: BaseException, argv: Sequence[str], schemas: Mapping[str, Mapping[str, Field]]
+) -> str | None:
+    """The one-line refusal of an override that ml_collections' locked ConfigDict refused as an unknown key, else
+    None (``error`` is something else).
+
+    ml_collections finds the unknown key and its "did you mean"; this only names the dotted field the user wrote
+    and, where no field is spelt alike, lists the known ones from ``schemas`` (dotted prefix below ``config.`` ->
+    the schema of the fields under it, ``""`` the config itself, e.g. ``{"": UNLEARN_SCHEMA, "train.":
+    TRAIN_SCHEMA}``).
     """
+    if not isinstance(error, (KeyError, AttributeError)) or not error.args:
+        return None
+    match = _LOCKED_KEY_REFUSAL.match(str(error.args[0]))
+    if match is None:
+        return None
+    key = match["key"]
     for arg in argv[1:]:
-        if not arg.startswith("--config."):
-            continue
-        path = arg[len("--config.") :].split("=", 1)[0]
-        for prefix in sorted(schemas, key=len, reverse=True):
-            if prefix and not path.startswith(prefix):
-                continue
-            name = path[len(prefix) :].split(".", 1)[0]
-            if name and name not in schemas[prefix]:
-                return unknown_key_message(name, schemas[prefix], prefix=f"config.{prefix}")
+        parts = arg.removeprefix("--config.").split("=", 1)[0].split(".")
+        if arg.startswith("--config.") and key in parts:
+            path = ".".join(parts[: parts.index(key)])
+            prefix = f"{path}." if path else ""
             break
-    return None
+    else:
+        return None
+    if match["suggestion"]:
+        return f"config.{prefix}{key} is not a known field; did you mean {match['suggestion']!r}?"
+    if prefix not in schemas:  # a model's own kwargs (model_kwargs.*): no schema here lists them
+        return f"config.{prefix}{key} is not a known field"
+    return unknown_key_message(key, schemas[prefix], prefix=f"config.{prefix}")
 
 
 def parse_flags(argv: list[str], *, program: str, schemas: Mapping[str, Mapping[str, Field]]) -> list[str]:
     """absl's flag parsing for ``app.run(flags_parser=...)``, every refusal one line with exit status 2.
 
-    absl alone exits 1 with a multi-line message; an override of an unknown field is refused first by
-    :func:`unknown_override` with the schema's hint.
+    absl alone exits 1 with a multi-line message; an override of an unknown field, which ml_collections' locked
+    ConfigDict refuses, is reported by :func:`unknown_field_refusal` as the dotted field with the hint.
     """
     debug = debug_requested(argv)
-    refusal = unknown_override(argv, schemas)
-    if refusal is not None:
-        fail(program, USAGE_ERROR, refusal, debug=debug)
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
@@ -103,6 +112,9 @@ def parse_flags(argv: list[str], *, program: str, schemas: Mapping[str, Mapping[
         # config_flags wraps a bad nested override's ml_collections error: unwrap it to its own text.
         while error.args and isinstance(error.args[0], BaseException):
             error = error.args[0]
+        refusal = unknown_field_refusal(error, argv, schemas)
+        if refusal is not None:
+            fail(program, USAGE_ERROR, refusal, debug=debug)
         overrides = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
         fail(
             program,
