@@ -38,8 +38,9 @@ class Method:
       hparams: hyperparameter name -> :class:`gsu_jax.schema.Field` (defaults in :attr:`defaults`).
       guidance: where the guidance add-on enters for this rule (every method accepts it).
       direction: the rule itself, ``(StepInputs, hparams) -> Direction``.
-      learning_rate: the learning rate its defaults were measured with, which ``unlearn.py`` gives it unless
-        ``config.method_optimizers`` says otherwise; None: the run's ``config.optimizer`` (the protocol's 1e-3).
+      optimizer: the optimizer its defaults were measured with (``{"name": optax name, "learning_rate": ...}``),
+        which ``unlearn.py`` gives it unless ``config.method_optimizers`` says otherwise; None: the run's
+        ``config.optimizer`` (the protocol's Adam 1e-3).
     """
 
     name: str
@@ -48,7 +49,7 @@ class Method:
     hparams: Mapping[str, Field]
     guidance: str
     direction: DirectionRule = dataclasses.field(repr=False)
-    learning_rate: float | None = None
+    optimizer: Mapping[str, Any] | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -211,7 +212,8 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "remap_surgery",
-            "u = P^c_{g_r}(g_s) + g_r, g_s = grad mean_i l(x_i -> nearest retained image) (a bounded forget loss)",
+            "u = P^c_{g_r}(D g_s) + D g_r, g_s = grad mean_i l(x_i -> nearest retained image) (a bounded forget loss), "
+            "D = (F_r + damping)^-1/2 the retain data's diagonal Fisher",
             "ours (gsu-jax): forget by descending a surrogate whose minimum exists, projected off g_r; a surrogate "
             "target for the forgotten data as in Selective Amnesia (Heng & Soh, 2023, arXiv:2305.10120)",
             {
@@ -253,6 +255,22 @@ METHODS: dict[str, Method] = {
                     "keep only this fraction of the surrogate gradient's coordinates, the largest (SalUn-style: "
                     "Fan et al., 2024, arXiv:2310.12508)",
                 ),
+                "precondition": _hparam(
+                    "retain_rms",
+                    str,
+                    "'none', 'retain_fisher' or 'retain_rms'",
+                    one_of(("none", "retain_fisher", "retain_rms")),
+                    "g_s and g_r divided per coordinate by sqrt(F_r) ('retain_rms') or F_r ('retain_fisher'), F_r the "
+                    "retain batch's damped diagonal Fisher, before the projection; 'none': raw gradients. Meant for "
+                    "SGD (Adam would redo the per-coordinate scaling)",
+                ),
+                "fisher_damping": _hparam(
+                    0.1,
+                    float,
+                    "a finite number > 0",
+                    greater_than(0),
+                    "damping added to the diagonal Fisher, as a multiple of its mean",
+                ),
                 "forget_weight": _hparam(
                     1.0, float, "a finite number >= 0", at_least(0), "weight of the projected surrogate gradient"
                 ),
@@ -269,7 +287,7 @@ METHODS: dict[str, Method] = {
             },
             _GUIDANCE_AFTER_PROJECTION,
             remap_surgery.remap_surgery_rule,
-            learning_rate=3e-3,
+            optimizer={"name": "sgd", "learning_rate": 3e-3},
         ),
         Method(
             "sa_gated",

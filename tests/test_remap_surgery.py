@@ -103,6 +103,8 @@ def reference_direction(
     gate=False,
     saliency=1.0,
     weight_scale=1.0,
+    precondition="retain_rms",
+    fisher_damping=0.1,
 ):
     """The rule in NumPy: pair by brute force, per-example gradients one at a time, mask, gate, project, combine."""
     forget_images, retain_images = np.asarray(forget["image"], np.float64), np.asarray(retain["image"], np.float64)
@@ -118,12 +120,18 @@ def reference_direction(
     if saliency < 1.0:  # keep the ceil(saliency * nonzero) largest magnitudes
         keep = int(np.ceil(saliency * np.count_nonzero(g_s)))
         g_s = np.where(np.abs(g_s) >= np.sort(np.abs(g_s))[::-1][keep - 1], g_s, 0.0)
-    g_r = np.mean([_example_grad(params, image, image)[1] for image in retain_images], axis=0)
+    retain_grads = np.asarray([_example_grad(params, image, image)[1] for image in retain_images])
+    g_r = np.mean(retain_grads, axis=0)
+    retain_direction = g_r
+    if precondition != "none":  # (F + damping * mean F)^-p, F the mean squared per-example retain gradient
+        fisher = np.mean(retain_grads**2, axis=0)
+        inverse = (fisher + fisher_damping * np.mean(fisher)) ** -(1.0 if precondition == "retain_fisher" else 0.5)
+        g_s, retain_direction = g_s * inverse, g_r * inverse
     direction = mask * g_r
     inner = g_s @ direction
     if projection == "always" or (projection == "conflict" and inner < 0):
         g_s = g_s - inner / (direction @ direction) * direction
-    return forget_weight * weight_scale * g_s + retain_weight * g_r, np.mean(1.0 - np.asarray(weights))
+    return forget_weight * weight_scale * g_s + retain_weight * retain_direction, np.mean(1.0 - np.asarray(weights))
 
 
 # ------------------------------------------------------------------------------------------------- tests
@@ -148,8 +156,10 @@ def test_nearest_retained_images_match_brute_force():
         {"projection": "none", "forget_only": None},
         {"gate": True},
         {"saliency": 0.3, "projection": "always"},
+        {"precondition": "retain_fisher", "fisher_damping": 0.1, "projection": "always"},
+        {"precondition": "retain_rms", "projection": "always"},
     ],
-    ids=["defaults", "always", "none-all-params", "gated", "salient"],
+    ids=["defaults", "always", "none-all-params", "gated", "salient", "fisher", "rms"],
 )
 def test_step_matches_numpy_reference(problem, hparams):
     params, forget, retain = problem
@@ -166,6 +176,8 @@ def test_step_matches_numpy_reference(problem, hparams):
         retain_weight=resolved["retain_weight"],
         gate=resolved["gate"],
         saliency=resolved["saliency"],
+        precondition=resolved["precondition"],
+        fisher_damping=resolved["fisher_damping"],
     )
     np.testing.assert_allclose(_flat(update), expected, rtol=2e-4, atol=2e-5)
     assert float(step_metrics["gated_fraction"]) == pytest.approx(gated)
@@ -199,6 +211,7 @@ def test_gate_stops_the_pull_exactly_when_the_example_is_forgotten():
         gate=True,
         retain_weight=0.0,
         forget_half_life=None,
+        precondition="none",  # the known answer is for plain SGD on the raw pull
     )
     params = {"decoder": {"b": jnp.array([0.0, 1.0])}}
     state = method.init(params)

@@ -190,7 +190,7 @@ def test_main_and_smoke_configs_validate_without_writing(tmp_path):
     # The recommended method comes first, with the learning rate its defaults were measured at (its registry
     # record); every other method runs at the protocol's.
     assert main.method_names[0] == methods.RECOMMENDED_METHOD == "remap_surgery"
-    assert main.config["method_optimizers"] == {"remap_surgery": {"name": "adam", "learning_rate": 3e-3}}
+    assert main.config["method_optimizers"] == {"remap_surgery": {"name": "sgd", "learning_rate": 3e-3}}
     assert main.threshold is None and not main.guided
     assert np.all(main.run_data.train.labels[main.forget_idx] == 1)
     assert not np.any(main.run_data.train.labels[main.retain_idx] == 1)

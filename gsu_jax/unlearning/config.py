@@ -266,13 +266,16 @@ def default_unlearn_config() -> ml_collections.ConfigDict:
             )
         elif name == "method_optimizers":
             # Unset (None) means "config.optimizer"; set e.g. --config.method_optimizers.sa_gated.learning_rate=3e-3.
-            # A method whose record names the learning rate its defaults were measured with starts with that one.
+            # A method whose record names the optimizer its defaults were measured with starts with that one.
             config.method_optimizers = ml_collections.ConfigDict(
                 {
                     method: {
+                        "name": ml_collections.config_dict.placeholder(str)
+                        if record.optimizer is None
+                        else record.optimizer["name"],
                         "learning_rate": ml_collections.config_dict.placeholder(float)
-                        if record.learning_rate is None
-                        else float(record.learning_rate)
+                        if record.optimizer is None
+                        else float(record.optimizer["learning_rate"]),
                     }
                     for method, record in methods.METHODS.items()
                 }
@@ -392,7 +395,9 @@ def parse_method_optimizers(overrides: Mapping[str, Any], optimizer: Mapping[str
     ):
         override = {key: value for key, value in override.items() if value is not None}
         if override:
-            method_optimizers[name] = parse_optimizer({**optimizer, **override}, field=f"method_optimizers.{name}")
+            # Another optimizer takes none of config.optimizer's keyword arguments (Adam's b1 means nothing to SGD).
+            base = optimizer if override.get("name", optimizer["name"]) == optimizer["name"] else {}
+            method_optimizers[name] = parse_optimizer({**base, **override}, field=f"method_optimizers.{name}")
     return method_optimizers
 
 
