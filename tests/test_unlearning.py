@@ -231,6 +231,18 @@ def test_a_method_learning_rate_given_on_the_command_line_replaces_the_registry_
     assert plan.config["method_optimizers"]["sa"] == {"name": "adam", "learning_rate": 2e-4}
 
 
+def test_a_method_optimizer_of_another_name_takes_none_of_the_run_optimizers_arguments():
+    from gsu_jax.unlearning.config import parse_method_optimizers
+
+    run_optimizer = {"name": "adam", "learning_rate": 1e-3, "b1": 0.8}
+    parsed = parse_method_optimizers(
+        {"remap_surgery": {"name": "sgd", "learning_rate": 3e-3}, "sa": {"learning_rate": 2e-4}}, run_optimizer
+    )
+    assert parsed["remap_surgery"] == {"name": "sgd", "learning_rate": 3e-3}  # no b1: optax.sgd has none
+    assert parsed["sa"] == {"name": "adam", "learning_rate": 2e-4, "b1": 0.8}
+    assert methods.METHODS["remap_surgery"].optimizer == {"name": "sgd", "learning_rate": 3e-3}
+
+
 def test_method_hyperparameters_are_validated_against_the_registry(tmp_path):
     config = _load_config("unlearn_smoke")
     config.methods = "sa_span"
