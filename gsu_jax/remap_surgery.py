@@ -24,8 +24,8 @@ rate whatever its gradient (``m / sqrt(v) = sign(g)`` at step 1), and on a conve
 retained data (one Adam 3e-3 step of retain-only descent raised the latent-2 VAE's held-out -ELBO by 6.5 %). This
 is Adam with its second moment taken from the retained data's per-example gradients instead of from the update
 itself: coordinates the retained examples are sensitive to move less, the surrogate's strong coordinates more.
-``'retain_fisher'`` divides by ``F_r`` itself (a diagonal natural-gradient step); both are measured in the README. The README's ablation table measures each of these
-choices; ``gate`` and ``saliency`` (a SalUn-style mask: Fan et al., "SalUn: Empowering Machine Unlearning via
+``'retain_fisher'`` divides by ``F_r`` itself (a diagonal natural-gradient step). The README's ablation table
+measures each of these choices; ``gate`` and ``saliency`` (a SalUn-style mask: Fan et al., "SalUn: Empowering Machine Unlearning via
 Gradient-based Weight Saliency in Both Image Classification and Generation", 2024, arXiv:2310.12508) are measured
 options that are off by default because they did not help.
 

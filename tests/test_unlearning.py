@@ -240,6 +240,8 @@ def test_a_method_optimizer_of_another_name_takes_none_of_the_run_optimizers_arg
     )
     assert parsed["remap_surgery"] == {"name": "sgd", "learning_rate": 3e-3}  # no b1: optax.sgd has none
     assert parsed["sa"] == {"name": "adam", "learning_rate": 2e-4, "b1": 0.8}
+    only_named = parse_method_optimizers({"s": {"name": "sgd"}}, run_optimizer)
+    assert only_named["s"] == {"name": "sgd", "learning_rate": 1e-3}  # the run's learning rate, not its b1
     assert methods.METHODS["remap_surgery"].optimizer == {"name": "sgd", "learning_rate": 3e-3}
 
 

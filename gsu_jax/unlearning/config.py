@@ -395,8 +395,10 @@ def parse_method_optimizers(overrides: Mapping[str, Any], optimizer: Mapping[str
     ):
         override = {key: value for key, value in override.items() if value is not None}
         if override:
-            # Another optimizer takes none of config.optimizer's keyword arguments (Adam's b1 means nothing to SGD).
-            base = optimizer if override.get("name", optimizer["name"]) == optimizer["name"] else {}
+            # Another optimizer takes only config.optimizer's learning rate, none of its keyword arguments (Adam's
+            # b1 means nothing to SGD).
+            same = override.get("name", optimizer["name"]) == optimizer["name"]
+            base = optimizer if same else {"learning_rate": optimizer["learning_rate"]}
             method_optimizers[name] = parse_optimizer({**base, **override}, field=f"method_optimizers.{name}")
     return method_optimizers
 
