@@ -480,6 +480,16 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def main_process_value(flag: bool) -> bool:
+    """Process 0's ``flag``, on every process (the flag itself in a one-process run): lets every process act on a
+    decision only process 0 can make, such as whether it could lock the workdir."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 def is_main_process() -> bool:
     """Whether this is process 0 (the one that writes reports, logs and images)."""
     return jax.process_index() == 0

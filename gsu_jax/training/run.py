@@ -27,6 +27,7 @@ from gsu_jax.training.plan import RolePlan, batch_fields, plan_role
 from gsu_jax.training.role import train_role
 from gsu_jax.training.role_checkpoints import existing_checkpoint, newest_good_checkpoint, set_aside_bad_steps
 from gsu_jax.training.run_data import prepare_data
+from gsu_jax.workdir_lock import exclusive_workdir
 
 __all__ = ["check_resumable", "train_and_evaluate"]
 
@@ -80,8 +81,22 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *, overwrite: b
     plans = [plan_role(role, values, run_data) for role in roles]
     mesh = parallel.run_mesh(values, batch_fields(plans))
     workdir = ensure_writable_directory(workdir)
-    saved, skipped = _checkpoints_to_resume(plans, workdir, values, overwrite)
     _check_free_space(workdir, plans, values["max_to_keep"])
+    with exclusive_workdir(workdir):  # one run per workdir: a second one is refused before it reads anything
+        return _train_roles(plans, workdir, values, run_data, mesh, overwrite, started)
+
+
+def _train_roles(
+    plans: list[RolePlan],
+    workdir: pathlib.Path,
+    values: Mapping[str, Any],
+    run_data: Any,
+    mesh: Any,
+    overwrite: bool,
+    started: float,
+) -> dict[str, Any]:
+    """``train_and_evaluate`` once the workdir is held: resume or clear, train each role, write the summary."""
+    saved, skipped = _checkpoints_to_resume(plans, workdir, values, overwrite)
     set_aside = _clear_role_dirs(plans, workdir, skipped, overwrite)
 
     results = {}

@@ -36,6 +36,7 @@ from gsu_jax.unlearning.evaluation import (
 from gsu_jax.unlearning.loop import run_method
 from gsu_jax.unlearning.plan import RunPlan, load_model, plan_run, train_missing_models
 from gsu_jax.unlearning.results import run_identity
+from gsu_jax.workdir_lock import exclusive_workdir
 
 __all__ = [
     "SUMMARY_KEYS",
@@ -61,10 +62,16 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         The report dict (also written to ``report.json``; see :mod:`gsu_jax.reporting`).
     """
     started = time.perf_counter()
-    config = plan.config
     # Every process has planned from the disk as it was before any of them writes to it.
     parallel.barrier("execute:planned")
     workdir = checkpointing.ensure_writable_directory(plan.workdir)
+    with exclusive_workdir(workdir):  # one run per workdir: a second one is refused before it writes anything
+        return _execute_holding_workdir(plan, workdir, started)
+
+
+def _execute_holding_workdir(plan: RunPlan, workdir: pathlib.Path, started: float) -> dict[str, Any]:
+    """``execute`` once the workdir is held: the models, every (method, seed), the report."""
+    config = plan.config
     plan.progress(f"models: {plan.model_dir} (original), {plan.oracle_dir} (oracle); training what is missing")
     training_record = train_missing_models(plan)
     plan.progress(f"models ready in {training_record['seconds']:.1f} s")
