@@ -9,9 +9,12 @@ Re-running with the same workdir resumes each role from its latest checkpoint (o
 one). A workdir holding checkpoints of another config or data is refused unless ``--overwrite``.
 
 Exit status: 0 on success; 2 for usage errors -- a bad flag or config value (unknown fields get a "did you mean"
-hint), data that cannot be loaded, an unwritable or full workdir, a workdir of another config -- printed as one
+hint), data that cannot be loaded, an unwritable or full workdir, a workdir of another config or one another run
+is using -- printed as one
 line without a traceback; 1 for runtime failures (a corrupt checkpoint, diverged training: one line as well;
-anything unexpected: with its traceback). ``--debug`` shows the traceback of every error.
+anything unexpected: with its traceback); 130 / 143 after SIGINT / SIGTERM, which stop the run once the epoch in
+flight is checkpointed (one line saying what was saved; a second signal ends it at once). ``--debug`` shows the
+traceback of every error.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gsu_jax import cli, parallel, training
+from gsu_jax import cli, interrupts, parallel, training
 from gsu_jax.checkpointing import (
     CheckpointCorruptError,
     CheckpointMismatchError,
@@ -49,6 +52,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return cli.parse_flags(argv, program=_PROGRAM, schemas={"": TRAIN_SCHEMA})
 
 
+def _saved_checkpoints(workdir: pathlib.Path) -> str:
+    """What an interrupted run leaves to resume from: each role's newest checkpoint step, read from the disk."""
+    steps = {
+        role.name: max(int(step.name) for step in (role / "checkpoints").iterdir() if step.name.isdigit())
+        for role in sorted(workdir.iterdir())
+        if (role / "checkpoints").is_dir() and any(step.name.isdigit() for step in (role / "checkpoints").iterdir())
+    }
+    if not steps:
+        return f"no checkpoint saved yet in {str(workdir)!r}"
+    return f"checkpoints saved in {str(workdir)!r} ({', '.join(f'{role} at step {s}' for role, s in steps.items())})"
+
+
 def main(argv: list[str]) -> None:
     debug = _DEBUG.value
     if len(argv) > 1:
@@ -62,7 +77,10 @@ def main(argv: list[str]) -> None:
     except ValueError as err:
         cli.fail(_PROGRAM, cli.USAGE_ERROR, err, debug=debug)
     try:
-        results = training.train_and_evaluate(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
+        with interrupts.stop_at_safe_points():
+            results = training.train_and_evaluate(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
+    except interrupts.Interrupted as err:
+        cli.interrupted(_PROGRAM, err, _saved_checkpoints(pathlib.Path(_WORKDIR.value)))
     except USAGE_ERRORS as err:
         cli.fail(_PROGRAM, cli.USAGE_ERROR, err, debug=debug)
     except RUNTIME_ERRORS as err:

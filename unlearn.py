@@ -10,9 +10,10 @@ Overrides use the config's field names, a contract that user scripts rely on, e.
 --config.monitor_samples=1024 --config.max_steps=50 --config.checkpoint=runs/mnist_vae``
 (see ``configs/unlearn_mnist.py`` for every field).
 
-Exit status: 0 on success; 2 for a usage or configuration error, an unwritable or full workdir included (one
-line on stderr, nothing written);
-1 for a failure while running, including a checkpoint found corrupt on disk (one line on stderr). ``--debug``
+Exit status: 0 on success; 2 for a usage or configuration error, an unwritable or full workdir or one another run
+is using included (one line on stderr, nothing written); 1 for a failure while running, including a checkpoint
+found corrupt on disk (one line on stderr); 130 / 143 after SIGINT / SIGTERM, which abandon the (method, seed) run
+in flight (one line saying how many finished runs are saved; a second signal ends the process at once). ``--debug``
 prints the traceback above that line; the status stays the same.
 """
 
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value:
         cli.fail(_PROGRAM, cli.USAGE_ERROR, "--workdir is required (e.g. --workdir runs/unlearn)")
 
-    from gsu_jax import unlearning
+    from gsu_jax import interrupts, unlearning
     from gsu_jax.checkpointing import CheckpointError, WorkdirError
 
     # orbax logs every checkpoint operation (and read-only opens as warnings); the run prints its own progress.
@@ -82,7 +83,16 @@ def main(argv: list[str]) -> None:
             cli.fail(_PROGRAM, cli.RUNTIME_ERROR, f"{type(corrupt).__name__}: {cli.one_line(error)}", debug=debug)
         cli.fail(_PROGRAM, cli.USAGE_ERROR, error, debug=debug)
     try:
-        report = unlearning.execute(plan)
+        with interrupts.stop_at_safe_points():
+            report = unlearning.execute(plan)
+    except interrupts.Interrupted as error:
+        saved = sorted(plan.workdir.glob("results/*/seed_*.json"))
+        cli.interrupted(
+            _PROGRAM,
+            error,
+            f"{len(saved)} finished (method, seed) run(s) saved in {str(plan.workdir / 'results')!r}, the run in "
+            "flight abandoned",
+        )
     except WorkdirError as error:  # an unwritable or full workdir is refused like train.py does: a usage error
         cli.fail(_PROGRAM, cli.USAGE_ERROR, error, debug=debug)
     except Exception as error:  # noqa: BLE001 - the CLI turns any runtime failure into one line and exit 1

@@ -55,6 +55,13 @@ def fail(program: str, status: int, message: BaseException | str, *, debug: bool
     sys.exit(status)
 
 
+def interrupted(program: str, error: BaseException, saved: str) -> NoReturn:
+    """Prints ``<program>: <error>: <saved>; rerun the same command to resume`` on one line and exits with the
+    interrupt's status (``error.exit_status``: 130 for SIGINT, 143 for SIGTERM)."""
+    print(f"{program}: {error}: {saved}; rerun the same command to resume", file=sys.stderr)
+    sys.exit(error.exit_status)
+
+
 def debug_requested(argv: Sequence[str]) -> bool:
     """Whether ``--debug`` is on the command line (read before absl has parsed it)."""
     return any(arg == "--debug" or arg.lower() in ("--debug=true", "--debug=1") for arg in argv)

@@ -1,8 +1,9 @@
-"""Faults caused for real: SIGKILLed runs resumed, NaN gradients, diverging runs, damaged or foreign saved results.
+"""Faults caused for real: interrupted runs resumed, NaN gradients, diverging runs, damaged or foreign saved results.
 
 * ``train.py`` and ``unlearn.py`` subprocesses are killed with SIGKILL at a random (seeded) moment after their first
   checkpoint / first finished (method, seed) result reaches the disk, re-run with the same command and workdir, and
-  must end bit-identical to an uninterrupted run started beside them. A kill that comes too late (the process had
+  must end bit-identical to an uninterrupted run started beside them. The same with SIGTERM (``train.py``) and
+  SIGINT (``unlearn.py``), which must also stop cleanly: status 143 / 130 and one line saying what was saved. A kill that comes too late (the process had
   already finished) is retried on a fresh workdir with no delay, so every assertion is about a real interruption.
 * NaN gradients are injected through the loss (NaN on marked forget examples; data with NaN pixels is refused by
   the loader) into the real compiled step of a real method: the poisoned steps are skipped and counted and the result equals a replay without them; poison on
@@ -76,11 +77,14 @@ def _kill_after(
     extra: tuple[str, ...],
     saved: Callable[[pathlib.Path], bool],
     finished: Callable[[pathlib.Path], bool],
-) -> pathlib.Path:
-    """Starts a run, SIGKILLs it a random moment after ``saved(workdir)`` holds; returns the interrupted workdir.
+    sig: signal.Signals = signal.SIGKILL,
+) -> tuple[pathlib.Path, str]:
+    """Starts a run, sends it ``sig`` a random moment after ``saved(workdir)`` holds; returns the interrupted workdir
+    and the run's stderr. A SIGKILL must end it by the signal, a SIGINT or SIGTERM with status ``128 + sig``.
 
-    If the run finished before the kill landed, it is started again on a fresh workdir and killed at once.
+    If the run finished before the signal landed, it is started again on a fresh workdir and signalled at once.
     """
+    expected = -sig if sig == signal.SIGKILL else 128 + sig
     for attempt, delay in enumerate((KILL_DELAYS.uniform(0.0, 1.0), 0.0)):
         target = workdir.with_name(f"{workdir.name}_{attempt}")
         process = _start(args, target, *extra)
@@ -88,12 +92,13 @@ def _kill_after(
         while not saved(target) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(delay)
-        process.send_signal(signal.SIGKILL)
-        _, stderr = process.communicate(timeout=60)
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=600)
         assert saved(target), f"the run ended before saving anything (status {process.returncode}): {stderr[-2000:]}"
-        if process.returncode == -signal.SIGKILL and not finished(target):
-            return target
-    pytest.fail("both runs finished before the SIGKILL landed")
+        if not finished(target):
+            assert process.returncode == expected, (process.returncode, stderr[-3000:])
+            return target, stderr
+    pytest.fail(f"both runs finished before the {sig.name} landed")
 
 
 def _train_checkpoint_saved(workdir: pathlib.Path) -> bool:
@@ -110,20 +115,33 @@ def train_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults_train")
     reference = _start(TRAIN, root / "reference")
     oracle = _start(TRAIN, root / "oracle", "--config.exclude_classes=1", "--config.roles=generative")
-    interrupted = _kill_after(
-        TRAIN, root / "killed", (), _train_checkpoint_saved, lambda workdir: (workdir / "summary.json").exists()
+    finished = lambda workdir: (workdir / "summary.json").exists()  # noqa: E731
+    interrupted, _ = _kill_after(TRAIN, root / "killed", (), _train_checkpoint_saved, finished)
+    steps_at_kill = _checkpoint_steps(interrupted)
+    terminated, terminated_stderr = _kill_after(
+        TRAIN, root / "terminated", (), _train_checkpoint_saved, finished, signal.SIGTERM
     )
-    steps_at_kill = {
-        role: sorted(int(p.name) for p in (interrupted / role / "checkpoints").glob("*") if p.name.isdigit())
-        for role in ROLES
-        if (interrupted / role / "checkpoints").is_dir()
-    }
-    rerun = _start(TRAIN, interrupted)
-    for process in (reference, oracle, rerun):
+    steps_at_term = _checkpoint_steps(terminated)
+    reruns = [_start(TRAIN, interrupted), _start(TRAIN, terminated)]
+    for process in (reference, oracle, *reruns):
         _finish(process)
     return types.SimpleNamespace(
-        reference=root / "reference", oracle=root / "oracle", resumed=interrupted, steps_at_kill=steps_at_kill
+        reference=root / "reference",
+        oracle=root / "oracle",
+        resumed=interrupted,
+        steps_at_kill=steps_at_kill,
+        terminated=terminated,
+        terminated_stderr=terminated_stderr,
+        steps_at_term=steps_at_term,
     )
+
+
+def _checkpoint_steps(workdir: pathlib.Path) -> dict[str, list[int]]:
+    return {
+        role: sorted(int(p.name) for p in (workdir / role / "checkpoints").glob("*") if p.name.isdigit())
+        for role in ROLES
+        if (workdir / role / "checkpoints").is_dir()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -149,12 +167,15 @@ def unlearn_runs(train_runs, tmp_path_factory):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    interrupted = _kill_after(
-        UNLEARN, root / "killed", models_args, _unlearn_result_saved, lambda workdir: (workdir / "report.json").exists()
-    )
+    finished = lambda workdir: (workdir / "report.json").exists()  # noqa: E731
+    interrupted, _ = _kill_after(UNLEARN, root / "killed", models_args, _unlearn_result_saved, finished)
     saved_at_kill = sorted(str(p.relative_to(interrupted)) for p in interrupted.glob("results/*/seed_*.json"))
-    rerun = _start(UNLEARN, interrupted, *models_args)
-    for process in (reference, rerun):
+    ctrl_c, ctrl_c_stderr = _kill_after(
+        UNLEARN, root / "ctrl_c", models_args, _unlearn_result_saved, finished, signal.SIGINT
+    )
+    saved_at_ctrl_c = sorted(str(p.relative_to(ctrl_c)) for p in ctrl_c.glob("results/*/seed_*.json"))
+    reruns = [_start(UNLEARN, interrupted, *models_args), _start(UNLEARN, ctrl_c, *models_args)]
+    for process in (reference, *reruns):
         _finish(process)
     diverged = diverging.communicate(timeout=600)
     return types.SimpleNamespace(
@@ -163,6 +184,9 @@ def unlearn_runs(train_runs, tmp_path_factory):
         saved_at_kill=saved_at_kill,
         reference_report=json.loads((root / "reference" / "report.json").read_text()),
         resumed_report=json.loads((interrupted / "report.json").read_text()),
+        ctrl_c_stderr=ctrl_c_stderr,
+        saved_at_ctrl_c=saved_at_ctrl_c,
+        ctrl_c_report=json.loads((ctrl_c / "report.json").read_text()),
         diverging=root / "diverging",
         diverged_status=diverging.returncode,
         diverged_stderr=diverged[1],
@@ -225,6 +249,42 @@ def test_unlearn_run_killed_with_sigkill_saves_bit_identical_unlearned_models(un
                 assert metadata["params_digest"] == record["params_digest_at_stop"]
                 restored.append(params)
             chex.assert_trees_all_equal(*restored)
+
+
+# ------------------------------------------------------------------------------------------- SIGTERM and SIGINT
+
+
+def _one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def test_train_run_stopped_by_sigterm_says_what_it_saved_exits_143_and_resumes_bit_identical(train_runs):
+    line = _one_line(train_runs.terminated_stderr)
+    newest = {role: steps[-1] for role, steps in train_runs.steps_at_term.items() if steps}
+    assert newest, "no checkpoint at the SIGTERM"
+    assert line.startswith(f"train.py: interrupted by SIGTERM: checkpoints saved in '{train_runs.terminated}' (")
+    assert all(f"{role} at step {step}" in line for role, step in newest.items()), (newest, line)
+    assert line.endswith("; rerun the same command to resume")
+    for role in ROLES:
+        resumed = training.load_trained(train_runs.terminated, role)
+        uninterrupted = training.load_trained(train_runs.reference, role)
+        chex.assert_trees_all_equal(resumed.params, uninterrupted.params)  # bit for bit
+        assert resumed.metadata["opt_state_digest"] == uninterrupted.metadata["opt_state_digest"]
+        assert resumed.metadata["history"] == uninterrupted.metadata["history"]
+
+
+def test_unlearn_run_stopped_by_ctrl_c_says_what_it_saved_exits_130_and_resumes_to_the_same_report(unlearn_runs):
+    line = _one_line(unlearn_runs.ctrl_c_stderr)
+    count = len(unlearn_runs.saved_at_ctrl_c)
+    assert count >= 1
+    assert line.startswith(f"unlearn.py: interrupted by SIGINT: {count} finished (method, seed) run(s) saved in ")
+    assert line.endswith("the run in flight abandoned; rerun the same command to resume")
+    resumed, reference = unlearn_runs.ctrl_c_report, unlearn_runs.reference_report
+    read_back = {f"results/{entry.replace(' seed ', '/seed_')}.json" for entry in resumed["resumed"]}
+    assert read_back == set(unlearn_runs.saved_at_ctrl_c)
+    assert reporting.without_volatile_fields(resumed) == reporting.without_volatile_fields(reference)
 
 
 # ------------------------------------------------------------------------------------------- saved results

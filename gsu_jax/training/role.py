@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from gsu_jax import generative as families
-from gsu_jax import io, parallel, provenance
+from gsu_jax import interrupts, io, parallel, provenance
 from gsu_jax.checkpointing import Checkpointer, abstract_like
 from gsu_jax.training.evaluation import evaluate_role, write_samples_png
 from gsu_jax.training.plan import INIT_STREAM, TRAIN_STREAM, RolePlan
@@ -204,6 +204,7 @@ def _run_epochs(
     )
     with bar:
         for epoch in range(progress.epoch, spec.num_epochs):
+            interrupts.check()  # SIGINT/SIGTERM: stop before an epoch; the previous one was checkpointed below
             epoch_key = jax.random.fold_in(train_key, epoch)
             if mesh is not None:
                 epoch_key = parallel.put(epoch_key, parallel.replicated(mesh))
@@ -227,7 +228,10 @@ def _run_epochs(
             bar.set_postfix(loss=f"{mean_loss:.4g}", refresh=False)
             bar.update()
             last = epoch + 1 == spec.num_epochs
-            if _should_checkpoint(step, spec.num_batches, values["checkpoint_every_steps"], last):
+            # An interrupted run checkpoints the epoch it has just finished, whatever checkpoint_every_steps says.
+            if interrupts.requested() is not None or _should_checkpoint(
+                step, spec.num_batches, values["checkpoint_every_steps"], last
+            ):
                 ckpt.save(
                     step,
                     progress.params,

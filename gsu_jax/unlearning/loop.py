@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsu_jax import checkpointing, io, losses, methods, metrics, parallel, reporting, training
+from gsu_jax import checkpointing, interrupts, io, losses, methods, metrics, parallel, reporting, training
 from gsu_jax import data as data_lib
 from gsu_jax.unlearning.config import build_optimizer, jsonable_config
 from gsu_jax.unlearning.errors import UnlearningDivergedError
@@ -399,6 +399,7 @@ def run_steps(
     for t in range(budget):
         if stop is not None and not config["continue_to_budget"]:
             break
+        interrupts.check()  # SIGINT/SIGTERM: abandon this (method, seed) run; finished ones are saved already
         forget_batch, retain_batch, key = _step_inputs(train, forget_schedule[t], retain_schedule[t], keys[t], mesh)
         started = time.perf_counter()
         new_params, new_state, step_metrics = compiled_step(params, state, forget_batch, retain_batch, key)
