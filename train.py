@@ -10,8 +10,7 @@ one). A workdir holding checkpoints of another config or data is refused unless 
 
 Exit status: 0 on success; 2 for usage errors -- a bad flag or config value (unknown fields get a "did you mean"
 hint), data that cannot be loaded, an unwritable or full workdir, a workdir of another config or one another run
-is using -- printed as one
-line without a traceback; 1 for runtime failures (a corrupt checkpoint, diverged training: one line as well;
+is using -- printed as one line without a traceback; 1 for runtime failures (a corrupt checkpoint, diverged training: one line as well;
 anything unexpected: with its traceback); 130 / 143 after SIGINT / SIGTERM, which stop the run once the epoch in
 flight is checkpointed (one line saying what was saved; a second signal ends it at once). ``--debug`` shows the
 traceback of every error.
