@@ -10,10 +10,10 @@ one). A workdir holding checkpoints of another config or data is refused unless 
 
 Exit status: 0 on success; 2 for usage errors -- a bad flag or config value (unknown fields get a "did you mean"
 hint), data that cannot be loaded, an unwritable or full workdir, a workdir of another config or one another run
-is using -- printed as one line without a traceback; 1 for runtime failures (a corrupt checkpoint, diverged training: one line as well;
-anything unexpected: with its traceback); 130 / 143 after SIGINT / SIGTERM, which stop the run once the epoch in
-flight is checkpointed (one line saying what was saved; a second signal ends it at once). ``--debug`` shows the
-traceback of every error.
+is using -- printed as one line without a traceback; 1 for runtime failures (a corrupt checkpoint, diverged
+training, a disk that filled up mid-run: one line as well; anything unexpected: with its traceback); 130 / 143 after
+SIGINT / SIGTERM, which stop the run once the epoch in flight is checkpointed (one line saying what was saved; a
+second signal ends it at once). ``--debug`` shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gsu_jax import cli, interrupts, parallel, training
+from gsu_jax import cli, interrupts, io, parallel, training
 from gsu_jax.checkpointing import (
     CheckpointCorruptError,
     CheckpointMismatchError,
@@ -43,7 +43,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # Refusals of what the user asked for: exit 2. Failures found while running: exit 1. Both print one line.
 USAGE_ERRORS = (ConfigError, CheckpointMismatchError, CheckpointNotFoundError, WorkdirError)
-RUNTIME_ERRORS = (CheckpointCorruptError, training.TrainingDivergedError)
+RUNTIME_ERRORS = (CheckpointCorruptError, training.TrainingDivergedError, io.WriteError)
 _PROGRAM = "train.py"
 
 

@@ -12,7 +12,7 @@ Overrides use the config's field names, a contract that user scripts rely on, e.
 
 Exit status: 0 on success; 2 for a usage or configuration error, an unwritable or full workdir or one another run
 is using included (one line on stderr, nothing written); 1 for a failure while running, including a checkpoint
-found corrupt on disk (one line on stderr); 130 / 143 after SIGINT / SIGTERM, which abandon the (method, seed) run
+found corrupt on disk or a disk that filled up mid-run (one line on stderr); 130 / 143 after SIGINT / SIGTERM, which abandon the (method, seed) run
 in flight (one line saying how many finished runs are saved; a second signal ends the process at once). ``--debug``
 prints the traceback above that line; the status stays the same.
 """
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value:
         cli.fail(_PROGRAM, cli.USAGE_ERROR, "--workdir is required (e.g. --workdir runs/unlearn)")
 
-    from gsu_jax import interrupts, unlearning
+    from gsu_jax import interrupts, io, unlearning
     from gsu_jax.checkpointing import CheckpointError, WorkdirError
 
     # orbax logs every checkpoint operation (and read-only opens as warnings); the run prints its own progress.
@@ -95,6 +95,8 @@ def main(argv: list[str]) -> None:
         )
     except WorkdirError as error:  # an unwritable or full workdir is refused like train.py does: a usage error
         cli.fail(_PROGRAM, cli.USAGE_ERROR, error, debug=debug)
+    except io.WriteError as error:  # the disk filled up mid-run: what was saved stays; free space and re-run
+        cli.fail(_PROGRAM, cli.RUNTIME_ERROR, f"{error}; free space and rerun the same command to resume", debug=debug)
     except Exception as error:  # noqa: BLE001 - the CLI turns any runtime failure into one line and exit 1
         hint = "" if debug else " (rerun with --debug for the traceback)"
         cli.fail(_PROGRAM, cli.RUNTIME_ERROR, f"{type(error).__name__}: {cli.one_line(error)}{hint}", debug=debug)

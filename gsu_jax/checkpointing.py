@@ -43,6 +43,8 @@ import hashlib
 import json
 import os
 import pathlib
+import re
+import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -262,7 +264,8 @@ class Checkpointer:
 
         Raises:
             ValueError: a negative step, or ``metadata`` that cannot be stored as JSON.
-            WorkdirError: the write failed (disk full, permissions); the message names the step directory.
+            gsu_jax.io.WriteError: the write failed (disk full, permissions); the message names the step directory
+                and the free space; the partial step is removed, the earlier steps stay.
         """
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
@@ -285,11 +288,17 @@ class Checkpointer:
         try:
             self._manager.save(step, args=ocp.args.Composite(**items), force=True)
             self._manager.wait_until_finished()
-            self._write_files_manifest(step)
-        except OSError as err:
-            raise WorkdirError(
-                f"could not write checkpoint step {step} to {str(self.step_path(step))!r}: {err.strerror or err}"
-            ) from err
+        except (OSError, ValueError) as err:
+            failure = _write_failure(err)
+            if failure is None:
+                raise
+            # orbax writes into "<step>.orbax-checkpoint-tmp*" and renames only a complete step: drop the partial
+            # one now (it holds the space the next attempt needs); the previous steps are untouched.
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            raise io.write_error(f"checkpoint step {step} to", self.step_path(step), failure) from err
+        # A failure here leaves a complete step without its file list, which reads verify by array digests alone.
+        self._write_files_manifest(step)
 
     def _write_files_manifest(self, step: int) -> None:
         """Records size and sha256 of every file of the committed ``step`` (atomically: :func:`gsu_jax.io.atomic_file`;
@@ -532,3 +541,15 @@ def _listing(values: Sequence[int]) -> str:
     values = list(values)
     shown = ", ".join(str(v) for v in values[:_MAX_LISTED])
     return shown + (f", ... ({len(values)} in all)" if len(values) > _MAX_LISTED else "")
+
+
+def _write_failure(error: BaseException) -> OSError | None:
+    """The OS error behind a failed checkpoint write, or ``None`` for another failure. orbax reports tensorstore's
+    write errors as ``ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='28']")``, not as ``OSError``."""
+    if isinstance(error, OSError):
+        return error
+    found = re.search(r"os_error_code='(\d+)'", str(error))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))

@@ -2,7 +2,8 @@
 
 Every file the project writes besides orbax's checkpoint arrays goes through :func:`atomic_file`: a temporary file
 beside the target, fsynced, then renamed over it. A process killed at any point (even by SIGKILL) leaves the
-previous complete file or none, never half of one.
+previous complete file or none, never half of one. A write that fails (a disk that fills up mid-run, a quota, an I/O
+error) raises :class:`WriteError`, naming the file and the free space left; the previous file stays as it was.
 
 JSON: :func:`json_default` is the one hook for values the ``json`` module cannot write (numpy scalars and arrays,
 JAX arrays, ``ml_collections.ConfigDict``); :func:`json_normalize` gives a value as JSON reads it back (tuples
@@ -28,6 +29,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -35,7 +37,9 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "WriteError",
     "atomic_file",
+    "write_error",
     "json_default",
     "json_normalize",
     "json_text",
@@ -51,6 +55,33 @@ __all__ = [
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _ENCODING = "utf-8"
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, quota, I/O error); the message names it and the free space left.
+    Whatever complete file was there before is unchanged (a runtime failure: exit 1 from the command lines)."""
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """``'<n> MiB free'`` on the file system holding ``path`` (its nearest existing parent), or ``''``."""
+    candidate = os.path.abspath(os.fspath(path))
+    while not os.path.exists(candidate) and os.path.dirname(candidate) != candidate:
+        candidate = os.path.dirname(candidate)
+    try:
+        return f"{shutil.disk_usage(candidate).free / 2**20:.1f} MiB free"
+    except OSError:
+        return ""
+
+
+def write_error(what: str, path: str | os.PathLike, error: OSError) -> WriteError:
+    """The :class:`WriteError` for a failed write of ``what`` to ``path``: ``could not write <what> <path>: <OS
+    error> (<n> MiB free on its file system)``; keeps the OS error's ``errno``."""
+    free = free_space(path)
+    where = f" ({free} on its file system)" if free else ""
+    message = f"could not write {what}{' ' if what else ''}{str(os.fspath(path))!r}: {error.strerror or error}{where}"
+    failure = WriteError(message)
+    failure.errno = error.errno
+    return failure
 
 
 # ------------------------------------------------------------------------------------------- atomic writes
@@ -73,7 +104,10 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) ->
         'complete'
     """
     directory, name = os.path.split(os.path.abspath(os.fspath(path)))
-    handle, temporary = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=directory)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=directory)
+    except OSError as err:
+        raise write_error("", os.path.join(directory, name), err) from err
     try:
         os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
         with os.fdopen(handle, mode, **open_kwargs) as f:
@@ -81,6 +115,12 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) ->
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, os.path.join(directory, name))
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        if isinstance(err, WriteError):
+            raise
+        raise write_error("", os.path.join(directory, name), err) from err
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)

@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import pathlib
 import random
 import shutil
@@ -285,6 +287,101 @@ def test_unlearn_run_stopped_by_ctrl_c_says_what_it_saved_exits_130_and_resumes_
     read_back = {f"results/{entry.replace(' seed ', '/seed_')}.json" for entry in resumed["resumed"]}
     assert read_back == set(unlearn_runs.saved_at_ctrl_c)
     assert reporting.without_volatile_fields(resumed) == reporting.without_volatile_fields(reference)
+
+
+# ------------------------------------------------------------------------------------------- a disk that fills up
+
+# Injected at the write layer (every Python-written file goes through gsu_jax.io.atomic_file, which fsyncs): in the
+# child process, fsync of the temporary file of the second seed's result fails with ENOSPC, as on a full disk.
+_ENOSPC_ON_SECOND_RESULT = (
+    "import errno, os\n"
+    "_fsync = os.fsync\n"
+    "def _full(fd):\n"
+    "    if '.seed_1.json.tmp-' in os.readlink(f'/proc/self/fd/{fd}'):\n"
+    "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+    "    return _fsync(fd)\n"
+    "os.fsync = _full\n"
+)
+
+
+def test_a_result_write_on_a_full_disk_fails_in_one_line_keeps_what_was_saved_and_resumes(unlearn_runs, tmp_path):
+    fake = tmp_path / "full_disk"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(_ENOSPC_ON_SECOND_RESULT)
+    workdir = tmp_path / "run"
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, *UNLEARN, "--workdir", str(workdir), *unlearn_runs.models_args]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=environment)
+    assert done.returncode == 1, done.stderr[-3000:]
+    (label,) = unlearn_runs.reference_report["methods"]
+    failed = workdir / "results" / label / "seed_1.json"
+    assert _one_line(done.stderr).startswith(
+        f"unlearn.py: error: could not write '{failed}': No space left on device ("
+    ), done.stderr
+    assert "MiB free on its file system); free space and rerun the same command to resume" in done.stderr
+    # The first seed's result is whole; the failed one left neither a file nor a temporary.
+    assert read_result(workdir / "results" / label / "seed_0.json")  # intact: its digest checks
+    assert not failed.exists() and not list(workdir.rglob(".*.tmp-*"))
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["resumed"] == [f"{label} seed 0"]
+    assert reporting.without_volatile_fields(report) == reporting.without_volatile_fields(unlearn_runs.reference_report)
+
+
+@contextlib.contextmanager
+def _small_filesystem(path: pathlib.Path, size_mib: int):
+    """A size-limited tmpfs mounted at ``path`` (needs root: skipped where mounting is not allowed)."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(directory: pathlib.Path) -> pathlib.Path:
+    """Writes a file until the file system is full (as another process filling the disk would)."""
+    filler = directory / "filler"
+    with open(filler, "wb") as handle:
+        with contextlib.suppress(OSError):
+            while True:
+                handle.write(b"\0" * 2**16)
+                handle.flush()
+    return filler
+
+
+def test_a_disk_that_fills_up_mid_training_fails_in_one_line_and_the_rerun_resumes_bit_identical(train_runs, tmp_path):
+    """For real: train.py on a 64 MiB tmpfs that another writer fills after the first checkpoint."""
+    with _small_filesystem(tmp_path / "small", 64) as small:
+        workdir = small / "run"
+        process = _start(TRAIN, workdir)
+        deadline = time.monotonic() + 600
+        while not _train_checkpoint_saved(workdir) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        filler = _fill(small)
+        _, stderr = process.communicate(timeout=600)
+        if process.returncode == 0:
+            pytest.fail("the run finished before the disk filled up")
+        assert process.returncode == 1, stderr[-3000:]
+        line = _one_line(stderr)
+        assert line.startswith("train.py: error: could not write "), line
+        assert "No space left on device (" in line and "MiB free on its file system)" in line, line
+        steps_at_failure = _checkpoint_steps(workdir)
+        filler.unlink()  # space freed: the same command resumes from the last complete checkpoint
+        _finish(_start(TRAIN, workdir))
+        summary = json.loads((workdir / "summary.json").read_text())
+        for role, steps in steps_at_failure.items():
+            if steps:
+                assert summary["roles"][role]["resumed_from_step"] == steps[-1], role
+        for role in ROLES:
+            resumed = training.load_trained(workdir, role)
+            uninterrupted = training.load_trained(train_runs.reference, role)
+            chex.assert_trees_all_equal(resumed.params, uninterrupted.params)  # bit for bit
 
 
 # ------------------------------------------------------------------------------------------- saved results
