@@ -87,11 +87,12 @@ def main(argv: list[str]) -> None:
             report = unlearning.execute(plan)
     except interrupts.Interrupted as error:
         saved = sorted(plan.workdir.glob("results/*/seed_*.json"))
+        in_flight = "saved to resume from" if any(plan.workdir.glob("inflight/*/seed_*/*")) else "abandoned"
         cli.interrupted(
             _PROGRAM,
             error,
             f"{len(saved)} finished (method, seed) run(s) saved in {str(plan.workdir / 'results')!r}, the run in "
-            "flight abandoned",
+            f"flight {in_flight}",
         )
     except WorkdirError as error:  # an unwritable or full workdir is refused like train.py does: a usage error
         cli.fail(_PROGRAM, cli.USAGE_ERROR, error, debug=debug)

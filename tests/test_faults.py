@@ -289,6 +289,50 @@ def test_unlearn_run_stopped_by_ctrl_c_says_what_it_saved_exits_130_and_resumes_
     assert reporting.without_volatile_fields(resumed) == reporting.without_volatile_fields(reference)
 
 
+# ------------------------------------------------------------------------------------------- resuming inside a run
+
+# A longer budget with the run's state saved every step: a SIGKILL between two saves loses at most one step.
+_INFLIGHT = ("--config.max_steps=6", "--config.checkpoint_every_steps=1")
+
+
+def _inflight_saved(workdir: pathlib.Path) -> bool:
+    return any(path.name.isdigit() for path in workdir.glob("inflight/*/seed_*/*"))
+
+
+def test_an_unlearn_run_killed_inside_a_run_resumes_from_its_last_step_bit_identical(unlearn_runs, tmp_path):
+    models_args = unlearn_runs.models_args
+    reference = _start(UNLEARN, tmp_path / "reference", *models_args, "--config.max_steps=6")
+    killed, _ = _kill_after(
+        UNLEARN,
+        tmp_path / "killed",
+        (*models_args, *_INFLIGHT),
+        _inflight_saved,
+        lambda workdir: not _inflight_saved(workdir),  # the run whose state was saved finished before the kill
+    )
+    saved_steps = sorted(int(p.name) for p in killed.glob("inflight/*/seed_*/*") if p.name.isdigit())
+    rerun = subprocess.run(
+        [sys.executable, *UNLEARN, "--workdir", str(killed), *models_args, *_INFLIGHT, "--config.progress=True"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _finish(reference)
+    assert f"resuming from step {saved_steps[-1]}" in rerun.stdout + rerun.stderr
+    assert not list(killed.glob("inflight/*/*"))  # removed once the results were saved
+    resumed_report = json.loads((killed / "report.json").read_text())
+    reference_report = json.loads((tmp_path / "reference" / "report.json").read_text())
+    # Equal but for the config, which records the checkpointing and progress flags the reference run did not set.
+    for report in (resumed_report, reference_report):
+        report.pop("config")
+    assert reporting.without_volatile_fields(resumed_report) == reporting.without_volatile_fields(reference_report)
+    for label, summary in reference_report["methods"].items():
+        for record, resumed in zip(summary["per_seed"], resumed_report["methods"][label]["per_seed"], strict=True):
+            assert resumed["params_digest_at_stop"] == record["params_digest_at_stop"]  # bit for bit
+            assert resumed["params_digest_at_end"] == record["params_digest_at_end"]
+
+
 # ------------------------------------------------------------------------------------------- a disk that fills up
 
 # Injected at the write layer (every Python-written file goes through gsu_jax.io.atomic_file, which fsyncs): in the

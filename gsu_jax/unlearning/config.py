@@ -94,6 +94,16 @@ UNLEARN_SCHEMA: dict[str, Field] = {
         "Monitoring samples of the published setting (the first ones of the same z).",
     ),
     "max_steps": Field(50, int, "an integer >= 1", at_least(1), "run", "Step budget per run."),
+    "checkpoint_every_steps": Field(
+        0,
+        int,
+        "an integer >= 0 (0: off)",
+        at_least(0),
+        "run",
+        "Save a (method, seed) run's state every this many steps and resume from it (gsu_jax.unlearning.inflight); "
+        "for long runs: a small VAE run takes seconds.",
+        optional=True,
+    ),
     "continue_to_budget": Field(
         True,
         bool,

@@ -46,6 +46,7 @@ import numpy as np
 
 from gsu_jax import checkpointing, interrupts, io, losses, methods, metrics, parallel, reporting, training
 from gsu_jax import data as data_lib
+from gsu_jax.unlearning import inflight
 from gsu_jax.unlearning.config import build_optimizer, jsonable_config
 from gsu_jax.unlearning.errors import UnlearningDivergedError
 from gsu_jax.unlearning.evaluation import Evaluation, References
@@ -244,6 +245,7 @@ def run_seed(
         label=label,
         mesh=plan.mesh,
         state_shardings=state_shardings,
+        identity=identity,
     )
     at_stop = evaluation.evaluate(run["params_at_stop"], plan.forget_classes)
     at_end = None
@@ -279,8 +281,11 @@ def run_seed(
         "unlearned_saved": saved_params,
     }
     if not parallel.is_main_process():
-        return io.json_normalize(content)
-    return save_result(workdir, label, seed, content)
+        saved = io.json_normalize(content)
+    else:
+        saved = save_result(workdir, label, seed, content)
+    inflight.discard(inflight.inflight_directory(workdir, label, seed))  # the result holds everything now
+    return saved
 
 
 def save_unlearned(
@@ -352,8 +357,12 @@ def run_steps(
     label: str = "run",
     mesh: jax.sharding.Mesh | None = None,
     state_shardings: tuple[Any, Any] | None = None,
+    identity: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One (method, seed) run: steps, monitoring, stopping; returns the trajectory and the two parameter sets.
+
+    With ``config.checkpoint_every_steps`` > 0 (and the run's ``identity``) its state is saved every that many
+    applied steps and a saved state of this run is resumed from (:mod:`gsu_jax.unlearning.inflight`).
 
     With a ``mesh`` (the plan's) the steps run on it (state placed as ``state_shardings``, batches split over the
     data axis) and the monitoring, like everything host-side, on this process's copy of the parameters.
@@ -396,10 +405,43 @@ def run_steps(
     stop = 0 if start_fractions[0] < threshold else None
     stop_published = 0 if start_fractions[1] < config["published_threshold"] else None
     params_at_stop = params0 if stop == 0 else None
-    for t in range(budget):
+    first_step, every = 0, config["checkpoint_every_steps"] if identity is not None else 0
+    inflight_dir = inflight.inflight_directory(plan.workdir, label, seed)
+    resumed = inflight.restore(inflight_dir, params0, method.init(params0), identity) if every else None
+    if resumed is not None:
+        host = resumed.host
+        plan.progress(f"{label} seed {seed}: resuming from step {host['next_step']} ({inflight_dir})")
+        params, state, params_at_stop = resumed.params, resumed.opt_state, resumed.params_at_stop
+        if mesh is not None:
+            params, state = parallel.put((params, state), state_shardings)
+        local_params = params if mesh is None else parallel.localize(params)
+        params_at_stop = local_params if host["stop"] == host["next_step"] else params_at_stop
+        first_step, rows, fractions, published = host["next_step"], host["rows"], host["fractions"], host["published"]
+        stop, stop_published, step_times = host["stop"], host["stop_published"], host["step_times"]
+        nonfinite_steps, consecutive_nonfinite = host["nonfinite_steps"], host["consecutive_nonfinite"]
+    for t in range(first_step, budget):
         if stop is not None and not config["continue_to_budget"]:
             break
-        interrupts.check()  # SIGINT/SIGTERM: abandon this (method, seed) run; finished ones are saved already
+        interrupted = interrupts.requested() is not None
+        if every and t > first_step and (t % every == 0 or interrupted):
+            host = {
+                "next_step": t,
+                "rows": rows,
+                "fractions": fractions,
+                "published": published,
+                "stop": stop,
+                "stop_published": stop_published,
+                "step_times": step_times,
+                "nonfinite_steps": nonfinite_steps,
+                "consecutive_nonfinite": consecutive_nonfinite,
+            }
+            at_stop = params_at_stop
+            if mesh is not None and at_stop is not None:
+                at_stop = parallel.put(at_stop, parallel.param_shardings(at_stop, mesh))
+            inflight.save(inflight_dir, inflight.InflightState(params, state, at_stop, host), identity)
+        # SIGINT/SIGTERM: stop here (with checkpoint_every_steps, the state was just saved to resume from; without,
+        # this (method, seed) run is abandoned: the finished ones are saved already).
+        interrupts.check()
         forget_batch, retain_batch, key = _step_inputs(train, forget_schedule[t], retain_schedule[t], keys[t], mesh)
         started = time.perf_counter()
         new_params, new_state, step_metrics = compiled_step(params, state, forget_batch, retain_batch, key)

@@ -52,6 +52,7 @@ _SELECTION_FIELDS = (
     "optimizer",
     "method_optimizers",
     "method_hparams",
+    "checkpoint_every_steps",  # how often a run saves its state does not change what it computes
 )
 _MAX_DIFFERENCES = 3
 
