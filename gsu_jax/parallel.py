@@ -167,6 +167,11 @@ def join_hosts(values: Mapping[str, Any]) -> None:
         initialize_from_config(values["distributed"])
     except (ValueError, RuntimeError) as err:
         raise ConfigError(f"config.distributed: {err}") from err
+    if jax.process_count() > 1:
+        # Safe points would need every process to agree on a signal; several processes take its default action.
+        from gsu_jax import interrupts
+
+        interrupts.leave_to_default()
 
 
 def run_mesh(values: Mapping[str, Any], batch_fields: Sequence[str]) -> Mesh | None:

@@ -91,10 +91,16 @@ def exclusive_workdir(workdir: str | os.PathLike) -> Iterator[pathlib.Path]:
     if parallel.is_main_process():
         try:
             descriptor = _acquire(directory)
-        except WorkdirError as err:
+        except Exception as err:  # noqa: BLE001 - any failure must reach the broadcast, or the others would wait
             refusal = err
-    # Every process stops when process 0 could not take the lock (the others would wait for it at a barrier).
-    if not parallel.main_process_value(refusal is None):
+    try:
+        # Every process stops when process 0 could not take the lock (the others would wait for it at a barrier).
+        agreed = parallel.main_process_value(refusal is None)
+    except BaseException:
+        if descriptor is not None:
+            os.close(descriptor)
+        raise
+    if not agreed:
         raise refusal or WorkdirBusyError(f"workdir {str(directory)!r}: process 0 could not lock it (see its error)")
     _held[directory] = 1
     try:

@@ -299,16 +299,26 @@ def _inflight_saved(workdir: pathlib.Path) -> bool:
     return any(path.name.isdigit() for path in workdir.glob("inflight/*/seed_*/*"))
 
 
+def _kill_inside_a_run(workdir: pathlib.Path, extra: tuple[str, ...]) -> pathlib.Path:
+    """SIGKILLs a run as soon as a (method, seed) run's state is on disk; retried (fresh workdir) when the kill came
+    when no state was saved (between one seed's result and the next seed's first save, or after the end)."""
+    for attempt in range(4):
+        target = workdir.with_name(f"{workdir.name}_{attempt}")
+        process = _start(UNLEARN, target, *extra)
+        deadline = time.monotonic() + 600
+        while not _inflight_saved(target) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+        if _inflight_saved(target) and not (target / "report.json").exists():
+            return target
+    pytest.fail("no kill landed while a run's state was saved")
+
+
 def test_an_unlearn_run_killed_inside_a_run_resumes_from_its_last_step_bit_identical(unlearn_runs, tmp_path):
     models_args = unlearn_runs.models_args
     reference = _start(UNLEARN, tmp_path / "reference", *models_args, "--config.max_steps=6")
-    killed, _ = _kill_after(
-        UNLEARN,
-        tmp_path / "killed",
-        (*models_args, *_INFLIGHT),
-        _inflight_saved,
-        lambda workdir: not _inflight_saved(workdir),  # the run whose state was saved finished before the kill
-    )
+    killed = _kill_inside_a_run(tmp_path / "killed", (*models_args, *_INFLIGHT))
     saved_steps = sorted(int(p.name) for p in killed.glob("inflight/*/seed_*/*") if p.name.isdigit())
     rerun = subprocess.run(
         [sys.executable, *UNLEARN, "--workdir", str(killed), *models_args, *_INFLIGHT, "--config.progress=True"],

@@ -204,7 +204,6 @@ def _run_epochs(
     )
     with bar:
         for epoch in range(progress.epoch, spec.num_epochs):
-            interrupts.check()  # SIGINT/SIGTERM: stop before an epoch; the previous one was checkpointed below
             epoch_key = jax.random.fold_in(train_key, epoch)
             if mesh is not None:
                 epoch_key = parallel.put(epoch_key, parallel.replicated(mesh))
@@ -228,8 +227,10 @@ def _run_epochs(
             bar.set_postfix(loss=f"{mean_loss:.4g}", refresh=False)
             bar.update()
             last = epoch + 1 == spec.num_epochs
-            # An interrupted run checkpoints the epoch it has just finished, whatever checkpoint_every_steps says.
-            if interrupts.requested() is not None or _should_checkpoint(
+            # SIGINT/SIGTERM (read once): checkpoint the epoch just finished, whatever checkpoint_every_steps says,
+            # then stop.
+            interrupted = interrupts.requested()
+            if interrupted is not None or _should_checkpoint(
                 step, spec.num_batches, values["checkpoint_every_steps"], last
             ):
                 ckpt.save(
@@ -245,6 +246,7 @@ def _run_epochs(
                         "consecutive_nonfinite": progress.consecutive_nonfinite,
                     },
                 )
+            interrupts.stop(interrupted)
 
 
 class _NoProgressBar:

@@ -406,7 +406,7 @@ def run_steps(
     stop_published = 0 if start_fractions[1] < config["published_threshold"] else None
     params_at_stop = params0 if stop == 0 else None
     first_step, every = 0, config["checkpoint_every_steps"] if identity is not None else 0
-    inflight_dir = inflight.inflight_directory(plan.workdir, label, seed)
+    inflight_dir = inflight.inflight_directory(plan.workdir, label, seed) if every else None
     resumed = inflight.restore(inflight_dir, params0, method.init(params0), identity) if every else None
     if resumed is not None:
         host = resumed.host
@@ -422,8 +422,8 @@ def run_steps(
     for t in range(first_step, budget):
         if stop is not None and not config["continue_to_budget"]:
             break
-        interrupted = interrupts.requested() is not None
-        if every and t > first_step and (t % every == 0 or interrupted):
+        interrupted = interrupts.requested()  # read once: what is saved below is what the stop relies on
+        if every and t > first_step and (t % every == 0 or interrupted is not None):
             host = {
                 "next_step": t,
                 "rows": rows,
@@ -441,7 +441,7 @@ def run_steps(
             inflight.save(inflight_dir, inflight.InflightState(params, state, at_stop, host), identity)
         # SIGINT/SIGTERM: stop here (with checkpoint_every_steps, the state was just saved to resume from; without,
         # this (method, seed) run is abandoned: the finished ones are saved already).
-        interrupts.check()
+        interrupts.stop(interrupted)
         forget_batch, retain_batch, key = _step_inputs(train, forget_schedule[t], retain_schedule[t], keys[t], mesh)
         started = time.perf_counter()
         new_params, new_state, step_metrics = compiled_step(params, state, forget_batch, retain_batch, key)
