@@ -12,9 +12,10 @@ Overrides use the config's field names, a contract that user scripts rely on, e.
 
 Exit status: 0 on success; 2 for a usage or configuration error, an unwritable or full workdir or one another run
 is using included (one line on stderr, nothing written); 1 for a failure while running, including a checkpoint
-found corrupt on disk or a disk that filled up mid-run (one line on stderr); 130 / 143 after SIGINT / SIGTERM, which abandon the (method, seed) run
-in flight (one line saying how many finished runs are saved; a second signal ends the process at once). ``--debug``
-prints the traceback above that line; the status stays the same.
+found corrupt on disk or a disk that filled up mid-run (one line on stderr); 130 / 143 after SIGINT / SIGTERM,
+which abandon the (method, seed) run in flight, or save it with ``checkpoint_every_steps`` (one line saying what
+was saved; a second signal ends the process at once). ``--debug`` prints the traceback above that line; the
+status stays the same.
 """
 
 from __future__ import annotations

@@ -17,8 +17,6 @@ the per-run results already make a job resumable.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import pathlib
 import shutil
 from collections.abc import Mapping
@@ -27,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 
 from gsu_jax import checkpointing, io, parallel
+from gsu_jax.unlearning.results import content_digest
 
 __all__ = ["InflightState", "discard", "inflight_directory", "restore", "save"]
 
@@ -49,8 +48,8 @@ def inflight_directory(workdir: pathlib.Path, label: str, seed: int) -> pathlib.
 
 
 def identity_digest(identity: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of a run's identity (what a resumed state must match)."""
-    return hashlib.sha256(json.dumps(io.json_normalize(identity, sort_keys=True), sort_keys=True).encode()).hexdigest()
+    """The digest of a run's identity (what a resumed state must match), as saved results digest their content."""
+    return content_digest(io.json_normalize(identity, sort_keys=True))
 
 
 def save(directory: pathlib.Path, state: InflightState, identity: Mapping[str, Any]) -> None:
@@ -103,7 +102,7 @@ def restore(
 
 
 def discard(directory: pathlib.Path) -> None:
-    """Removes a finished run's in-flight state (process 0; the others wait)."""
+    """Removes a finished run's in-flight state (process 0 only; the others go on without waiting for it)."""
     if parallel.is_main_process():
         shutil.rmtree(directory, ignore_errors=True)
 

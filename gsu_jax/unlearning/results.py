@@ -67,7 +67,8 @@ def result_path(workdir: pathlib.Path, label: str, seed: int) -> pathlib.Path:
     return workdir / _RESULTS_DIR / label / f"seed_{seed}.json"
 
 
-def _content_digest(content: Mapping[str, Any]) -> str:
+def content_digest(content: Mapping[str, Any]) -> str:
+    """sha256 of the canonical (key-sorted) JSON of ``content``, a JSON-ready mapping."""
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
@@ -77,7 +78,7 @@ def read_result(path: pathlib.Path) -> dict[str, Any]:
     try:
         saved = json.loads(path.read_text())
         content = saved["content"]
-        intact = saved["format"] == _RESULT_FORMAT and saved["digest"] == _content_digest(content)
+        intact = saved["format"] == _RESULT_FORMAT and saved["digest"] == content_digest(content)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SavedResultError(
             f"saved result {str(path)!r} is unreadable ({type(err).__name__}: "
@@ -158,6 +159,6 @@ def save_result(workdir: pathlib.Path, label: str, seed: int, content: Mapping[s
     content = io.json_normalize(content)
     path = result_path(workdir, label, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    saved = {"format": _RESULT_FORMAT, "digest": _content_digest(content), "content": content}
+    saved = {"format": _RESULT_FORMAT, "digest": content_digest(content), "content": content}
     io.write_text(path, io.json_text(saved, indent=None))
     return content
