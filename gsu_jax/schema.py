@@ -28,10 +28,10 @@ import difflib
 import math
 import numbers
 import re
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import ml_collections
 import numpy as np
 
 __all__ = [
@@ -186,9 +186,16 @@ def unknown_key_message(name: str, known: Any, *, prefix: str = "config.") -> st
     return f"{dotted_name(prefix, name)} is not a known field; known fields: {shown}"
 
 
+def _is_config_dict(value: Any) -> bool:
+    """Whether ``value`` is an ``ml_collections.ConfigDict``, without importing ml_collections: the method registry
+    uses this module on the GPU image, which lacks it (a ConfigDict exists only where it was imported)."""
+    module = sys.modules.get("ml_collections")
+    return module is not None and isinstance(value, module.ConfigDict)
+
+
 def as_mapping(config: Any) -> dict[str, Any]:
     """A plain dict of a ConfigDict's or mapping's top-level fields."""
-    if isinstance(config, ml_collections.ConfigDict):
+    if _is_config_dict(config):
         return dict(config.items())
     if isinstance(config, Mapping):
         return dict(config)
@@ -225,7 +232,7 @@ def _typed(name: str, value: Any, field: Field, prefix: str) -> Any:
             raise refuse()
         return value
     # dict
-    if isinstance(value, ml_collections.ConfigDict):
+    if _is_config_dict(value):
         return value.to_dict()
     if not isinstance(value, Mapping):
         raise refuse()
