@@ -416,7 +416,11 @@ def test_a_disk_that_fills_up_mid_training_fails_in_one_line_and_the_rerun_resum
         deadline = time.monotonic() + 600
         while not _train_checkpoint_saved(workdir) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
+        # Paused while the filler fills the disk: on a loaded machine the run could otherwise fill it by itself
+        # before the filler starts, and then no space would be freed for the rerun.
+        process.send_signal(signal.SIGSTOP)
         filler = _fill(small)
+        process.send_signal(signal.SIGCONT)
         _, stderr = process.communicate(timeout=600)
         if process.returncode == 0:
             pytest.fail("the run finished before the disk filled up")
