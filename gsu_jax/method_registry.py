@@ -41,6 +41,9 @@ class Method:
       optimizer: the optimizer its defaults were measured with (``{"name": optax name, "learning_rate": ...}``),
         which ``unlearn.py`` gives it unless ``config.method_optimizers`` says otherwise; None: the run's
         ``config.optimizer`` (the protocol's Adam 1e-3).
+      gradients: which of ``g_f`` ("forget") and ``g_r`` ("retain") the rule reads; the step computes only these
+        (the other batch's losses still come from a forward pass) and leaves ``cos_forget_retain`` out of the
+        metrics when one is missing.
     """
 
     name: str
@@ -50,6 +53,7 @@ class Method:
     guidance: str
     direction: DirectionRule = dataclasses.field(repr=False)
     optimizer: Mapping[str, Any] | None = None
+    gradients: frozenset[str] = frozenset({"forget", "retain"})
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -177,7 +181,15 @@ METHODS: dict[str, Method] = {
             _GUIDANCE_AFTER_PROJECTION,
             update_rules.s_rule,
         ),
-        Method("ascent", "u = -g_f", "gradient ascent baseline (A)", {}, _GUIDANCE_ADDED, update_rules.ascent_rule),
+        Method(
+            "ascent",
+            "u = -g_f",
+            "gradient ascent baseline (A)",
+            {},
+            _GUIDANCE_ADDED,
+            update_rules.ascent_rule,
+            gradients=frozenset({"forget"}),
+        ),
         Method(
             "ascent_descent",
             "u = -g_f on even steps, g_r on odd steps (first step ascends)",
@@ -193,6 +205,7 @@ METHODS: dict[str, Method] = {
             {},
             _GUIDANCE_ADDED,
             update_rules.retain_finetune_rule,
+            gradients=frozenset({"retain"}),
         ),
         Method(
             "uno",

@@ -500,34 +500,66 @@ def per_example_projected_mean(
     trees.check_tree_match(direction, params, tree_name="direction", reference_name="params")
     dtype = trees.accumulation_dtype(*(jnp.result_type(x) for x in jax.tree.leaves((params, direction))))
     unit, scaled_eps = projections.normalise_direction(direction, eps, dtype)
-    squared_norm = trees.tree_squared_norm(unit)
-
-    check_chunk_size(chunk_size)
-    if chunk_size is None or chunk_size >= size:
-        losses, losses_jvp = jax.linearize(lambda p: per_example_losses(loss_fn, p, batch, keys), params)
-        inner = scale * losses_jvp(_cast_like(unit, params)).astype(dtype)
-        coefficients = projections.removal_coefficients(inner, squared_norm, scaled_eps, only_on_conflict)
-        weights = jnp.full((size,), scale / size, losses.dtype)
-        (mean_update,) = jax.linear_transpose(losses_jvp, params)(weights)
-        mean_coefficient = jnp.mean(coefficients)
-    else:
-        unit_like_params = _cast_like(unit, params)
-
-        def update_and_coefficient_sums(chunk):
-            batch_chunk, keys_chunk = chunk
-            losses, losses_jvp = jax.linearize(
-                lambda p: per_example_losses(loss_fn, p, batch_chunk, keys_chunk), params
-            )
-            inner = scale * losses_jvp(unit_like_params).astype(dtype)
-            coefficients = projections.removal_coefficients(inner, squared_norm, scaled_eps, only_on_conflict)
-            weights = jnp.full(losses.shape, scale / size, losses.dtype)
-            (update_part,) = jax.linear_transpose(losses_jvp, params)(weights)
-            return update_part, jnp.sum(coefficients)
-
-        mean_update, coefficient_sum = sum_over_chunks(
-            update_and_coefficient_sums, (batch, keys), chunk_size=chunk_size
-        )
-        mean_coefficient = coefficient_sum / size
+    weights = jnp.full((size,), scale / size, dtype)
+    derivatives, mean_update = directional_derivatives_and_weighted_grad_sum(
+        loss_fn, params, batch, keys, unit, weights, chunk_size=chunk_size
+    )
+    inner = scale * derivatives.astype(dtype)
+    coefficients = projections.removal_coefficients(inner, trees.tree_squared_norm(unit), scaled_eps, only_on_conflict)
+    mean_coefficient = jnp.mean(coefficients)
     return jax.tree.map(
         lambda g, h: (jnp.asarray(g, dtype) - mean_coefficient * h).astype(jnp.result_type(g)), mean_update, unit
     )
+
+
+def directional_derivatives_and_weighted_grad_sum(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    keys: jax.Array,
+    tangent: PyTree,
+    weights: jax.Array,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, PyTree]:
+    """``([<grad loss(x_i), tangent>]_i, sum_i weights[i] * grad loss(x_i))`` from ONE ``jax.linearize``.
+
+    :func:`per_example_directional_derivatives` and :func:`weighted_grad_sum` at once: the per-example-loss vector
+    is linearised once (one forward pass), its linear map applied to ``tangent`` (``J_f v``) and transposed onto
+    ``weights`` (``J_f^T w``), so the forward pass is never repeated, whatever XLA would have merged.
+
+    Args:
+      loss_fn, params, batch, keys: as for :func:`per_example_directional_derivatives`.
+      tangent: a tree like ``params`` (cast to its dtypes).
+      weights: ``[B]`` weights of the gradient sum (cast to the loss dtype).
+      chunk_size: if set, one linearisation per ``chunk_size`` examples (:func:`scan_over_chunks`): the
+        activation memory of one chunk, the same values up to float rounding of the sum.
+
+    Returns:
+      ``(derivatives [B] in the loss dtype, the weighted sum as a tree like params)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> def loss(params, example, key):
+      ...   return jnp.sum((params["w"] * example["x"] - example["y"]) ** 2)
+      >>> batch = {"x": jnp.arange(3.0)[:, None], "y": jnp.zeros((3, 1))}
+      >>> keys = jax.random.split(jax.random.key(0), 3)
+      >>> derivatives, grad_sum = directional_derivatives_and_weighted_grad_sum(
+      ...     loss, {"w": jnp.ones(1)}, batch, keys, {"w": jnp.full(1, 0.5)}, jnp.array([1.0, 1.0, -1.0]))
+      >>> derivatives.tolist(), grad_sum["w"].tolist()
+      ([0.0, 1.0, 4.0], [-6.0])
+    """
+    _check_loss_fn(loss_fn)
+    check_chunk_size(chunk_size)
+    size = _batch_size(batch, keys)
+    _check_batched("weights", weights, size)
+    trees.check_tree_match(tangent, params, tree_name="tangent", reference_name="params")
+    tangent = _cast_like(tangent, params)
+
+    def both(chunk):
+        batch_chunk, keys_chunk, weights_chunk = chunk
+        losses, losses_jvp = jax.linearize(lambda p: per_example_losses(loss_fn, p, batch_chunk, keys_chunk), params)
+        (grad_sum,) = jax.linear_transpose(losses_jvp, params)(jnp.asarray(weights_chunk, losses.dtype))
+        return grad_sum, losses_jvp(tangent)
+
+    return tuple(reversed(scan_over_chunks(both, (batch, keys, weights), chunk_size=chunk_size)))

@@ -51,6 +51,7 @@ from gsu_jax.update_rules import (
     losses_and_mean_grad,
     masked_loss,
     masked_tree,
+    on_parameter_tree,
     param_mask,
     zero_diagnostic,
 )
@@ -84,7 +85,7 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
     ``D = (F_r + fisher_damping * mean(F_r))^-p`` per coordinate (:func:`retain_fisher_diagonal`; ``p = 1/2`` for
     ``precondition='retain_rms'``, 1 for ``'retain_fisher'``, ``D = 1`` for ``'none'``).
     """
-    mask = param_mask(inputs.params, hparams["forget_only"], name="forget_only")
+    mask = param_mask(inputs, hparams["forget_only"], name="forget_only")
     loss_fn, retain_grad = inputs.loss_fn, inputs.retain_grad
     if mask is not None:
         loss_fn, retain_grad = masked_loss(loss_fn, mask), masked_tree(retain_grad, mask)
@@ -150,8 +151,11 @@ def retain_fisher_diagonal(
 
 def _inverse_fisher(inputs: StepInputs, damping: float, power: float) -> Params:
     """``(F_r + damping * mean(F_r))^-power`` per coordinate (the damping relative to the mean, so scale-free)."""
-    fisher = retain_fisher_diagonal(
-        inputs.loss_fn, inputs.params, inputs.retain_batch, inputs.retain_keys, inputs.chunk_size
+    fisher = on_parameter_tree(
+        inputs,
+        lambda loss_fn, params: retain_fisher_diagonal(
+            loss_fn, params, inputs.retain_batch, inputs.retain_keys, inputs.chunk_size
+        ),
     )
     leaves = jax.tree.leaves(fisher)
     mean = sum(jnp.sum(leaf) for leaf in leaves) / sum(leaf.size for leaf in leaves)

@@ -36,9 +36,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
 
-from gsu_jax import per_example
+from gsu_jax import per_example, projections, trees
 from gsu_jax.losses import LossFn, batch_size
+from gsu_jax.models import conv
 from gsu_jax.projections import normal_plane_projection, off_span_projection
 from gsu_jax.trees import tree_add_scaled, tree_max_abs, tree_squared_norm, tree_vdot
 
@@ -60,9 +63,13 @@ class StepInputs(NamedTuple):
       forget_batch, retain_batch: the two batches (leading axes ``B_f``, ``B_r``).
       forget_keys, retain_keys: ``key[B_f]``, ``key[B_r]``, one per example.
       forget_losses: ``f32[B_f]``, the per-example forget losses ``l(x_i)``.
-      forget_grad, retain_grad: ``g_f``, ``g_r`` (trees like ``params``).
+      forget_grad, retain_grad: ``g_f``, ``g_r`` (like ``params``); ``None`` for a gradient the method's
+        registry record does not list in ``gradients`` (the step does not compute it).
       chunk_size: examples processed at once by every pass over a batch (``None``: whole batches), the
         :func:`gsu_jax.methods.make_method` step option.
+      unravel: ``None`` when ``params`` is the parameter pytree itself; otherwise ``params`` (and every gradient)
+        is the flat parameter vector of :func:`jax.flatten_util.ravel_pytree` and this maps such a vector back to
+        the pytree (:func:`param_mask` reads the parameter paths through it).
     """
 
     loss_fn: LossFn
@@ -73,9 +80,10 @@ class StepInputs(NamedTuple):
     forget_keys: jax.Array
     retain_keys: jax.Array
     forget_losses: jax.Array
-    forget_grad: Params
-    retain_grad: Params
+    forget_grad: Params | None
+    retain_grad: Params | None
     chunk_size: int | None = None
+    unravel: Callable[[jax.Array], Params] | None = None
 
 
 class Direction(NamedTuple):
@@ -121,7 +129,10 @@ def losses_and_mean_grad(
         grad, losses = jax.grad(summed_loss, has_aux=True)(params)
         return grad, losses
 
-    grad, losses = per_example.scan_over_chunks(summed_grad_and_losses, (batch, keys), chunk_size=chunk_size)
+    # The loop body is grad of a vmap and nothing else: the convolutions of our models may take their loop-friendly
+    # derivative there (gsu_jax.models.conv; 23x faster chunked conv-VAE steps on XLA:CPU).
+    with conv.reverse_mode_loop_body():
+        grad, losses = per_example.scan_over_chunks(summed_grad_and_losses, (batch, keys), chunk_size=chunk_size)
     return losses, jax.tree.map(lambda leaf: leaf / size, grad)
 
 
@@ -140,6 +151,25 @@ def changed(before: Params, after: Params) -> jax.Array:
     """``1.0`` if the projection removed a nonzero component, else ``0.0``."""
     difference = jax.tree.map(jnp.subtract, after, before)
     return (tree_max_abs(difference) > 0).astype(jnp.float32)
+
+
+def on_parameter_tree(inputs: StepInputs, compute: Callable[[LossFn, Params], Params]) -> Params:
+    """``compute(loss_fn, params)`` run on the parameter pytree, its result (a tree like the parameters) returned
+    in the layout of ``inputs.params`` (raveled for a flat step).
+
+    For the passes that hold one gradient per example or per group (``vmap`` of ``grad``). Why: on XLA:CPU such
+    gradients taken with respect to the flat vector cost twice those taken leaf by leaf (measured on the protocol
+    VAE, B = 128: remap_surgery's retain Fisher 679 ms against 326 ms), while one concatenation of the result costs
+    little (341 ms in all).
+    """
+    if inputs.unravel is None:
+        return compute(inputs.loss_fn, inputs.params)
+    vector_loss = inputs.loss_fn
+
+    def tree_loss(tree: Params, example: Any, key: jax.Array) -> jax.Array:
+        return vector_loss(ravel_pytree(tree)[0], example, key)
+
+    return ravel_pytree(compute(tree_loss, inputs.unravel(inputs.params)))[0]
 
 
 # ------------------------------------------------------------------------------------------ two-task PCGrad
@@ -198,79 +228,108 @@ def pcgrad_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
     return Direction(update, conflict, zero_diagnostic())
 
 
-def _weighted_loss(loss_fn: LossFn) -> LossFn:
-    """``(params, {"example": x, "weight": w}, key) -> w * loss_fn(params, x, key)`` (``w`` a constant)."""
+def param_mask(inputs: StepInputs, pattern: str | None, *, name: str = "ascend_only") -> Params | None:
+    """Where the parameter path matches ``pattern`` (``re.search``), in the layout of ``inputs.params``.
 
-    def loss(params: Params, weighted_example: Mapping[str, Any], key: jax.Array) -> jax.Array:
-        return weighted_example["weight"] * loss_fn(params, weighted_example["example"], key)
-
-    return loss
-
-
-def param_mask(params: Params, pattern: str | None, *, name: str = "ascend_only") -> Params | None:
-    """A tree of Python bools like ``params``: True where the leaf's path matches ``pattern`` (``re.search``)."""
+    ``None`` for no pattern; a tree of Python bools like the parameter pytree; or, for a flat step
+    (``inputs.unravel`` set), a constant boolean vector that is True on the coordinates of the matching leaves.
+    """
     if pattern is None:
         return None
+    tree = inputs.params
+    if inputs.unravel is not None:
+        tree = jax.eval_shape(inputs.unravel, jax.ShapeDtypeStruct(inputs.params.shape, inputs.params.dtype))
     regex = re.compile(pattern)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
     selected = [bool(regex.search(jax.tree_util.keystr(path))) for path, _ in paths]
     if not any(selected):
         listing = ", ".join(jax.tree_util.keystr(path) for path, _ in paths)
         raise ValueError(f"{name}={pattern!r} matches no parameter; allowed: a regex matching some of {listing}")
-    return jax.tree_util.tree_unflatten(treedef, selected)
+    if inputs.unravel is None:
+        return jax.tree_util.tree_unflatten(treedef, selected)
+    # ravel_pytree concatenates the leaves in tree_flatten order, the order of ``paths``.
+    return np.concatenate([np.full(int(np.prod(leaf.shape)), chosen) for chosen, (_, leaf) in zip(selected, paths)])
+
+
+def _keep_gradient(mask: bool | np.ndarray, leaf: jax.Array) -> jax.Array:
+    if isinstance(mask, np.ndarray):
+        return jnp.where(mask, leaf, jax.lax.stop_gradient(leaf))
+    return leaf if mask else jax.lax.stop_gradient(leaf)
 
 
 def masked_loss(loss_fn: LossFn, mask: Params) -> LossFn:
-    """``loss_fn`` differentiable only in the leaves where ``mask`` is True (the others are constants)."""
+    """``loss_fn`` differentiable only where ``mask`` (from :func:`param_mask`) is True (constant elsewhere)."""
 
     def loss(params: Params, example: Any, key: jax.Array) -> jax.Array:
-        return loss_fn(jax.tree.map(lambda m, p: p if m else jax.lax.stop_gradient(p), mask, params), example, key)
+        return loss_fn(jax.tree.map(_keep_gradient, mask, params), example, key)
 
     return loss
 
 
 def masked_tree(tree: Params, mask: Params) -> Params:
-    """``tree`` with the leaves where ``mask`` is False set to zero."""
-    return jax.tree.map(lambda m, leaf: leaf if m else jnp.zeros_like(leaf), mask, tree)
+    """``tree`` set to zero where ``mask`` (from :func:`param_mask`) is False."""
+
+    def keep(chosen: bool | np.ndarray, leaf: jax.Array) -> jax.Array:
+        if isinstance(chosen, np.ndarray):
+            return jnp.where(chosen, leaf, 0.0).astype(leaf.dtype)
+        return leaf if chosen else jnp.zeros_like(leaf)
+
+    return jax.tree.map(keep, mask, tree)
 
 
 def _gated_ascent(
-    inputs: StepInputs, weights: jax.Array, *, only_on_conflict: bool, mask: Params | None = None
+    inputs: StepInputs, weights: jax.Array | None, *, only_on_conflict: bool, mask: Params | None = None
 ) -> Direction:
     """``mean_i w_i P^(c)_{g_r}(-grad l(x_i))`` without materialising per-example gradients.
 
-    The weights enter as a constant factor of each example's loss, ``w_i l(x_i)``, so
-    :func:`gsu_jax.per_example.per_example_projected_mean` projects ``-w_i grad l(x_i)``; for ``w_i >= 0`` that is
-    ``w_i P^(c)(-grad l(x_i))`` (the conflict test is invariant to positive scaling). ``projected`` is the
-    weighted share of examples whose ascent conflicted with ``g_r`` (one extra ``jax.jvp``), or 1 when projecting
-    always. With a ``mask`` the gradients are taken in the masked leaves only (zero elsewhere) and projected off
-    the masked ``g_r``, which keeps the result orthogonal to the full ``g_r``.
+    With ``h = g_r / max|g_r|``, ``d_i = <grad l(x_i), h>`` and ``c_i = -w_i d_i / |h|^2`` (zeroed unless
+    ``-w_i d_i < 0`` when ``only_on_conflict``) the mean is ``-mean_i w_i grad l(x_i) - mean_i(c_i) h``
+    (:func:`gsu_jax.per_example.per_example_projected_mean`'s identity; for ``w_i >= 0`` the conflict test is that
+    of the unweighted ascent). The ``d_i`` are one ``jax.jvp``; ``weights=None`` means every ``w_i = 1``, whose
+    weighted mean is the step's own ``g_f`` (no further pass), otherwise the same linearisation is transposed
+    onto ``w / B`` (one ``jax.vjp``). ``projected`` (the weighted share of examples whose ascent conflicted with
+    ``g_r``, or 1 when projecting always) reads the same ``d_i``. With a ``mask`` the gradients are taken in the
+    masked coordinates only and projected off the masked ``g_r``, which keeps the result orthogonal to the full
+    ``g_r``.
     """
-    weights = jax.lax.stop_gradient(weights)
-    loss_fn, retain_grad = inputs.loss_fn, inputs.retain_grad
+    loss_fn, retain_grad, forget_grad = inputs.loss_fn, inputs.retain_grad, inputs.forget_grad
     if mask is not None:
-        loss_fn, retain_grad = masked_loss(loss_fn, mask), masked_tree(retain_grad, mask)
-    update = per_example.per_example_projected_mean(
-        _weighted_loss(loss_fn),
-        inputs.params,
-        {"example": inputs.forget_batch, "weight": weights},
-        inputs.forget_keys,
-        retain_grad,
-        scale=-1.0,
-        only_on_conflict=only_on_conflict,
-        chunk_size=inputs.chunk_size,
-    )
-    if only_on_conflict:
-        # -grad l(x_i) conflicts with g_r exactly when <grad l(x_i), g_r> > 0.
+        loss_fn, retain_grad, forget_grad = (
+            masked_loss(loss_fn, mask),
+            masked_tree(retain_grad, mask),
+            masked_tree(forget_grad, mask),
+        )
+    dtype = trees.accumulation_dtype(*(jnp.result_type(x) for x in jax.tree.leaves((inputs.params, retain_grad))))
+    unit, _ = projections.normalise_direction(retain_grad, 0.0, dtype)
+    size = inputs.forget_losses.shape[0]
+    if weights is None:
+        weights = jnp.ones((size,), dtype)
         derivatives = per_example.per_example_directional_derivatives(
+            loss_fn, inputs.params, inputs.forget_batch, inputs.forget_keys, unit, chunk_size=inputs.chunk_size
+        )
+        mean_grad = forget_grad
+    else:
+        weights = jax.lax.stop_gradient(weights).astype(dtype)
+        derivatives, mean_grad = per_example.directional_derivatives_and_weighted_grad_sum(
             loss_fn,
             inputs.params,
             inputs.forget_batch,
             inputs.forget_keys,
-            retain_grad,
+            unit,
+            weights / size,
             chunk_size=inputs.chunk_size,
         )
-        conflicts = (derivatives > 0).astype(jnp.float32)
+    derivatives = derivatives.astype(dtype)
+    coefficients = projections.removal_coefficients(
+        -weights * derivatives, tree_squared_norm(unit), jnp.zeros((), dtype), only_on_conflict
+    )
+    mean_coefficient = jnp.mean(coefficients)
+    update = jax.tree.map(
+        lambda g, h: (-jnp.asarray(g, dtype) - mean_coefficient * h).astype(jnp.result_type(g)), mean_grad, unit
+    )
+    if only_on_conflict:
+        # -grad l(x_i) conflicts with g_r exactly when <grad l(x_i), g_r> > 0.
+        conflicts = (derivatives > 0).astype(dtype)
         projected = jnp.sum(weights * conflicts) / jnp.maximum(jnp.sum(weights), 1e-12)
     else:
         projected = (jnp.sum(weights) > 0).astype(jnp.float32)
@@ -278,8 +337,7 @@ def _gated_ascent(
 
 
 def sa_per_example_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
-    weights = jnp.ones_like(inputs.forget_losses)
-    return _gated_ascent(inputs, weights, only_on_conflict=hparams["only_on_conflict"])
+    return _gated_ascent(inputs, None, only_on_conflict=hparams["only_on_conflict"])
 
 
 def _forget_gate(losses: jax.Array, *, target: float, temperature: float) -> jax.Array:
@@ -300,7 +358,7 @@ def sa_gated_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
     weights = _forget_gate(
         inputs.forget_losses, target=hparams["forget_loss_target"], temperature=hparams["temperature"]
     )
-    mask = param_mask(inputs.params, hparams["ascend_only"])
+    mask = param_mask(inputs, hparams["ascend_only"])
     gated = _gated_ascent(inputs, weights, only_on_conflict=hparams["only_on_conflict"], mask=mask)
     if hparams["combine"] == "sa":
         return gated
@@ -312,15 +370,9 @@ def sa_gated_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
     return Direction(update, jnp.maximum(gated.projected, conflict), gated.gated_fraction)
 
 
-def _group_mean_grads(inputs: StepInputs, *, num_groups: int) -> Params:
-    """``G_k = grad mean_{i in group k} l(x_i)`` for K contiguous equal groups of the retain batch (leading K).
-
-    Uses the retain batch's own per-example keys, so ``mean_k G_k = g_r`` exactly. Computed as the per-example
-    gradients of a "group loss" whose one example is a whole group. With the step's ``chunk_size`` at most that
-    many examples are differentiated at once: ``chunk_size // group_size`` groups at a time, or, for groups larger
-    than a chunk, one group at a time with its mean gradient accumulated over chunks. The K gradients themselves
-    (``K x |params|``, what the span projection needs) are always held.
-    """
+def _retain_groups(inputs: StepInputs, *, num_groups: int) -> dict[str, Any]:
+    """The retain batch as K contiguous equal groups (examples ``[K, G, ...]``, keys ``[K, G]``), for
+    :func:`_group_grads`. Each example keeps its own key, so ``mean_k G_k = g_r`` exactly."""
     size = batch_size(inputs.retain_batch)
     if size % num_groups:
         raise ValueError(
@@ -332,29 +384,47 @@ def _group_mean_grads(inputs: StepInputs, *, num_groups: int) -> Params:
     def split(leaf: jax.Array) -> jax.Array:
         return leaf.reshape((num_groups, group_size) + leaf.shape[1:])
 
-    groups = {"examples": jax.tree.map(split, inputs.retain_batch), "keys": split(inputs.retain_keys)}
-    loss_fn = inputs.loss_fn
+    return {"examples": jax.tree.map(split, inputs.retain_batch), "keys": split(inputs.retain_keys)}
+
+
+def _group_grads(loss_fn: LossFn, params: Params, groups: Mapping[str, Any], chunk_size: int | None) -> Params:
+    """``G_k = grad mean_{i in group k} l(x_i)`` for each group of ``groups`` (examples ``[K, G, ...]``, keys
+    ``[K, G]``), stacked along a leading K.
+
+    Computed as the per-example gradients of a "group loss" whose one example is a whole group. With
+    ``chunk_size`` at most that many examples are differentiated at once: ``chunk_size // G`` groups at a time, or,
+    for groups larger than a chunk, one group at a time with its mean gradient accumulated over chunks. The K
+    gradients themselves (``K x |params|``, what the span projection needs) are always held.
+    """
+    group_size = groups["keys"].shape[1]
 
     def group_loss(params: Params, group: Mapping[str, Any], key: jax.Array) -> jax.Array:
         del key  # each member of the group carries its own example key
         return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, group["examples"], group["keys"]))
 
     group_keys = groups["keys"][:, 0]  # one (unused) key per group, for the common per-example signature
-    chunk_size = inputs.chunk_size
     if chunk_size is None or chunk_size >= group_size:
         groups_per_chunk = None if chunk_size is None else chunk_size // group_size
-        return per_example.per_example_grads(group_loss, inputs.params, groups, group_keys, chunk_size=groups_per_chunk)
+        return per_example.per_example_grads(group_loss, params, groups, group_keys, chunk_size=groups_per_chunk)
 
     def group_grad(group: Mapping[str, Any]) -> Params:
-        return losses_and_mean_grad(loss_fn, inputs.params, group["examples"], group["keys"], chunk_size)[1]
+        return losses_and_mean_grad(loss_fn, params, group["examples"], group["keys"], chunk_size)[1]
 
     return jax.lax.map(group_grad, groups)
 
 
 def sa_span_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
-    directions = _group_mean_grads(inputs, num_groups=hparams["num_directions"])
+    groups = _retain_groups(inputs, num_groups=hparams["num_directions"])
     ascent = _negate(inputs.forget_grad)
-    update = off_span_projection(ascent, directions, only_on_conflict=hparams["only_on_conflict"])
+    as_tree = inputs.unravel or (lambda tree: tree)
+
+    def project(loss_fn: LossFn, params: Params) -> Params:
+        directions = _group_grads(loss_fn, params, groups, inputs.chunk_size)
+        return off_span_projection(as_tree(ascent), directions, only_on_conflict=hparams["only_on_conflict"])
+
+    # On the parameter tree as a whole: with the K group gradients raveled into one [K, n] array XLA:CPU fused the
+    # concatenation into every consumer (the projection took 33.7 ms against 23.5 ms leaf by leaf, protocol VAE).
+    update = on_parameter_tree(inputs, project)
     return Direction(update, changed(ascent, update), zero_diagnostic())
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import doctest
 import functools
 import math
+import re
 
 import chex
 import jax
@@ -394,3 +396,56 @@ def test_config_style_image_shape_list_is_accepted():
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+# ------------------------------------------------------------------------- convolutions inside loop bodies
+
+
+@pytest.mark.parametrize(
+    "input_shape, kernel_shape, stride, padding",
+    [
+        ((3, 28, 28, 1), (3, 3, 1, 4), 2, "SAME"),
+        ((3, 14, 14, 4), (3, 3, 4, 2), 1, "SAME"),
+        ((2, 9, 7, 3), (3, 2, 3, 5), 2, "VALID"),
+        ((2, 11, 8, 3), (3, 3, 3, 2), 2, ((2, 0), (1, 3))),
+    ],
+)
+def test_the_loop_body_convolution_is_lax_convolution(input_shape, kernel_shape, stride, padding):
+    """Inside ``reverse_mode_loop_body`` the convolution has a hand-written derivative (fast in XLA:CPU loops) and
+    folds a ``vmap`` over examples into its batch: the mean gradient of per-example losses, in a ``lax.scan`` over
+    two chunks as the chunked step runs it, equals the one through ``lax.conv_general_dilated`` to float32
+    rounding. Outside the context it is ``lax.conv_general_dilated`` itself, bit for bit."""
+    from gsu_jax.models.conv import conv_general_dilated, reverse_mode_loop_body
+
+    numbers = ("NHWC", "HWIO", "NHWC")
+    images = jax.random.normal(jax.random.key(0), (4,) + input_shape[1:])
+    kernel = jax.random.normal(jax.random.key(1), kernel_shape)
+
+    def reference(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=numbers)
+
+    def ours(x, kernel):
+        return conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=numbers)
+
+    chex.assert_trees_all_equal(jax.jit(ours)(images, kernel), jax.jit(reference)(images, kernel))
+
+    def chunked_mean_gradient(convolve, *, loop_friendly):
+        def chunk_gradient(total, chunk):
+            def summed(kernel, chunk):  # one example at a time, as the models see it, vmapped over the chunk
+                return jnp.sum(jax.vmap(lambda x: jnp.sum(jnp.tanh(convolve(x[None], kernel))))(chunk))
+
+            kernel_grad, chunk_grad = jax.grad(summed, argnums=(0, 1))(kernel, chunk)
+            return total + kernel_grad, chunk_grad
+
+        with reverse_mode_loop_body() if loop_friendly else contextlib.nullcontext():
+            return jax.lax.scan(chunk_gradient, jnp.zeros_like(kernel), images.reshape((2, 2) + images.shape[1:]))
+
+    def primitives(convolve, *, loop_friendly):
+        jaxpr = str(jax.make_jaxpr(lambda: chunked_mean_gradient(convolve, loop_friendly=loop_friendly))())
+        return set(re.findall(r"= (\w+)\[", jaxpr))
+
+    # The hand-written derivative ran: its explicit transposes are absent from lax's own derivative.
+    assert "transpose" in primitives(ours, loop_friendly=True) - primitives(reference, loop_friendly=False)
+    got = jax.jit(lambda: chunked_mean_gradient(ours, loop_friendly=True))()
+    want = jax.jit(lambda: chunked_mean_gradient(reference, loop_friendly=False))()
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gsu_jax.models.conv import conv
+
 # Spatial size of a square convolutional input -> number of stride-2 stages that bring it to 7 or 8 pixels.
 CONV_DOWNSAMPLINGS: dict[int, int] = {28: 2, 32: 2, 64: 3}
 # Channel counts the convolutional models accept: grayscale and RGB.
@@ -100,7 +102,7 @@ class DownBlock(nnx.Module):
     """3x3 convolution with stride 2 (halves H and W, SAME padding), GroupNorm, ReLU; one example."""
 
     def __init__(self, in_channels: int, out_channels: int, *, num_groups: int, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(in_channels, out_channels, kernel_size=(3, 3), strides=(2, 2), padding="SAME", rngs=rngs)
+        self.conv = conv(in_channels, out_channels, kernel_size=(3, 3), strides=(2, 2), padding="SAME", rngs=rngs)
         self.norm = ExampleGroupNorm(out_channels, num_groups=num_groups, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -115,7 +117,7 @@ class UpBlock(nnx.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, num_groups: int, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(in_channels, out_channels, kernel_size=(3, 3), padding="SAME", rngs=rngs)
+        self.conv = conv(in_channels, out_channels, kernel_size=(3, 3), padding="SAME", rngs=rngs)
         self.norm = ExampleGroupNorm(out_channels, num_groups=num_groups, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gsu_jax.models.conv import conv
 from gsu_jax.models.layers import (
     ExampleGroupNorm,
     check_image_shape,
@@ -78,12 +79,12 @@ class ResBlock(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int, *, embed_dim: int, num_groups: int, rngs: nnx.Rngs):
         self.norm1 = ExampleGroupNorm(in_channels, num_groups=num_groups, rngs=rngs)
-        self.conv1 = nnx.Conv(in_channels, out_channels, kernel_size=(3, 3), padding="SAME", rngs=rngs)
+        self.conv1 = conv(in_channels, out_channels, kernel_size=(3, 3), padding="SAME", rngs=rngs)
         self.embed_projection = nnx.Linear(embed_dim, out_channels, rngs=rngs)
         self.norm2 = ExampleGroupNorm(out_channels, num_groups=num_groups, rngs=rngs)
-        self.conv2 = nnx.Conv(out_channels, out_channels, kernel_size=(3, 3), padding="SAME", rngs=rngs)
+        self.conv2 = conv(out_channels, out_channels, kernel_size=(3, 3), padding="SAME", rngs=rngs)
         self.skip = (
-            nnx.Conv(in_channels, out_channels, kernel_size=(1, 1), rngs=rngs) if in_channels != out_channels else None
+            conv(in_channels, out_channels, kernel_size=(1, 1), rngs=rngs) if in_channels != out_channels else None
         )
 
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
@@ -148,19 +149,19 @@ class UNet(nnx.Module):
         self.label_embedding = nnx.Embed(self.num_classes + 1, time_embed_dim, rngs=rngs) if self.num_classes else None
         widths = [channels * mult for mult in channel_mults]
         block = dict(embed_dim=time_embed_dim, num_groups=num_groups, rngs=rngs)
-        self.input_conv = nnx.Conv(image_channels, channels, kernel_size=(3, 3), padding="SAME", rngs=rngs)
+        self.input_conv = conv(image_channels, channels, kernel_size=(3, 3), padding="SAME", rngs=rngs)
         self.down_blocks = nnx.List(
             [ResBlock(w_in, w_out, **block) for w_in, w_out in zip([channels] + widths[:-1], widths)]
         )
         self.downsamplers = nnx.List(
-            [nnx.Conv(w, w, kernel_size=(3, 3), strides=(2, 2), padding="SAME", rngs=rngs) for w in widths]
+            [conv(w, w, kernel_size=(3, 3), strides=(2, 2), padding="SAME", rngs=rngs) for w in widths]
         )
         self.middle_block = ResBlock(widths[-1], widths[-1], **block)
         # Up level i sees the upsampled output of level i + 1 (or the middle) concatenated with skip i.
         below = widths[1:] + [widths[-1]]
         self.up_blocks = nnx.List([ResBlock(w_below + w, w, **block) for w_below, w in zip(below, widths)])
         self.output_norm = ExampleGroupNorm(widths[0], num_groups=num_groups, rngs=rngs)
-        self.output_conv = nnx.Conv(widths[0], image_channels, kernel_size=(3, 3), padding="SAME", rngs=rngs)
+        self.output_conv = conv(widths[0], image_channels, kernel_size=(3, 3), padding="SAME", rngs=rngs)
 
     @property
     def null_label(self) -> int:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gsu_jax.models.conv import conv
 from gsu_jax.models.layers import (
     CONV_DOWNSAMPLINGS,
     DownBlock,
@@ -165,7 +166,7 @@ class ConvVAE(nnx.Module):
                 for in_width, out_width in zip(up_widths[:-1], up_widths[1:])
             ]
         )
-        self.decoder_output = nnx.Conv(widths[0], image_channels, kernel_size=(3, 3), padding="SAME", rngs=rngs)
+        self.decoder_output = conv(widths[0], image_channels, kernel_size=(3, 3), padding="SAME", rngs=rngs)
 
     def encode(self, image: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``image f32[H, W, C] -> (mean f32[L], logvar f32[L])``."""

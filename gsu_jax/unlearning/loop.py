@@ -120,6 +120,8 @@ def run_method(
         guidance_loss=guidance_loss,
         guidance_weight=config["guidance_weight"],
         chunk_size=config["chunk_size"] or None,
+        # A mesh that splits parameters over a model axis keeps them a pytree (a flat vector would gather them).
+        flat_parameters=plan.mesh is None or plan.mesh.shape["model"] == 1,
         **hparams,
     )
     identities = {
