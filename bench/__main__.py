@@ -51,6 +51,11 @@ class Config:
     scaling_reps: int
     scaling_row_s: float
     materialised_max_elements: float
+    # chunking.py
+    chunking_batch: int
+    chunking_chunk: int
+    chunking_warmup: int
+    chunking_reps: int
     # share of the time budget per section; what a section leaves unused passes on to the next ones
     section_shares: dict[str, float]
     # filled in by main
@@ -83,7 +88,11 @@ def config(mode: str, *, dry_run: bool) -> Config:
             scaling_reps=5,
             scaling_row_s=6,
             materialised_max_elements=2.1e7,
-            section_shares={"step": 0.5, "per_example": 0.3, "scaling": 0.2},
+            chunking_batch=1024,
+            chunking_chunk=64,
+            chunking_warmup=1,
+            chunking_reps=3,
+            section_shares={"step": 0.45, "per_example": 0.25, "scaling": 0.15, "chunking": 0.15},
         )
     if dry_run:
         return Config(
@@ -109,8 +118,12 @@ def config(mode: str, *, dry_run: bool) -> Config:
             scaling_reps=2,
             scaling_row_s=5,
             materialised_max_elements=1.1e7,
+            chunking_batch=16,
+            chunking_chunk=4,
+            chunking_warmup=1,
+            chunking_reps=2,
             gpu_rows=True,
-            section_shares={"step": 0.4, "per_example": 0.4, "scaling": 0.2},
+            section_shares={"step": 0.35, "per_example": 0.35, "scaling": 0.15, "chunking": 0.15},
         )
     return Config(
         mode="full",
@@ -135,8 +148,12 @@ def config(mode: str, *, dry_run: bool) -> Config:
         scaling_reps=50,
         scaling_row_s=4,
         materialised_max_elements=4e9,
+        chunking_batch=1024,
+        chunking_chunk=64,
+        chunking_warmup=3,
+        chunking_reps=20,
         gpu_rows=True,
-        section_shares={"step": 0.3, "per_example": 0.5, "scaling": 0.2},
+        section_shares={"step": 0.3, "per_example": 0.45, "scaling": 0.15, "chunking": 0.1},
     )
 
 
@@ -160,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="with --full: every code path at tiny sizes")
     parser.add_argument("--out", default=None, help="output folder (default bench/results/<mode>)")
     parser.add_argument(
-        "--sections", default="step,per_example,scaling", help="comma-separated subset of step,per_example,scaling"
+        "--sections",
+        default="step,per_example,scaling,chunking",
+        help="comma-separated subset of step,per_example,scaling,chunking",
     )
     parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default per mode)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows even if torch is installed")
@@ -168,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run and not args.full:
         parser.error("--dry-run goes with --full (it checks the --full code paths at tiny sizes)")
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]
-    unknown = sorted(set(sections) - {"step", "per_example", "scaling"})
+    unknown = sorted(set(sections) - {"step", "per_example", "scaling", "chunking"})
     if unknown:
-        parser.error(f"unknown section(s) {unknown}; allowed: step, per_example, scaling")
+        parser.error(f"unknown section(s) {unknown}; allowed: step, per_example, scaling, chunking")
 
     if args.dry_run:
         sys.meta_path.insert(0, _BlockImports({"ml_collections", "mlxtend", "tensorflow_datasets"}))
