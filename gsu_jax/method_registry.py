@@ -301,6 +301,7 @@ METHODS: dict[str, Method] = {
             _GUIDANCE_AFTER_PROJECTION,
             remap_surgery.remap_surgery_rule,
             optimizer={"name": "sgd", "learning_rate": 3e-3},
+            gradients=frozenset({"retain"}),  # the surrogate replaces g_f: only cos_forget_retain read it
         ),
         Method(
             "sa_gated",

@@ -467,10 +467,10 @@ def per_example_projected_mean(
       eps: non-negative damping added to ``<d, d>``, as in
         :func:`gsu_jax.projections.normal_plane_projection`.
       chunk_size: if set, the linearisation, the ``B`` inner products and the
-        weighted sum run ``chunk_size`` examples at a time, accumulating
-        ``sum_i scale grad loss(x_i)`` and ``sum_i c_i`` over chunks
-        (:func:`sum_over_chunks`): the activation memory of one chunk, the same
-        result up to float rounding.
+        weighted sum run ``chunk_size`` examples at a time (one
+        :func:`scan_over_chunks`: ``sum_i scale grad loss(x_i)`` accumulated,
+        the inner products kept per example): the activation memory of one
+        chunk, the same result up to float rounding.
 
     Returns:
       a tree like ``params`` (its dtypes).

@@ -129,10 +129,18 @@ def losses_and_mean_grad(
         grad, losses = jax.grad(summed_loss, has_aux=True)(params)
         return grad, losses
 
-    # The loop body is grad of a vmap and nothing else: the convolutions of our models may take their loop-friendly
-    # derivative there (gsu_jax.models.conv; 23x faster chunked conv-VAE steps on XLA:CPU).
-    with conv.reverse_mode_loop_body():
-        grad, losses = per_example.scan_over_chunks(summed_grad_and_losses, (batch, keys), chunk_size=chunk_size)
+    def chunked() -> tuple[Params, jax.Array]:
+        return per_example.scan_over_chunks(summed_grad_and_losses, (batch, keys), chunk_size=chunk_size)
+
+    # The loop body is grad of a vmap: the convolutions of our models take their loop-friendly derivative there
+    # (gsu_jax.models.conv; 23x faster chunked conv-VAE steps on XLA:CPU). A loss that differentiates inside itself
+    # (a jvp or grad around those convolutions) cannot: its trace fails, and the pass is traced again with lax's
+    # own convolution (a genuine error in the loss fails that second trace too and propagates).
+    try:
+        with conv.reverse_mode_loop_body():
+            grad, losses = chunked()
+    except (TypeError, ValueError):
+        grad, losses = chunked()
     return losses, jax.tree.map(lambda leaf: leaf / size, grad)
 
 
@@ -285,9 +293,9 @@ def _gated_ascent(
     With ``h = g_r / max|g_r|``, ``d_i = <grad l(x_i), h>`` and ``c_i = -w_i d_i / |h|^2`` (zeroed unless
     ``-w_i d_i < 0`` when ``only_on_conflict``) the mean is ``-mean_i w_i grad l(x_i) - mean_i(c_i) h``
     (:func:`gsu_jax.per_example.per_example_projected_mean`'s identity; for ``w_i >= 0`` the conflict test is that
-    of the unweighted ascent). The ``d_i`` are one ``jax.jvp``; ``weights=None`` means every ``w_i = 1``, whose
-    weighted mean is the step's own ``g_f`` (no further pass), otherwise the same linearisation is transposed
-    onto ``w / B`` (one ``jax.vjp``). ``projected`` (the weighted share of examples whose ascent conflicted with
+    of the unweighted ascent). ``weights=None`` means every ``w_i = 1``: the ``d_i`` are one ``jax.jvp`` and the
+    mean gradient is the step's own ``g_f`` (no further pass); otherwise one ``jax.linearize`` gives the ``d_i``
+    (its jvp) and ``mean_i w_i grad l(x_i)`` (its transpose applied to ``w / B``). ``projected`` (the weighted share of examples whose ascent conflicted with
     ``g_r``, or 1 when projecting always) reads the same ``d_i``. With a ``mask`` the gradients are taken in the
     masked coordinates only and projected off the masked ``g_r``, which keeps the result orthogonal to the full
     ``g_r``.

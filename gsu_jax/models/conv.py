@@ -22,6 +22,10 @@ Only reverse mode of a ``vmap`` inside ``grad`` is supported there (``jax.custom
 ``custom_vmap`` no reverse mode under an outer ``vmap``): hence the context is entered by that one pass, and
 everywhere else (forward-mode passes, per-example gradients, every unchunked step, training) and for other cases
 (dilation, feature groups, other layouts, ``preferred_element_type``) this is ``lax.conv_general_dilated`` itself.
+A per-example loss that differentiates inside itself (a ``jax.jvp`` or ``jax.grad`` around the model) fails to
+trace with it, and the pass then retraces without it (tested). One case is not caught: a loss that wraps the model
+in its own ``jax.jit`` and is first traced inside the pass would keep the custom derivative in jit's cache for
+later forward-mode passes (jit's cache key does not see the context); our losses do not ``jit`` inside.
 """
 
 from __future__ import annotations
