@@ -6,11 +6,12 @@ Workload: ``ConvVAE`` (28x28x1, 32-64 channels, latent 16), ``cfg.chunking_batch
 unchunked one (convolution gradients inside the chunk loop left XLA:CPU's library path;
 :mod:`gsu_jax.models.conv` says why and what the loop bodies now trace instead). Correctness first: the chunked
 step's update direction (Adam's first moment after one step from a zero state, ``(1 - b1) u``) must equal the
-unchunked one's to float32 rounding.
+unchunked one's to float32 rounding. Timed with the bench's one protocol (:func:`bench.step.time_step`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -19,36 +20,37 @@ from flax import nnx
 
 from bench import common
 from bench.common import Budget, Report, Section, Target
-from bench.references import adam_first_moment_direction
-from bench.step import adam
+from bench.step import adam, time_step
 
 METHODS = ("sa", "sa_per_example")
 TARGET_RATIO = 1.5  # issue 15: a chunked (64) conv-VAE sa step <= 1.5x the unchunked one at 1024 + 1024
 
 
-def _step_row(name, *, loss_fn, params, forget, retain, chunk, cfg) -> tuple[dict[str, Any], np.ndarray]:
+def _step_row(name, *, loss_fn, params, forget, retain, chunk, cfg, check) -> dict[str, Any]:
+    """One row: ``name``'s step with ``chunk_size=chunk``, checked by ``check(u)`` then timed
+    (:func:`bench.step.time_step`: the bench's one protocol)."""
     from gsu_jax.methods import make_method
 
     method = make_method(name, loss_fn=loss_fn, optimizer=adam(), chunk_size=chunk)
-    state = method.init(params)
-    compiled = jax.jit(method.step).lower(params, state, forget, retain, jax.random.key(0)).compile()
-    _, first_state, _ = compiled(params, state, forget, retain, jax.random.key(0))
-    direction = adam_first_moment_direction(first_state)
-    keys = iter(jax.random.split(jax.random.key(1), cfg.chunking_warmup + 2 * cfg.chunking_reps + 1))
-    timing = common.measure(
-        lambda: compiled(params, state, forget, retain, next(keys)),
-        sync=common.jax_sync,
+    keys = list(jax.random.split(jax.random.key(1), 8))
+    timed = time_step(
+        method,
+        params=params,
+        forget=forget,
+        retain=retain,
+        check_key=jax.random.key(0),
+        check=check,
+        keys=keys,
         warmup=cfg.chunking_warmup,
         reps=cfg.chunking_reps,
     )
-    temp = common.compiled_memory_bytes(compiled)
-    row = {
+    return {
         "method": name,
         "chunk": "none" if chunk is None else chunk,
-        **timing.summary(),
-        "temp_mib": None if temp is None else temp / 2**20,
+        **timed.timing.summary(),
+        "temp_mib": None if timed.temp_bytes is None else timed.temp_bytes / 2**20,
+        "rel_err": timed.rel_err,
     }
-    return row, direction
 
 
 def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
@@ -65,13 +67,18 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
     rows, targets = [], []
     at_target_size = (size, cfg.chunking_chunk) == (1024, 64)
     for name in METHODS:
-        unchunked, reference = _step_row(
-            name, loss_fn=loss_fn, params=params, forget=forget, retain=retain, chunk=None, cfg=cfg
-        )
-        chunked, direction = _step_row(
-            name, loss_fn=loss_fn, params=params, forget=forget, retain=retain, chunk=cfg.chunking_chunk, cfg=cfg
-        )
-        chunked["rel_err"] = common.check_close(f"{name} chunked vs unchunked", direction, reference, rtol=1e-4)
+        reference: list[np.ndarray] = []
+
+        def keep(direction, reference=reference):  # the unchunked direction is the chunked row's reference
+            reference.append(direction)
+            return None
+
+        def against_unchunked(direction, name=name, reference=reference):
+            return common.check_close(f"{name} chunked vs unchunked", direction, reference[0], rtol=1e-4)
+
+        row = functools.partial(_step_row, name, loss_fn=loss_fn, params=params, forget=forget, retain=retain, cfg=cfg)
+        unchunked = row(chunk=None, check=keep)
+        chunked = row(chunk=cfg.chunking_chunk, check=against_unchunked)
         ratio = chunked["median_ms"] / unchunked["median_ms"]
         chunked["x_unchunked"] = ratio
         unchunked["x_unchunked"] = 1.0
@@ -103,8 +110,9 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
             targets=targets,
             notes=[
                 f"Data: {source}. Median of {cfg.chunking_reps} synchronised steps after {cfg.chunking_warmup} "
-                "warm-ups, all from the same state with fresh keys. temporaries: XLA's buffer assignment of the "
-                "compiled step (the memory chunking bounds).",
+                "warm-ups, alternating between the states after the first and the second step, with fresh keys. "
+                "temporaries: XLA's temp_size_in_bytes of the compiled step (the memory chunking bounds; arguments "
+                "and outputs excluded).",
             ],
         )
     )

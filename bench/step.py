@@ -76,14 +76,15 @@ def method_hparams(name: str, forget_losses: np.ndarray) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class TimedStep:
-    """The outcome of :func:`time_step`: timing, the check's relative error, XLA's FLOP count of one step, and
-    ``call()`` (one more synchronisable step, for interleaved re-measurement)."""
+    """The outcome of :func:`time_step`: timing, the check's relative error, XLA's FLOP count and temporary bytes
+    of one step, and ``call()`` (one more synchronisable step, for interleaved re-measurement)."""
 
     timing: common.Timing
     rel_err: float
     gflops: float | None
     kernels: int | None
     call: Any
+    temp_bytes: int | None = None
 
 
 def time_step(method, *, params, forget, retain, check_key, check, keys, warmup: int, reps: int) -> TimedStep:
@@ -110,7 +111,15 @@ def time_step(method, *, params, forget, retain, check_key, check, keys, warmup:
     if bad or not bool(jnp.all(jnp.isfinite(ravel_pytree(final_params)[0]))):
         raise CorrectnessError(f"non-finite parameters or metrics {bad} after one step")
     flops = common.compiled_flops(compiled)
-    return TimedStep(timing, rel_err, flops / 1e9 if flops is not None else None, common.kernel_count(compiled), call)
+    analysis = compiled.memory_analysis()
+    return TimedStep(
+        timing,
+        rel_err,
+        flops / 1e9 if flops is not None else None,
+        common.kernel_count(compiled),
+        call,
+        None if analysis is None else int(analysis.temp_size_in_bytes),
+    )
 
 
 def materialised_sa_per_example(loss_fn, optimizer):

@@ -62,10 +62,10 @@ which adds the term to both ``L_f`` and ``L_r`` before its projection; a guided 
 exactly the keys a step uses, so results can be reproduced outside it.
 
 **Metrics** (all ``f32[]``): ``forget_loss`` and ``retain_loss`` (``L_f``, ``L_r`` before the step),
-``cos_forget_retain`` (``cos(g_f, g_r)``; absent for ``ascent``, ``retain_finetune`` and ``remap_surgery``, whose step computes only
-the gradient its rule reads, :attr:`Method.gradients`), ``projected`` (1 if the projection removed a component; for per-example
-rules the fraction of examples projected), ``gated_fraction`` (share of forget examples gated out; 0 for ungated
-rules), ``update_norm`` (``||u||``, guidance included), and ``guidance_loss`` when guidance is on.
+``cos_forget_retain`` (``cos(g_f, g_r)``; absent for ``ascent``, ``retain_finetune`` and ``remap_surgery``, whose
+step computes only the gradient its rule reads, :attr:`Method.gradients`), ``projected`` (1 if the projection
+removed a component; for per-example rules the fraction of examples projected), ``gated_fraction`` (share of
+forget examples gated out; 0 for ungated rules), ``update_norm`` (``||u||``, guidance included), and ``guidance_loss`` when guidance is on.
 
 **One flat vector.** By default the step runs on the raveled parameter vector (``flat_parameters`` of
 :func:`make_method`): rules see ``StepInputs.params`` and the gradients as one array, and the optimizer gets the
@@ -197,9 +197,9 @@ def make_method(
 ) -> UnlearningMethod:
     """Builds the unlearning method ``name`` (a key of :data:`METHODS`) for a per-example loss and an optimizer.
 
-    The step computes, once, ``l(x_i)`` on the forget batch and ``L_r`` on the retain batch and the gradients ``g_f``,
-    ``g_r`` that the method's rule reads (:attr:`Method.gradients`; keys from :func:`split_step_keys`), lets the method's rule turn them into the update
-    direction ``u`` (table in the module docstring), adds ``guidance_weight * grad guidance_loss(params,
+    The step computes, once, ``l(x_i)`` on the forget batch and ``L_r`` on the retain batch and the gradients
+    ``g_f``, ``g_r`` that the method's rule reads (:attr:`Method.gradients`; keys from :func:`split_step_keys`),
+    lets the method's rule turn them into the update direction ``u`` (table in the module docstring), adds ``guidance_weight * grad guidance_loss(params,
     guidance_key)`` when guidance is on, and applies ``optimizer`` to ``u`` (descending it).
 
     Args:

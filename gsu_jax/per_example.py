@@ -505,6 +505,21 @@ def per_example_projected_mean(
         loss_fn, params, batch, keys, unit, weights, chunk_size=chunk_size
     )
     inner = scale * derivatives.astype(dtype)
+    return mean_of_projections(mean_update, inner, unit, scaled_eps, only_on_conflict=only_on_conflict)
+
+
+def mean_of_projections(
+    mean_update: PyTree, inner: jax.Array, unit: PyTree, scaled_eps: jax.Array, *, only_on_conflict: bool
+) -> PyTree:
+    """``mean_i P_h(u_i) = mean_i u_i - (mean_i c_i) h`` from the mean update and the ``B`` inner products.
+
+    The identity behind :func:`per_example_projected_mean`, for a caller that has ``mean_i u_i`` and
+    ``inner = [<u_i, h>]_i`` already: ``c_i`` are :func:`gsu_jax.projections.removal_coefficients` of ``inner``
+    (zeroed where ``<u_i, h> >= 0`` when ``only_on_conflict``), ``h`` and ``scaled_eps`` come from
+    :func:`gsu_jax.projections.normalise_direction`. Computed in ``inner``'s dtype; returns a tree like
+    ``mean_update`` (its dtypes).
+    """
+    dtype = jnp.result_type(inner)
     coefficients = projections.removal_coefficients(inner, trees.tree_squared_norm(unit), scaled_eps, only_on_conflict)
     mean_coefficient = jnp.mean(coefficients)
     return jax.tree.map(

@@ -295,10 +295,11 @@ def _gated_ascent(
     (:func:`gsu_jax.per_example.per_example_projected_mean`'s identity; for ``w_i >= 0`` the conflict test is that
     of the unweighted ascent). ``weights=None`` means every ``w_i = 1``: the ``d_i`` are one ``jax.jvp`` and the
     mean gradient is the step's own ``g_f`` (no further pass); otherwise one ``jax.linearize`` gives the ``d_i``
-    (its jvp) and ``mean_i w_i grad l(x_i)`` (its transpose applied to ``w / B``). ``projected`` (the weighted share of examples whose ascent conflicted with
-    ``g_r``, or 1 when projecting always) reads the same ``d_i``. With a ``mask`` the gradients are taken in the
-    masked coordinates only and projected off the masked ``g_r``, which keeps the result orthogonal to the full
-    ``g_r``.
+    (its jvp) and ``mean_i w_i grad l(x_i)`` (its transpose applied to ``w / B``); the mean of projections is then
+    :func:`gsu_jax.per_example.mean_of_projections`. ``projected`` (the weighted share of examples whose ascent
+    conflicted with ``g_r``, or 1 when projecting always) reads the same ``d_i``. With a ``mask`` the gradients
+    are taken in the masked coordinates only and projected off the masked ``g_r``, which keeps the result
+    orthogonal to the full ``g_r``.
     """
     loss_fn, retain_grad, forget_grad = inputs.loss_fn, inputs.retain_grad, inputs.forget_grad
     if mask is not None:
@@ -328,12 +329,8 @@ def _gated_ascent(
             chunk_size=inputs.chunk_size,
         )
     derivatives = derivatives.astype(dtype)
-    coefficients = projections.removal_coefficients(
-        -weights * derivatives, tree_squared_norm(unit), jnp.zeros((), dtype), only_on_conflict
-    )
-    mean_coefficient = jnp.mean(coefficients)
-    update = jax.tree.map(
-        lambda g, h: (-jnp.asarray(g, dtype) - mean_coefficient * h).astype(jnp.result_type(g)), mean_grad, unit
+    update = per_example.mean_of_projections(
+        _negate(mean_grad), -weights * derivatives, unit, jnp.zeros((), dtype), only_on_conflict=only_on_conflict
     )
     if only_on_conflict:
         # -grad l(x_i) conflicts with g_r exactly when <grad l(x_i), g_r> > 0.
