@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import pathlib
@@ -397,20 +398,37 @@ def _small_filesystem(path: pathlib.Path, size_mib: int):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def _fill(directory: pathlib.Path) -> pathlib.Path:
-    """Writes a file until the file system is full (as another process filling the disk would)."""
+def _fill(directory: pathlib.Path) -> pathlib.Path | None:
+    """Writes a file until the file system is full (as another process filling the disk would).
+
+    Returns None when the file system is already too full to create the file (CI once saw ``open`` fail with
+    ENOSPC here): that is the state the test needs, so it is not an error.
+    """
     filler = directory / "filler"
-    with open(filler, "wb") as handle:
-        with contextlib.suppress(OSError):
-            while True:
-                handle.write(b"\0" * 2**16)
-                handle.flush()
+    try:
+        handle = open(filler, "wb")
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        return None
+    with handle, contextlib.suppress(OSError):
+        while True:
+            handle.write(b"\0" * 2**16)
+            handle.flush()
     return filler
+
+
+def _free_space(directory: pathlib.Path) -> str:
+    stats = os.statvfs(directory)
+    return f"{stats.f_bavail * stats.f_frsize / 2**20:.1f} MiB and {stats.f_favail} inodes free"
 
 
 def test_a_disk_that_fills_up_mid_training_fails_in_one_line_and_the_rerun_resumes_bit_identical(train_runs, tmp_path):
     """For real: train.py on a 64 MiB tmpfs that another writer fills after the first checkpoint."""
     with _small_filesystem(tmp_path / "small", 64) as small:
+        # Freed with the filler: space for the rerun even if the run filled the disk by itself.
+        reserve = small / "reserve"
+        reserve.write_bytes(b"\0" * 2**22)
         workdir = small / "run"
         process = _start(TRAIN, workdir)
         deadline = time.monotonic() + 600
@@ -420,16 +438,19 @@ def test_a_disk_that_fills_up_mid_training_fails_in_one_line_and_the_rerun_resum
         # before the filler starts, and then no space would be freed for the rerun.
         process.send_signal(signal.SIGSTOP)
         filler = _fill(small)
+        state = f"after filling: {_free_space(small)}; the filler {'was' if filler else 'could not be'} created"
         process.send_signal(signal.SIGCONT)
         _, stderr = process.communicate(timeout=600)
         if process.returncode == 0:
-            pytest.fail("the run finished before the disk filled up")
-        assert process.returncode == 1, stderr[-3000:]
+            pytest.fail(f"the run finished before the disk filled up ({state})")
+        assert process.returncode == 1, f"{state}\n{stderr[-3000:]}"
         line = _one_line(stderr)
-        assert line.startswith("train.py: error: could not write "), line
+        assert line.startswith("train.py: error: could not write "), f"{state}: {line}"
         assert "No space left on device (" in line and "MiB free on its file system)" in line, line
         steps_at_failure = _checkpoint_steps(workdir)
-        filler.unlink()  # space freed: the same command resumes from the last complete checkpoint
+        for path in (filler, reserve):  # space freed: the same command resumes from the last complete checkpoint
+            if path is not None:
+                path.unlink()
         _finish(_start(TRAIN, workdir))
         summary = json.loads((workdir / "summary.json").read_text())
         for role, steps in steps_at_failure.items():
