@@ -9,7 +9,8 @@ The public API, by what it is:
 * the per-example engine (:mod:`gsu_jax.per_example`): per-example losses and gradients, and what needs none of
   them materialised (directional derivatives, weighted sums, :func:`per_example_projected_mean`);
 * the unlearning methods (:mod:`gsu_jax.methods`): :func:`make_method`, the registry :data:`METHODS` and
-  :data:`RECOMMENDED_METHOD`.
+  :data:`RECOMMENDED_METHOD`;
+* unlearning your own model in one call (:mod:`gsu_jax.unlearner`): :func:`unlearn` and its :class:`UnlearnResult`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from gsu_jax.surgery import ProjectNormalPlaneState, ProjectOffSpanState, projec
 
 if TYPE_CHECKING:
     from gsu_jax.methods import METHODS, RECOMMENDED_METHOD, make_method
+    from gsu_jax.unlearner import UnlearnResult, unlearn
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,7 @@ __all__ = [
     "RECOMMENDED_METHOD",
     "ProjectNormalPlaneState",
     "ProjectOffSpanState",
+    "UnlearnResult",
     "make_method",
     "mean_normal_plane_projection",
     "normal_plane_projection",
@@ -47,6 +50,7 @@ __all__ = [
     "per_example_projected_mean",
     "project_normal_plane",
     "project_off_span",
+    "unlearn",
     "weighted_grad_sum",
 ]
 
@@ -56,6 +60,8 @@ _LAZY_ATTRIBUTES = {
     "METHODS": "gsu_jax.methods",
     "RECOMMENDED_METHOD": "gsu_jax.methods",
     "make_method": "gsu_jax.methods",
+    "UnlearnResult": "gsu_jax.unlearner",
+    "unlearn": "gsu_jax.unlearner",
 }
 
 

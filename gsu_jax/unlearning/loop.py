@@ -33,7 +33,6 @@ last, the result (:mod:`gsu_jax.unlearning.results`).
 
 from __future__ import annotations
 
-import math
 import pathlib
 import shutil
 import time
@@ -41,11 +40,13 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gsu_jax import checkpointing, interrupts, io, losses, methods, metrics, parallel, reporting, training
 from gsu_jax import data as data_lib
+
+# The library's own step pieces (gsu_jax.unlearn): the batch order and the non-finite guard are one code.
+from gsu_jax.unlearner import MAX_CONSECUTIVE_NONFINITE, batch_schedule, tree_all_finite
 from gsu_jax.unlearning import inflight
 from gsu_jax.unlearning.config import build_optimizer, jsonable_config
 from gsu_jax.unlearning.errors import UnlearningDivergedError
@@ -65,17 +66,6 @@ __all__ = [
     "save_unlearned",
     "seed_record",
 ]
-
-
-# A run whose last this-many steps (or all its steps, for a shorter budget) had non-finite updates has diverged.
-MAX_CONSECUTIVE_NONFINITE = 5
-
-
-@jax.jit
-def _tree_all_finite(tree: Any) -> jax.Array:
-    """``bool[]``: every element of every leaf is finite (integer leaves always are)."""
-    leaves = jax.tree.leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.bool_(True)
 
 
 class MethodRun(NamedTuple):
@@ -305,7 +295,7 @@ def save_unlearned(
     this run is replaced: its run had not finished (its result file, written after this, was missing). With a mesh,
     every process saves its shards of the parameters placed on the mesh (orbax writes each once).
     """
-    if not bool(_tree_all_finite(run["params_at_stop"])):
+    if not bool(tree_all_finite(run["params_at_stop"])):
         raise UnlearningDivergedError(
             f"{label} seed {run['seed']}: the parameters at step "
             f"{record['evaluated_at_step']} are not finite; refusing to save them to "
@@ -335,13 +325,6 @@ def save_unlearned(
                 "config": jsonable_config(plan.config),
             },
         )
-
-
-def batch_schedule(indices: np.ndarray, batch: int, steps: int, rng: np.random.Generator) -> np.ndarray:
-    """``int64[steps, batch]`` positions: consecutive fresh permutations of ``indices``, cut into batches."""
-    passes = math.ceil(steps * batch / indices.size)
-    order = np.concatenate([rng.permutation(indices) for _ in range(passes)])
-    return order[: steps * batch].reshape(steps, batch)
 
 
 # Over 80 lines: one loop whose state (parameters, optimizer state, both stopping rules, the non-finite counts, the
@@ -449,7 +432,7 @@ def run_steps(
         new_params, new_state, step_metrics = compiled_step(params, state, forget_batch, retain_batch, key)
         jax.block_until_ready(new_params)
         step_times.append(time.perf_counter() - started)
-        finite = bool(_tree_all_finite((new_params, new_state)))
+        finite = bool(tree_all_finite((new_params, new_state)))
         if finite:
             params, state, consecutive_nonfinite = new_params, new_state, 0
             local_params = params if mesh is None else parallel.localize(params)

@@ -1,0 +1,283 @@
+r"""Unlearn your own model: :func:`unlearn`, one function from a per-example loss and a params pytree to a model
+that has forgotten.
+
+``unlearn.py`` runs the protocol on the models ``train.py`` makes (fixed-z monitoring by an evaluator, an oracle,
+FID, the report). This is the library entry point for any other model: give it
+
+* ``loss_fn(params, example, key) -> f32[]``, the loss of ONE example (``example`` a pytree of arrays without the
+  batch axis; ``key`` that example's own PRNG key),
+* ``params``, any pytree of float arrays (e.g. ``nnx.state(model, nnx.Param)``),
+* the forget and retain data, each either arrays with a leading example axis (an array, a mapping or a tuple of
+  them: batches are drawn from fresh seeded permutations, pass after pass) or an iterable of batches (a list, a
+  generator: one batch per step; the run ends when either is exhausted),
+
+and it runs a method of the registry (:data:`gsu_jax.methods.METHODS`, default the recommended method) with any
+optax optimizer (default: the optimizer the method's defaults were measured with, else Adam 1e-3) for at most
+``max_steps`` updates, calling your stopping rule ``stop(updates_applied, params) -> bool`` after each.
+
+Each step is the registry's one jitted step ``step(params, state, forget_batch, retain_batch, key)``
+(:func:`gsu_jax.methods.make_method`), so the result equals what ``unlearn.py`` computes for the same batches and
+keys. A step whose new parameters or optimizer state are not finite is skipped (counted in
+``UnlearnResult.nonfinite_steps``); :data:`MAX_CONSECUTIVE_NONFINITE` in a row raise :class:`FloatingPointError`.
+
+``remap_surgery`` (the recommended method) pairs each forget example with its nearest retained image, so it needs
+batches that are mappings holding an ``"image"`` field (``image_field=`` names another) and a loss that scores the
+reconstruction of ``example.get("target", example["image"])``; by default only parameters whose path contains
+``decoder`` follow its surrogate (``forget_only=``). For a loss without that contract pick another method (e.g.
+``method="sa"``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gsu_jax import methods
+from gsu_jax.losses import LossFn
+
+__all__ = ["MAX_CONSECUTIVE_NONFINITE", "UnlearnResult", "batch_schedule", "tree_all_finite", "unlearn"]
+
+Params = Any
+StopRule = Callable[[int, Params], bool]
+
+# A run whose last this-many steps (or all its steps, for a shorter budget) had non-finite updates has diverged.
+MAX_CONSECUTIVE_NONFINITE = 5
+# Used when the method's registry record names no optimizer of its own: the protocol's (docs/protocol.md §2).
+_PROTOCOL_OPTIMIZER = {"name": "adam", "learning_rate": 1e-3}
+
+
+class UnlearnResult(NamedTuple):
+    """What :func:`unlearn` returns.
+
+    Attributes:
+      params: the parameters at the stop (the first update after which ``stop`` said True), or at the end of the
+        run when it never did.
+      params_at_end: the parameters after the last update run (the same as ``params`` unless
+        ``continue_to_budget``).
+      stopped_at: updates applied when ``stop`` first said True (0: before any update), None if it never did.
+      steps_run: updates attempted (non-finite ones included).
+      nonfinite_steps: updates skipped because their result was not finite.
+      history: one dict per update attempted: ``step`` (1-based), the step's metrics (``forget_loss``,
+        ``retain_loss``, ``update_norm``, ...) as floats and ``nonfinite_skipped`` (0 or 1).
+      state: the method's state after the last update (step count and optimizer state).
+    """
+
+    params: Params
+    params_at_end: Params
+    stopped_at: int | None
+    steps_run: int
+    nonfinite_steps: int
+    history: list[dict[str, float]]
+    state: methods.MethodState
+
+
+@jax.jit
+def tree_all_finite(tree: Any) -> jax.Array:
+    """``bool[]``: every element of every leaf is finite (integer leaves always are)."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.bool_(True)
+
+
+def batch_schedule(indices: np.ndarray, batch: int, steps: int, rng: np.random.Generator) -> np.ndarray:
+    """``int64[steps, batch]`` positions: consecutive fresh permutations of ``indices``, cut into batches."""
+    passes = math.ceil(steps * batch / indices.size)
+    order = np.concatenate([rng.permutation(indices) for _ in range(passes)])
+    return order[: steps * batch].reshape(steps, batch)
+
+
+def unlearn(
+    loss_fn: LossFn,
+    params: Params,
+    forget_data: Any,
+    retain_data: Any,
+    *,
+    key: jax.Array,
+    method: str | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    hparams: Mapping[str, Any] | None = None,
+    max_steps: int = 50,
+    batch_size: int = 128,
+    retain_batch_size: int | None = None,
+    stop: StopRule | None = None,
+    continue_to_budget: bool = False,
+    guidance_loss: Callable[[Params, jax.Array], jax.Array] | None = None,
+    guidance_weight: float = 0.0,
+    chunk_size: int | None = None,
+) -> UnlearnResult:
+    """Unlearns ``forget_data`` from the model of ``loss_fn`` and ``params`` (see the module docstring).
+
+    Args:
+      loss_fn: ``loss_fn(params, example, key) -> f32[]``, one example's loss.
+      params: the trained parameters (a pytree of float arrays).
+      forget_data, retain_data: arrays sharing a leading example axis (an array, a mapping or a tuple of them), or
+        an iterable of batches (a list or a generator of such pytrees, one per step).
+      key: a JAX PRNG key; it draws the batch order of array data and one key per step (each example of a step
+        then gets its own key, :func:`gsu_jax.methods.split_step_keys`). The same key gives the same run.
+      method: a name of :data:`gsu_jax.methods.METHODS`; None: :data:`gsu_jax.methods.RECOMMENDED_METHOD`.
+      optimizer: any optax transformation the update direction is descended with; None: the one the method's
+        registry record names (``METHODS[method].optimizer``), else Adam 1e-3.
+      hparams: the method's hyperparameters over its defaults (``METHODS[method].defaults``).
+      max_steps: the update budget (>= 1).
+      batch_size, retain_batch_size: examples per step drawn from array data (retain defaults to ``batch_size``;
+        ignored for iterables).
+      stop: ``stop(updates_applied, params) -> bool``, called on the host before the first update and after each
+        one; None never stops early (the run takes ``max_steps`` updates).
+      continue_to_budget: keep stepping to ``max_steps`` after ``stop`` said True (``params`` stays the model at
+        the stop, ``params_at_end`` the last one).
+      guidance_loss, guidance_weight, chunk_size: as in :func:`gsu_jax.methods.make_method`.
+
+    Returns:
+      :class:`UnlearnResult`.
+
+    Raises:
+      ValueError / TypeError: a bad argument (unknown method or hyperparameter, empty or mismatched data, a batch
+        size or budget below 1, ...), before any step runs.
+      FloatingPointError: :data:`MAX_CONSECUTIVE_NONFINITE` consecutive non-finite steps.
+
+    Example (a linear model and the paper's rule; the README has one with a Flax VAE and the recommended method):
+      >>> import jax, jax.numpy as jnp, numpy as np, optax
+      >>> from gsu_jax import unlearn
+      >>> def loss_fn(params, example, key):
+      ...     return jnp.square(example["x"] @ params["w"] - example["y"])
+      >>> rng = np.random.default_rng(0)
+      >>> x = rng.normal(size=(64, 3)).astype(np.float32)
+      >>> forget = {"x": x[:16], "y": np.ones(16, np.float32)}
+      >>> retain = {"x": x[16:], "y": np.zeros(48, np.float32)}
+      >>> result = unlearn(loss_fn, {"w": jnp.zeros(3)}, forget, retain, key=jax.random.key(0), method="sa",
+      ...                  optimizer=optax.sgd(0.1), max_steps=5, batch_size=8)
+      >>> result.steps_run, len(result.history), result.stopped_at is None
+      (5, 5, True)
+    """
+    name = methods.RECOMMENDED_METHOD if method is None else method
+    if name not in methods.METHODS:
+        raise ValueError(f"method={name!r} is unknown; allowed: {', '.join(sorted(methods.METHODS))}")
+    _check_positive_int(max_steps, "max_steps")
+    _check_positive_int(batch_size, "batch_size")
+    retain_batch_size = batch_size if retain_batch_size is None else retain_batch_size
+    _check_positive_int(retain_batch_size, "retain_batch_size")
+    if stop is not None and not callable(stop):
+        raise TypeError(f"stop must be None or a callable (updates_applied, params) -> bool, got {stop!r}")
+    if not isinstance(continue_to_budget, bool):
+        raise TypeError(f"continue_to_budget must be True or False, got {continue_to_budget!r}")
+    if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()):
+        raise TypeError(f"key must be one JAX PRNG key (jax.random.key(seed)), got {key!r}")
+    _check_params(params)
+    if optimizer is None:
+        spec = methods.METHODS[name].optimizer or _PROTOCOL_OPTIMIZER
+        optimizer = getattr(optax, spec["name"])(spec["learning_rate"])
+    unlearning_method = methods.make_method(
+        name,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        guidance_loss=guidance_loss,
+        guidance_weight=guidance_weight,
+        chunk_size=chunk_size,
+        **dict(hparams or {}),
+    )
+    data_key, steps_key = jax.random.split(key)
+    forget_key, retain_key = jax.random.split(data_key)
+    forget_batches = _batches(forget_data, batch_size, max_steps, forget_key, "forget_data")
+    retain_batches = _batches(retain_data, retain_batch_size, max_steps, retain_key, "retain_data")
+    step = jax.jit(unlearning_method.step)
+
+    state = unlearning_method.init(params)
+    stopped_at = 0 if stop is not None and stop(0, params) else None
+    params_at_stop = params if stopped_at == 0 else None
+    history: list[dict[str, float]] = []
+    nonfinite_steps = consecutive_nonfinite = 0
+    window = min(MAX_CONSECUTIVE_NONFINITE, max_steps)
+    for t in range(max_steps):
+        if stopped_at is not None and not continue_to_budget:
+            break
+        try:
+            forget_batch, retain_batch = next(forget_batches), next(retain_batches)
+        except StopIteration:
+            break  # an iterable of batches ran out
+        new_params, new_state, step_metrics = step(
+            params, state, forget_batch, retain_batch, jax.random.fold_in(steps_key, t)
+        )
+        finite = bool(tree_all_finite((new_params, new_state)))
+        if finite:
+            params, state, consecutive_nonfinite = new_params, new_state, 0
+        else:
+            nonfinite_steps += 1
+            consecutive_nonfinite += 1
+            if consecutive_nonfinite >= window:
+                raise FloatingPointError(
+                    f"{name} diverged: the last {consecutive_nonfinite} steps (up to step {t + 1}) had non-finite "
+                    "updates and were skipped; lower the learning rate or check the loss and the data"
+                )
+        history.append(
+            {
+                "step": t + 1,
+                **{metric: float(value) for metric, value in step_metrics.items()},
+                "nonfinite_skipped": int(not finite),
+            }
+        )
+        if stopped_at is None and stop is not None and stop(t + 1, params):
+            stopped_at, params_at_stop = t + 1, params
+    return UnlearnResult(
+        params=params if params_at_stop is None else params_at_stop,
+        params_at_end=params,
+        stopped_at=stopped_at,
+        steps_run=len(history),
+        nonfinite_steps=nonfinite_steps,
+        history=history,
+        state=state,
+    )
+
+
+def _check_positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= 1")
+
+
+def _check_params(params: Params) -> None:
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+        raise ValueError("params holds no arrays; allowed: a pytree of float arrays (the model's parameters)")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(
+                f"params{jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}; allowed: float arrays only "
+                "(pass nnx.state(model, nnx.Param), not the whole module state)"
+            )
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (np.ndarray, jax.Array))
+
+
+def _batches(data: Any, batch: int, steps: int, key: jax.Array, name: str) -> Iterator[Any]:
+    """An iterator of batches: drawn from seeded permutations of array data, or the caller's own iterable.
+
+    Arrays, mappings and tuples (NamedTuples too) are array data; a list, a generator or any other iterable is a
+    sequence of batches (so ``[batch_0, batch_1]`` is two batches, ``(images, labels)`` one dataset).
+    """
+    if not isinstance(data, (Mapping, tuple, np.ndarray, jax.Array, str, bytes)) and isinstance(data, Iterable):
+        return iter(data)
+    leaves = jax.tree.leaves(data)
+    if not leaves or not all(_is_array(leaf) for leaf in leaves):
+        raise TypeError(
+            f"{name} must be a pytree of arrays with a leading example axis (an array, a mapping or a tuple of "
+            f"arrays) or an iterable of batches (a list, a generator), got {type(data).__name__}"
+            + ("" if leaves else " without arrays")
+        )
+    sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else 0 for leaf in leaves}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(
+            f"{name}'s arrays must share one leading example axis of length >= 1, got leading sizes "
+            f"{sorted(sizes)}; allowed: arrays [N, ...] with the same N"
+        )
+    (size,) = sizes
+    # A numpy generator seeded from the key: the batch order is host-side indexing, not traced work.
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    schedule = batch_schedule(np.arange(size), batch, steps, rng)
+    host = jax.tree.map(np.asarray, data)
+    return (jax.tree.map(lambda leaf, rows=rows: jnp.asarray(leaf[rows]), host) for rows in schedule)
