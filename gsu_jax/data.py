@@ -356,7 +356,7 @@ def _load_idx_spec(spec: str, location: str, data_dir: str | os.PathLike | None)
         if not head or not prefix:
             raise ValueError(f"data spec {spec!r}: expected 'idx:<dir>' or 'idx:<dir>:<prefix>'")
     if not directory.is_dir():
-        raise ValueError(f"data spec {spec!r}: {directory} is not a directory")
+        raise ValueError(f"data spec {spec!r}: {directory} is not a directory{_debian_dataset_hint(directory)}")
 
     pairs = _find_idx_pairs(directory)
     if not pairs:
@@ -377,6 +377,21 @@ def _load_idx_spec(spec: str, location: str, data_dir: str | os.PathLike | None)
         )
     images_path, labels_path = pairs[prefix]
     return _load_idx_pair(images_path, labels_path, _file_stamp(images_path), _file_stamp(labels_path), spec)
+
+
+# Debian's dataset packages install under /usr/share/datasets/<name>, the package being dataset-<name> (e.g.
+# dataset-fashion-mnist: the full Fashion-MNIST as its original IDX files).
+_DEBIAN_DATASETS = pathlib.PurePosixPath("/usr/share/datasets")
+
+
+def _debian_dataset_hint(directory: pathlib.Path) -> str:
+    """How to install the missing ``directory`` when it is a Debian dataset package's, else ''."""
+    parts = pathlib.PurePosixPath(directory.as_posix()).parts
+    root = _DEBIAN_DATASETS.parts
+    if len(parts) <= len(root) or parts[: len(root)] != root:
+        return ""
+    package = f"dataset-{parts[len(root)]}"
+    return f"; install it with the Debian package {package} (apt-get update && apt-get install {package})"
 
 
 def _find_idx_pairs(directory: pathlib.Path) -> dict[str, tuple[pathlib.Path, pathlib.Path]]:

@@ -673,3 +673,40 @@ def test_random_bytes_as_an_idx_file_are_refused_naming_the_file(tmp_path_factor
     images_path.write_bytes(payload)
     with pytest.raises(ValueError, match=re.escape(images_path.name)):
         data.load_dataset(f"idx:{directory}")
+
+
+# ------------------------------------------------------------------------------------------ Fashion-MNIST
+
+
+def test_a_missing_debian_dataset_is_one_error_naming_its_package():
+    with pytest.raises(ValueError) as caught:
+        data.load_dataset("idx:/usr/share/datasets/no-such-set-for-gsu-tests:train")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.endswith(
+        "install it with the Debian package dataset-no-such-set-for-gsu-tests "
+        "(apt-get update && apt-get install dataset-no-such-set-for-gsu-tests)"
+    )
+    with pytest.raises(ValueError, match=r"is not a directory$"):  # other folders get no package hint
+        data.load_dataset("idx:/no/such/folder/for/gsu/tests")
+
+
+def test_the_fashion_configs_read_the_train_and_test_pairs_of_one_folder(tmp_path):
+    """A small slice written here in the package's layout (train-* and t10k-* gz pairs in one folder)."""
+    from gsu_jax.config_validation import load_config_file, validate_train_config
+
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 40), ("t10k", 20)):
+        images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+        write_idx(tmp_path, prefix, images, np.arange(count, dtype=np.uint8) % 10, gz=True)
+    config = load_config_file(REPO / "configs" / "fashion_convvae.py")
+    unlearn_config = load_config_file(REPO / "configs" / "unlearn_fashion.py")
+    assert unlearn_config.forget_classes == "1" and unlearn_config.train.data == config.data
+    package_dir = "/usr/share/datasets/fashion-mnist"
+    assert config.data == f"idx:{package_dir}:train" and config.eval_data == f"idx:{package_dir}:t10k"
+    config.data = config.data.replace(package_dir, str(tmp_path))
+    config.eval_data = config.eval_data.replace(package_dir, str(tmp_path))
+    values = validate_train_config(config)
+    assert values["model"] == "conv_vae" and values["classifier"] == "cnn_classifier"
+    train, test = data.load_dataset(values["data"]), data.load_dataset(values["eval_data"])
+    assert train.images.shape == (40, 28, 28, 1) and test.images.shape == (20, 28, 28, 1)
