@@ -238,6 +238,14 @@ METHODS: dict[str, Method] = {
                     "the surrogate moves only the parameters whose path matches this regex; None: all",
                     nullable=True,
                 ),
+                "unmatched_weight": _hparam(
+                    0.0,
+                    float,
+                    "a finite number >= 0",
+                    at_least(0),
+                    "weight of the surrogate gradient on the parameters forget_only does not match (0: they do not "
+                    "follow it; 1: as forget_only=None)",
+                ),
                 "projection": _hparam(
                     "conflict",
                     str,

@@ -39,6 +39,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gsu_jax import per_example
 from gsu_jax.losses import LossFn
@@ -87,7 +88,8 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
     """
     mask = param_mask(inputs, hparams["forget_only"], name="forget_only")
     loss_fn, retain_grad = inputs.loss_fn, inputs.retain_grad
-    if mask is not None:
+    unmatched_weight = hparams["unmatched_weight"]
+    if mask is not None and unmatched_weight == 0.0:
         loss_fn, retain_grad = masked_loss(loss_fn, mask), masked_tree(retain_grad, mask)
     field = hparams["image_field"]
     if not (isinstance(inputs.forget_batch, Mapping) and field in inputs.forget_batch and field in inputs.retain_batch):
@@ -107,6 +109,8 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
         loss_fn, inputs.params, surrogate, inputs.forget_keys, inputs.chunk_size
     )
     gated_fraction = jnp.mean((surrogate_losses == 0.0).astype(jnp.float32)) if hparams["gate"] else zero_diagnostic()
+    if mask is not None and unmatched_weight > 0.0:
+        surrogate_grad = _scaled_outside(surrogate_grad, mask, unmatched_weight)
     if hparams["saliency"] < 1.0:
         surrogate_grad = _most_salient(surrogate_grad, hparams["saliency"])
     retain_direction = inputs.retain_grad
@@ -160,6 +164,15 @@ def _inverse_fisher(inputs: StepInputs, damping: float, power: float) -> Params:
     leaves = jax.tree.leaves(fisher)
     mean = sum(jnp.sum(leaf) for leaf in leaves) / sum(leaf.size for leaf in leaves)
     return jax.tree.map(lambda leaf: (leaf + damping * mean) ** -power, fisher)
+
+
+def _scaled_outside(tree: Params, mask: Params, weight: float) -> Params:
+    """``tree`` multiplied by ``weight`` where ``mask`` (from :func:`param_mask`) is False."""
+
+    def scale(chosen: bool | np.ndarray, leaf: jax.Array) -> jax.Array:
+        return (jnp.where(chosen, 1.0, weight) * leaf).astype(leaf.dtype)
+
+    return jax.tree.map(scale, mask, tree)
 
 
 def _most_salient(tree: Params, fraction: float) -> Params:

@@ -40,6 +40,7 @@ import optax
 
 from gsu_jax import methods
 from gsu_jax.losses import LossFn
+from gsu_jax.method_registry import is_positive_int
 
 __all__ = ["MAX_CONSECUTIVE_NONFINITE", "UnlearnResult", "batch_schedule", "tree_all_finite", "unlearn"]
 
@@ -234,7 +235,7 @@ def unlearn(
 
 
 def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_positive_int(value):
         raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= 1")
 
 
