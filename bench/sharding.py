@@ -12,17 +12,20 @@ Two sections, each a table in ``results.md`` / ``results.json`` under ``--out`` 
   go through :func:`gsu_jax.parallel.shard_method_step` (batch split over the mesh's ``data`` axis, state
   replicated). Before timing, every sharded step's parameters after one Adam step are compared with the
   single-device step's (same process, ``jax.jit`` on one device): the ``rel. err`` column.
-* ``--section max-batch``: what ONE device sustains on the conv VAE. Per method, forget = retain batch ``B``
-  doubles from ``--start-batch`` until the step does not fit (XLA's ``RESOURCE_EXHAUSTED`` at compile or run time,
-  caught and reported as ``OOM``), the cap ``--max-batch`` or the time budget; each point reports examples/s
-  (``2B / median step time``) and XLA's temporary bytes per step (``memory_analysis().temp_size_in_bytes``). Rows
-  with ``chunk_size`` (:func:`gsu_jax.methods.make_method`'s step option) show how far chunking moves the limit.
+* ``--section max-batch``: what ONE device holds and sustains on the conv VAE. Per method, forget = retain batch
+  ``B`` doubles from ``--start-batch`` for as long as the compiled step fits the device's memory: each doubling
+  is only *compiled* (abstract batches, nothing allocated) and its peak need read from XLA's buffer assignment
+  (:func:`bench.common.compiled_memory_bytes`: arguments + outputs + temporaries) against the device's
+  ``memory_stats()['bytes_limit']`` (``--memory-limit-mib`` where the backend reports none, as on CPU). No time
+  budget cuts the search. The largest batch that fits is then run and timed (halved if it still runs out of
+  memory at run time): examples/s (``2B / median step time``) and XLA's temporary bytes per step. Rows with
+  ``chunk_size`` (:func:`gsu_jax.methods.make_method`'s step option) show how far chunking moves the limit.
 
 Usage::
 
     python -m bench.sharding --quick --out DIR                 # CPU: both sections at small sizes
     python -m bench.sharding --section devices --devices 1,2,4,8
-    PYTHONPATH=. python3 -m bench.sharding --gpu --out $OUT    # the GPU call (max-batch on one device, ~90 s)
+    PYTHONPATH=. python3 -m bench.sharding --gpu --out $OUT    # the GPU call (max-batch on one device: compiles, then times)
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class Sizes:
     batch_warmup: int
     batch_reps: int
     budget_s: float
+    memory_limit_mib: float | None = None  # used where the device reports no bytes_limit (CPU)
 
 
 def sizes(mode: str) -> Sizes:
@@ -83,8 +87,9 @@ def sizes(mode: str) -> Sizes:
             batch_warmup=1,
             batch_reps=3,
             budget_s=900,
+            memory_limit_mib=1024,
         )
-    # gpu: one device, max-batch only, inside ~90 s including start-up and compilations
+    # gpu: one device, max-batch only; the memory search only compiles (no budget), the timings share budget_s
     return Sizes(
         mode="gpu",
         devices=[1],
@@ -92,7 +97,7 @@ def sizes(mode: str) -> Sizes:
         device_warmup=3,
         device_reps=10,
         start_batch=2048,
-        max_batch=65536,
+        max_batch=2**22,  # a sanity cap: the search stops at the device's memory long before
         max_batch_rows=MAX_BATCH_ROWS,
         batch_warmup=2,
         batch_reps=5,
@@ -327,6 +332,57 @@ def _measure_batch(name: str, chunk_size: int | None, batch: int, params, loss_f
     }
 
 
+def _memory_limit(cfg: Sizes) -> tuple[int, str]:
+    """The bytes one device may use, and where the number comes from."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), "the device's memory_stats()['bytes_limit']"
+    if cfg.memory_limit_mib is None:
+        raise ValueError("the device reports no bytes_limit; give --memory-limit-mib")
+    return int(cfg.memory_limit_mib * 2**20), f"--memory-limit-mib {cfg.memory_limit_mib:g} (no bytes_limit reported)"
+
+
+def _compiled_bytes(name: str, chunk_size: int | None, batch: int, params, loss_fn) -> int:
+    """Peak bytes of the step at forget = retain = ``batch``, from compiling it on abstract batches."""
+    import jax
+
+    from bench import common
+
+    forget, retain, _ = batches(1, seed=0)
+    shapes = [
+        jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((batch, *leaf.shape[1:]), leaf.dtype), tree)
+        for tree in (forget, retain)
+    ]
+    method = make_step(name, loss_fn, chunk_size=chunk_size)
+    compiled = jax.jit(method.step).lower(params, method.init(params), *shapes, jax.random.key(0)).compile()
+    return common.compiled_memory_bytes(compiled)
+
+
+def _largest_fitting(name, chunk_size, params, loss_fn, cfg: Sizes, limit: int) -> tuple[list[dict], int | None]:
+    """Doubles B while the compiled step fits ``limit`` bytes; the probed points and the largest batch that fit."""
+    points, batch, largest = [], cfg.start_batch, None
+    while batch <= cfg.max_batch:
+        point = {"method": name, "chunk_size": chunk_size, "B": 2 * batch}
+        try:
+            need = _compiled_bytes(name, chunk_size, batch, params, loss_fn)
+        except Exception as error:  # noqa: BLE001 - an OOM at compile time ends the doubling like an overflow
+            if not _is_out_of_memory(error):
+                raise
+            point.update(status="OOM at compile")
+            points.append(point)
+            break
+        point.update(need_mib=need / 2**20, status="fits" if need <= limit else "over the limit")
+        points.append(point)
+        if need > limit:
+            break
+        largest, batch = batch, batch * 2
+    else:
+        points[-1]["status"] += f" (cap {2 * cfg.max_batch})"
+    return points, largest
+
+
 def run_max_batch(report, cfg: Sizes, budget) -> None:
     import jax
 
@@ -334,40 +390,35 @@ def run_max_batch(report, cfg: Sizes, budget) -> None:
     from bench.common import Section
 
     params, loss_fn = build_model("conv_vae")
+    limit, limit_source = _memory_limit(cfg)
     rows: list[dict[str, Any]] = []
     best: list[dict[str, Any]] = []
     for name, chunk_size in cfg.max_batch_rows:
-        batch, largest = cfg.start_batch, None
-        while batch <= cfg.max_batch:
-            row = {"method": name, "chunk_size": chunk_size, "B": 2 * batch}
+        points, batch = _largest_fitting(name, chunk_size, params, loss_fn, cfg, limit)
+        rows.extend(points)
+        print(f"{name} chunk_size={chunk_size}: largest fitting B={None if batch is None else 2 * batch}", flush=True)
+        while batch is not None and batch >= cfg.start_batch:
+            row = {"method": name, "chunk_size": chunk_size, "B": 2 * batch, "limit": points[-1]["status"]}
             if not budget.allows(5):
-                row["status"] = f"skipped: time budget ({budget.left():.0f} s left)"
-                rows.append(row)
+                row["status"] = f"not timed: time budget ({budget.left():.0f} s left)"
+                best.append(row)
                 break
             try:
                 row.update(_measure_batch(name, chunk_size, batch, params, loss_fn, cfg), status="ok")
-            except Exception as error:  # noqa: BLE001 - OOM ends the doubling, anything else is reported too
+            except Exception as error:  # noqa: BLE001 - a run-time OOM halves the batch; anything else is reported
                 if _is_out_of_memory(error):
-                    row["status"] = "OOM"
-                    print(
-                        f"!! {name} chunk_size={chunk_size} B={2 * batch}: out of memory", file=sys.stderr, flush=True
-                    )
-                else:
-                    common.row_failure(row, error)
-                rows.append(row)
-                break
-            rows.append(row)
-            largest = row
-            batch *= 2
-        if largest is not None:
-            best.append(
-                {**largest, "limit": rows[-1]["status"] if rows[-1] is not largest else f"cap {2 * cfg.max_batch}"}
-            )
+                    print(f"!! {name} chunk_size={chunk_size} B={2 * batch}: OOM at run time", file=sys.stderr)
+                    batch //= 2
+                    continue
+                common.row_failure(row, error)
+            best.append(row)
+            break
     device = jax.devices()[0]
     notes = [
         f"One {device.platform} device ({getattr(device, 'device_kind', '?')}); conv VAE 28x28x1, latent 16 "
         f"({common.parameter_count(params):,} parameters), Adam 1e-3, forget = retain = B/2; B doubles from "
-        f"{2 * cfg.start_batch} until OOM, the cap {2 * cfg.max_batch} or the time budget ({cfg.budget_s:.0f} s).",
+        f"{2 * cfg.start_batch} while the compiled step's peak need (arguments + outputs + temporaries, XLA's "
+        f"buffer assignment) fits {limit / 2**20:,.0f} MiB ({limit_source}); the largest that fits is timed.",
         f"examples/s = B / median step time ({cfg.batch_reps} synchronised steps after {cfg.batch_warmup} warm-ups); "
         "temp MiB: XLA's temporaries of the compiled step (memory_analysis().temp_size_in_bytes); total MiB adds "
         "arguments and outputs.",
@@ -377,16 +428,12 @@ def run_max_batch(report, cfg: Sizes, budget) -> None:
     report.add(
         Section(
             key="max_batch_points",
-            title="One device: step throughput and memory as the batch doubles (conv VAE)",
+            title="One device: the compiled step's peak memory as the batch doubles (conv VAE)",
             columns=[
                 ("method", "method"),
                 ("chunk_size", "chunk_size"),
                 ("B", "examples/step"),
-                ("median_ms", "median ms"),
-                ("examples_per_s", "examples/s"),
-                ("temp_mib", "temp MiB"),
-                ("total_mib", "total MiB"),
-                ("compile_s", "compile s"),
+                ("need_mib", "peak need MiB"),
                 ("status", "status"),
             ],
             rows=rows,
@@ -404,7 +451,10 @@ def run_max_batch(report, cfg: Sizes, budget) -> None:
                 ("examples_per_s", "examples/s"),
                 ("median_ms", "median ms"),
                 ("temp_mib", "temp MiB"),
+                ("total_mib", "total MiB"),
+                ("compile_s", "compile s"),
                 ("limit", "next doubling"),
+                ("status", "status"),
             ],
             rows=best,
         )
@@ -434,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sharding", description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="CPU sizes (default)")
-    mode.add_argument("--gpu", action="store_true", help="one accelerator: max-batch at GPU sizes, ~90 s")
+    mode.add_argument("--gpu", action="store_true", help="one accelerator: max-batch at GPU sizes")
     parser.add_argument(
         "--section",
         default=None,
@@ -443,6 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", default=None, help="device counts of the devices section, e.g. 1,2,4,8")
     parser.add_argument("--out", default=None, help="output folder (default bench/results/sharding-<mode>)")
     parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the run")
+    parser.add_argument(
+        "--memory-limit-mib",
+        type=float,
+        default=None,
+        help="device memory for the max-batch search where the device reports no bytes_limit (CPU; quick: 1024)",
+    )
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -455,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = sizes("gpu" if args.gpu else "quick")
     if args.budget_s is not None:
         cfg.budget_s = args.budget_s
+    if args.memory_limit_mib is not None:
+        cfg.memory_limit_mib = args.memory_limit_mib
     if args.devices:
         cfg.devices = [int(count) for count in args.devices.split(",") if count.strip()]
     default_sections = "max-batch" if args.gpu else "devices,max-batch"
