@@ -246,6 +246,14 @@ METHODS: dict[str, Method] = {
                     "weight of the surrogate gradient on the parameters forget_only does not match (0: they do not "
                     "follow it; 1: as forget_only=None)",
                 ),
+                "unmatched_objective": _hparam(
+                    "surrogate",
+                    str,
+                    "'surrogate' or 'ascent'",
+                    one_of(("surrogate", "ascent")),
+                    "what the unmatched parameters follow when unmatched_weight > 0: the surrogate, or ascent on the "
+                    "forget examples' own loss",
+                ),
                 "projection": _hparam(
                     "conflict",
                     str,

@@ -27,7 +27,9 @@ itself: coordinates the retained examples are sensitive to move less, the surrog
 ``'retain_fisher'`` divides by ``F_r`` itself (a diagonal natural-gradient step). The README's ablation table
 measures each of these choices; ``gate`` and ``saliency`` (a SalUn-style mask: Fan et al., "SalUn: Empowering Machine Unlearning via
 Gradient-based Weight Saliency in Both Image Classification and Generation", 2024, arXiv:2310.12508) are measured
-options that are off by default because they did not help.
+options that are off by default because they did not help, as are ``unmatched_weight`` / ``unmatched_objective``
+(the encoder following the surrogate, or ascending the forget examples' own loss): they bring the
+membership-inference AUC toward the oracle's but cost the forgetting or, for the ascent, diverge (README, issue 12).
 
 :data:`gsu_jax.methods.METHODS` registers :func:`remap_surgery_rule` with its hyperparameters.
 """
@@ -80,7 +82,9 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
 
     ``g_s = grad mean_i w_i l(x_i -> n(x_i))``: each forget example's loss with its reconstruction target replaced
     by ``n(x_i)``, its nearest retained image in the retain batch (:func:`nearest_retained_images`), descended.
-    ``M`` restricts it to the leaves matching ``forget_only``; ``w_i = 1`` unless ``gate`` (then ``1[l(x_i -> n_i) >
+    ``M`` restricts it to the leaves matching ``forget_only`` (the other leaves get ``unmatched_weight`` times the
+    surrogate's gradient, or with ``unmatched_objective='ascent'`` minus that times the gradient of the forget
+    examples' own mean loss; 0, the default, leaves them out and projects off ``M g_r``); ``w_i = 1`` unless ``gate`` (then ``1[l(x_i -> n_i) >
     l(x_i)]``); ``S`` keeps the ``saliency`` fraction of largest coordinates (identity at 1); the projection follows
     ``projection``; ``a_t = forget_weight * 2^(-t / forget_half_life)`` (constant when the half-life is None);
     ``D = (F_r + fisher_damping * mean(F_r))^-p`` per coordinate (:func:`retain_fisher_diagonal`; ``p = 1/2`` for
@@ -88,9 +92,12 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
     """
     mask = param_mask(inputs, hparams["forget_only"], name="forget_only")
     loss_fn, retain_grad = inputs.loss_fn, inputs.retain_grad
-    unmatched_weight = hparams["unmatched_weight"]
-    if mask is not None and unmatched_weight == 0.0:
-        loss_fn, retain_grad = masked_loss(loss_fn, mask), masked_tree(retain_grad, mask)
+    unmatched_weight, unmatched_objective = hparams["unmatched_weight"], hparams["unmatched_objective"]
+    unmatched_move = mask is not None and unmatched_weight > 0.0
+    if mask is not None and not (unmatched_move and unmatched_objective == "surrogate"):
+        loss_fn = masked_loss(loss_fn, mask)
+    if mask is not None and not unmatched_move:
+        retain_grad = masked_tree(retain_grad, mask)
     field = hparams["image_field"]
     if not (isinstance(inputs.forget_batch, Mapping) and field in inputs.forget_batch and field in inputs.retain_batch):
         raise ValueError(
@@ -109,8 +116,19 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
         loss_fn, inputs.params, surrogate, inputs.forget_keys, inputs.chunk_size
     )
     gated_fraction = jnp.mean((surrogate_losses == 0.0).astype(jnp.float32)) if hparams["gate"] else zero_diagnostic()
-    if mask is not None and unmatched_weight > 0.0:
+    if unmatched_move and unmatched_objective == "surrogate":
         surrogate_grad = _scaled_outside(surrogate_grad, mask, unmatched_weight)
+    elif unmatched_move:
+        # 'ascent': the unmatched parameters (the encoder) ascend the forget examples' OWN loss, which the prior's
+        # samples never see (they are decoded only), so it cannot undo the surrogate's forgetting.
+        _, own_grad = losses_and_mean_grad(
+            masked_loss(inputs.loss_fn, _complement(mask)),
+            inputs.params,
+            inputs.forget_batch,
+            inputs.forget_keys,
+            inputs.chunk_size,
+        )
+        surrogate_grad = jax.tree.map(lambda s, o: s - unmatched_weight * o, surrogate_grad, own_grad)
     if hparams["saliency"] < 1.0:
         surrogate_grad = _most_salient(surrogate_grad, hparams["saliency"])
     retain_direction = inputs.retain_grad
@@ -164,6 +182,11 @@ def _inverse_fisher(inputs: StepInputs, damping: float, power: float) -> Params:
     leaves = jax.tree.leaves(fisher)
     mean = sum(jnp.sum(leaf) for leaf in leaves) / sum(leaf.size for leaf in leaves)
     return jax.tree.map(lambda leaf: (leaf + damping * mean) ** -power, fisher)
+
+
+def _complement(mask: Params) -> Params:
+    """The complement of a :func:`param_mask` mask (a tree of bools or one boolean vector)."""
+    return jax.tree.map(lambda chosen: ~chosen if isinstance(chosen, np.ndarray) else not chosen, mask)
 
 
 def _scaled_outside(tree: Params, mask: Params, weight: float) -> Params:

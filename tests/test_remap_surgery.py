@@ -105,18 +105,28 @@ def reference_direction(
     weight_scale=1.0,
     precondition="retain_rms",
     fisher_damping=0.1,
+    unmatched_weight=0.0,
+    unmatched_objective="surrogate",
 ):
     """The rule in NumPy: pair by brute force, per-example gradients one at a time, mask, gate, project, combine."""
     forget_images, retain_images = np.asarray(forget["image"], np.float64), np.asarray(retain["image"], np.float64)
     mask = _decoder_mask(params) if forget_only else 1.0
-    surrogate_grads, weights = [], []
+    surrogate_grads, own_grads, weights = [], [], []
     for image in forget_images:
         nearest = retain_images[np.argmin([np.sum((image - r) ** 2) for r in retain_images])]
         surrogate_loss, grad = _example_grad(params, image, nearest)
-        own_loss, _ = _example_grad(params, image, image)
+        own_loss, own_grad = _example_grad(params, image, image)
         surrogate_grads.append(grad)
+        own_grads.append(own_grad)
         weights.append(float(surrogate_loss > own_loss) if gate else 1.0)
-    g_s = mask * np.mean(np.asarray(weights)[:, None] * np.asarray(surrogate_grads), axis=0)
+    g_s = np.mean(np.asarray(weights)[:, None] * np.asarray(surrogate_grads), axis=0)
+    unmatched_move = forget_only and unmatched_weight > 0
+    if unmatched_move and unmatched_objective == "surrogate":  # the rest follows the surrogate, scaled
+        g_s = (mask + unmatched_weight * (1.0 - mask)) * g_s
+    elif unmatched_move:  # the rest ascends the forget examples' own loss
+        g_s = mask * g_s - unmatched_weight * (1.0 - mask) * np.mean(own_grads, axis=0)
+    else:
+        g_s = mask * g_s
     if saliency < 1.0:  # keep the ceil(saliency * nonzero) largest magnitudes
         keep = int(np.ceil(saliency * np.count_nonzero(g_s)))
         g_s = np.where(np.abs(g_s) >= np.sort(np.abs(g_s))[::-1][keep - 1], g_s, 0.0)
@@ -127,7 +137,7 @@ def reference_direction(
         fisher = np.mean(retain_grads**2, axis=0)
         inverse = (fisher + fisher_damping * np.mean(fisher)) ** -(1.0 if precondition == "retain_fisher" else 0.5)
         g_s, retain_direction = g_s * inverse, g_r * inverse
-    direction = mask * g_r
+    direction = g_r if unmatched_move else mask * g_r
     inner = g_s @ direction
     if projection == "always" or (projection == "conflict" and inner < 0):
         g_s = g_s - inner / (direction @ direction) * direction
@@ -158,8 +168,10 @@ def test_nearest_retained_images_match_brute_force():
         {"saliency": 0.3, "projection": "always"},
         {"precondition": "retain_fisher", "fisher_damping": 0.1, "projection": "always"},
         {"precondition": "retain_rms", "projection": "always"},
+        {"unmatched_weight": 0.3, "projection": "always"},
+        {"unmatched_weight": 0.5, "unmatched_objective": "ascent", "projection": "always"},
     ],
-    ids=["defaults", "always", "none-all-params", "gated", "salient", "fisher", "rms"],
+    ids=["defaults", "always", "none-all-params", "gated", "salient", "fisher", "rms", "unmatched", "encoder-ascent"],
 )
 def test_step_matches_numpy_reference(problem, hparams):
     params, forget, retain = problem
@@ -178,6 +190,8 @@ def test_step_matches_numpy_reference(problem, hparams):
         saliency=resolved["saliency"],
         precondition=resolved["precondition"],
         fisher_damping=resolved["fisher_damping"],
+        unmatched_weight=resolved["unmatched_weight"],
+        unmatched_objective=resolved["unmatched_objective"],
     )
     np.testing.assert_allclose(_flat(update), expected, rtol=2e-4, atol=2e-5)
     assert float(step_metrics["gated_fraction"]) == pytest.approx(gated)
