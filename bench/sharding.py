@@ -89,7 +89,8 @@ def sizes(mode: str) -> Sizes:
             budget_s=900,
             memory_limit_mib=1024,
         )
-    # gpu: one device, max-batch only; the memory search only compiles (no budget), the timings share budget_s
+    # gpu: one device, max-batch only; the memory search only compiles, and budget_s is a backstop under the
+    # session's hard limit (bench/gpu_session2.sh gives the call 130 s)
     return Sizes(
         mode="gpu",
         devices=[1],
@@ -101,7 +102,7 @@ def sizes(mode: str) -> Sizes:
         max_batch_rows=MAX_BATCH_ROWS,
         batch_warmup=2,
         batch_reps=5,
-        budget_s=80,
+        budget_s=110,
     )
 
 
@@ -357,29 +358,39 @@ def _compiled_bytes(name: str, chunk_size: int | None, batch: int, params, loss_
     ]
     method = make_step(name, loss_fn, chunk_size=chunk_size)
     compiled = jax.jit(method.step).lower(params, method.init(params), *shapes, jax.random.key(0)).compile()
-    return common.compiled_memory_bytes(compiled)
+    need = common.compiled_memory_bytes(compiled)
+    if need is None:
+        raise RuntimeError("this backend reports no memory analysis of a compiled step: the search cannot run")
+    return need
 
 
-def _largest_fitting(name, chunk_size, params, loss_fn, cfg: Sizes, limit: int) -> tuple[list[dict], int | None]:
-    """Doubles B while the compiled step fits ``limit`` bytes; the probed points and the largest batch that fit."""
+def _largest_fitting(
+    name, chunk_size, params, loss_fn, cfg: Sizes, limit: int, budget
+) -> tuple[list[dict], int | None]:
+    """Doubles B while the compiled step fits ``limit`` bytes; the probed points and the largest batch that fit.
+
+    The time budget is only a backstop (the GPU session's hard limit): a search it stops says so in its last point.
+    """
     points, batch, largest = [], cfg.start_batch, None
     while batch <= cfg.max_batch:
         point = {"method": name, "chunk_size": chunk_size, "B": 2 * batch}
+        if not budget.allows(10):
+            points.append({**point, "status": f"search stopped: time budget ({budget.left():.0f} s left)"})
+            break
         try:
             need = _compiled_bytes(name, chunk_size, batch, params, loss_fn)
         except Exception as error:  # noqa: BLE001 - an OOM at compile time ends the doubling like an overflow
             if not _is_out_of_memory(error):
                 raise
-            point.update(status="OOM at compile")
-            points.append(point)
+            points.append({**point, "status": "OOM at compile"})
             break
-        point.update(need_mib=need / 2**20, status="fits" if need <= limit else "over the limit")
-        points.append(point)
+        points.append({**point, "need_mib": need / 2**20, "status": "fits" if need <= limit else "over the limit"})
         if need > limit:
             break
         largest, batch = batch, batch * 2
     else:
-        points[-1]["status"] += f" (cap {2 * cfg.max_batch})"
+        if points:
+            points[-1]["status"] += f" (cap {2 * cfg.max_batch})"
     return points, largest
 
 
@@ -394,23 +405,31 @@ def run_max_batch(report, cfg: Sizes, budget) -> None:
     rows: list[dict[str, Any]] = []
     best: list[dict[str, Any]] = []
     for name, chunk_size in cfg.max_batch_rows:
-        points, batch = _largest_fitting(name, chunk_size, params, loss_fn, cfg, limit)
+        points, batch = _largest_fitting(name, chunk_size, params, loss_fn, cfg, limit, budget)
         rows.extend(points)
         print(f"{name} chunk_size={chunk_size}: largest fitting B={None if batch is None else 2 * batch}", flush=True)
-        while batch is not None and batch >= cfg.start_batch:
-            row = {"method": name, "chunk_size": chunk_size, "B": 2 * batch, "limit": points[-1]["status"]}
+        if batch is None:
+            first = f"{points[0]['status']} at B={points[0]['B']}" if points else "not searched"
+            best.append({"method": name, "chunk_size": chunk_size, "status": f"none fits ({first})"})
+        next_status = points[-1]["status"] if points else "-"
+        while batch is not None:
+            row = {"method": name, "chunk_size": chunk_size, "B": 2 * batch, "limit": next_status}
             if not budget.allows(5):
-                row["status"] = f"not timed: time budget ({budget.left():.0f} s left)"
-                best.append(row)
+                best.append({**row, "status": f"not timed: time budget ({budget.left():.0f} s left)"})
                 break
             try:
                 row.update(_measure_batch(name, chunk_size, batch, params, loss_fn, cfg), status="ok")
             except Exception as error:  # noqa: BLE001 - a run-time OOM halves the batch; anything else is reported
-                if _is_out_of_memory(error):
-                    print(f"!! {name} chunk_size={chunk_size} B={2 * batch}: OOM at run time", file=sys.stderr)
-                    batch //= 2
-                    continue
-                common.row_failure(row, error)
+                if not _is_out_of_memory(error):
+                    common.row_failure(row, error)
+                    best.append(row)
+                    break
+                print(f"!! {name} chunk_size={chunk_size} B={2 * batch}: OOM at run time", file=sys.stderr)
+                best.append({**row, "status": "OOM at run time"})
+                next_status, batch = f"OOM at run time at B={2 * batch}", batch // 2
+                if batch < 1:
+                    break
+                continue
             best.append(row)
             break
     device = jax.devices()[0]

@@ -386,12 +386,11 @@ _DEBIAN_DATASETS = pathlib.PurePosixPath("/usr/share/datasets")
 
 def _debian_dataset_hint(directory: pathlib.Path) -> str:
     """How to install the missing ``directory`` when it is a Debian dataset package's, else ''."""
-    parts = pathlib.PurePosixPath(directory.as_posix()).parts
-    root = _DEBIAN_DATASETS.parts
-    if len(parts) <= len(root) or parts[: len(root)] != root:
-        return ""
-    package = f"dataset-{parts[len(root)]}"
-    return f"; install it with the Debian package {package} (apt-get update && apt-get install {package})"
+    path = pathlib.PurePosixPath(directory.as_posix())
+    if path.parent != _DEBIAN_DATASETS or path.name in ("", ".", ".."):
+        return ""  # only a package's own folder: a deeper path's package folder may well be installed
+    package = f"dataset-{path.name}"
+    return f"; if it is Debian's {package}, install it (apt-get update && apt-get install {package})"
 
 
 def _find_idx_pairs(directory: pathlib.Path) -> dict[str, tuple[pathlib.Path, pathlib.Path]]:

@@ -243,8 +243,8 @@ METHODS: dict[str, Method] = {
                     float,
                     "a finite number >= 0",
                     at_least(0),
-                    "weight of the surrogate gradient on the parameters forget_only does not match (0: they do not "
-                    "follow it; 1: as forget_only=None)",
+                    "weight of what the parameters forget_only does not match follow (unmatched_objective): 0, they "
+                    "stay out of the forget update; with 'surrogate', 1 is forget_only=None; needs forget_only",
                 ),
                 "unmatched_objective": _hparam(
                     "surrogate",

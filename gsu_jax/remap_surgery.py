@@ -93,6 +93,11 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
     mask = param_mask(inputs, hparams["forget_only"], name="forget_only")
     loss_fn, retain_grad = inputs.loss_fn, inputs.retain_grad
     unmatched_weight, unmatched_objective = hparams["unmatched_weight"], hparams["unmatched_objective"]
+    if mask is None and unmatched_weight > 0.0:
+        raise ValueError(
+            f"remap_surgery: unmatched_weight={unmatched_weight} needs forget_only (every parameter already follows "
+            "the surrogate when forget_only is None); allowed: unmatched_weight=0 or a forget_only pattern"
+        )
     unmatched_move = mask is not None and unmatched_weight > 0.0
     if mask is not None and not (unmatched_move and unmatched_objective == "surrogate"):
         loss_fn = masked_loss(loss_fn, mask)

@@ -13,7 +13,7 @@ FID, the report). This is the library entry point for any other model: give it
 
 and it runs a method of the registry (:data:`gsu_jax.methods.METHODS`, default the recommended method) with any
 optax optimizer (default: the optimizer the method's defaults were measured with, else Adam 1e-3) for at most
-``max_steps`` updates, calling your stopping rule ``stop(updates_applied, params) -> bool`` after each.
+``max_steps`` steps, calling your stopping rule ``stop(steps_run, params) -> bool`` after each.
 
 Each step is the registry's one jitted step ``step(params, state, forget_batch, retain_batch, key)``
 (:func:`gsu_jax.methods.make_method`), so the result equals what ``unlearn.py`` computes for the same batches and
@@ -29,6 +29,7 @@ reconstruction of ``example.get("target", example["image"])``; by default only p
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -45,12 +46,13 @@ from gsu_jax.method_registry import is_positive_int
 __all__ = ["MAX_CONSECUTIVE_NONFINITE", "UnlearnResult", "batch_schedule", "tree_all_finite", "unlearn"]
 
 Params = Any
-StopRule = Callable[[int, Params], bool]
+StopRule = Callable[[int, Params], bool]  # (steps run, params) -> stop?
 
 # A run whose last this-many steps (or all its steps, for a shorter budget) had non-finite updates has diverged.
 MAX_CONSECUTIVE_NONFINITE = 5
 # Used when the method's registry record names no optimizer of its own: the protocol's (docs/protocol.md §2).
 _PROTOCOL_OPTIMIZER = {"name": "adam", "learning_rate": 1e-3}
+_EXHAUSTED = object()
 
 
 class UnlearnResult(NamedTuple):
@@ -61,8 +63,9 @@ class UnlearnResult(NamedTuple):
         run when it never did.
       params_at_end: the parameters after the last update run (the same as ``params`` unless
         ``continue_to_budget``).
-      stopped_at: updates applied when ``stop`` first said True (0: before any update), None if it never did.
-      steps_run: updates attempted (non-finite ones included).
+      stopped_at: steps run when ``stop`` first said True (0: before any step; a skipped non-finite step counts,
+        as in ``unlearn.py``), None if it never did.
+      steps_run: steps run (skipped non-finite ones included).
       nonfinite_steps: updates skipped because their result was not finite.
       history: one dict per update attempted: ``step`` (1-based), the step's metrics (``forget_loss``,
         ``retain_loss``, ``update_norm``, ...) as floats and ``nonfinite_skipped`` (0 or 1).
@@ -127,8 +130,9 @@ def unlearn(
       max_steps: the update budget (>= 1).
       batch_size, retain_batch_size: examples per step drawn from array data (retain defaults to ``batch_size``;
         ignored for iterables).
-      stop: ``stop(updates_applied, params) -> bool``, called on the host before the first update and after each
-        one; None never stops early (the run takes ``max_steps`` updates).
+      stop: ``stop(steps_run, params) -> bool``, called on the host before the first step and after each one until
+        it first says True (a skipped non-finite step counts as run and leaves ``params`` as they were); None never
+        stops early (the run takes ``max_steps`` steps).
       continue_to_budget: keep stepping to ``max_steps`` after ``stop`` said True (``params`` stays the model at
         the stop, ``params_at_end`` the last one).
       guidance_loss, guidance_weight, chunk_size: as in :func:`gsu_jax.methods.make_method`.
@@ -163,7 +167,7 @@ def unlearn(
     retain_batch_size = batch_size if retain_batch_size is None else retain_batch_size
     _check_positive_int(retain_batch_size, "retain_batch_size")
     if stop is not None and not callable(stop):
-        raise TypeError(f"stop must be None or a callable (updates_applied, params) -> bool, got {stop!r}")
+        raise TypeError(f"stop must be None or a callable (steps_run, params) -> bool, got {stop!r}")
     if not isinstance(continue_to_budget, bool):
         raise TypeError(f"continue_to_budget must be True or False, got {continue_to_budget!r}")
     if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()):
@@ -262,7 +266,16 @@ def _batches(data: Any, batch: int, steps: int, key: jax.Array, name: str) -> It
     sequence of batches (so ``[batch_0, batch_1]`` is two batches, ``(images, labels)`` one dataset).
     """
     if not isinstance(data, (Mapping, tuple, np.ndarray, jax.Array, str, bytes)) and isinstance(data, Iterable):
-        return iter(data)
+        iterator = iter(data)
+        first = next(iterator, _EXHAUSTED)
+        if first is _EXHAUSTED:
+            raise ValueError(f"{name} is an empty iterable; allowed: at least one batch")
+        leaves = jax.tree.leaves(first)
+        if not leaves or not all(_is_array(leaf) and np.ndim(leaf) >= 1 for leaf in leaves):
+            raise TypeError(
+                f"{name}'s first batch must be a pytree of arrays with a leading batch axis, got {type(first).__name__}"
+            )
+        return itertools.chain([first], iterator)
     leaves = jax.tree.leaves(data)
     if not leaves or not all(_is_array(leaf) for leaf in leaves):
         raise TypeError(

@@ -684,7 +684,7 @@ def test_a_missing_debian_dataset_is_one_error_naming_its_package():
     message = str(caught.value)
     assert "\n" not in message
     assert message.endswith(
-        "install it with the Debian package dataset-no-such-set-for-gsu-tests "
+        "if it is Debian's dataset-no-such-set-for-gsu-tests, install it "
         "(apt-get update && apt-get install dataset-no-such-set-for-gsu-tests)"
     )
     with pytest.raises(ValueError, match=r"is not a directory$"):  # other folders get no package hint

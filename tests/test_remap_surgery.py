@@ -248,3 +248,30 @@ def test_batches_without_the_image_field_are_refused(problem):
     message = re.escape("remap_surgery pairs examples by their 'pixels' field, which the batches lack")
     with pytest.raises(ValueError, match=message):
         method.step(params, method.init(params), forget, retain, jax.random.key(0))
+
+
+def test_unmatched_weight_without_forget_only_is_refused(problem):
+    params, forget, retain = problem
+    method = make_method(
+        "remap_surgery", loss_fn=autoencoder_loss, optimizer=optax.sgd(0.1), forget_only=None, unmatched_weight=0.5
+    )
+    with pytest.raises(ValueError, match=r"unmatched_weight=0.5 needs forget_only"):
+        method.step(params, method.init(params), forget, retain, jax.random.key(0))
+
+
+def test_unmatched_options_agree_on_the_parameter_tree_and_the_flat_vector(problem):
+    params, forget, retain = problem
+    for objective in ("surrogate", "ascent"):
+        updates = []
+        for flat in (True, False):
+            method = make_method(
+                "remap_surgery",
+                loss_fn=autoencoder_loss,
+                optimizer=capture_direction(),
+                unmatched_weight=0.5,
+                unmatched_objective=objective,
+                flat_parameters=flat,
+            )
+            _, state, _ = method.step(params, method.init(params), forget, retain, jax.random.key(1))
+            updates.append(_flat(state.optimizer))
+        np.testing.assert_allclose(updates[0], updates[1], rtol=1e-5, atol=1e-6)

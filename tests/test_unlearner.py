@@ -109,6 +109,31 @@ def test_an_iterable_that_runs_out_ends_the_run():
     assert result.steps_run == 2
 
 
+def test_a_non_finite_step_is_skipped_counted_and_the_run_goes_on():
+    forget, retain = _data()
+    batches = _batches(forget, 4, 3)
+    batches[1] = {**batches[1], "y": np.full(4, np.nan, np.float32)}  # the second step's loss is NaN
+    retain_batches = _batches(retain, 4, 3)
+    common = dict(key=jax.random.key(0), method="sa", optimizer=optax.sgd(0.05))
+    seen = {}
+    result = unlearn(
+        _loss, PARAMS, batches, retain_batches, max_steps=3, stop=lambda t, p: seen.setdefault(t, p) is None, **common
+    )
+    assert result.nonfinite_steps == 1 and result.steps_run == 3
+    assert [row["nonfinite_skipped"] for row in result.history] == [0, 1, 0]
+    jax.tree.map(np.testing.assert_array_equal, seen[2], seen[1])  # the skipped step left the parameters as they were
+    first = unlearn(_loss, PARAMS, batches[:1], retain_batches[:1], max_steps=1, **common)
+    jax.tree.map(np.testing.assert_array_equal, seen[1], first.params)
+
+
+def test_an_empty_iterable_is_refused():
+    forget, retain = _data()
+    with pytest.raises(ValueError, match="retain_data is an empty iterable"):
+        unlearn(_loss, PARAMS, forget, [], key=jax.random.key(0), method="sa", max_steps=2, batch_size=4)
+    with pytest.raises(TypeError, match="forget_data's first batch must be a pytree of arrays"):
+        unlearn(_loss, PARAMS, [1, 2], retain, key=jax.random.key(0), method="sa", max_steps=2, batch_size=4)
+
+
 def test_non_finite_steps_are_skipped_then_refused():
     forget, retain = _data()
 
