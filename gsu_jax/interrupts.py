@@ -2,7 +2,7 @@
 
 Inside :func:`stop_at_safe_points` (``train.py`` and ``unlearn.py`` run their whole job in it) the first SIGINT or
 SIGTERM only records the signal; the run loops read :func:`requested` once per safe point -- training after each
-epoch (one compiled program), unlearning before each step -- save what stopping would otherwise lose (the epoch
+epoch (one compiled program), unlearning before each step and after each saved (method, seed) result -- save what stopping would otherwise lose (the epoch
 just finished; with ``checkpoint_every_steps``, the unlearning run's state) and raise :class:`Interrupted`
 (:func:`stop`), which the command lines turn into one line saying what was saved and how to resume, and exit status
 ``128 + signal`` (130 for SIGINT, 143 for SIGTERM). Re-running the same command resumes, and ends as an

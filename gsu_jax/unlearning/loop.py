@@ -144,6 +144,9 @@ def run_method(
                 identity=identities[seed],
                 state_shardings=state_shardings,
             )
+            # A safe point too: a signal that arrived during this seed's evaluation stops the job here, with this
+            # result saved, instead of being ignored until the job ends by itself.
+            interrupts.stop(interrupts.requested())
         else:
             resumed.append(f"{label} seed {seed}")
             plan.progress(
