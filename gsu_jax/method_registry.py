@@ -22,6 +22,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import optax
+
 from gsu_jax import remap_surgery, update_rules
 from gsu_jax.schema import REQUIRED, Field, at_least, check_value, greater_than, one_of, within
 from gsu_jax.update_rules import DirectionRule
@@ -114,6 +116,17 @@ _UNO = "Mandal & Gottwald, 2025, arXiv:2506.04712"
 
 _GUIDANCE_AFTER_PROJECTION = "w * grad guidance_loss added to u after the projection (never projected)"
 _GUIDANCE_ADDED = "w * grad guidance_loss added to u"
+
+# The protocol's optimizer (docs/protocol.md §2): what a method whose record names none of its own is run with.
+PROTOCOL_OPTIMIZER: Mapping[str, Any] = {"name": "adam", "learning_rate": 1e-3}
+
+
+def build_optimizer(spec: Mapping[str, Any]) -> optax.GradientTransformation:
+    """``optax.<name>(learning_rate, **kwargs)`` from an optimizer spec (a :attr:`Method.optimizer`, or a validated
+    ``config.optimizer``)."""
+    kwargs = {k: v for k, v in spec.items() if k not in ("name", "learning_rate")}
+    return getattr(optax, spec["name"])(spec["learning_rate"], **kwargs)
+
 
 # The method ``unlearn.py`` runs first and ``report.json`` names: forgets and keeps the rest by default (README).
 RECOMMENDED_METHOD = "remap_surgery"

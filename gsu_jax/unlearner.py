@@ -41,7 +41,7 @@ import optax
 
 from gsu_jax import methods
 from gsu_jax.losses import LossFn
-from gsu_jax.method_registry import is_positive_int
+from gsu_jax.method_registry import PROTOCOL_OPTIMIZER, build_optimizer, is_positive_int
 
 __all__ = ["MAX_CONSECUTIVE_NONFINITE", "UnlearnResult", "batch_schedule", "tree_all_finite", "unlearn"]
 
@@ -50,8 +50,6 @@ StopRule = Callable[[int, Params], bool]  # (steps run, params) -> stop?
 
 # A run whose last this-many steps (or all its steps, for a shorter budget) had non-finite updates has diverged.
 MAX_CONSECUTIVE_NONFINITE = 5
-# Used when the method's registry record names no optimizer of its own: the protocol's (docs/protocol.md §2).
-_PROTOCOL_OPTIMIZER = {"name": "adam", "learning_rate": 1e-3}
 _EXHAUSTED = object()
 
 
@@ -174,8 +172,7 @@ def unlearn(
         raise TypeError(f"key must be one JAX PRNG key (jax.random.key(seed)), got {key!r}")
     _check_params(params)
     if optimizer is None:
-        spec = methods.METHODS[name].optimizer or _PROTOCOL_OPTIMIZER
-        optimizer = getattr(optax, spec["name"])(spec["learning_rate"])
+        optimizer = build_optimizer(methods.METHODS[name].optimizer or PROTOCOL_OPTIMIZER)
     unlearning_method = methods.make_method(
         name,
         loss_fn=loss_fn,

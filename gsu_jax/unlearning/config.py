@@ -24,6 +24,7 @@ from gsu_jax.config_validation import (
     validate_parallel,
     validate_train_config,
 )
+from gsu_jax.method_registry import PROTOCOL_OPTIMIZER, build_optimizer
 from gsu_jax.schema import ConfigError, Field, at_least, one_of, validate_config, within
 from gsu_jax.unlearning.errors import UnlearnConfigError
 
@@ -125,7 +126,7 @@ UNLEARN_SCHEMA: dict[str, Field] = {
         "the update is the same to float32 rounding. 0 processes each batch at once.",
     ),
     "optimizer": Field(
-        {"name": "adam", "learning_rate": 1e-3},
+        dict(PROTOCOL_OPTIMIZER),
         dict,
         f"{{'name': one of {', '.join(OPTIMIZERS)}, 'learning_rate': a number > 0, ...kwargs}}",
         None,
@@ -378,12 +379,6 @@ def parse_optimizer(value: Mapping[str, Any], *, field: str = "optimizer") -> di
     except TypeError as err:
         raise UnlearnConfigError(f"config.{field}={dict(value)!r} cannot build optax.{name}: {err}") from err
     return {"name": name, "learning_rate": float(learning_rate), **spec}
-
-
-def build_optimizer(spec: Mapping[str, Any]) -> optax.GradientTransformation:
-    """``optax.<name>(learning_rate, **kwargs)`` from a validated ``config.optimizer``."""
-    kwargs = {k: v for k, v in spec.items() if k not in ("name", "learning_rate")}
-    return getattr(optax, spec["name"])(spec["learning_rate"], **kwargs)
 
 
 def _per_method_mappings(field: str, value: Mapping[str, Any], allowed: str) -> list[tuple[str, Mapping[str, Any]]]:
