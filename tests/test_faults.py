@@ -406,15 +406,22 @@ def _fill(directory: pathlib.Path) -> pathlib.Path | None:
     """
     filler = directory / "filler"
     try:
-        handle = open(filler, "wb")
+        descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
         return None
-    with handle, contextlib.suppress(OSError):
+    # Unbuffered writes: CI once saw a buffered file's close() re-raise ENOSPC while flushing what the failed
+    # write left in its buffer. A raw descriptor has no buffer to flush, so closing it cannot fail that way.
+    try:
+        chunk = b"\0" * 2**16
         while True:
-            handle.write(b"\0" * 2**16)
-            handle.flush()
+            os.write(descriptor, chunk)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(descriptor)
     return filler
 
 
