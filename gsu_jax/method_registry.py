@@ -259,6 +259,14 @@ METHODS: dict[str, Method] = {
                     "weight of what the parameters forget_only does not match follow (unmatched_objective): 0, they "
                     "stay out of the forget update; with 'surrogate', 1 is forget_only=None; needs forget_only",
                 ),
+                "retain_lookahead": _hparam(
+                    0.0,
+                    float,
+                    "a finite number >= 0",
+                    at_least(0),
+                    "the retain part uses g_r at theta - retain_lookahead * a_t * P(D g_s), where the step's forget part "
+                    "leads; 0: at theta. Set it to the SGD learning rate to repair the forget part's curvature damage",
+                ),
                 "unmatched_objective": _hparam(
                     "surrogate",
                     str,

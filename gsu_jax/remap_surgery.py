@@ -87,6 +87,8 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
     examples' own mean loss; 0, the default, leaves them out and projects off ``M g_r``); ``w_i = 1`` unless ``gate`` (then ``1[l(x_i -> n_i) >
     l(x_i)]``); ``S`` keeps the ``saliency`` fraction of largest coordinates (identity at 1); the projection follows
     ``projection``; ``a_t = forget_weight * 2^(-t / forget_half_life)`` (constant when the half-life is None);
+    ``g_r`` in the retain part is taken at ``theta - retain_lookahead * a_t * P(D S(M g_s))`` when
+    ``retain_lookahead > 0`` (one more pass over the retain batch; ``D`` stays the one at ``theta``);
     ``D = (F_r + fisher_damping * mean(F_r))^-p`` per coordinate (:func:`retain_fisher_diagonal`; ``p = 1/2`` for
     ``precondition='retain_rms'``, 1 for ``'retain_fisher'``, ``D = 1`` for ``'none'``).
     """
@@ -157,6 +159,16 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
         # Annealing: the pull halves every forget_half_life steps, so after the first few steps (when the forget
         # class is gone from the samples) the update becomes retain descent, which repairs what the pull cost.
         forget_weight = forget_weight * jnp.exp2(-inputs.step.astype(jnp.float32) / hparams["forget_half_life"])
+    if hparams["retain_lookahead"] > 0.0:
+        # The retained data's loss rises after a forget step through curvature, not slope: on the protocol VAEs the
+        # forget part changes the retain batch's loss by < 0.5 nats to first order but raises it by 1.7-5 nats (README,
+        # issue 12). g_r taken where that part of the step leads repairs the rise to first order in the same update.
+        ahead = jax.tree.map(lambda p, s: p - hparams["retain_lookahead"] * forget_weight * s, inputs.params, update)
+        _, retain_direction = losses_and_mean_grad(
+            inputs.loss_fn, ahead, inputs.retain_batch, inputs.retain_keys, inputs.chunk_size
+        )
+        if hparams["precondition"] != "none":
+            retain_direction = jax.tree.map(jnp.multiply, retain_direction, inverse)
     update = jax.tree.map(lambda s, r: forget_weight * s + hparams["retain_weight"] * r, update, retain_direction)
     return Direction(update, projected, gated_fraction)
 

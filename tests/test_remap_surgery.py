@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -107,6 +108,7 @@ def reference_direction(
     fisher_damping=0.1,
     unmatched_weight=0.0,
     unmatched_objective="surrogate",
+    retain_lookahead=0.0,
 ):
     """The rule in NumPy: pair by brute force, per-example gradients one at a time, mask, gate, project, combine."""
     forget_images, retain_images = np.asarray(forget["image"], np.float64), np.asarray(retain["image"], np.float64)
@@ -141,7 +143,13 @@ def reference_direction(
     inner = g_s @ direction
     if projection == "always" or (projection == "conflict" and inner < 0):
         g_s = g_s - inner / (direction @ direction) * direction
-    return forget_weight * weight_scale * g_s + retain_weight * retain_direction, np.mean(1.0 - np.asarray(weights))
+    forget_part = forget_weight * weight_scale * g_s
+    if retain_lookahead > 0:  # g_r again, at the point the forget part of the step leads to
+        flat_params, unravel = jax.flatten_util.ravel_pytree(params)
+        ahead = unravel(jnp.asarray(np.asarray(flat_params, np.float64) - retain_lookahead * forget_part, jnp.float32))
+        g_ahead = np.mean([_example_grad(ahead, image, image)[1] for image in retain_images], axis=0)
+        retain_direction = g_ahead * inverse if precondition != "none" else g_ahead
+    return forget_part + retain_weight * retain_direction, np.mean(1.0 - np.asarray(weights))
 
 
 # ------------------------------------------------------------------------------------------------- tests
@@ -170,8 +178,22 @@ def test_nearest_retained_images_match_brute_force():
         {"precondition": "retain_rms", "projection": "always"},
         {"unmatched_weight": 0.3, "projection": "always"},
         {"unmatched_weight": 0.5, "unmatched_objective": "ascent", "projection": "always"},
+        {"retain_lookahead": 0.05, "projection": "always", "forget_weight": 2.0},
+        {"retain_lookahead": 0.05, "precondition": "none"},
     ],
-    ids=["defaults", "always", "none-all-params", "gated", "salient", "fisher", "rms", "unmatched", "encoder-ascent"],
+    ids=[
+        "defaults",
+        "always",
+        "none-all-params",
+        "gated",
+        "salient",
+        "fisher",
+        "rms",
+        "unmatched",
+        "encoder-ascent",
+        "lookahead",
+        "lookahead-raw",
+    ],
 )
 def test_step_matches_numpy_reference(problem, hparams):
     params, forget, retain = problem
@@ -192,6 +214,7 @@ def test_step_matches_numpy_reference(problem, hparams):
         fisher_damping=resolved["fisher_damping"],
         unmatched_weight=resolved["unmatched_weight"],
         unmatched_objective=resolved["unmatched_objective"],
+        retain_lookahead=resolved["retain_lookahead"],
     )
     np.testing.assert_allclose(_flat(update), expected, rtol=2e-4, atol=2e-5)
     assert float(step_metrics["gated_fraction"]) == pytest.approx(gated)
