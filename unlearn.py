@@ -1,4 +1,4 @@
-"""Unlearn forget classes from a trained generative model and write an honest, reproducible report.
+"""Unlearn forget classes (or any set of training examples, ``--config.forget=``) from a trained generative model and write an honest, reproducible report.
 
 Usage (the README's main job; trains what is missing through the same code as ``train.py``, then unlearns digit 1
 from the protocol VAE by every default method and prints the table):
@@ -6,7 +6,7 @@ from the protocol VAE by every default method and prints the table):
   python unlearn.py --config configs/unlearn_mnist.py --workdir runs/unlearn
 
 Overrides use the config's field names, a contract that user scripts rely on, e.g.
-``--config.forget_classes=1,7 --config.methods=sa,s,uno --config.seeds=10 --config.threshold=auto
+``--config.forget_classes=1,7`` (or ``--config.forget=fraction:0.01`` / ``indices:<file>``) ``--config.methods=sa,s,uno --config.seeds=10 --config.threshold=auto
 --config.monitor_samples=1024 --config.max_steps=50 --config.checkpoint=runs/mnist_vae``
 (see ``configs/unlearn_mnist.py`` for every field).
 

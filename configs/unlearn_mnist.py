@@ -7,6 +7,7 @@ Command (from the repository root; trains what is missing into <workdir>/train t
 Common overrides (the field names are a contract)::
 
     --config.forget_classes=1,7          comma-separated class indices
+    --config.forget=fraction:0.01        or classes:1,7 / indices:<file>: any set of training examples
     --config.methods=all                 or e.g. sa_gated,pcgrad,s,uno (see gsu_jax.methods.METHODS)
     --config.seeds=10                    seeds per method
     --config.threshold=auto              or a number in (0, 1)

@@ -314,6 +314,17 @@ def _train_schema() -> dict[str, Field]:
             "Classes left out of the generative model's training data: the "
             "retrain-from-scratch oracle. Classifiers always train on every class.",
         ),
+        "exclude": Field(
+            "",
+            str,
+            "'' (exclude_classes decides), 'classes:1,7', 'fraction:0.01' or 'indices:<file>'",
+            None,
+            "data",
+            "Training examples left out of the generative model's training data (gsu_jax.example_sets): "
+            "the oracle of unlearn.py's forget=, which selects the same examples on the same data and seed. "
+            "exclude_classes is the shorthand for 'classes:<list>'.",
+            optional=True,
+        ),
         "evaluator_data": Field(
             "",
             str,
@@ -582,7 +593,7 @@ def validate_train_config(config: Any) -> dict[str, Any]:
     """Validates a ``train.py`` config (:data:`TRAIN_SCHEMA`) including the fields that depend on each other.
 
     Beyond :func:`validate_config`: ``model_kwargs``/``classifier_kwargs`` must name hyperparameters of the chosen
-    models with values of the default's type; ``roles`` and ``exclude_classes`` must parse.
+    models with values of the default's type; ``roles``, ``exclude_classes`` and ``exclude`` must parse (and not contradict each other).
     Whether the model accepts the data's image shape, whether excluded classes exist in the data and whether
     data files exist are checked when the data is loaded, still before any training.
 
@@ -599,6 +610,10 @@ def validate_train_config(config: Any) -> dict[str, Any]:
     values.update(validate_parallel(values))
     parse_roles(values["roles"])
     parse_class_list(values["exclude_classes"])
+    # Imported here: gsu_jax.example_sets builds on this module's class-list parser.
+    from gsu_jax.example_sets import combined_example_set
+
+    combined_example_set(values, field="exclude", classes_field="exclude_classes", default_classes="")
     # Imported here: gsu_jax.generative builds on the models and losses, which this module must not import eagerly.
     from gsu_jax.generative import family_of
 

@@ -12,6 +12,9 @@ decodes samples, runs the evaluator and writes the report lives elsewhere and ca
   :func:`feature_statistics` / :func:`frechet_distance_from_stats` so the real-data side is computed once;
   :func:`inception_score` on the evaluator's class probabilities.
 * Privacy: :func:`membership_inference_auc`, a loss-threshold membership-inference AUC.
+* Forget sets of examples (not whole classes): :func:`loss_gap` (mean loss on the forget training examples minus
+  on held-out ones, with its standard error), :func:`loss_gap_band` (the oracle's gap +- ``num_std`` SE, the stop)
+  and :func:`reached_stop` (one test for both kinds of stop).
 * Reporting: :func:`time_to_unlearn` and :func:`summarize` (mean/std over seeds with "not reached" kept explicit).
 
 Precision: everything except the jit-able forget fraction converts to numpy float64 first. Classifier-FID is a
@@ -42,6 +45,10 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_from_stats",
     "inception_score",
+    "LossGapBand",
+    "loss_gap",
+    "loss_gap_band",
+    "reached_stop",
     "membership_inference_auc",
     "stopping_step",
     "summarize",
@@ -626,3 +633,56 @@ def summarize(values: Iterable[float | int | None]) -> dict:
         "num_reached": int(reached.size),
         "num_seeds": len(per_seed),
     }
+
+
+# ------------------------------------------------------------------------------------------- example sets
+
+
+def loss_gap(forget_losses, heldout_losses) -> tuple[float, float]:
+    r"""``(gap, se)``: mean per-example loss on the forget training examples minus the mean on held-out examples,
+    and its standard error :math:`\sqrt{s_f^2/n_f + s_h^2/n_h}` (sample variances, Welch's form).
+
+    Why a gap: a model that trained on an example fits it better than an unseen one of the same distribution (a
+    negative gap); a model that never saw it (the oracle) shows only chance. Whole classes are forgotten when the
+    model stops generating them; an example forgotten is one the model no longer fits better than unseen ones.
+
+    Raises:
+        MetricsError: fewer than two finite losses on either side.
+    """
+    forget = _float_array(forget_losses, "forget_losses", ndim=1)
+    heldout = _float_array(heldout_losses, "heldout_losses", ndim=1)
+    for name, values in (("forget_losses", forget), ("heldout_losses", heldout)):
+        if values.size < 2:
+            raise MetricsError(f"{name} needs at least 2 losses for a standard error, got {values.size}")
+    se = math.sqrt(forget.var(ddof=1) / forget.size + heldout.var(ddof=1) / heldout.size)
+    return float(forget.mean() - heldout.mean()), se
+
+
+class LossGapBand(NamedTuple):
+    """The oracle's band for a forget set of examples: the run stops at the first gap ``>= low``
+    (:func:`reached_stop`); ``high`` tells an overshoot in the report."""
+
+    low: float
+    high: float
+
+
+def loss_gap_band(oracle_gap: float, oracle_se: float, *, num_std: float = 2.0) -> LossGapBand:
+    """The oracle's loss gap +- ``num_std`` of its standard errors (the example-set analogue of
+    :func:`auto_threshold`: the oracle scores the run, it is never an input to a method)."""
+    gap, se = _real_scalar(oracle_gap, "oracle_gap"), _real_scalar(oracle_se, "oracle_se")
+    if se < 0:
+        raise MetricsError(f"oracle_se must be >= 0, got {se}")
+    return LossGapBand(gap - num_std * se, gap + num_std * se)
+
+
+def reached_stop(value: float, threshold: float | LossGapBand) -> bool:
+    """Whether a monitored value meets the stop: a forget fraction strictly below a threshold, or a finite loss gap
+    that has risen to a :class:`LossGapBand` (``gap >= low``).
+
+    One-sided, like the fraction's threshold: unlearning raises the gap from the original's (negative: it fits its
+    training examples better than unseen ones) toward the oracle's, and a step that overshoots the band has still
+    forgotten -- too much, which the report shows (the gap at the stop above ``high``, an MIA AUC below 0.5) instead
+    of hiding it as "never reached"."""
+    if isinstance(threshold, LossGapBand):
+        return bool(math.isfinite(value) and value >= threshold.low)
+    return value < threshold

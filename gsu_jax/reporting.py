@@ -42,6 +42,22 @@ _TABLE_COLUMNS: tuple[tuple[str, str | None, str | None, str], ...] = (
     ("held-out -ELBO forget", "nelbo_heldout_forget_at_stop", "nelbo_heldout_forget", "{:.1f}"),
     ("MIA AUC", "mia_auc", "mia_auc", "{:.3f}"),
 )
+# The columns when the forget set is examples, not whole classes (report["forget_set"]["kind"] == "examples"): the
+# forget fraction of generated samples means nothing there; the loss gap (forget training minus held-out mean loss)
+# is what the stop reads, and the MIA compares the forget examples with the whole held-out split.
+_EXAMPLE_TABLE_COLUMNS: tuple[tuple[str, str | None, str | None, str], ...] = (
+    ("steps to oracle loss-gap band", "steps_to_threshold", None, "{:.1f}"),
+    ("step time (ms)", "step_time_ms", None, "{:.1f}"),
+    ("time to unlearn (s)", "time_to_unlearn_s", None, "{:.3f}"),
+    ("loss gap: stop", "loss_gap_at_stop", "loss_gap", "{:.2f}"),
+    ("loss gap: end", "loss_gap_at_end", "loss_gap", "{:.2f}"),
+    ("FID retain: stop", "fid_retain_at_stop", "fid_retain", "{:.2f}"),
+    ("FID retain: end", "fid_retain_at_end", "fid_retain", "{:.2f}"),
+    ("IS at stop", "inception_score_at_stop", "inception_score", "{:.2f}"),
+    ("-ELBO forget train", "nelbo_forget_train_at_stop", "nelbo_forget_train", "{:.1f}"),
+    ("held-out -ELBO", "nelbo_heldout_at_stop", "nelbo_heldout", "{:.1f}"),
+    ("MIA AUC (forget vs held-out)", "mia_auc", "mia_auc", "{:.3f}"),
+)
 
 
 # Fields of report.json that are not reproducible numbers: wall-clock measurements, and how this process came
@@ -144,20 +160,27 @@ _CONDITIONAL_COLUMNS: tuple[tuple[str, str | None, str | None, str], ...] = (
 
 
 def _table_columns(report: Mapping[str, Any]) -> tuple[tuple[str, str | None, str | None, str], ...]:
-    """The columns for the report's generative family: its loss names (VAE ``nelbo`` / ``-ELBO`` when the report
-    does not say) and, for a class-conditional model, the forget-label protocol."""
+    """The columns for the kind of forget set (whole classes, or examples) and the report's generative family: its
+    loss names (VAE ``nelbo`` / ``-ELBO`` when the report does not say) and, for a class-conditional model forgetting
+    classes, the forget-label protocol."""
     family = report.get("generative") or {}
     prefix, label = family.get("loss_prefix", "nelbo"), family.get("loss_label", "-ELBO")
+    examples = _forgets_examples(report)
     columns = []
-    for header, key, ref_key, fmt in _TABLE_COLUMNS:
+    for header, key, ref_key, fmt in _EXAMPLE_TABLE_COLUMNS if examples else _TABLE_COLUMNS:
         if ref_key is not None and ref_key.startswith("nelbo_"):
             header = header.replace("-ELBO", label)
             key, ref_key = (name.replace("nelbo_", f"{prefix}_", 1) for name in (key, ref_key))
             fmt = fmt if prefix == "nelbo" else "{:.4f}"
         columns.append((header, key, ref_key, fmt))
-    if family.get("class_conditional"):
+    if family.get("class_conditional") and not examples:
         columns.extend(_CONDITIONAL_COLUMNS)
     return tuple(columns)
+
+
+def _forgets_examples(report: Mapping[str, Any]) -> bool:
+    """Whether the report's forget set is examples rather than whole classes (reports before the field: classes)."""
+    return (report.get("forget_set") or {}).get("kind") == "examples"
 
 
 def markdown_table(report: Mapping[str, Any]) -> str:
@@ -194,9 +217,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
 
 def markdown_report(report: Mapping[str, Any]) -> str:
     """The whole report.md: command, setting, threshold, the table, and how to read it."""
-    threshold = report["threshold"]
     config = report["config"]
-    published = threshold["published"]
     guided = any(summary.get("guided") for summary in report.get("methods", {}).values())
     lines = [
         "# Unlearning report",
@@ -207,23 +228,12 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         report["command"],
         "```",
         "",
-        f"- forget classes: {report['forget_classes']}; data `{report['data']['spec']}` "
-        f"(fingerprint `{report['data']['fingerprint'][:16]}`), {report['data']['num_forget_train']} forget / "
-        f"{report['data']['num_retain_train']} retain training examples, "
-        f"{report['data']['num_heldout']} held-out examples",
+        *_forget_set_lines(report),
         f"- seeds: {report['seeds']}; budget {config['max_steps']} steps "
         f"({'always run to the budget' if config['continue_to_budget'] else 'stopped at the threshold'}); "
         f"batches {config['batch_size']} forget + {config['retain_batch_size']} retain per step; "
         f"optimizer {config['optimizer']['name']} lr {config['optimizer']['learning_rate']}",
-        f"- threshold: {threshold['mode']} = {threshold['value']:.4f} on {threshold['monitor_samples']} fixed "
-        f"monitoring samples"
-        + (
-            f" (oracle forget fraction {threshold['oracle_forget_fraction']:.4f} + 2 binomial standard errors)"
-            if threshold["mode"] == "auto"
-            else ""
-        ),
-        f"- published setting reported beside it: threshold {published['value']} on the first "
-        f"{published['monitor_samples']} of the same monitoring samples (same runs, second stopping rule)",
+        *_stop_lines(report),
         f"- FID: classifier-FID on the evaluator's features, {config['fid_samples']} generated samples, against "
         "the retained training images and against all training images",
         *_sampling_lines(report),
@@ -250,6 +260,49 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _forget_set_lines(report: Mapping[str, Any]) -> list[str]:
+    """What was forgotten: which kind of set, how many training examples, and the data."""
+    data = report["data"]
+    forget_set = report.get("forget_set") or {}
+    if _forgets_examples(report):
+        head = (
+            f"- forget set: {forget_set['count']} training examples (`{forget_set['spec']}`: examples, not whole "
+            "classes)"
+        )
+    else:
+        head = f"- forget classes: {report['forget_classes']}"
+    return [
+        f"{head}; data `{data['spec']}` (fingerprint `{data['fingerprint'][:16]}`), {data['num_forget_train']} "
+        f"forget / {data['num_retain_train']} retain training examples, {data['num_heldout']} held-out examples"
+    ]
+
+
+def _stop_lines(report: Mapping[str, Any]) -> list[str]:
+    """The stopping rule(s): the forget-fraction threshold and the published one, or the oracle's loss-gap band."""
+    threshold = report["threshold"]
+    if _forgets_examples(report):
+        low, high = threshold["value"]
+        return [
+            f"- stop: {threshold['name']}: the first update whose loss gap (mean per-example loss on the forget "
+            f"training examples minus on the {threshold['heldout_examples']} held-out examples) lies in "
+            f"[{low:.3f}, {high:.3f}] = the oracle's gap {threshold['oracle_loss_gap']:.3f} ± 2 × its standard "
+            f"error {threshold['oracle_loss_gap_se']:.3f} (original model's gap {threshold['original_loss_gap']:.3f});"
+            " no published rule for examples"
+        ]
+    published = threshold["published"]
+    return [
+        f"- threshold: {threshold['mode']} = {threshold['value']:.4f} on {threshold['monitor_samples']} fixed "
+        f"monitoring samples"
+        + (
+            f" (oracle forget fraction {threshold['oracle_forget_fraction']:.4f} + 2 binomial standard errors)"
+            if threshold["mode"] == "auto"
+            else ""
+        ),
+        f"- published setting reported beside it: threshold {published['value']} on the first "
+        f"{published['monitor_samples']} of the same monitoring samples (same runs, second stopping rule)",
+    ]
 
 
 def _sampling_lines(report: Mapping[str, Any]) -> list[str]:
@@ -327,9 +380,10 @@ def plot_forget_fraction(
     path: str,
     curves: Mapping[str, Sequence[Sequence[float]]],
     *,
-    threshold: float,
+    threshold: float | Sequence[float],
     threshold_label: str,
     oracle_fraction: float | None = None,
+    ylabel: str = "forget fraction (evaluator)",
 ) -> None:
     """Plots the monitored forget fraction against the step for every method (mean bold, seeds thin).
 
@@ -337,9 +391,10 @@ def plot_forget_fraction(
       path: PNG file to write.
       curves: method label -> one sequence per seed of the forget fraction at steps 0, 1, ... (step 0 is the
         original model); sequences may differ in length (runs that stopped early).
-      threshold: the stopping threshold, drawn as a dashed line.
+      threshold: the stopping threshold, drawn as a dashed line (a ``(low, high)`` band: two lines).
       threshold_label: legend text for the threshold line.
       oracle_fraction: the oracle's forget fraction on the same samples, drawn as a dotted line when given.
+      ylabel: what the curves are (a forget set of examples plots its loss gap).
     """
     import matplotlib
 
@@ -356,12 +411,14 @@ def plot_forget_fraction(
             padded[j, : len(curve)] = curve
             ax.plot(np.arange(len(curve)), curve, color=color, alpha=0.2, linewidth=0.7)
         ax.plot(np.arange(length), np.nanmean(padded, axis=0), color=color, linewidth=1.8, label=label)
-    ax.axhline(threshold, color="black", linestyle="--", linewidth=1.0, label=threshold_label)
+    for index, level in enumerate(np.atleast_1d(threshold)):
+        ax.axhline(level, color="black", linestyle="--", linewidth=1.0, label=None if index else threshold_label)
     if oracle_fraction is not None:
         ax.axhline(oracle_fraction, color="gray", linestyle=":", linewidth=1.0, label="oracle")
     ax.set_xlabel("updates applied")
-    ax.set_ylabel("forget fraction (evaluator)")
-    ax.set_ylim(bottom=0.0)
+    ax.set_ylabel(ylabel)
+    if np.ndim(threshold) == 0:  # a fraction; a loss gap may be negative
+        ax.set_ylim(bottom=0.0)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     io.write_png(path, fig, dpi=_PNG_DPI)

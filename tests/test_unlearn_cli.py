@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -361,3 +362,81 @@ def test_runtime_failure_is_one_line_exit_1(smoke_run, tmp_path):
         _command(tmp_path / "out_debug", *overrides, "--debug"), cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+# ------------------------------------------------------------------------------------------- example sets
+
+
+@pytest.fixture(scope="module")
+def example_run(smoke_run, tmp_path_factory):
+    """``forget=fraction:0.02`` end to end, from the smoke run's original model and classifiers (so only the oracle,
+    trained with ``exclude=fraction:0.02``, and one method x one seed run here): (workdir, report)."""
+    _, _, report = smoke_run
+    workdir = tmp_path_factory.mktemp("unlearn_examples") / "run"
+    overrides = (
+        f"--config.checkpoint={report['models']['original']['workdir']}",
+        f"--config.train_dir={workdir.parent / 'train'}",
+        "--config.forget=fraction:0.02",
+        "--config.methods=sa",
+        "--config.seeds=1",
+        "--config.guidance_weight=0",
+        "--config.save_params=none",
+    )
+    done = subprocess.run(_command(workdir, *overrides), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir, json.loads((workdir / "report.json").read_text())
+
+
+def test_end_to_end_forget_set_of_examples(example_run):
+    workdir, report = example_run
+    forget_set, threshold = report["forget_set"], report["threshold"]
+    assert forget_set["kind"] == "examples" and forget_set["spec"] == "fraction:0.02"
+    assert forget_set["count"] == report["data"]["num_forget_train"] == 90 and report["forget_classes"] == []
+    # The oracle's checkpoint records exactly the forget examples as left out.
+    oracle = report["models"]["oracle"]
+    assert oracle["excluded"]["examples_fingerprint"] == forget_set["examples_fingerprint"]
+    assert oracle["num_train"] == report["data"]["num_train"] - 90
+    # The stop: the oracle's gap +- 2 SE, named; the first logged gap inside it.
+    assert threshold["mode"] == "oracle_loss_gap_band" and threshold["name"] == "oracle loss gap ± 2 SE"
+    low, high = threshold["value"]
+    gap, se = report["oracle"]["loss_gap"], report["oracle"]["loss_gap_se"]
+    assert (low, high) == pytest.approx((gap - 2 * se, gap + 2 * se))
+    for key in ("loss_gap", "nelbo_forget_train", "nelbo_heldout", "mia_auc", "fid_retain"):
+        assert math.isfinite(report["original"][key]) and math.isfinite(report["oracle"][key]), key
+    assert "forget_fraction" not in report["original"]
+    assert report["original"]["loss_gap"] == pytest.approx(
+        report["original"]["nelbo_forget_train"] - report["original"]["nelbo_heldout"]
+    )
+    with open(workdir / "logs" / "sa.csv", newline="") as handle:
+        gaps = [float(row["loss_gap"]) for row in csv.DictReader(handle)]
+    inside = [t for t, value in enumerate(gaps) if low <= value <= high]
+    assert report["methods"]["sa"]["per_seed"][0]["steps_to_threshold"] == (inside[0] if inside else None)
+    markdown = (workdir / "report.md").read_text()
+    assert "forget set: 90 training examples (`fraction:0.02`: examples, not whole classes)" in markdown
+    assert "| loss gap: stop |" in markdown and "MIA AUC (forget vs held-out)" in markdown
+    assert "forget fraction at stop" not in markdown and "published setting" not in markdown
+
+
+def test_refuses_an_oracle_trained_without_other_examples(example_run, tmp_path):
+    """unlearn.py refuses an oracle whose recorded excluded examples are not its forget set, in one line."""
+    _, report = example_run
+    config = _smoke_config()
+    config.checkpoint = report["models"]["original"]["workdir"]
+    config.oracle_checkpoint = report["models"]["oracle"]["workdir"]
+    config.guidance_weight = 0.0
+    config.forget = "fraction:0.02"
+    assert unlearning.plan_run(config, tmp_path / "same").train_oracle is False
+    for forget, message in (
+        ("fraction:0.03", "was trained without 90 examples (fraction:0.02), not the 135 forget examples"),
+        ("", "not the 450 forget examples (classes:1)"),
+    ):
+        config.forget = forget
+        with pytest.raises(unlearning.UnlearnConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            unlearning.plan_run(config, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def _smoke_config():
+    from gsu_jax.config_validation import load_config_file
+
+    return load_config_file(REPO / SMOKE)

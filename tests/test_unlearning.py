@@ -399,3 +399,16 @@ def test_time_to_unlearn_per_seed_is_step_time_times_steps():
     record = seed_record(run, {}, None, budget=10)
     assert math.isclose(record["time_to_unlearn_s"], 0.04)
     assert math.isclose(record["step_time_ms"], 10.0)
+
+
+def test_example_set_stop_is_the_first_gap_that_reaches_the_oracle_band():
+    """A forget set of examples stops at the first loss gap at or above the oracle's band's low end (a gap that
+    jumps past the band has forgotten too much, and stops there too); there is no published rule (NaN never stops)."""
+    band = metrics.loss_gap_band(0.2, 0.5)  # [-0.8, 1.2]
+    nan = float("nan")
+    run = _run([-6.0, -3.0, -0.5, 0.9, -0.1], [nan] * 5, threshold=band, continue_to_budget=True)
+    assert run["stop"] == 2 and int(run["params_at_stop"]["updates"]) == 2
+    assert run["stop_published"] is None
+    jumped = _run([-6.0, -3.0, 4.0], [nan] * 3, threshold=band, continue_to_budget=True)
+    assert jumped["stop"] == 2
+    assert _run([0.0, 5.0], [nan] * 2, threshold=band, continue_to_budget=False)["stop"] == 0

@@ -4,7 +4,7 @@
 workdir, evaluates it on held-out data, and returns the metrics. ``load_trained(workdir, role)`` loads one role for
 the unlearning side.
 
-Roles and their data (``config.exclude_classes`` only ever changes the generative role):
+Roles and their data (``config.exclude`` / ``config.exclude_classes`` only ever change the generative role):
 
 =============  ======================================================  =============================================
 role           trains                                                  on

@@ -152,6 +152,8 @@ def _checkpoint_metadata(plan: RolePlan, values: Mapping[str, Any], run_data: Ru
         "num_train": len(plan.train),
         "num_heldout": len(plan.heldout),
         "excluded_classes": list(run_data.excluded_classes) if plan.generative else [],
+        # The examples left out (config.exclude): unlearn.py refuses an oracle whose set differs from its forget set.
+        "excluded": run_data.excluded if plan.generative else None,
         "num_epochs": spec.num_epochs,
         "steps_per_epoch": spec.num_batches,
         "batch_size": spec.batch_size,

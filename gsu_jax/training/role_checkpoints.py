@@ -113,7 +113,7 @@ def existing_checkpoint(plan: RolePlan, role_dir: pathlib.Path, *, step: int | N
         differences.append(
             f"training data: fingerprint {str(saved.get('train_fingerprint'))[:12]}... -> "
             f"{plan.train_fingerprint[:12]}... (the examples are selected by data, data_dir, eval_data, "
-            "holdout_fraction, exclude_classes, evaluator_data and evaluator_fraction)"
+            "holdout_fraction, exclude_classes, exclude, evaluator_data and evaluator_fraction)"
         )
     if differences:
         raise CheckpointMismatchError(

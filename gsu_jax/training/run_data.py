@@ -11,8 +11,8 @@ import dataclasses
 from typing import Any
 
 from gsu_jax import data as data_lib
-from gsu_jax import data_splits
-from gsu_jax.config_validation import parse_class_list, validate_train_config
+from gsu_jax import data_splits, example_sets
+from gsu_jax.config_validation import validate_train_config
 from gsu_jax.schema import ConfigError
 
 __all__ = ["RunData", "prepare_data"]
@@ -25,11 +25,13 @@ class RunData:
     Attributes:
         train: the training data (every class).
         heldout: the held-out data (every class).
-        generative: what the generative role trains on (``train`` minus ``exclude_classes``).
+        generative: what the generative role trains on (``train`` minus ``exclude`` / ``exclude_classes``).
         evaluator: what the evaluator trains on.
         guidance: what the guidance classifier trains on.
         source_fingerprint: fingerprint of ``config.data`` as loaded (before any split).
-        excluded_classes: the classes left out of ``generative``.
+        excluded_classes: the classes left out of ``generative`` (``()`` when ``exclude`` names examples).
+        excluded: what the checkpoints record of the examples left out (:func:`gsu_jax.example_sets.
+            selection_record`), ``None`` when none is.
     """
 
     train: data_lib.ImageDataset
@@ -39,6 +41,7 @@ class RunData:
     guidance: data_lib.ImageDataset
     source_fingerprint: str
     excluded_classes: tuple[int, ...]
+    excluded: dict[str, Any] | None = None
 
     def for_role(self, role: str) -> data_lib.ImageDataset:
         """The training examples of ``role``."""
@@ -85,21 +88,28 @@ def prepare_data(config: Any) -> RunData:
         except ValueError as err:
             raise ConfigError(f"config.holdout_fraction={values['holdout_fraction']!r}: {err}") from err
 
-    excluded = parse_class_list(values["exclude_classes"])
-    if excluded:
-        out_of_range = [c for c in excluded if c >= train.num_classes]
+    excluded_set = example_sets.combined_example_set(
+        values, field="exclude", classes_field="exclude_classes", default_classes=""
+    )
+    excluded, excluded_record, generative = (), None, train
+    if excluded_set is not None:
+        field = "exclude" if values.get("exclude") else "exclude_classes"
+        shown = values[field]
+        out_of_range = [c for c in excluded_set.classes if c >= train.num_classes]
         if out_of_range:
             raise ConfigError(
-                f"config.exclude_classes={values['exclude_classes']!r} names class {out_of_range[0]}; "
-                f"allowed: classes 0..{train.num_classes - 1}"
+                f"config.{field}={shown!r} names class {out_of_range[0]}; allowed: classes 0..{train.num_classes - 1}"
             )
         try:
-            _, kept = data_splits.select_forget_retain(train.labels, classes=list(excluded))
-        except ValueError as err:
-            raise ConfigError(f"config.exclude_classes={values['exclude_classes']!r}: {err}") from err
+            left_out, kept = example_sets.select_examples(excluded_set, train.labels, seed=seed, field=field)
+        except ConfigError as err:
+            if not excluded_set.is_classes:
+                raise
+            # The class form keeps the message it always had.
+            raise ConfigError(f"config.{field}={shown!r}: {err.__cause__ or err}") from err
+        excluded = excluded_set.classes
+        excluded_record = example_sets.selection_record(excluded_set, train, left_out)
         generative = train.subset(kept)
-    else:
-        generative = train
 
     if values["evaluator_data"]:
         evaluator = _load(values["evaluator_data"], "evaluator_data", values["data_dir"])
@@ -121,4 +131,5 @@ def prepare_data(config: Any) -> RunData:
         guidance=guidance,
         source_fingerprint=source.fingerprint(),
         excluded_classes=excluded,
+        excluded=excluded_record,
     )

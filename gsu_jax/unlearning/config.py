@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from gsu_jax import io, methods
+from gsu_jax import example_sets, io, methods
 from gsu_jax.config_validation import (
     PARALLEL_SCHEMA,
     default_train_config,
@@ -38,6 +38,7 @@ __all__ = [
     "jsonable_config",
     "parse_config_values",
     "parse_forget_classes",
+    "parse_forget_set",
     "parse_method_hparams",
     "parse_method_optimizers",
     "parse_methods",
@@ -56,6 +57,16 @@ GATED_TARGETS = ("oracle", "heldout")
 UNLEARN_SCHEMA: dict[str, Field] = {
     "forget_classes": Field(
         "1", str, "a comma-separated list of class indices, e.g. '1' or '1,7'", None, "run", "Classes to unlearn."
+    ),
+    "forget": Field(
+        "",
+        str,
+        "'' (forget_classes decides), 'classes:1,7', 'fraction:0.01' or 'indices:<file>'",
+        None,
+        "run",
+        "The training examples to unlearn (gsu_jax.example_sets); a fraction is drawn with the train config's seed. "
+        "forget_classes is the shorthand for 'classes:<list>'.",
+        optional=True,
     ),
     "methods": Field(
         f"{methods.RECOMMENDED_METHOD},sa_gated,pcgrad,sa,s,ascent",
@@ -443,6 +454,22 @@ def parse_forget_classes(value: str) -> tuple[int, ...]:
         )
     try:
         return parse_class_list(value, field="forget_classes")
+    except ConfigError as err:
+        raise UnlearnConfigError(str(err)) from err
+
+
+def parse_forget_set(values: Mapping[str, Any]) -> example_sets.ExampleSet:
+    """``config.forget`` with its shorthand ``config.forget_classes`` (:func:`gsu_jax.example_sets.
+    combined_example_set`; ``forget`` empty means ``classes:<forget_classes>``); the data is not consulted here."""
+    if not values.get("forget", "").strip():
+        return example_sets.ExampleSet("classes", classes=parse_forget_classes(values["forget_classes"]))
+    try:
+        return example_sets.combined_example_set(
+            values,
+            field="forget",
+            classes_field="forget_classes",
+            default_classes=UNLEARN_SCHEMA["forget_classes"].default,
+        )
     except ConfigError as err:
         raise UnlearnConfigError(str(err)) from err
 

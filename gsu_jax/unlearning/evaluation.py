@@ -32,6 +32,20 @@ same monitoring samples* in the same runs (a second stopping rule read off the s
 ``continue_to_budget=False`` a run ends at the main rule's stop, so the published stop is only seen if it came
 first).
 
+**Forget sets of examples** (``config.forget='fraction:...'`` or ``'indices:...'``, :attr:`RunPlan.example_forget
+<gsu_jax.unlearning.plan.RunPlan.example_forget>`): the forget fraction of generated samples means nothing when
+the forgotten examples are scattered over every class, so the per-step monitor is the **loss gap** instead
+(:func:`gsu_jax.metrics.loss_gap`): the mean per-example loss on the forget training examples minus the mean on
+the *whole held-out split*. The whole split, not the held-out examples of the classes present: a ``fraction`` is
+drawn uniformly from the training split, which the held-out split mirrors class by class (stratified), so the whole
+split is exactly "unseen examples of the same distribution"; for an ``indices`` file of another class mix the gap
+carries that mix's offset, but the oracle's gap, measured on the same two sets, carries the same offset and the
+stop compares the two. The evaluation reports the gap, its standard error, both means, the membership-inference
+AUC forget-training vs the held-out split, FID and inception score as for classes (FID retain against the retained
+training examples). The stop (``threshold='auto'``, the only one allowed) is the first update count whose gap has
+risen to the oracle's gap - 2 of its standard errors, the low end of :func:`gsu_jax.metrics.loss_gap_band`
+(one-sided, :func:`gsu_jax.metrics.reached_stop`); there is no published rule for examples.
+
 **``sa_gated``** needs ``forget_loss_target``: by default (``gated_target="oracle"``) the oracle's mean negative
 ELBO on the forget *training* examples, i.e. the level a model that never saw them reaches -- this uses the
 oracle, a reference model the user must have trained. Without an oracle, ``gated_target="heldout"`` uses the
@@ -151,6 +165,7 @@ class Evaluation:
         self.loss_prefix = family.report_prefix
         self.conditional = family.is_conditional(model_kwargs)
         num_classes = int(model_kwargs.get("num_classes", 0) or 0)
+        self.example_forget = plan.example_forget
         self._draw_fixed_noises(config, family.noise_shape(model_kwargs), num_classes, plan.forget_classes)
         self._compile(config, settings, plan.forget_classes)
         self._gather_loss_examples(plan)
@@ -175,7 +190,9 @@ class Evaluation:
         self.z_fid = jax.random.normal(stream_key("fid"), (padded, *noise_shape)).reshape(-1, chunk, *noise_shape)
 
         def cycled(count: int, classes: Sequence[int]) -> jax.Array | None:
-            return jnp.asarray(np.resize(np.asarray(classes, np.int32), count)) if self.conditional else None
+            if not self.conditional or len(classes) == 0:
+                return None
+            return jnp.asarray(np.resize(np.asarray(classes, np.int32), count))
 
         self.monitor_labels = cycled(self.z_monitor.shape[0], range(num_classes))
         self.fid_labels = None if not self.conditional else cycled(padded, range(num_classes)).reshape(-1, chunk)
@@ -222,10 +239,18 @@ class Evaluation:
         self.loss_fn = loss_fn
 
     def _gather_loss_examples(self, plan: RunPlan) -> None:
-        """The examples whose losses are read (forget training, held-out forget, held-out retained) and their keys."""
+        """The examples whose losses are read (forget training, held-out forget, held-out retained; for a forget
+        set of examples: forget training, the whole held-out split) and their keys."""
         config = plan.config
         run_data = plan.run_data
         train = run_data.train
+        if plan.example_forget:
+            images = np.concatenate([train.images[plan.forget_idx], run_data.heldout.images])
+            labels = np.concatenate([train.labels[plan.forget_idx], run_data.heldout.labels])
+            self._loss_images, self._loss_labels = jnp.asarray(images), jnp.asarray(labels)
+            self._splits = np.asarray([plan.forget_idx.size])
+            self._loss_keys = jax.random.split(stream_key("elbo"), (images.shape[0], config["elbo_samples"]))
+            return
         heldout_forget = np.flatnonzero(np.isin(run_data.heldout.labels, plan.forget_classes))
         heldout_retain = np.flatnonzero(~np.isin(run_data.heldout.labels, plan.forget_classes))
         if heldout_forget.size == 0 or heldout_retain.size == 0:
@@ -260,8 +285,16 @@ class Evaluation:
         ]
         return np.concatenate(chunks).astype(np.float64)
 
+    @property
+    def monitor_keys(self) -> tuple[str, str | None]:
+        """The names of :meth:`monitor`'s two values in the log rows (``None``: no published rule)."""
+        return ("loss_gap", None) if self.example_forget else ("forget_fraction", "forget_fraction_published")
+
     def monitor(self, gen_params) -> tuple[float, float]:
-        """``(forget fraction on monitor_samples, on the published_monitor_samples)`` of the fixed noises."""
+        """``(forget fraction on monitor_samples, on the published_monitor_samples)`` of the fixed noises; for a
+        forget set of examples ``(loss gap, nan)`` (no published rule)."""
+        if self.example_forget:
+            return self._gap(*self.example_losses(gen_params))[0], math.nan
         main, published = self._monitor(gen_params, self.eval_params, self.z_monitor, self.monitor_labels)
         return float(main), float(published)
 
@@ -269,8 +302,9 @@ class Evaluation:
         labels = None if self.monitor_labels is None else self.monitor_labels[:count]
         return np.asarray(self._grid(gen_params, self.z_monitor[:count], labels))
 
-    def example_losses(self, gen_params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per-example family loss: (forget training, held-out forget, held-out retained)."""
+    def example_losses(self, gen_params) -> tuple[np.ndarray, ...]:
+        """Per-example family loss: (forget training, held-out forget, held-out retained); for a forget set of
+        examples (forget training, the whole held-out split)."""
         values = np.asarray(
             self._example_losses(gen_params, self._loss_images, self._loss_labels, self._loss_keys), np.float64
         )
@@ -290,8 +324,17 @@ class Evaluation:
             "forget_label_entropy": float(entropy.mean()),
         }
 
-    def evaluate(self, gen_params, forget_classes: Sequence[int]) -> dict[str, float]:
-        """Every metric of one generator (see the module docstring)."""
+    @staticmethod
+    def _gap(forget_train: np.ndarray, heldout: np.ndarray) -> tuple[float, float]:
+        """:func:`gsu_jax.metrics.loss_gap`, or ``(inf, nan)`` when a loss is not finite (a run that blew up
+        is nowhere near the oracle's gap: no stop, no error mid-run)."""
+        if not (np.isfinite(forget_train).all() and np.isfinite(heldout).all()):
+            return math.inf, math.nan
+        return metrics.loss_gap(forget_train, heldout)
+
+    def _sample_metrics(self, gen_params) -> tuple[dict[str, float], np.ndarray]:
+        """FID (retained and all training data) and inception score of ``fid_samples`` samples, and their
+        evaluator probabilities."""
         features, probs = [], []
         for index, chunk in enumerate(self.z_fid):
             labels = None if self.fid_labels is None else self.fid_labels[index]
@@ -301,6 +344,33 @@ class Evaluation:
         features = np.concatenate(features)[: self.num_fid].astype(np.float64)
         probs = np.concatenate(probs)[: self.num_fid].astype(np.float64)
         generated = metrics.feature_statistics(features)
+        quality = {
+            "fid_retain": metrics.frechet_distance_from_stats(self.real_retain, generated),
+            "fid_all": metrics.frechet_distance_from_stats(self.real_all, generated),
+            "inception_score": metrics.inception_score(probs)[0],
+        }
+        return quality, probs
+
+    def _evaluate_examples(self, gen_params) -> dict[str, float]:
+        """A forget set of examples: the loss gap and its parts, MIA against the held-out split, sample quality."""
+        quality, _ = self._sample_metrics(gen_params)
+        forget_train, heldout = self.example_losses(gen_params)
+        gap, se = self._gap(forget_train, heldout)
+        prefix = self.loss_prefix
+        return {
+            "loss_gap": gap,
+            "loss_gap_se": se,
+            **quality,
+            f"{prefix}_forget_train": float(forget_train.mean()),
+            f"{prefix}_heldout": float(heldout.mean()),
+            "mia_auc": metrics.membership_inference_auc(forget_train, heldout),
+        }
+
+    def evaluate(self, gen_params, forget_classes: Sequence[int]) -> dict[str, float]:
+        """Every metric of one generator (see the module docstring)."""
+        if self.example_forget:
+            return self._evaluate_examples(gen_params)
+        quality, probs = self._sample_metrics(gen_params)
         forget_train, heldout_forget, heldout_retain = self.example_losses(gen_params)
         main, published = self.monitor(gen_params)
         prefix = self.loss_prefix
@@ -308,9 +378,7 @@ class Evaluation:
             "forget_fraction": main,
             "forget_fraction_published": published,
             "forget_fraction_fid_samples": metrics.forget_fraction(np.argmax(probs, axis=1), list(forget_classes)),
-            "fid_retain": metrics.frechet_distance_from_stats(self.real_retain, generated),
-            "fid_all": metrics.frechet_distance_from_stats(self.real_all, generated),
-            "inception_score": metrics.inception_score(probs)[0],
+            **quality,
             f"{prefix}_heldout_retain": float(heldout_retain.mean()),
             f"{prefix}_heldout_forget": float(heldout_forget.mean()),
             f"{prefix}_forget_train": float(forget_train.mean()),
@@ -329,12 +397,15 @@ class References(NamedTuple):
 
     original: dict[str, float]  # the original model's evaluation
     oracle: dict[str, float]  # the oracle's
-    threshold: float  # the stopping threshold (config.threshold, or auto from the oracle)
+    threshold: float | metrics.LossGapBand  # the stop (config.threshold, auto from the oracle; a band for examples)
     gated_target: float  # sa_gated's forget_loss_target
 
     @property
     def start_fractions(self) -> tuple[float, float]:
-        """The forget fractions (main, published) before any update: the original model's."""
+        """The monitored values (main, published) before any update: the original model's forget fractions, or
+        its loss gap (and no published value) for a forget set of examples."""
+        if "loss_gap" in self.original:
+            return (self.original["loss_gap"], math.nan)
         return (self.original["forget_fraction"], self.original["forget_fraction_published"])
 
 
@@ -345,6 +416,15 @@ def evaluate_references(
     config = plan.config
     original_eval = evaluation.evaluate(generator.params, plan.forget_classes)
     oracle_eval = evaluation.evaluate(oracle.params, plan.forget_classes)
+    if plan.example_forget:
+        threshold = metrics.loss_gap_band(oracle_eval["loss_gap"], oracle_eval["loss_gap_se"])
+        target = gated_target(config, original_eval, oracle_eval, evaluation.loss_prefix)
+        plan.progress(
+            f"original: loss gap {original_eval['loss_gap']:.3f}, FID retain {original_eval['fid_retain']:.2f}; "
+            f"oracle: {oracle_eval['loss_gap']:.3f} +- {oracle_eval['loss_gap_se']:.3f}, "
+            f"{oracle_eval['fid_retain']:.2f}; stop band [{threshold.low:.3f}, {threshold.high:.3f}]",
+        )
+        return References(original_eval, oracle_eval, threshold, target)
     if plan.threshold is None:
         threshold = metrics.auto_threshold(oracle_eval["forget_fraction"], config["monitor_samples"])
     else:
@@ -370,14 +450,15 @@ def gated_target(
     ``L_orig`` is the original model's mean family loss (VAE: negative ELBO, key prefix ``nelbo``; DDPM: epsilon
     loss, ``eps_loss``) on the forget training examples; ``L_ref`` is the
     oracle's on the same examples (``gated_target='oracle'``) or the original model's on held-out examples of the
-    forget classes (``'heldout'``: the fallback without an oracle, the loss level of examples it never saw).
+    forget classes (``'heldout'``: the fallback without an oracle, the loss level of examples it never saw; the
+    whole held-out split for a forget set of examples).
     """
     if config["gated_target"] not in GATED_TARGETS:
         return float(config["gated_target"])
     reference = (
         oracle_eval[f"{loss_prefix}_forget_train"]
         if config["gated_target"] == "oracle"
-        else original_eval[f"{loss_prefix}_heldout_forget"]
+        else original_eval.get(f"{loss_prefix}_heldout_forget", original_eval.get(f"{loss_prefix}_heldout"))
     )
     if config["gated_target_scale"] == 1.0:
         return reference

@@ -6,8 +6,10 @@ saved result (:func:`run_seed`), and the steps themselves with the monitoring an
 consumed 128 + 128 per step (reshuffled at each pass); the method's step is compiled ONCE per method (ahead of
 time, reused across seeds) and timed alone, synchronised with ``block_until_ready``, excluding the monitoring.
 After every update the forget fraction is measured on ``monitor_samples`` images decoded from the fixed z and
-labelled by the evaluator. The run *stops* at the first update count ``t`` with fraction < threshold (updates
-applied, docs/protocol.md §2) and, when ``continue_to_budget``, continues to ``max_steps`` so that the
+labelled by the evaluator (for a forget set of examples: the loss gap, see :mod:`gsu_jax.unlearning.evaluation`).
+The run *stops* at the first update count ``t`` with fraction < threshold (updates applied, docs/protocol.md §2;
+for examples, the gap risen to the oracle's band, :func:`gsu_jax.metrics.reached_stop`) and, when
+``continue_to_budget``, continues to ``max_steps`` so that the
 protocol's end-of-budget FID is measured too. Seeds that never cross the threshold are evaluated "at stop" at the
 budget and counted as not reached (the table says how many reached).
 
@@ -214,7 +216,7 @@ def run_seed(
     method: methods.UnlearningMethod,
     generator: training.TrainedModel,
     seed: int,
-    threshold: float,
+    threshold: float | metrics.LossGapBand,
     start_fractions: tuple[float, float],
     *,
     label: str,
@@ -322,6 +324,7 @@ def save_unlearned(
                 "hparams": hparams,
                 "seed": run["seed"],
                 "forget_classes": list(plan.forget_classes),
+                "forget": plan.forget_record,
                 "steps_to_threshold": run["stop"],
                 "original_params_digest": generator.metadata["params_digest"],
                 "train_fingerprint": generator.metadata["train_fingerprint"],
@@ -339,7 +342,7 @@ def run_steps(
     method: methods.UnlearningMethod,
     params0,
     seed: int,
-    threshold: float,
+    threshold: float | metrics.LossGapBand,
     start_fractions: tuple[float, float],
     *,
     label: str = "run",
@@ -379,18 +382,14 @@ def run_steps(
         params, state = parallel.put((params, state), state_shardings)
     fractions, published = [start_fractions[0]], [start_fractions[1]]
     local_params = params0
-    step_times, rows = (
-        [],
-        [
-            {
-                "seed": seed,
-                "step": 0,
-                "forget_fraction": start_fractions[0],
-                "forget_fraction_published": start_fractions[1],
-            }
-        ],
-    )
-    stop = 0 if start_fractions[0] < threshold else None
+    # The log's names of the two monitored values (a forget set of examples: the loss gap, no published rule).
+    main_key, published_key = getattr(evaluation, "monitor_keys", ("forget_fraction", "forget_fraction_published"))
+
+    def monitored(main: float, pub: float) -> dict[str, float]:
+        return {main_key: main, **({published_key: pub} if published_key else {})}
+
+    step_times, rows = [], [{"seed": seed, "step": 0, **monitored(*start_fractions)}]
+    stop = 0 if metrics.reached_stop(start_fractions[0], threshold) else None
     stop_published = 0 if start_fractions[1] < config["published_threshold"] else None
     params_at_stop = params0 if stop == 0 else None
     first_step, every = 0, config["checkpoint_every_steps"] if identity is not None else 0
@@ -449,7 +448,7 @@ def run_steps(
             main, pub = fractions[-1], published[-1]
         fractions.append(main)
         published.append(pub)
-        if stop is None and main < threshold:
+        if stop is None and metrics.reached_stop(main, threshold):
             stop, params_at_stop = t + 1, local_params
         if stop_published is None and pub < config["published_threshold"]:
             stop_published = t + 1
@@ -457,8 +456,7 @@ def run_steps(
             {
                 "seed": seed,
                 "step": t + 1,
-                "forget_fraction": main,
-                "forget_fraction_published": pub,
+                **monitored(main, pub),
                 "step_time_ms": 1e3 * step_times[-1],
                 "nonfinite_skipped": int(not finite),
                 **{name: float(value) for name, value in step_metrics.items()},

@@ -16,7 +16,10 @@ trained when missing through the same code as ``train.py`` (:func:`gsu_jax.train
   ``<train_dir>/model``). The training code gives the two classifiers different keys (the role folds into the
   seed) and disjoint halves of the training digits: they are distinct models from distinct runs;
 * the *oracle*: the same config with ``exclude_classes`` = the forget classes (retrain from scratch without the
-  forget set), role ``generative`` of ``config.oracle_checkpoint`` or ``<train_dir>/oracle``.
+  forget set), role ``generative`` of ``config.oracle_checkpoint`` or ``<train_dir>/oracle``. A forget set of
+  examples (``config.forget='fraction:...'`` or ``'indices:...'``, :mod:`gsu_jax.example_sets`) is left out with
+  the train config's ``exclude`` instead; a given oracle is refused unless the examples its checkpoint records as
+  left out are the forget examples (same count, same fingerprint).
 """
 
 from __future__ import annotations
@@ -32,14 +35,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from gsu_jax import checkpointing, data_splits, models, parallel, training
+from gsu_jax import checkpointing, data_splits, example_sets, models, parallel, training
 from gsu_jax import generative as families
-from gsu_jax.config_validation import ROLES, default_train_config, parse_class_list
+from gsu_jax.config_validation import ROLES, default_train_config
 from gsu_jax.schema import ConfigError
 from gsu_jax.unlearning.config import (
     check_gated_target,
     parse_config_values,
-    parse_forget_classes,
+    parse_forget_set,
     parse_method_hparams,
     parse_method_optimizers,
     parse_methods,
@@ -62,7 +65,7 @@ class RunPlan:
             the original model's run).
         workdir: absolute output directory (not created yet).
         command: the command line recorded in the report.
-        forget_classes: the classes to unlearn.
+        forget_classes: the classes to unlearn (``()`` for a forget set of examples).
         method_names: registry names, in table order.
         method_hparams: per method, the user's hyperparameters (validated against the registry).
         seeds: the seeds.
@@ -78,6 +81,9 @@ class RunPlan:
         run_data: the data split of the original model's training run.
         forget_idx, retain_idx: positions in ``run_data.train`` of the forget and retain training examples.
         mesh: the device mesh of the method steps (``config.mesh``), ``None`` for one device.
+        forget_set: the parsed ``config.forget`` (whole classes unless ``fraction``/``indices``).
+        forget_record: what the report and the oracle check read of the forget set
+            (:func:`gsu_jax.example_sets.selection_record`).
     """
 
     config: dict[str, Any]
@@ -100,6 +106,13 @@ class RunPlan:
     forget_idx: np.ndarray
     retain_idx: np.ndarray
     mesh: jax.sharding.Mesh | None = None
+    forget_set: example_sets.ExampleSet | None = None
+    forget_record: dict[str, Any] | None = None
+
+    @property
+    def example_forget(self) -> bool:
+        """A forget set of examples, not whole classes: the loss-gap evaluation and stop rule apply."""
+        return self.forget_set is not None and not self.forget_set.is_classes
 
     @property
     def guided(self) -> bool:
@@ -204,20 +217,27 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
     values["optimizer"] = parse_optimizer(values["optimizer"])
     values["method_optimizers"] = parse_method_optimizers(values["method_optimizers"], values["optimizer"])
     method_hparams = parse_method_hparams(values["method_hparams"], names)
-    forget_classes = parse_forget_classes(values["forget_classes"])
+    forget_set = parse_forget_set(values)
+    forget_classes = forget_set.classes
+    if not forget_set.is_classes and threshold is not None:
+        raise UnlearnConfigError(
+            f"config.threshold={values['threshold']!r} is a forget fraction, meaningless for config.forget="
+            f"{values['forget']!r} (examples, not classes); allowed: 'auto' (the oracle's loss gap +- 2 SE)"
+        )
     workdir = _output_directory(workdir)
 
     train_dir = pathlib.Path(values["train_dir"]).expanduser().absolute() if values["train_dir"] else workdir / "train"
     model_dir, train_values, train_model = _original_model(values, train_dir)
     values["train"] = train_values
     run_data = _original_run_data(train_values)
-    forget_idx, retain_idx = _forget_retain_split(run_data, forget_classes, values["forget_classes"])
+    forget_idx, retain_idx = _forget_retain_split(run_data, forget_set, values, train_values["seed"])
+    forget_record = example_sets.selection_record(forget_set, run_data.train, forget_idx)
     values["threshold"] = "auto" if threshold is None else threshold
     check_gated_target(values["gated_target"])
 
     _check_guidance_model(values, train_values)
     classifier_dir, train_classifiers = _classifier_source(values, model_dir, train_dir)
-    oracle_dir, oracle_values, train_oracle = _oracle_source(values, train_values, forget_classes, train_dir)
+    oracle_dir, oracle_values, train_oracle = _oracle_source(values, train_values, forget_set, forget_record, train_dir)
 
     # Refuse cached models of another config now, rather than after the workdir has been written.
     if classifier_dir == model_dir:
@@ -254,6 +274,8 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
         forget_idx=forget_idx,
         retain_idx=retain_idx,
         mesh=mesh,
+        forget_set=forget_set,
+        forget_record=forget_record,
     )
 
 
@@ -291,6 +313,11 @@ def _original_run_data(train_values: Mapping[str, Any]) -> training.RunData:
         run_data = training.prepare_data(train_values)
     except ConfigError as err:
         raise UnlearnConfigError(str(err).replace("config.", "config.train.", 1)) from err
+    if run_data.excluded is not None and not run_data.excluded_classes:
+        raise UnlearnConfigError(
+            f"the original model's train config excludes examples ({run_data.excluded['spec']}): it is an "
+            "oracle, not a model to unlearn from; allowed: a config with exclude=''"
+        )
     if run_data.excluded_classes:
         raise UnlearnConfigError(
             f"the original model's train config excludes classes {list(run_data.excluded_classes)}: it "
@@ -300,19 +327,28 @@ def _original_run_data(train_values: Mapping[str, Any]) -> training.RunData:
 
 
 def _forget_retain_split(
-    run_data: training.RunData, forget_classes: Sequence[int], value: str
+    run_data: training.RunData, forget_set: example_sets.ExampleSet, values: Mapping[str, Any], seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Positions in ``run_data.train`` of the forget and retain examples; ``value`` is ``config.forget_classes``."""
+    """Positions in ``run_data.train`` of the forget and retain examples, selected as ``train.py``'s ``exclude``
+    selects them (:func:`gsu_jax.example_sets.select_examples`, ``seed`` the train config's)."""
+    if not forget_set.is_classes:
+        try:
+            return example_sets.select_examples(forget_set, run_data.train.labels, seed=seed, field="forget")
+        except ConfigError as err:
+            raise UnlearnConfigError(str(err)) from err
+    forget_classes = forget_set.classes
+    value = values["forget"] if values.get("forget", "").strip() else values["forget_classes"]
+    field = "forget" if values.get("forget", "").strip() else "forget_classes"
     out_of_range = [c for c in forget_classes if c >= run_data.train.num_classes]
     if out_of_range:
         raise UnlearnConfigError(
-            f"config.forget_classes={value!r} names class {out_of_range[0]}; allowed: "
+            f"config.{field}={value!r} names class {out_of_range[0]}; allowed: "
             f"classes 0..{run_data.train.num_classes - 1} of the data"
         )
     try:
         return data_splits.select_forget_retain(run_data.train.labels, classes=list(forget_classes))
     except (ValueError, TypeError) as err:
-        raise UnlearnConfigError(f"config.forget_classes={value!r}: {err}") from err
+        raise UnlearnConfigError(f"config.{field}={value!r}: {err}") from err
 
 
 def _check_guidance_model(values: Mapping[str, Any], train_values: Mapping[str, Any]) -> None:
@@ -341,24 +377,62 @@ def _classifier_source(
 
 
 def _oracle_source(
-    values: Mapping[str, Any], train_values: Mapping[str, Any], forget_classes: Sequence[int], train_dir: pathlib.Path
+    values: Mapping[str, Any],
+    train_values: Mapping[str, Any],
+    forget_set: example_sets.ExampleSet,
+    forget_record: Mapping[str, Any],
+    train_dir: pathlib.Path,
 ) -> tuple[pathlib.Path, dict[str, Any], bool]:
     """``(train workdir, train config, whether to train it)`` of the oracle: ``config.oracle_checkpoint`` (refused
-    unless trained without exactly the forget classes) or ``<train_dir>/oracle``."""
-    oracle_values = dict(train_values, exclude_classes=",".join(str(c) for c in forget_classes), roles="generative")
+    unless trained without exactly the forget set) or ``<train_dir>/oracle``."""
+    forget_classes = forget_set.classes
+    if forget_set.is_classes:
+        oracle_values = dict(train_values, exclude_classes=",".join(str(c) for c in forget_classes), roles="generative")
+    else:
+        oracle_values = dict(train_values, exclude_classes="", exclude=forget_set.spec, roles="generative")
     oracle_values = parse_train_config(oracle_values, field="train")
     if not values["oracle_checkpoint"]:
-        return train_dir / "oracle", oracle_values, True
+        # One cached oracle per example set (named by the examples' fingerprint), so that forgetting examples
+        # never collides with the class oracle or another set's in the same train_dir.
+        name = "oracle" if forget_set.is_classes else f"oracle_examples_{forget_record['examples_fingerprint'][:12]}"
+        return train_dir / name, oracle_values, True
     oracle_dir = pathlib.Path(values["oracle_checkpoint"]).expanduser().absolute()
     saved_oracle = _finished_checkpoint_config(oracle_dir, field="oracle_checkpoint")
-    saved_excluded = tuple(sorted(parse_class_list(saved_oracle["exclude_classes"])))
-    if saved_excluded != tuple(sorted(forget_classes)):
-        raise UnlearnConfigError(
-            f"config.oracle_checkpoint={str(oracle_dir)!r} was trained without classes "
-            f"{list(saved_excluded)}, not the forget classes {list(forget_classes)}; allowed: an "
-            "oracle trained with exclude_classes equal to forget_classes"
-        )
+    saved_set = example_sets.combined_example_set(
+        saved_oracle, field="exclude", classes_field="exclude_classes", default_classes=""
+    )
+    if forget_set.is_classes and (saved_set is None or saved_set.is_classes):
+        saved_excluded = tuple(sorted(saved_set.classes if saved_set else ()))
+        if saved_excluded != tuple(sorted(forget_classes)):
+            raise UnlearnConfigError(
+                f"config.oracle_checkpoint={str(oracle_dir)!r} was trained without classes "
+                f"{list(saved_excluded)}, not the forget classes {list(forget_classes)}; allowed: an "
+                "oracle trained with exclude_classes equal to forget_classes"
+            )
+    else:
+        _check_oracle_examples(oracle_dir, forget_record, saved_set)
     return oracle_dir, dict(saved_oracle, mesh=values["mesh"], distributed=values["distributed"]), False
+
+
+def _check_oracle_examples(
+    oracle_dir: pathlib.Path, forget_record: Mapping[str, Any], saved_set: example_sets.ExampleSet | None
+) -> None:
+    """Refuses an oracle whose checkpoint does not record leaving out exactly the forget examples (compared by
+    count and fingerprint of the examples themselves: the same spec on other data or another seed differs)."""
+    saved = (_checkpoint_metadata(oracle_dir, "generative") or {}).get("excluded") or {}
+    same = saved.get("count") == forget_record["count"] and (
+        saved.get("examples_fingerprint") == forget_record["examples_fingerprint"]
+    )
+    if not same:
+        if saved:
+            left_out = f"{saved['count']} examples ({saved['spec']})"
+        else:  # a checkpoint of older code records classes only
+            left_out = f"the examples of {saved_set.spec}" if saved_set else "nothing left out"
+        raise UnlearnConfigError(
+            f"config.oracle_checkpoint={str(oracle_dir)!r} was trained without {left_out}, not the "
+            f"{forget_record['count']} forget examples ({forget_record['spec']}); allowed: an oracle trained by "
+            f"train.py with exclude={forget_record['spec']!r} on the same data and seed"
+        )
 
 
 # ------------------------------------------------------------------------------------------- the models

@@ -39,6 +39,7 @@ from gsu_jax.unlearning.results import run_identity
 from gsu_jax.workdir_lock import exclusive_workdir
 
 __all__ = [
+    "EXAMPLE_SUMMARY_KEYS",
     "SUMMARY_KEYS",
     "assemble_report",
     "execute",
@@ -175,7 +176,7 @@ def _run_methods(
     method_reports: dict[str, Any] = {}
     curves: dict[str, list[list[float]]] = {}
     resumed: list[str] = []
-    keys = method_summary_keys(evaluation.loss_prefix, evaluation.conditional)
+    keys = method_summary_keys(evaluation.loss_prefix, evaluation.conditional, example_forget=plan.example_forget)
     for name in plan.method_names:
         run = run_method(plan, name, evaluation, generator, guidance_loss, references, grids, identity)
         resumed.extend(run.resumed)
@@ -211,6 +212,7 @@ def assemble_report(
         "recommended_method": methods.RECOMMENDED_METHOD,
         "config": jsonable_config(config),
         "forget_classes": list(plan.forget_classes),
+        "forget_set": _forget_set_record(plan),
         "seeds": list(plan.seeds),
         "threshold": _threshold_record(plan, references),
         "sa_gated_forget_loss_target": {
@@ -244,8 +246,26 @@ def assemble_report(
     }
 
 
+def _forget_set_record(plan: RunPlan) -> dict[str, Any]:
+    """Which kind of set was forgotten (``classes`` or ``examples``), its spec and how many training examples."""
+    record = dict(plan.forget_record)
+    record["selected_by"] = record.pop("kind")
+    return {"kind": "examples" if plan.example_forget else "classes", **record}
+
+
 def _threshold_record(plan: RunPlan, references: References) -> dict[str, Any]:
     config, threshold, original_eval = plan.config, references.threshold, references.original
+    if plan.example_forget:
+        return {
+            "mode": "oracle_loss_gap_band",
+            "name": "oracle loss gap ± 2 SE",
+            "value": [threshold.low, threshold.high],
+            "oracle_loss_gap": references.oracle["loss_gap"],
+            "oracle_loss_gap_se": references.oracle["loss_gap_se"],
+            "original_loss_gap": original_eval["loss_gap"],
+            "original_already_reached": metrics.reached_stop(original_eval["loss_gap"], threshold),
+            "heldout_examples": len(plan.run_data.heldout),
+        }
     return {
         "mode": "auto" if plan.threshold is None else "fixed",
         "value": threshold,
@@ -284,13 +304,23 @@ def _write_report_files(
 ) -> None:
     """``forget_fraction.png``, then ``report.json`` and ``report.md`` (process 0); the total time is taken last."""
     threshold = references.threshold
-    reporting.plot_forget_fraction(
-        str(workdir / "forget_fraction.png"),
-        curves,
-        threshold=threshold,
-        threshold_label=f"threshold {threshold:.4f} ({report['threshold']['mode']})",
-        oracle_fraction=references.oracle["forget_fraction"],
-    )
+    if isinstance(threshold, metrics.LossGapBand):
+        reporting.plot_forget_fraction(
+            str(workdir / "forget_fraction.png"),
+            curves,
+            threshold=tuple(threshold),
+            threshold_label=f"stop band [{threshold.low:.3f}, {threshold.high:.3f}] (oracle gap ± 2 SE)",
+            oracle_fraction=references.oracle["loss_gap"],
+            ylabel="loss gap: forget train - held-out",
+        )
+    else:
+        reporting.plot_forget_fraction(
+            str(workdir / "forget_fraction.png"),
+            curves,
+            threshold=threshold,
+            threshold_label=f"threshold {threshold:.4f} ({report['threshold']['mode']})",
+            oracle_fraction=references.oracle["forget_fraction"],
+        )
     report["timing"]["total_s"] = time.perf_counter() - started
     reporting.write_json(str(workdir / "report.json"), report)
     reporting.write_markdown(str(workdir / "report.md"), report)
@@ -323,14 +353,29 @@ SUMMARY_KEYS = (
     "nelbo_forget_train_at_end",
     "mia_auc_at_end",
 )
+# The summary of a run forgetting examples, not whole classes (the evaluation's keys for example sets).
+EXAMPLE_SUMMARY_KEYS = (
+    "step_time_ms",
+    "step_time_ms_mean",
+    "time_to_unlearn_s",
+    *(f"{key}_{when}" for when in ("at_stop", "at_end") for key in ("loss_gap", "loss_gap_se", "fid_retain")),
+    *(f"{key}_{when}" for when in ("at_stop", "at_end") for key in ("fid_all", "inception_score")),
+    *(f"{key}_{when}" for when in ("at_stop", "at_end") for key in ("nelbo_forget_train", "nelbo_heldout")),
+    "mia_auc",
+    "mia_auc_at_end",
+)
 # Added to the summary of a class-conditional DDPM (the SalUn / Selective Amnesia protocol).
 _CONDITIONAL_KEYS = ("forget_label_class_prob", "forget_label_accuracy", "forget_label_entropy")
 
 
-def method_summary_keys(loss_prefix: str, conditional: bool) -> tuple[str, ...]:
-    """:data:`SUMMARY_KEYS` with the family's loss names (``nelbo`` for a VAE), plus the conditional protocol."""
-    keys = tuple(key.replace("nelbo_", f"{loss_prefix}_", 1) for key in SUMMARY_KEYS)
-    if conditional:
+def method_summary_keys(loss_prefix: str, conditional: bool, *, example_forget: bool = False) -> tuple[str, ...]:
+    """:data:`SUMMARY_KEYS` (:data:`EXAMPLE_SUMMARY_KEYS` for a forget set of examples) with the family's loss
+    names (``nelbo`` for a VAE), plus the conditional protocol when forgetting classes."""
+    keys = tuple(
+        key.replace("nelbo_", f"{loss_prefix}_", 1)
+        for key in (EXAMPLE_SUMMARY_KEYS if example_forget else SUMMARY_KEYS)
+    )
+    if conditional and not example_forget:
         keys += tuple(f"{key}_{when}" for key in _CONDITIONAL_KEYS for when in ("at_stop", "at_end"))
     return keys
 
@@ -384,6 +429,7 @@ def _model_record(workdir: pathlib.Path, model: training.TrainedModel) -> dict[s
         "num_train": meta.get("num_train"),
         "train_fingerprint": meta.get("train_fingerprint"),
         "excluded_classes": meta.get("excluded_classes"),
+        "excluded": meta.get("excluded"),
         "params_digest": meta.get("params_digest"),
     }
 
@@ -391,6 +437,15 @@ def _model_record(workdir: pathlib.Path, model: training.TrainedModel) -> dict[s
 def format_summary(report: Mapping[str, Any]) -> str:
     """The table printed at the end of a run (the same as in report.md), with the threshold line."""
     threshold = report["threshold"]
+    if threshold["mode"] == "oracle_loss_gap_band":
+        forget_set = report["forget_set"]
+        low, high = threshold["value"]
+        head = (
+            f"forget set {forget_set['spec']} ({forget_set['count']} examples); stop: {threshold['name']} = "
+            f"[{low:.3f}, {high:.3f}] (original gap {threshold['original_loss_gap']:.3f}, oracle "
+            f"{threshold['oracle_loss_gap']:.3f}); seeds {report['seeds']}"
+        )
+        return head + "\n\n" + reporting.markdown_table(report)
     head = (
         f"threshold {threshold['mode']} = {threshold['value']:.4f} on {threshold['monitor_samples']} samples "
         f"(original {threshold['original_forget_fraction']:.4f}, oracle {threshold['oracle_forget_fraction']:.4f});"
