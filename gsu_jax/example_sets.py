@@ -122,7 +122,7 @@ def combined_example_set(
     if chosen is None:
         return ExampleSet("classes", classes=classes) if classes else None
     same = chosen.is_classes and sorted(chosen.classes) == sorted(classes)
-    if shorthand.strip() != default_classes and not same:
+    if shorthand.strip() not in ("", default_classes) and not same:
         raise ConfigError(
             f"config.{field}={values[field]!r} and config.{classes_field}={shorthand!r} both name the set; "
             f"allowed: one of them ({classes_field} is the shorthand for {field}='classes:<list>')"

@@ -521,7 +521,8 @@ def membership_inference_auc(member_losses, nonmember_losses) -> float:
     r"""AUC of the loss-threshold membership-inference attack.
 
     The attacker guesses "member" when an example's loss is low. Members are the forget examples (trained on,
-    then unlearned); non-members are held-out examples of the same class. The AUC is the probability that a
+    then unlearned); non-members are held-out examples of the same distribution (of the forget classes, or the
+    whole held-out split for a forget set of examples). The AUC is the probability that a
     random non-member has a higher loss than a random member, ties counting half:
 
     .. math:: \mathrm{AUC} = P(L_{\mathrm{non}} > L_{\mathrm{mem}}) + \tfrac12 P(L_{\mathrm{non}} = L_{\mathrm{mem}})

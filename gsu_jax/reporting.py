@@ -286,10 +286,10 @@ def _stop_lines(report: Mapping[str, Any]) -> list[str]:
         low, high = threshold["value"]
         return [
             f"- stop: {threshold['name']}: the first update whose loss gap (mean per-example loss on the forget "
-            f"training examples minus on the {threshold['heldout_examples']} held-out examples) lies in "
-            f"[{low:.3f}, {high:.3f}] = the oracle's gap {threshold['oracle_loss_gap']:.3f} ± 2 × its standard "
+            f"training examples minus on the {threshold['heldout_examples']} held-out examples) reaches "
+            f"{low:.3f}, the low end of [{low:.3f}, {high:.3f}] = the oracle's gap {threshold['oracle_loss_gap']:.3f} ± 2 × its standard "
             f"error {threshold['oracle_loss_gap_se']:.3f} (original model's gap {threshold['original_loss_gap']:.3f});"
-            " no published rule for examples"
+            " a gap past the high end has forgotten too much; no published rule for examples"
         ]
     published = threshold["published"]
     return [

@@ -91,7 +91,7 @@ def test_train_exclude_and_unlearn_forget_select_the_same_examples(unlearn_confi
     train_config = unlearn_config.train.copy_and_resolve_references()
     train_config.exclude = spec
     run_data = training.prepare_data(train_config)
-    unlearn_config.forget = spec
+    unlearn_config.forget, unlearn_config.guidance_weight = spec, 0.0  # guidance needs forget classes
     plan = plan_run(unlearn_config, tmp_path / "run")
     assert run_data.excluded == plan.forget_record and plan.forget_record["kind"] == form
     assert len(run_data.generative) == len(run_data.train) - plan.forget_idx.size == plan.retain_idx.size
@@ -112,6 +112,7 @@ def test_train_exclude_and_unlearn_forget_select_the_same_examples(unlearn_confi
         ({"forget": "indices:/nonexistent/idx.txt"}, "the indices file does not exist"),
         ({"forget": "fraction:0.0001"}, "selects no example"),
         ({"forget": "fraction:0.01", "threshold": "0.1"}, "config.threshold='0.1' is a forget fraction"),
+        ({"forget": "fraction:0.01", "guidance_weight": 10.0}, "config.guidance_weight=10.0 needs forget classes"),
     ],
 )
 def test_example_sets_refused_against_the_data_before_any_work(unlearn_config, tmp_path, overrides, message):

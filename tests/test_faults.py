@@ -550,6 +550,8 @@ def test_atomic_writes_leave_the_previous_file_when_interrupted(tmp_path):
 class _ConstantMonitor:
     """Stands in for the compiled monitor: the forget fraction never crosses the threshold."""
 
+    monitor_keys = ("forget_fraction", "forget_fraction_published")
+
     @staticmethod
     def monitor(params):
         del params

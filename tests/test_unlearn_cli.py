@@ -396,7 +396,7 @@ def test_end_to_end_forget_set_of_examples(example_run):
     oracle = report["models"]["oracle"]
     assert oracle["excluded"]["examples_fingerprint"] == forget_set["examples_fingerprint"]
     assert oracle["num_train"] == report["data"]["num_train"] - 90
-    # The stop: the oracle's gap +- 2 SE, named; the first logged gap inside it.
+    # The stop: the oracle's gap +- 2 SE, named; the first logged gap that reaches its low end.
     assert threshold["mode"] == "oracle_loss_gap_band" and threshold["name"] == "oracle loss gap ± 2 SE"
     low, high = threshold["value"]
     gap, se = report["oracle"]["loss_gap"], report["oracle"]["loss_gap_se"]
@@ -409,8 +409,8 @@ def test_end_to_end_forget_set_of_examples(example_run):
     )
     with open(workdir / "logs" / "sa.csv", newline="") as handle:
         gaps = [float(row["loss_gap"]) for row in csv.DictReader(handle)]
-    inside = [t for t, value in enumerate(gaps) if low <= value <= high]
-    assert report["methods"]["sa"]["per_seed"][0]["steps_to_threshold"] == (inside[0] if inside else None)
+    reached = [t for t, value in enumerate(gaps) if value >= low]
+    assert report["methods"]["sa"]["per_seed"][0]["steps_to_threshold"] == (reached[0] if reached else None)
     markdown = (workdir / "report.md").read_text()
     assert "forget set: 90 training examples (`fraction:0.02`: examples, not whole classes)" in markdown
     assert "| loss gap: stop |" in markdown and "MIA AUC (forget vs held-out)" in markdown

@@ -42,6 +42,8 @@ def _load_config(name: str) -> ml_collections.ConfigDict:
 class _ScriptedEvaluation:
     """Stands in for the compiled monitor: the fraction after ``t`` updates is ``script[t]`` (params count t)."""
 
+    monitor_keys = ("forget_fraction", "forget_fraction_published")
+
     def __init__(self, main: list[float], published: list[float]):
         self.main, self.published = main, published
 

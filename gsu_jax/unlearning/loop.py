@@ -383,7 +383,7 @@ def run_steps(
     fractions, published = [start_fractions[0]], [start_fractions[1]]
     local_params = params0
     # The log's names of the two monitored values (a forget set of examples: the loss gap, no published rule).
-    main_key, published_key = getattr(evaluation, "monitor_keys", ("forget_fraction", "forget_fraction_published"))
+    main_key, published_key = evaluation.monitor_keys
 
     def monitored(main: float, pub: float) -> dict[str, float]:
         return {main_key: main, **({published_key: pub} if published_key else {})}

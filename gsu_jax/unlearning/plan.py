@@ -235,7 +235,7 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
     values["threshold"] = "auto" if threshold is None else threshold
     check_gated_target(values["gated_target"])
 
-    _check_guidance_model(values, train_values)
+    _check_guidance_model(values, train_values, forget_set)
     classifier_dir, train_classifiers = _classifier_source(values, model_dir, train_dir)
     oracle_dir, oracle_values, train_oracle = _oracle_source(values, train_values, forget_set, forget_record, train_dir)
 
@@ -351,8 +351,17 @@ def _forget_retain_split(
         raise UnlearnConfigError(f"config.{field}={value!r}: {err}") from err
 
 
-def _check_guidance_model(values: Mapping[str, Any], train_values: Mapping[str, Any]) -> None:
-    """Refuses the guidance term (``guidance_weight > 0``) for a model that is not a VAE."""
+def _check_guidance_model(
+    values: Mapping[str, Any], train_values: Mapping[str, Any], forget_set: example_sets.ExampleSet
+) -> None:
+    """Refuses the guidance term (``guidance_weight > 0``) for a model that is not a VAE, or for a forget set of
+    examples (the uniformity term pushes samples off the forget *classes*; examples spread over every class have
+    none, and the term would push toward every class at once)."""
+    if values["guidance_weight"] > 0 and not forget_set.is_classes:
+        raise UnlearnConfigError(
+            f"config.guidance_weight={values['guidance_weight']!r} needs forget classes (the guidance term moves "
+            f"samples off classes), not config.forget={values['forget']!r}; allowed for a forget set of examples: 0"
+        )
     if values["guidance_weight"] > 0 and train_values["model"] not in models.VAE_MODELS:
         raise UnlearnConfigError(
             f"config.guidance_weight={values['guidance_weight']!r} is VAE-only (the uniformity term decodes "
