@@ -113,6 +113,8 @@ _ORTHOGONALITY_WEIGHT = _hparam(
 _BAE = 'Bae et al., "Gradient Surgery for One-shot Unlearning on Generative Model", 2023, arXiv:2307.04550'
 _PCGRAD = 'Yu et al., "Gradient Surgery for Multi-Task Learning", 2020, arXiv:2001.06782'
 _UNO = "Mandal & Gottwald, 2025, arXiv:2506.04712"
+# remap_surgery's SGD step, and its retain_lookahead (the lookahead goes where the step's forget part leads).
+_REMAP_LEARNING_RATE = 3e-3
 
 _GUIDANCE_AFTER_PROJECTION = "w * grad guidance_loss added to u after the projection (never projected)"
 _GUIDANCE_ADDED = "w * grad guidance_loss added to u"
@@ -260,12 +262,13 @@ METHODS: dict[str, Method] = {
                     "stay out of the forget update; with 'surrogate', 1 is forget_only=None; needs forget_only",
                 ),
                 "retain_lookahead": _hparam(
-                    0.0,
+                    _REMAP_LEARNING_RATE,
                     float,
                     "a finite number >= 0",
                     at_least(0),
                     "the retain part uses g_r at theta - retain_lookahead * a_t * P(D g_s), where the step's forget part "
-                    "leads; 0: at theta. Set it to the SGD learning rate to repair the forget part's curvature damage",
+                    "leads; 0: at theta. The default is the default SGD learning rate (change both together): the retain "
+                    "part then repairs, to first order, what the forget part costs the retained data through curvature",
                 ),
                 "unmatched_objective": _hparam(
                     "surrogate",
@@ -337,7 +340,7 @@ METHODS: dict[str, Method] = {
             },
             _GUIDANCE_AFTER_PROJECTION,
             remap_surgery.remap_surgery_rule,
-            optimizer={"name": "sgd", "learning_rate": 3e-3},
+            optimizer={"name": "sgd", "learning_rate": _REMAP_LEARNING_RATE},
             gradients=frozenset({"retain"}),  # the surrogate replaces g_f: only cos_forget_retain read it
         ),
         Method(
