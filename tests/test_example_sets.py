@@ -141,6 +141,34 @@ def test_loss_gap_matches_numpy():
         metrics.loss_gap([1.0], heldout)
 
 
+def test_class_matched_loss_gap_matches_a_per_example_reference_and_ignores_class_offsets():
+    rng = np.random.default_rng(1)
+    forget_labels, heldout_labels = rng.integers(0, 3, 40), np.repeat([0, 1, 2], [50, 60, 70])
+    forget, heldout = rng.normal(100, 5, 40), rng.normal(103, 7, 180)
+    gap, se = metrics.loss_gap(forget, heldout, forget_labels=forget_labels, heldout_labels=heldout_labels)
+    # Reference: each forget example against the held-out examples of its class, one at a time.
+    differences = [f - heldout[heldout_labels == c].mean() for f, c in zip(forget, forget_labels, strict=True)]
+    variance = np.var(differences, ddof=1) / 40
+    for c in range(3):
+        share, matched = np.mean(forget_labels == c), heldout[heldout_labels == c]
+        variance += share**2 * np.var(matched, ddof=1) / matched.size
+    assert gap == pytest.approx(np.mean(differences), rel=1e-12)
+    assert se == pytest.approx(np.sqrt(variance), rel=1e-12)
+    # A loss offset per class (a 1 is cheaper to reconstruct than an 8) moves both sides alike: no change.
+    offsets = np.array([-90.0, 0.0, 60.0])
+    shifted = metrics.loss_gap(
+        forget + offsets[forget_labels],
+        heldout + offsets[heldout_labels],
+        forget_labels=forget_labels,
+        heldout_labels=heldout_labels,
+    )
+    assert shifted == pytest.approx((gap, se), rel=1e-9)
+    with pytest.raises(metrics.MetricsError, match="class 2 has 1 held-out examples"):
+        metrics.loss_gap(forget, heldout[:111], forget_labels=forget_labels, heldout_labels=heldout_labels[:111])
+    with pytest.raises(metrics.MetricsError, match="together"):
+        metrics.loss_gap(forget, heldout, forget_labels=forget_labels)
+
+
 def test_loss_gap_band_and_stop_test():
     band = metrics.loss_gap_band(0.5, 0.25)
     assert band == metrics.LossGapBand(0.0, 1.0)

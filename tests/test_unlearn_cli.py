@@ -404,9 +404,9 @@ def test_end_to_end_forget_set_of_examples(example_run):
     for key in ("loss_gap", "nelbo_forget_train", "nelbo_heldout", "mia_auc", "fid_retain"):
         assert math.isfinite(report["original"][key]) and math.isfinite(report["oracle"][key]), key
     assert "forget_fraction" not in report["original"]
-    assert report["original"]["loss_gap"] == pytest.approx(
-        report["original"]["nelbo_forget_train"] - report["original"]["nelbo_heldout"]
-    )
+    # Class-matched (each forget example against held-out examples of its class; tests/test_example_sets.py
+    # checks the formula), so not the difference of the two means, but of the same order.
+    assert report["original"]["loss_gap_se"] > 0 and report["oracle"]["loss_gap_se"] > 0
     with open(workdir / "logs" / "sa.csv", newline="") as handle:
         gaps = [float(row["loss_gap"]) for row in csv.DictReader(handle)]
     reached = [t for t, value in enumerate(gaps) if value >= low]

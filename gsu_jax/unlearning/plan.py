@@ -333,9 +333,22 @@ def _forget_retain_split(
     selects them (:func:`gsu_jax.example_sets.select_examples`, ``seed`` the train config's)."""
     if not forget_set.is_classes:
         try:
-            return example_sets.select_examples(forget_set, run_data.train.labels, seed=seed, field="forget")
+            forget_idx, retain_idx = example_sets.select_examples(
+                forget_set, run_data.train.labels, seed=seed, field="forget"
+            )
         except ConfigError as err:
             raise UnlearnConfigError(str(err)) from err
+        # The class-matched loss gap compares each forget example with held-out examples of its own class.
+        heldout_counts = np.bincount(run_data.heldout.labels, minlength=run_data.train.num_classes)
+        short = sorted({int(c) for c in run_data.train.labels[forget_idx] if heldout_counts[c] < 2})
+        if short:
+            raise UnlearnConfigError(
+                f"config.forget={forget_set.spec!r} forgets examples of class {short[0]}, which has "
+                f"{heldout_counts[short[0]]} held-out examples; allowed: forget examples of classes with at least 2 "
+                "held-out examples (the loss gap compares each with unseen examples of its class; raise "
+                "holdout_fraction)"
+            )
+        return forget_idx, retain_idx
     forget_classes = forget_set.classes
     value = values["forget"] if values.get("forget", "").strip() else values["forget_classes"]
     field = "forget" if values.get("forget", "").strip() else "forget_classes"
