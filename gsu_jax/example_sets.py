@@ -35,7 +35,15 @@ from gsu_jax.config_validation import parse_class_list
 from gsu_jax.data import ImageDataset
 from gsu_jax.schema import ConfigError
 
-__all__ = ["FORMS", "ExampleSet", "combined_example_set", "parse_example_set", "select_examples", "selection_record"]
+__all__ = [
+    "FORMS",
+    "ExampleSet",
+    "combined_example_set",
+    "parse_example_set",
+    "select_examples",
+    "selection_record",
+    "spec_field",
+]
 
 FORMS = (
     "'classes:<c>[,<c>...]' (e.g. 'classes:1,7'), 'fraction:<f in (0, 1)>' (e.g. 'fraction:0.01') or 'indices:<file>'"
@@ -130,16 +138,31 @@ def combined_example_set(
     return chosen
 
 
+def spec_field(values: Mapping[str, Any], *, field: str, classes_field: str) -> tuple[str, str]:
+    """``(name, value)`` of the config field that named the set: ``field`` when given, else its shorthand (what
+    every refusal quotes back)."""
+    name = field if str(values.get(field, "")).strip() else classes_field
+    return name, values[name]
+
+
 def select_examples(
-    example_set: ExampleSet, labels: np.ndarray, *, seed: int, field: str
+    example_set: ExampleSet, labels: np.ndarray, *, seed: int, field: str, shown: str, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(selected, rest)``: sorted, disjoint positions in the training split (see
     :func:`gsu_jax.data_splits.select_forget_retain`); ``seed`` draws a ``fraction`` (the train config's seed).
+    ``field`` and ``shown`` name the config field and the value the user gave (:func:`spec_field`), for refusals.
 
     Raises:
-        ConfigError: a class absent from the data, out-of-range or repeated indices, a set that is empty or all the
-            data; naming ``config.<field>``.
+        ConfigError: a class outside ``0..num_classes-1`` or absent from the data, out-of-range or repeated
+            indices, a set that is empty or all the data; naming ``config.<field>``.
     """
+    if example_set.is_classes:
+        out_of_range = [c for c in example_set.classes if c >= num_classes]
+        if out_of_range:
+            raise ConfigError(
+                f"config.{field}={shown!r} names class {out_of_range[0]}; allowed: classes 0..{num_classes - 1} of "
+                "the data"
+            )
     try:
         if example_set.kind == "classes":
             return data_splits.select_forget_retain(labels, classes=list(example_set.classes))
@@ -152,6 +175,8 @@ def select_examples(
     except ConfigError:
         raise
     except (ValueError, TypeError, OSError) as err:
+        if example_set.is_classes:
+            raise ConfigError(f"config.{field}={shown!r}: {err}") from err
         raise ConfigError(
             f"config.{field}={example_set.spec!r} selects no valid set of {len(labels)} training examples: {err}"
         ) from err

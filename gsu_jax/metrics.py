@@ -12,8 +12,8 @@ decodes samples, runs the evaluator and writes the report lives elsewhere and ca
   :func:`feature_statistics` / :func:`frechet_distance_from_stats` so the real-data side is computed once;
   :func:`inception_score` on the evaluator's class probabilities.
 * Privacy: :func:`membership_inference_auc`, a loss-threshold membership-inference AUC.
-* Forget sets of examples (not whole classes): :func:`loss_gap` (mean loss on the forget training examples minus
-  on held-out ones, with its standard error), :func:`loss_gap_band` (the oracle's gap +- ``num_std`` SE, the stop)
+* Forget sets of examples (not whole classes): :func:`loss_gap` (the forget training examples' loss minus held-out
+  examples', matched by class when labels are given, with its standard error), :func:`loss_gap_band` (the oracle's gap +- ``num_std`` SE, the stop)
   and :func:`reached_stop` (one test for both kinds of stop).
 * Reporting: :func:`time_to_unlearn` and :func:`summarize` (mean/std over seeds with "not reached" kept explicit).
 

@@ -169,8 +169,8 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
         forget_weight = forget_weight * jnp.exp2(-inputs.step.astype(jnp.float32) / hparams["forget_half_life"])
     if hparams["retain_lookahead"] > 0.0:
         # The retained data's loss rises after a forget step through curvature, not slope: on the protocol VAEs the
-        # forget part changes the retain batch's loss by < 0.5 nats to first order but raises it by 1.7-5 nats (README,
-        # issue 12). g_r taken where that part of the step leads repairs the rise to first order in the same update.
+        # forget part changes the held-out retained -ELBO by 0 to -0.5 nats to first order but raises it by +0.1 to
+        # +8.3 (bench.curvature). g_r taken where that part of the step leads repairs the rise to first order.
         ahead = jax.tree.map(lambda p, s: p - hparams["retain_lookahead"] * forget_weight * s, inputs.params, update)
         _, retain_direction = losses_and_mean_grad(
             inputs.loss_fn, ahead, inputs.retain_batch, inputs.retain_keys, inputs.chunk_size

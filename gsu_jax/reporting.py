@@ -43,8 +43,8 @@ _TABLE_COLUMNS: tuple[tuple[str, str | None, str | None, str], ...] = (
     ("MIA AUC", "mia_auc", "mia_auc", "{:.3f}"),
 )
 # The columns when the forget set is examples, not whole classes (report["forget_set"]["kind"] == "examples"): the
-# forget fraction of generated samples means nothing there; the loss gap (forget training minus held-out mean loss)
-# is what the stop reads, and the MIA compares the forget examples with the whole held-out split.
+# forget fraction of generated samples means nothing there; the loss gap (each forget training example's loss minus
+# the held-out mean of its class) is what the stop reads, and the MIA compares the forget examples with the whole held-out split.
 _EXAMPLE_TABLE_COLUMNS: tuple[tuple[str, str | None, str | None, str], ...] = (
     ("steps to oracle loss-gap band", "steps_to_threshold", None, "{:.1f}"),
     ("step time (ms)", "step_time_ms", None, "{:.1f}"),
@@ -285,8 +285,9 @@ def _stop_lines(report: Mapping[str, Any]) -> list[str]:
     if _forgets_examples(report):
         low, high = threshold["value"]
         return [
-            f"- stop: {threshold['name']}: the first update whose loss gap (mean per-example loss on the forget "
-            f"training examples minus on the {threshold['heldout_examples']} held-out examples) reaches "
+            f"- stop: {threshold['name']}: the first update whose loss gap (mean over the forget training "
+            f"examples of each one's loss minus the mean of the {threshold['heldout_examples']} held-out examples' "
+            "of its class) reaches "
             f"{low:.3f}, the low end of [{low:.3f}, {high:.3f}] = the oracle's gap {threshold['oracle_loss_gap']:.3f} ± 2 × its standard "
             f"error {threshold['oracle_loss_gap_se']:.3f} (original model's gap {threshold['original_loss_gap']:.3f});"
             " a gap past the high end has forgotten too much; no published rule for examples"

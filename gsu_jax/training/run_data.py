@@ -93,20 +93,10 @@ def prepare_data(config: Any) -> RunData:
     )
     excluded, excluded_record, generative = (), None, train
     if excluded_set is not None:
-        field = "exclude" if values.get("exclude") else "exclude_classes"
-        shown = values[field]
-        out_of_range = [c for c in excluded_set.classes if c >= train.num_classes]
-        if out_of_range:
-            raise ConfigError(
-                f"config.{field}={shown!r} names class {out_of_range[0]}; allowed: classes 0..{train.num_classes - 1}"
-            )
-        try:
-            left_out, kept = example_sets.select_examples(excluded_set, train.labels, seed=seed, field=field)
-        except ConfigError as err:
-            if not excluded_set.is_classes:
-                raise
-            # The class form keeps the message it always had.
-            raise ConfigError(f"config.{field}={shown!r}: {err.__cause__ or err}") from err
+        field, shown = example_sets.spec_field(values, field="exclude", classes_field="exclude_classes")
+        left_out, kept = example_sets.select_examples(
+            excluded_set, train.labels, seed=seed, field=field, shown=shown, num_classes=train.num_classes
+        )
         excluded = excluded_set.classes
         excluded_record = example_sets.selection_record(excluded_set, train, left_out)
         generative = train.subset(kept)

@@ -35,7 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gsu_jax import checkpointing, data_splits, example_sets, models, parallel, training
+from gsu_jax import checkpointing, example_sets, models, parallel, training
 from gsu_jax import generative as families
 from gsu_jax.config_validation import ROLES, default_train_config
 from gsu_jax.schema import ConfigError
@@ -331,13 +331,19 @@ def _forget_retain_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Positions in ``run_data.train`` of the forget and retain examples, selected as ``train.py``'s ``exclude``
     selects them (:func:`gsu_jax.example_sets.select_examples`, ``seed`` the train config's)."""
+    field, shown = example_sets.spec_field(values, field="forget", classes_field="forget_classes")
+    try:
+        forget_idx, retain_idx = example_sets.select_examples(
+            forget_set,
+            run_data.train.labels,
+            seed=seed,
+            field=field,
+            shown=shown,
+            num_classes=run_data.train.num_classes,
+        )
+    except ConfigError as err:
+        raise UnlearnConfigError(str(err)) from err
     if not forget_set.is_classes:
-        try:
-            forget_idx, retain_idx = example_sets.select_examples(
-                forget_set, run_data.train.labels, seed=seed, field="forget"
-            )
-        except ConfigError as err:
-            raise UnlearnConfigError(str(err)) from err
         # The class-matched loss gap compares each forget example with held-out examples of its own class.
         heldout_counts = np.bincount(run_data.heldout.labels, minlength=run_data.train.num_classes)
         short = sorted({int(c) for c in run_data.train.labels[forget_idx] if heldout_counts[c] < 2})
@@ -348,20 +354,7 @@ def _forget_retain_split(
                 "held-out examples (the loss gap compares each with unseen examples of its class; raise "
                 "holdout_fraction)"
             )
-        return forget_idx, retain_idx
-    forget_classes = forget_set.classes
-    value = values["forget"] if values.get("forget", "").strip() else values["forget_classes"]
-    field = "forget" if values.get("forget", "").strip() else "forget_classes"
-    out_of_range = [c for c in forget_classes if c >= run_data.train.num_classes]
-    if out_of_range:
-        raise UnlearnConfigError(
-            f"config.{field}={value!r} names class {out_of_range[0]}; allowed: "
-            f"classes 0..{run_data.train.num_classes - 1} of the data"
-        )
-    try:
-        return data_splits.select_forget_retain(run_data.train.labels, classes=list(forget_classes))
-    except (ValueError, TypeError) as err:
-        raise UnlearnConfigError(f"config.{field}={value!r}: {err}") from err
+    return forget_idx, retain_idx
 
 
 def _check_guidance_model(
