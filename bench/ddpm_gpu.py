@@ -1,18 +1,24 @@
-"""The DDPM GPU run (issue 7) in one call: measure the step rate, train, unlearn with sa and s, collect under $OUT.
+"""The DDPM GPU run (issues 7 and 13) in one call: measure the step rate, train, unlearn, collect under $OUT.
 
 Run through ``bench/ddpm_gpu.sh`` (which installs the carried wheels and wraps this in an outer ``timeout``)::
 
-    python bench/ddpm_gpu.py run --out $OUT [--budget-s 520] [--smoke]
+    python bench/ddpm_gpu.py run --out $OUT [--budget-s 520] [--smoke] [--forget-classes 1,3,8]
+        [--methods salun,selective_amnesia] [--seeds 3] [--reuse]
 
 Phases, each its own process (so that each holds the accelerator alone) with a timeout from what is left of the
 budget, every phase's outputs copied to ``--out`` as soon as it ends (a phase killed by its timeout still leaves
 what the earlier ones wrote):
 
 1. ``probe``: compiles the DDPM's real training epoch (``gsu_jax.training``'s own programs) and times one epoch;
-2. two ``train.py`` processes at once, sharing the accelerator: ``configs/mnist_ddpm.py`` (DDPM + evaluator) and
-   the oracle (the same recipe with ``exclude_classes=1``), with as many epochs as the budget affords;
-3. ``unlearn.py`` on ``configs/unlearn_mnist_ddpm.py`` from those two checkpoints: runs ``sa`` and ``s`` and reports
-   forget fraction, FID and the forget-label protocol before and after.
+2. ``train.py`` processes at once, sharing the accelerator: ``configs/mnist_ddpm.py`` (DDPM + evaluator) and one
+   oracle per forget class (the same recipe with ``exclude_classes=c``), with as many epochs as the budget affords;
+3. ``unlearn.py`` on ``configs/unlearn_mnist_ddpm.py`` from those checkpoints, once per forget class: runs the
+   config's methods (or ``--methods``) and reports forget fraction, FID and the forget-label protocol before and
+   after, under ``$OUT/forget_<c>/``.
+
+``--reuse`` skips phases 1-2 when ``--workdir`` already holds the finished DDPM and every oracle (a second call on
+the same warm machine: train once, unlearn in as many calls as the methods need). The unlearning time is budgeted
+at ``_UNLEARN_S_PER_RUN`` per method, class and seed.
 
 ``--smoke`` swaps in configs/ddpm_smoke.py / configs/unlearn_ddpm_smoke.py on the embedded digits (what the CPU
 check of this script runs). Only the standard library is imported here; the phases import gsu_jax.
@@ -25,6 +31,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -36,11 +43,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # each with monitoring, six full evaluations), and a safety margin.
 _PROCESS_START_S = 15.0
 _EVALUATION_S = 30.0
-_UNLEARN_S = 200.0
+# One method, class and seed: 50 monitored steps and two evaluations (about 100 s on the H100 with sa and s, 2026-11-26).
+_UNLEARN_S_PER_RUN = 100.0
 _MARGIN_S = 25.0
-# The oracle trains on the data minus digit 1: about 0.89 of the DDPM's steps.
+# An oracle trains on the data minus one digit: about 0.9 of the DDPM's steps.
 _ORACLE_SHARE = 0.9
-_FORGET_CLASSES = "1"
 
 
 def _configs(smoke: bool) -> tuple[str, str, str]:
@@ -141,6 +148,19 @@ def _collect_training(workdir: pathlib.Path, out: pathlib.Path, prefix: str, rec
     _copy(workdir / "generative" / "samples.png", out / f"{prefix}_samples.png")
 
 
+def _config_methods(unlearn_config: str) -> str:
+    """``config.methods`` as the unlearning config file sets it (read as text: this process imports no gsu_jax)."""
+    found = re.search(r'config\.methods = "([^"]+)"', (REPO / unlearn_config).read_text())
+    if found is None:
+        raise SystemExit(f"{unlearn_config} sets no config.methods; pass --methods")
+    return found.group(1)
+
+
+def _finished(workdir: pathlib.Path) -> bool:
+    """Whether train.py finished the generative role in ``workdir`` (its metrics are written last)."""
+    return (workdir / "generative" / "metrics.json").is_file()
+
+
 def _collect_unlearning(workdir: pathlib.Path, out: pathlib.Path, record: dict) -> None:
     for name in ("report.json", "report.md", "forget_fraction.png"):
         _copy(workdir / name, out / name)
@@ -172,7 +192,7 @@ def _collect_unlearning(workdir: pathlib.Path, out: pathlib.Path, record: dict) 
         for key in method_keys + ["mia_auc"]:
             if method.get(key):
                 summary[label][key] = method[key]["mean"]
-    record["unlearning"] = {"threshold": report["threshold"]["value"], "device": report["device"], "summary": summary}
+    record.update(threshold=report["threshold"]["value"], device=report["device"], summary=summary)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,17 +200,33 @@ def run(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     train_config, unlearn_config, data = _configs(args.smoke)
+    classes = [token.strip() for token in args.forget_classes.split(",") if token.strip()]
     workdir = pathlib.Path(args.workdir).absolute()
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
+    workdir = workdir / ("unconditional" if args.unconditional else "conditional")
+    model_dir = workdir / "model"
+    oracle_dirs = {c: workdir / f"oracle_{c}" for c in classes}
+    reuse = args.reuse and _finished(model_dir) and all(_finished(path) for path in oracle_dirs.values())
+    if not reuse:
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
     record: dict = {
         "budget_s": args.budget_s,
         "smoke": args.smoke,
         "train_config": train_config,
         "unlearn_config": unlearn_config,
         "data": data,
+        "forget_classes": classes,
+        "methods": args.methods,
+        "seeds": args.seeds,
+        "reused_models": reuse,
+        "class_conditional": not args.unconditional,
         "phases": {},
+        "unlearning": {},
     }
+    methods = args.methods or _config_methods(unlearn_config)
+    if args.unconditional:  # salun relabels the forget examples: it needs class labels (unlearn.py refuses it)
+        methods = ",".join(name for name in methods.split(",") if not name.startswith("salun"))
+    runs = len(classes) * len(methods.split(",")) * (args.seeds or 1)
 
     def left() -> float:
         return args.budget_s - (time.perf_counter() - started)
@@ -199,6 +235,39 @@ def run(args: argparse.Namespace) -> int:
         record["elapsed_s"] = round(time.perf_counter() - started, 1)
         (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
 
+    python = sys.executable
+    if not reuse and not _train(args, record, out, workdir, oracle_dirs, train_config, data, runs, left, save):
+        return 1
+    for forget_class, oracle_dir in oracle_dirs.items():
+        # One unlearning workdir per class and method list (a later call with other methods starts its own).
+        unlearn_dir = workdir / f"unlearn_{forget_class}" / methods.replace(",", "+")
+        unlearn_command = [
+            python,
+            "unlearn.py",
+            "--config",
+            unlearn_config,
+            "--workdir",
+            str(unlearn_dir),
+            f"--config.checkpoint={model_dir}",
+            f"--config.oracle_checkpoint={oracle_dir}",
+            f"--config.forget_classes={forget_class}",
+            "--config.progress=True",
+            f"--config.methods={methods}",
+            *([f"--config.seeds={args.seeds}"] if args.seeds else []),
+        ]
+        entry = record["unlearning"].setdefault(forget_class, {"command": " ".join(unlearn_command[1:])})
+        class_out = out / f"forget_{forget_class}"
+        class_out.mkdir(parents=True, exist_ok=True)
+        ok = _phases({f"unlearn_{forget_class}": unlearn_command}, timeout=left() - 5, out=out, record=record)
+        _collect_unlearning(unlearn_dir, class_out, entry)
+        save()
+        if not ok:
+            return 1
+    return 0
+
+
+def _train(args, record, out, workdir, oracle_dirs, train_config, data, runs, left, save) -> bool:
+    """Phases 1 and 2: probe the epoch time, then train the DDPM and every oracle at once in what the budget leaves."""
     python = sys.executable
     probe_out = workdir / "probe.json"
     ok = _phases(
@@ -221,13 +290,14 @@ def run(args: argparse.Namespace) -> int:
     )
     if not ok:
         save()
-        return 1
+        return False
     record["probe"] = json.loads(probe_out.read_text())
     epoch_s, compile_s = record["probe"]["epoch_s"], record["probe"]["compile_s"]
-    # The DDPM and the oracle train at once (two processes sharing the accelerator: their compiles, evaluations and
+    # The DDPM and the oracles train at once (processes sharing the accelerator: their compiles, evaluations and
     # process starts overlap); their epochs are budgeted as if they did not overlap at all (the worst case).
-    fixed = compile_s + _EVALUATION_S + _PROCESS_START_S + _UNLEARN_S + _MARGIN_S
-    affordable = math.floor((left() - fixed) / ((1 + _ORACLE_SHARE) * epoch_s))
+    unlearn_s = _UNLEARN_S_PER_RUN * runs
+    fixed = compile_s + _EVALUATION_S + _PROCESS_START_S + unlearn_s + _MARGIN_S
+    affordable = math.floor((left() - fixed) / ((1 + _ORACLE_SHARE * len(oracle_dirs)) * epoch_s))
     epochs = max(1, min(record["probe"]["config_epochs"], affordable))
     record["epochs"] = epochs
     record["train_steps"] = epochs * record["probe"]["steps_per_epoch"]
@@ -237,9 +307,10 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     save()
-
-    model_dir, oracle_dir = workdir / "model", workdir / "oracle"
+    model_dir = workdir / "model"
     common = [f"--config.data={data}", f"--config.num_epochs={epochs}", "--config.progress_bar=False"]
+    if args.unconditional:
+        common += ["--config.class_conditional=False", "--config.guidance_scale=0"]
     train_commands = {
         "train": [
             python,
@@ -251,8 +322,10 @@ def run(args: argparse.Namespace) -> int:
             *common,
             "--config.roles=generative,evaluator",
         ],
-        # The retrain-from-scratch oracle: the same recipe without the forget class (configs/unlearn_*ddpm*: "1").
-        "train_oracle": [
+    }
+    for forget_class, oracle_dir in oracle_dirs.items():
+        # The retrain-from-scratch oracle of each forget class: the same recipe without that class.
+        train_commands[f"train_oracle_{forget_class}"] = [
             python,
             "train.py",
             "--config",
@@ -260,37 +333,19 @@ def run(args: argparse.Namespace) -> int:
             "--workdir",
             str(oracle_dir),
             *common,
-            f"--config.exclude_classes={_FORGET_CLASSES}",
+            f"--config.exclude_classes={forget_class}",
             "--config.roles=generative",
-        ],
-    }
+        ]
     record["train_commands"] = {name: " ".join(command[1:]) for name, command in train_commands.items()}
-    # Two JAX processes on one accelerator: neither may preallocate most of its memory.
-    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.45")
-    ok = _phases(train_commands, timeout=left() - _UNLEARN_S / 2, out=out, record=record, env=env)
+    # Several JAX processes on one accelerator: none may preallocate most of its memory.
+    fraction = f"{0.9 / len(train_commands):.2f}"
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=fraction)
+    ok = _phases(train_commands, timeout=left() - unlearn_s / 2, out=out, record=record, env=env)
     _collect_training(model_dir, out, "model", record)
-    _collect_training(oracle_dir, out, "oracle", record)
+    for forget_class, oracle_dir in oracle_dirs.items():
+        _collect_training(oracle_dir, out, f"oracle_{forget_class}", record)
     save()
-    if not ok:
-        return 1
-
-    unlearn_command = [
-        python,
-        "unlearn.py",
-        "--config",
-        unlearn_config,
-        "--workdir",
-        str(workdir / "unlearn"),
-        f"--config.checkpoint={model_dir}",
-        f"--config.oracle_checkpoint={oracle_dir}",
-        f"--config.forget_classes={_FORGET_CLASSES}",
-        "--config.progress=True",
-    ]
-    record["unlearn_command"] = " ".join(unlearn_command[1:])
-    ok = _phases({"unlearn": unlearn_command}, timeout=left() - 5, out=out, record=record)
-    _collect_unlearning(workdir / "unlearn", out, record)
-    save()
-    return 0 if ok else 1
+    return ok
 
 
 def main() -> int:
@@ -301,6 +356,11 @@ def main() -> int:
     run_parser.add_argument("--workdir", default="/tmp/gsu_ddpm_gpu", help="checkpoints (not copied to --out)")
     run_parser.add_argument("--budget-s", type=float, default=520.0, help="the whole run's time budget")
     run_parser.add_argument("--smoke", action="store_true", help="tiny configs on the embedded digits (CPU check)")
+    run_parser.add_argument("--forget-classes", default="1", help="comma-separated digits, one oracle and run each")
+    run_parser.add_argument("--methods", default=None, help="config.methods for unlearn.py (default: the config's)")
+    run_parser.add_argument("--seeds", type=int, default=None, help="config.seeds for unlearn.py")
+    run_parser.add_argument("--reuse", action="store_true", help="keep a workdir whose models are all finished")
+    run_parser.add_argument("--unconditional", action="store_true", help="train and unlearn unconditional DDPMs")
     probe_parser = sub.add_parser("probe", help="time one training epoch (phase 1)")
     probe_parser.add_argument("--config", required=True)
     probe_parser.add_argument("--data", required=True)

@@ -145,6 +145,12 @@ def epsilon_loss(graphdef: nnx.GraphDef, *, schedule: NoiseSchedule, class_dropo
     (``num_classes = K > 0``) ``y~`` is the example's label, replaced by the null label ``K`` with probability
     ``class_dropout`` (``k_drop``; classifier-free guidance training); an unconditional model ignores the label.
 
+    Two optional fields turn it into a surrogate loss of an unlearning rule: ``"target"`` (an image in [0, 1])
+    replaces ``image`` as ``x_0`` (remap_surgery's nearest retained image, Selective Amnesia's noise image), and
+    ``"pseudo_label"`` (``i32[]``, conditional models only) replaces ``epsilon`` by the model's own stopped
+    prediction ``sg[eps_theta(x_t, t / T, c')]`` under that label (SalUn's random-label loss; ``c'`` is dropped to
+    the null label with probability ``class_dropout`` on its own draw, ``fold_in(k_drop, 1)``).
+
     Args:
       graphdef: graph definition of a :class:`gsu_jax.models.UNet` (any module with that call signature and
         ``num_classes``).
@@ -192,6 +198,21 @@ def epsilon_loss(graphdef: nnx.GraphDef, *, schedule: NoiseSchedule, class_dropo
             dropped = jax.random.bernoulli(dropout_key, class_dropout)
             label = jnp.where(dropped, num_classes, label.astype(jnp.int32))
             predicted = model(x_t, time, label)
+            if "pseudo_label" in example:
+                # SalUn's random-label objective: the prediction under the example's label is pulled to the model's
+                # own (constant) prediction under another label, on the same x_t; that label is dropped on its own
+                # draw, as the reference's two calls drop theirs independently.
+                pseudo = jnp.asarray(example["pseudo_label"])
+                if pseudo.shape != ():
+                    raise ValueError(f"epsilon_loss's pseudo_label must be a scalar (one example), got {pseudo.shape}")
+                pseudo_dropped = jax.random.bernoulli(jax.random.fold_in(dropout_key, 1), class_dropout)
+                pseudo = jnp.where(pseudo_dropped, num_classes, pseudo.astype(jnp.int32))
+                noise = jax.lax.stop_gradient(model(x_t, time, pseudo))
+        elif "pseudo_label" in example:
+            raise ValueError(
+                "epsilon_loss: an example with a 'pseudo_label' (SalUn's random-label loss) needs a class-conditional "
+                "model (num_classes > 0); allowed for an unconditional model: examples without it"
+            )
         else:
             predicted = model(x_t, time)
         return jnp.mean(jnp.square(predicted - noise))

@@ -24,9 +24,9 @@ from typing import Any
 
 import optax
 
-from gsu_jax import remap_surgery, update_rules
+from gsu_jax import published_rules, remap_surgery, update_rules
 from gsu_jax.schema import REQUIRED, Field, at_least, check_value, greater_than, one_of, within
-from gsu_jax.update_rules import DirectionRule
+from gsu_jax.update_rules import DirectionRule, RuleState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,9 @@ class Method:
       gradients: which of ``g_f`` ("forget") and ``g_r`` ("retain") the rule reads; the step computes only these
         (the other batch's losses still come from a forward pass) and leaves ``cos_forget_retain`` out of the
         metrics when one is missing.
+      state: what the rule fixes at its first step (:class:`gsu_jax.update_rules.RuleState`), or None.
+      class_conditional: the rule's loss reads class labels through the model (a class-conditional DDPM);
+        ``unlearn.py`` refuses it for other models before any work.
     """
 
     name: str
@@ -56,6 +59,8 @@ class Method:
     direction: DirectionRule = dataclasses.field(repr=False)
     optimizer: Mapping[str, Any] | None = None
     gradients: frozenset[str] = frozenset({"forget", "retain"})
+    state: RuleState | None = None
+    class_conditional: bool = False
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -113,6 +118,11 @@ _ORTHOGONALITY_WEIGHT = _hparam(
 _BAE = 'Bae et al., "Gradient Surgery for One-shot Unlearning on Generative Model", 2023, arXiv:2307.04550'
 _PCGRAD = 'Yu et al., "Gradient Surgery for Multi-Task Learning", 2020, arXiv:2001.06782'
 _UNO = "Mandal & Gottwald, 2025, arXiv:2506.04712"
+_SALUN = 'Fan et al., "SalUn", ICLR 2024, arXiv:2310.12508 (OPTML-Group/Unlearn-Saliency, DDPM/runners/diffusion.py)'
+_AMNESIA = (
+    'Heng & Soh, "Selective Amnesia", NeurIPS 2023, arXiv:2305.10120 (clear-nus/selective-amnesia, '
+    "ddpm/runners/diffusion.py)"
+)
 # remap_surgery's SGD step, and its retain_lookahead (the lookahead goes where the step's forget part leads).
 _REMAP_LEARNING_RATE = 3e-3
 
@@ -386,6 +396,98 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
+
+
+def _image_field(what: str) -> Field:
+    return _hparam("image", str, "a string naming a field of the examples", None, what)
+
+
+def _grad_clip() -> Field:
+    return _hparam(
+        1.0,
+        float,
+        "None or a finite number > 0",
+        greater_than(0),
+        "the update's global norm is clipped to this (the reference's clip_grad_norm_ 1.0); None: no clipping",
+        nullable=True,
+    )
+
+
+def _salun(name: str, project: bool) -> Method:
+    surgery = ", forget gradient projected off g_r on conflict" if project else ""
+    return Method(
+        name,
+        "u = m * clip(grad mean_i ||eps(x_t, c_i) - sg[eps(x_t, c'_i)]||^2 + alpha g_r, 1), m = top 50% of "
+        f"|grad L_f(theta*)|{surgery}",
+        f"{_SALUN}{'; with gradient surgery (ours)' if project else ''}",
+        {
+            "mask_fraction": _hparam(
+                0.5,
+                float,
+                "a number in (0, 1]",
+                within(0, 1, low_open=True),
+                "the share of parameters the saliency mask keeps (largest |grad L_f| at theta*; 1: no mask)",
+            ),
+            "retain_weight": _hparam(
+                None,
+                float,
+                "None or a finite number >= 0",
+                at_least(0),
+                "alpha, the weight of g_r; None: 1e-3 * H*W*C, the reference's alpha on a pixel-summed retain loss "
+                "rescaled to our pixel-mean one",
+                nullable=True,
+            ),
+            "grad_clip": _grad_clip(),
+            "image_field": _image_field("the example field whose pixels retain_weight=None counts"),
+        },
+        "w * grad guidance_loss added to u (after the mask)",
+        published_rules.salun_rule(project=project),
+        optimizer={"name": "adam", "learning_rate": 1e-4},
+        gradients=frozenset({"retain"}),  # the random-label loss replaces g_f
+        state=published_rules.SALUN_STATE,
+        class_conditional=True,
+    )
+
+
+def _selective_amnesia(name: str, project: bool) -> Method:
+    surgery = ", surrogate gradient projected off g_r on conflict" if project else ""
+    return Method(
+        name,
+        "u = clip(grad mean_i l(x_i -> uniform noise) + gamma g_r + 2 lambda F (theta - theta*), 1), F the diagonal "
+        f"Fisher at theta*{surgery}",
+        f"{_AMNESIA}{'; with gradient surgery (ours)' if project else ''}",
+        {
+            "ewc_weight": _hparam(
+                10.0,
+                float,
+                "a finite number >= 0",
+                at_least(0),
+                "lambda of the EWC penalty lambda * sum F (theta - theta*)^2 (the reference's CIFAR-10 DDPM value; "
+                "our F is on another scale, see gsu_jax.published_rules)",
+            ),
+            "replay_weight": _hparam(
+                1.0, float, "a finite number >= 0", at_least(0), "gamma, the weight of the replayed retain gradient"
+            ),
+            "grad_clip": _grad_clip(),
+            "image_field": _image_field("the example field the noise surrogate replaces (as 'target')"),
+        },
+        "w * grad guidance_loss added to u (after the clipping)",
+        published_rules.selective_amnesia_rule(project=project),
+        optimizer={"name": "adam", "learning_rate": 1e-4},
+        gradients=frozenset({"retain"}),  # the noise surrogate replaces g_f
+        state=published_rules.AMNESIA_STATE,
+    )
+
+
+METHODS.update(
+    (method.name, method)
+    for method in (
+        _salun("salun", False),
+        _salun("salun_surgery", True),
+        _selective_amnesia("selective_amnesia", False),
+        _selective_amnesia("selective_amnesia_surgery", True),
+    )
+)
 
 
 def resolve_hparams(name: str, **hparams: Any) -> dict[str, Any]:

@@ -28,12 +28,22 @@ name                         update direction ``u`` (descended)                 
 ``remap_surgery`` (ours,     ``a_t P^c_{M g_r}(M g_s) + rho g_r``, ``g_s = grad mean_i            on conflict
 recommended)                 l(x_i -> n(x_i))``: each forget example reconstructs its nearest
                              retained image ``n(x_i)``; ``M`` the decoder; ``a_t`` annealed
+``salun`` (SalUn)            ``m * clip(g_c' + alpha g_r)``: ``g_c'`` the gradient of the          none
+                             random-label loss (prediction under the forget label pulled to
+                             the model's own under a retained label), ``m`` the top-50 %
+                             saliency mask of ``|g_f|`` fixed at the first step
+``selective_amnesia``        ``clip(g_n + gamma g_r + 2 lambda F (theta - theta*))``: ``g_n``     none
+(Selective Amnesia)          the gradient of the forget examples mapped to uniform noise,
+                             ``F`` the retain Fisher and ``theta*`` fixed at the first step
+``*_surgery`` of both        the forget part projected off ``g_r`` before the rest                on conflict
 ============================ ================================================================= ==================
 
 ``METHODS[name]`` (:mod:`gsu_jax.method_registry`) holds each rule's one-line statement, its source, its
 hyperparameters with defaults and where the guidance add-on enters; the rules themselves are in
-:mod:`gsu_jax.update_rules` (``sa_gated``, ours, explained there) and :mod:`gsu_jax.remap_surgery` (the recommended
-method, :data:`RECOMMENDED_METHOD`, explained there). This module builds the step and re-exports the registry. Build
+:mod:`gsu_jax.update_rules` (``sa_gated``, ours, explained there), :mod:`gsu_jax.remap_surgery` (the recommended
+method, :data:`RECOMMENDED_METHOD`, explained there) and :mod:`gsu_jax.published_rules` (SalUn and Selective
+Amnesia, with where ours differs from their code). Those two fix a state at their first step (a mask; an anchor
+and its Fisher): :class:`MethodState` carries it, so the step signature is the same for every method. This module builds the step and re-exports the registry. Build
 a method with :func:`make_method`; its ``step`` is pure and meant to be jitted once::
 
     method = make_method("sa", loss_fn=loss_fn, optimizer=optax.adam(1e-3))
@@ -135,10 +145,13 @@ class MethodState(NamedTuple):
     Attributes:
       step: ``i32[]``, number of steps applied so far; alternating rules read its parity, which keeps ``step`` pure.
       optimizer: the wrapped optax optimizer's state.
+      rule: the rule's fixed state (:class:`gsu_jax.update_rules.RuleState`: zeros until the first step computes
+        it), in the step's parameter layout; ``()`` for a rule without one.
     """
 
     step: jax.Array
     optimizer: optax.OptState
+    rule: Any = ()
 
 
 class UnlearningMethod(NamedTuple):
@@ -274,10 +287,15 @@ def make_method(
         )
     guided = guidance_weight > 0
     guidance_weight = float(guidance_weight)
-    rule, gradients = METHODS[name].direction, METHODS[name].gradients
+    rule, gradients, rule_state = METHODS[name].direction, METHODS[name].gradients, METHODS[name].state
 
     def init(params: Params) -> MethodState:
-        return MethodState(step=jnp.zeros((), jnp.int32), optimizer=optimizer.init(params))
+        fixed = ()
+        if rule_state is not None:
+            # The layout the step will see (flat exactly when the step ravels).
+            layout = ravel_pytree(params)[0] if flat_parameters and _one_float_dtype(params) else params
+            fixed = rule_state.template(layout)
+        return MethodState(step=jnp.zeros((), jnp.int32), optimizer=optimizer.init(params), rule=fixed)
 
     def step(
         params: Params, state: MethodState, forget_batch: Batch, retain_batch: Batch, key: jax.Array
@@ -312,7 +330,12 @@ def make_method(
             retain_grad=retain_grad,
             chunk_size=chunk,
             unravel=unravel,
+            rule_state=state.rule,
         )
+        if rule_state is not None:
+            # Fixed at the first step, from theta* and that step's batches; later steps carry it unchanged.
+            fixed = jax.lax.cond(state.step == 0, lambda: rule_state.compute(inputs, resolved), lambda: state.rule)
+            inputs = inputs._replace(rule_state=fixed)
         direction = rule(inputs, resolved)
         update = direction.update
         metrics = {}
@@ -335,7 +358,8 @@ def make_method(
         )
         if forget_grad is not None and retain_grad is not None:
             metrics["cos_forget_retain"] = cosine(forget_grad, retain_grad).astype(jnp.float32)
-        return new_params, MethodState(step=state.step + 1, optimizer=optimizer_state), metrics
+        new_state = MethodState(step=state.step + 1, optimizer=optimizer_state, rule=inputs.rule_state)
+        return new_params, new_state, metrics
 
     return UnlearningMethod(init=init, step=step)
 

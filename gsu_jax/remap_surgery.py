@@ -54,6 +54,7 @@ import numpy as np
 from gsu_jax import per_example
 from gsu_jax.losses import LossFn
 from gsu_jax.projections import normal_plane_projection
+from gsu_jax.trees import top_magnitude_mask
 from gsu_jax.update_rules import (
     Direction,
     Params,
@@ -226,12 +227,8 @@ def _scaled_outside(tree: Params, mask: Params, weight: float) -> Params:
 def _most_salient(tree: Params, fraction: float) -> Params:
     """``tree`` with all but its ``fraction`` largest-magnitude nonzero coordinates set to zero (a SalUn-style
     saliency mask, recomputed every step from the surrogate gradient itself; ties at the cut are kept)."""
-    magnitudes = jnp.concatenate([jnp.abs(leaf).ravel() for leaf in jax.tree.leaves(tree)])
-    nonzero = jnp.sum(magnitudes > 0)
-    # The k-th largest magnitude, k = ceil(fraction * number of nonzero coordinates) (masked leaves are zero).
-    ordered = jnp.sort(magnitudes)[::-1]
-    cut = ordered[jnp.maximum(jnp.ceil(fraction * nonzero).astype(jnp.int32) - 1, 0)]
-    return jax.tree.map(lambda leaf: jnp.where(jnp.abs(leaf) >= cut, leaf, 0.0), tree)
+    mask = top_magnitude_mask(tree, fraction, among_nonzero=True)
+    return jax.tree.map(lambda leaf, keep: jnp.where(keep > 0, leaf, 0.0), tree, mask)
 
 
 _OWN_LOSS = "__own_loss"

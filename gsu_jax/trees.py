@@ -319,3 +319,21 @@ def check_tree_match(
     if leading_axis and leading == 0:
         raise ValueError(f"{tree_name} has an empty leading axis (size 0); at least one entry is needed.")
     return leading
+
+
+def top_magnitude_mask(a: PyTree, fraction: float, *, among_nonzero: bool = False) -> PyTree:
+    """A 0/1 tree like ``a`` (leaf dtypes kept): 1 on the ``fraction`` of coordinates of largest ``|a|``.
+
+    One threshold over the whole tree (a global top-``k``, ``k = ceil(fraction * n)``, at least 1), so a leaf
+    with larger gradients keeps more of its coordinates; ties at the threshold are kept. ``n`` counts every
+    coordinate, or with ``among_nonzero`` only the nonzero ones (a gradient already zero on masked leaves).
+
+    Example:
+      >>> top_magnitude_mask({"a": jnp.array([3.0, -1.0]), "b": jnp.array([0.5, -4.0])}, 0.5)["a"].tolist()
+      [1.0, 0.0]
+    """
+    magnitudes = jnp.concatenate([jnp.abs(leaf).ravel() for leaf in jax.tree.leaves(a)])
+    count = jnp.sum(magnitudes > 0) if among_nonzero else magnitudes.size
+    ordered = jnp.sort(magnitudes)[::-1]
+    cut = ordered[jnp.maximum(jnp.ceil(fraction * count).astype(jnp.int32) - 1, 0)]
+    return jax.tree.map(lambda leaf: (jnp.abs(leaf) >= cut).astype(leaf.dtype), a)

@@ -70,6 +70,8 @@ class StepInputs(NamedTuple):
       unravel: ``None`` when ``params`` is the parameter pytree itself; otherwise ``params`` (and every gradient)
         is the flat parameter vector of :func:`jax.flatten_util.ravel_pytree` and this maps such a vector back to
         the pytree (:func:`param_mask` reads the parameter paths through it).
+      rule_state: what the method's :class:`RuleState` computed at its first step (a saliency mask, an anchor and
+        its Fisher), in the layout of ``params``; ``()`` for a rule without one.
     """
 
     loss_fn: LossFn
@@ -84,6 +86,25 @@ class StepInputs(NamedTuple):
     retain_grad: Params | None
     chunk_size: int | None = None
     unravel: Callable[[jax.Array], Params] | None = None
+    rule_state: Any = ()
+
+
+class RuleState(NamedTuple):
+    """A rule's fixed state: computed once, at the method's first step, and read by every step after it.
+
+    Some published rules fix something at the original parameters ``theta*`` from the data (SalUn's saliency mask,
+    Selective Amnesia's EWC anchor and Fisher). The step computes it when ``step == 0`` (``jax.lax.cond``: later steps
+    only carry it), so the step signature stays ``step(params, state, forget, retain, key)`` and a resumed run
+    restores it with the rest of the method's state.
+
+    Attributes:
+      template: ``template(params) -> pytree``, zeros of the state's shapes and dtypes for parameters laid out as
+        ``params`` (a tree, or the flat vector of a flat step); what ``init`` stores before the first step.
+      compute: ``compute(inputs, hparams) -> pytree`` like ``template``, from the first step's :class:`StepInputs`.
+    """
+
+    template: Callable[[Params], Any]
+    compute: Callable[[StepInputs, Mapping[str, Any]], Any]
 
 
 class Direction(NamedTuple):

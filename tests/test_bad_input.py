@@ -150,6 +150,13 @@ CASES = {
         True,
     ),
     "unlearn_out_of_range_value": (UNLEARN, ["--config.monitor_samples=0"], 2, ["config.monitor_samples=0"], True),
+    "unlearn_label_method_on_a_vae": (
+        UNLEARN,
+        ["--config.methods=sa,salun"],
+        2,
+        ["config.methods: 'salun' needs a class-conditional DDPM", "is a VAE; allowed: any method but salun"],
+        True,
+    ),
     "unlearn_idx_count_mismatch": (
         UNLEARN,
         ["--config.train.data=idx:{data}/counts"],

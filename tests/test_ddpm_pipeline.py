@@ -2,7 +2,8 @@
 
 One tiny real run is shared by the module: ``unlearn.py`` (configs/unlearn_ddpm_smoke.py, a subprocess) trains the
 class-conditional DDPM of configs/ddpm_smoke.py, its evaluator and the oracle through train.py's code, and unlearns
-digit 1 with ``sa`` and ``sa_per_example``; ``train.py`` then re-runs on the finished DDPM workdir. The resume test
+digit 1 with ``remap_surgery``, ``sa``, ``sa_per_example``, ``salun`` and ``selective_amnesia`` (the last two also
+with surgery); ``train.py`` then re-runs on the finished DDPM workdir. The resume test
 re-trains the same DDPM in this process, killed after its first checkpoint, and must end bit-identical to the
 subprocess's uninterrupted run.
 """
@@ -46,7 +47,7 @@ def _train_config(**overrides):
 @pytest.fixture(scope="module")
 def unlearned(tmp_path_factory):
     """``unlearn.py`` from nothing: trains the DDPM, its evaluator and the oracle DDPM (train.py's code; the two
-    DDPMs share their compiled programs), unlearns with sa and sa_per_example: (workdir, report)."""
+    DDPMs share their compiled programs), unlearns with the smoke config's six methods: (workdir, report)."""
     workdir = tmp_path_factory.mktemp("ddpm") / "unlearn"
     done = _run("unlearn.py", "--config", str(UNLEARN_SMOKE), "--workdir", str(workdir))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -116,7 +117,15 @@ def test_unlearning_report_holds_the_ddpm_metrics(unlearned):
         "guidance_scale": 1.0,
         "monitoring_labels": "i mod K (all classes)",
     }
-    assert set(report["methods"]) == {"sa", "sa_per_example"}
+    assert set(report["methods"]) == {
+        "remap_surgery",
+        "sa",
+        "sa_per_example",
+        "salun",
+        "salun_surgery",
+        "selective_amnesia",
+        "selective_amnesia_surgery",
+    }
     for name in ("original", "oracle"):
         evaluation = report[name]
         for key in ("eps_loss_heldout_retain", "eps_loss_heldout_forget", "eps_loss_forget_train"):

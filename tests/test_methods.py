@@ -40,6 +40,10 @@ TEST_HPARAMS: dict[str, dict[str, Any]] = {
     "sa_gated": {"forget_loss_target": math.inf},
     "sa_span": {"num_directions": 4},
     "remap_surgery": {"image_field": "x"},
+    "salun": {"image_field": "x"},
+    "salun_surgery": {"image_field": "x"},
+    "selective_amnesia": {"image_field": "x"},
+    "selective_amnesia_surgery": {"image_field": "x"},
 }
 TRACE_COUNT = {"loss": 0}
 
@@ -83,8 +87,15 @@ def problem():
     }
     forget_center = jnp.array([2.0, 1.5, 0.0, 0.0, 0.5, 0.0])
     retain_center = jnp.array([0.5, 0.0, 1.5, -1.0, 0.0, 1.0])
-    forget = {"x": forget_center + 0.3 * jax.random.normal(key_forget, (FORGET_SIZE, DATA_DIM))}
-    retain = {"x": retain_center + 0.3 * jax.random.normal(key_retain, (RETAIN_SIZE, DATA_DIM))}
+    # Labels only salun reads (its pseudo labels come from the retain batch); the loss ignores them.
+    forget = {
+        "x": forget_center + 0.3 * jax.random.normal(key_forget, (FORGET_SIZE, DATA_DIM)),
+        "label": jnp.zeros(FORGET_SIZE, jnp.int32),
+    }
+    retain = {
+        "x": retain_center + 0.3 * jax.random.normal(key_retain, (RETAIN_SIZE, DATA_DIM)),
+        "label": jnp.arange(1, RETAIN_SIZE + 1, dtype=jnp.int32),
+    }
     return params, forget, retain
 
 
@@ -172,6 +183,10 @@ def test_registry_lists_every_method_with_its_record():
         "uno_s",
         "sa_gated",
         "remap_surgery",
+        "salun",
+        "salun_surgery",
+        "selective_amnesia",
+        "selective_amnesia_surgery",
     }
     assert set(METHODS) == expected
     for name, record in METHODS.items():

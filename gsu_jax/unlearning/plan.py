@@ -38,6 +38,7 @@ import numpy as np
 from gsu_jax import checkpointing, example_sets, models, parallel, training
 from gsu_jax import generative as families
 from gsu_jax.config_validation import ROLES, default_train_config
+from gsu_jax.method_registry import METHODS
 from gsu_jax.schema import ConfigError
 from gsu_jax.unlearning.config import (
     check_gated_target,
@@ -236,6 +237,7 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
     check_gated_target(values["gated_target"])
 
     _check_guidance_model(values, train_values, forget_set)
+    names = _methods_for_model(names, values, train_values)
     classifier_dir, train_classifiers = _classifier_source(values, model_dir, train_dir)
     oracle_dir, oracle_values, train_oracle = _oracle_source(values, train_values, forget_set, forget_record, train_dir)
 
@@ -373,6 +375,28 @@ def _check_guidance_model(
             f"config.guidance_weight={values['guidance_weight']!r} is VAE-only (the uniformity term decodes "
             f"latents); allowed for model {train_values['model']!r}: 0"
         )
+
+
+def _methods_for_model(
+    names: tuple[str, ...], values: Mapping[str, Any], train_values: Mapping[str, Any]
+) -> tuple[str, ...]:
+    """The methods to run on this model: a method whose loss needs class labels (``salun``) is refused for a model
+    that takes none, or left out of ``methods='all'``."""
+    family = families.family_of(train_values["model"])
+    conditional = family.name == "ddpm" and bool(train_values["class_conditional"])
+    if conditional:
+        return names
+    if values["methods"].strip() == "all":
+        return tuple(name for name in names if not METHODS[name].class_conditional)
+    for name in names:
+        if METHODS[name].class_conditional:
+            raise UnlearnConfigError(
+                f"config.methods: {name!r} needs a class-conditional DDPM (its loss relabels the forget examples), "
+                f"but model {train_values['model']!r} is "
+                f"{'an unconditional DDPM' if family.name == 'ddpm' else 'a VAE'}; allowed: any method but "
+                f"{', '.join(sorted(n for n, m in METHODS.items() if m.class_conditional))}"
+            )
+    return names
 
 
 def _classifier_source(
