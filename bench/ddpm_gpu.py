@@ -3,7 +3,7 @@
 Run through ``bench/ddpm_gpu.sh`` (which installs the carried wheels and wraps this in an outer ``timeout``)::
 
     python bench/ddpm_gpu.py run --out $OUT [--budget-s 520] [--smoke] [--forget-classes 1,3,8]
-        [--methods salun,selective_amnesia] [--seeds 3] [--reuse]
+        [--methods sa,s] [--seeds 3] [--reuse] [--unconditional]
 
 Phases, each its own process (so that each holds the accelerator alone) with a timeout from what is left of the
 budget, every phase's outputs copied to ``--out`` as soon as it ends (a phase killed by its timeout still leaves
@@ -16,9 +16,11 @@ what the earlier ones wrote):
    config's methods (or ``--methods``) and reports forget fraction, FID and the forget-label protocol before and
    after, under ``$OUT/forget_<c>/``.
 
-``--reuse`` skips phases 1-2 when ``--workdir`` already holds the finished DDPM and every oracle (a second call on
-the same warm machine: train once, unlearn in as many calls as the methods need). The unlearning time is budgeted
-at ``_UNLEARN_S_PER_RUN`` per method, class and seed.
+``--reuse`` skips phases 1-2 when ``--workdir`` already holds the finished DDPM, its evaluator and every oracle,
+trained for the same ``--smoke`` / ``--unconditional`` (a second call on the same warm machine: train once, unlearn in
+as many calls as the methods need). The unlearning time is budgeted at ``_UNLEARN_S_PER_RUN`` per method, class and
+seed; a call whose runs would leave less than 40 % of ``--budget-s`` for training (all of it, with ``--reuse``) is
+refused before any work.
 
 ``--smoke`` swaps in configs/ddpm_smoke.py / configs/unlearn_ddpm_smoke.py on the embedded digits (what the CPU
 check of this script runs). Only the standard library is imported here; the phases import gsu_jax.
@@ -31,7 +33,6 @@ import json
 import math
 import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
@@ -148,17 +149,18 @@ def _collect_training(workdir: pathlib.Path, out: pathlib.Path, prefix: str, rec
     _copy(workdir / "generative" / "samples.png", out / f"{prefix}_samples.png")
 
 
-def _config_methods(unlearn_config: str) -> str:
-    """``config.methods`` as the unlearning config file sets it (read as text: this process imports no gsu_jax)."""
-    found = re.search(r'config\.methods = "([^"]+)"', (REPO / unlearn_config).read_text())
-    if found is None:
-        raise SystemExit(f"{unlearn_config} sets no config.methods; pass --methods")
-    return found.group(1)
+def _finished(workdir: pathlib.Path, roles: tuple[str, ...]) -> bool:
+    """Whether train.py finished every role of ``roles`` in ``workdir`` (a role's metrics are written last)."""
+    return all((workdir / role / "metrics.json").is_file() for role in roles)
 
 
-def _finished(workdir: pathlib.Path) -> bool:
-    """Whether train.py finished the generative role in ``workdir`` (its metrics are written last)."""
-    return (workdir / "generative" / "metrics.json").is_file()
+def _reusable(workdir: pathlib.Path, oracle_dirs: dict, settings: dict) -> bool:
+    """Whether ``workdir`` holds the finished DDPM, its evaluator and every oracle, trained with ``settings``."""
+    marker = workdir / "train_settings.json"
+    if not marker.is_file() or json.loads(marker.read_text()) != settings:
+        return False
+    models = _finished(workdir / "model", ("generative", "evaluator"))
+    return models and all(_finished(path, ("generative",)) for path in oracle_dirs.values())
 
 
 def _collect_unlearning(workdir: pathlib.Path, out: pathlib.Path, record: dict) -> None:
@@ -205,10 +207,26 @@ def run(args: argparse.Namespace) -> int:
     workdir = workdir / ("unconditional" if args.unconditional else "conditional")
     model_dir = workdir / "model"
     oracle_dirs = {c: workdir / f"oracle_{c}" for c in classes}
-    reuse = args.reuse and _finished(model_dir) and all(_finished(path) for path in oracle_dirs.values())
+    methods = args.methods
+    if args.unconditional:  # salun relabels the forget examples: it needs class labels (unlearn.py refuses it)
+        methods = ",".join(name for name in methods.split(",") if not name.startswith("salun"))
+    runs = len(classes) * len(methods.split(",")) * (args.seeds or 1)
+    # What the trained models depend on (a later --reuse call must ask for the same).
+    settings = {"smoke": args.smoke, "unconditional": args.unconditional, "budget_s": args.budget_s, "runs": runs}
+    reuse = args.reuse and _reusable(workdir, oracle_dirs, {**settings, "runs": None, "budget_s": None})
+    unlearn_s = _UNLEARN_S_PER_RUN * runs
+    if unlearn_s > (args.budget_s if reuse else 0.6 * args.budget_s):
+        raise SystemExit(
+            f"[ddpm_gpu] {runs} unlearning runs (methods x classes x seeds) need about {unlearn_s:.0f} s, more than "
+            f"{'the' if reuse else '60 % of the'} --budget-s {args.budget_s:.0f} s"
+            f"{'' if reuse else ' (training needs the rest)'}; allowed: fewer --methods, --forget-classes or --seeds, "
+            "or --reuse models trained by an earlier call"
+        )
     if not reuse:
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
+        # The marker is what --reuse compares; the budget and runs of this call do not change the models' recipe.
+        (workdir / "train_settings.json").write_text(json.dumps({**settings, "runs": None, "budget_s": None}))
     record: dict = {
         "budget_s": args.budget_s,
         "smoke": args.smoke,
@@ -216,17 +234,13 @@ def run(args: argparse.Namespace) -> int:
         "unlearn_config": unlearn_config,
         "data": data,
         "forget_classes": classes,
-        "methods": args.methods,
+        "methods": methods,
         "seeds": args.seeds,
         "reused_models": reuse,
         "class_conditional": not args.unconditional,
         "phases": {},
         "unlearning": {},
     }
-    methods = args.methods or _config_methods(unlearn_config)
-    if args.unconditional:  # salun relabels the forget examples: it needs class labels (unlearn.py refuses it)
-        methods = ",".join(name for name in methods.split(",") if not name.startswith("salun"))
-    runs = len(classes) * len(methods.split(",")) * (args.seeds or 1)
 
     def left() -> float:
         return args.budget_s - (time.perf_counter() - started)
@@ -357,7 +371,11 @@ def main() -> int:
     run_parser.add_argument("--budget-s", type=float, default=520.0, help="the whole run's time budget")
     run_parser.add_argument("--smoke", action="store_true", help="tiny configs on the embedded digits (CPU check)")
     run_parser.add_argument("--forget-classes", default="1", help="comma-separated digits, one oracle and run each")
-    run_parser.add_argument("--methods", default=None, help="config.methods for unlearn.py (default: the config's)")
+    run_parser.add_argument(
+        "--methods",
+        default="sa,s",
+        help="config.methods for unlearn.py (default sa,s: what fits one call with training)",
+    )
     run_parser.add_argument("--seeds", type=int, default=None, help="config.seeds for unlearn.py")
     run_parser.add_argument("--reuse", action="store_true", help="keep a workdir whose models are all finished")
     run_parser.add_argument("--unconditional", action="store_true", help="train and unlearn unconditional DDPMs")

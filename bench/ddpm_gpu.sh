@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # The DDPM GPU run of issues 7 and 13 in ONE call, from the repository root on the GPU machine:
 #
-#     bash bench/ddpm_gpu.sh
-#     # issue 13's table, two calls on the same warm machine (the second reuses the models the first trained):
-#     DDPM_GPU_FORGET=1 DDPM_GPU_METHODS=remap_surgery,salun,selective_amnesia bash bench/ddpm_gpu.sh
-#     DDPM_GPU_FORGET=1 DDPM_GPU_REUSE=1 DDPM_GPU_METHODS=salun_surgery,selective_amnesia_surgery,sa,s \
-#         bash bench/ddpm_gpu.sh
+#     bash bench/ddpm_gpu.sh          # sa and s (the README's H100 table)
+#     # issue 13's digit-1 rows, three calls on the same warm machine (the later ones reuse the trained models):
+#     DDPM_GPU_METHODS=remap_surgery,salun,selective_amnesia bash bench/ddpm_gpu.sh
+#     DDPM_GPU_REUSE=1 DDPM_GPU_METHODS=salun_surgery,selective_amnesia_surgery,sa,s bash bench/ddpm_gpu.sh
 #
 # DDPM_GPU_FORGET (comma-separated digits: one oracle each, trained at once with the DDPM), DDPM_GPU_METHODS,
 # DDPM_GPU_SEEDS, DDPM_GPU_REUSE=1 (keep /tmp/gsu_ddpm_gpu's finished models) and DDPM_GPU_UNCONDITIONAL=1 (train
@@ -20,10 +19,13 @@
 # Writes to $OUT: results.json (epochs, timings, headline numbers), model_samples.png, oracle_<digit>_samples.png,
 # forget_<digit>/{report.md,report.json,samples/<method>.png,forget_fraction.png,logs/<method>.csv}, one log per phase.
 #
-# Expected GPU runtime: about 8.5-9 minutes on one H100 (probe ~1 min; the DDPM and the oracle trained at once
-# ~4 min; unlearning ~3 min: compiling two methods and the samplers, 2 x 50 monitored steps, six evaluations). The
-# number of epochs is what fits DDPM_GPU_BUDGET_S (default 520 s) at the measured epoch time (results.json says
-# how many; configs/mnist_ddpm.py asks for 200); the outer timeout (540 s) is the backstop.
+# Expected GPU runtime: about 8.5-9 minutes on one H100 with the default sa and s (probe ~1 min; the DDPM and the
+# oracle trained at once ~4 min; unlearning ~3 min: compiling two methods and the samplers, 2 x 50 monitored steps,
+# six evaluations), about 100 s per further method, digit and seed. The number of epochs is what fits
+# DDPM_GPU_BUDGET_S (default 520 s) at the measured epoch time after reserving the unlearning (results.json says how
+# many; configs/mnist_ddpm.py asks for 200); a call whose unlearning would leave under 40 % of the budget for training
+# is refused before any work (with DDPM_GPU_REUSE=1, one whose unlearning exceeds the budget); the outer timeout
+# (540 s) is the backstop.
 # Needs: Python 3.12 + JAX 0.11 (CUDA) + flax/optax/orbax/chex/absl; ml_collections from .whl/ (installed here);
 # no gsu_jax install (PYTHONPATH=.), no TFDS, no internet.
 # CPU check (tiny configs on the embedded digits, about 3-5 minutes on the 2-core machine):

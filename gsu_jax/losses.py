@@ -117,6 +117,13 @@ def elbo_terms(graphdef: nnx.GraphDef) -> Callable[[Params, Example, jax.Array],
     """
 
     def terms_fn(params: Params, example: Example, key: jax.Array) -> ElboTerms:
+        if "pseudo_label" in example:
+            # SalUn's random-label loss relabels a conditional model's input; a VAE has no label to replace, and
+            # ignoring the field would silently turn salun's forget term into descent on the forget set.
+            raise ValueError(
+                "negative_elbo: an example with a 'pseudo_label' (salun's random-label loss) needs a class-conditional "
+                "DDPM; allowed for a VAE: examples without it (any method but salun)"
+            )
         model = _vae(graphdef, params)
         image = _example_field(example, "image", loss="negative_elbo")
         target = example.get("target", image)

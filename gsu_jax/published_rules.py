@@ -45,12 +45,16 @@ replays the real retained data of the step's retain batch (the same data every m
 its Fisher averages, over 500 generated samples of every class, the squared per-example gradient of the eps
 loss summed over all ``T`` timesteps, ours averages the squared per-example gradients of the first retain batch
 at one random timestep each (one pass instead of ``T``); its losses are summed over pixels, ours are pixel means.
-The last two change the scale of ``F`` relative to the data terms (SA's ``F`` is larger by about ``(H*W*C)^2``
-times between ``T`` and ``T^2``), so ``lambda = 10`` (the published CIFAR-10 DDPM value, our default) anchors
-our parameters far more weakly than it anchors SA's: ``ewc_weight`` is a measured row of the DDPM table, not a
-faithful conversion. The noise surrogate is drawn afresh every step from each example's key
-(``fold_in(key_i, 0x5A)``, a stream the loss itself never draws from); for the unconditional VAE it is the
-reconstruction target of each forget image (the reference's VAE is conditional).
+The last two change the scale of the penalty relative to the data terms: SA's ``F`` is larger than ours by about
+``(H*W*C)^2`` times between ``T`` and ``T^2`` and its data gradients by ``H*W*C``, so at the same ``lambda`` its
+anchor is stronger than ours by ``H*W*C`` times ``T`` to ``T^2``; ``lambda = 10`` (the published CIFAR-10 DDPM
+value, our default) therefore anchors little here, and ``ewc_weight`` is a measured row of the DDPM table, not a
+faithful conversion. The reference also trains its forget and replay terms without label dropout
+(``cond_drop_prob=0``); ours keep the model's training dropout (0.1 on our DDPMs), so about a tenth of the
+surrogate terms train the null label. The noise surrogate is drawn afresh every step from each example's key
+(``fold_in(key_i, 0x5A)``: the DDPM loss only splits its key three ways; the VAE draws its latent noise from the key
+itself, whose entry 90 onwards would share that stream, beyond our latent sizes of at most 16); for the
+unconditional VAE it is the reconstruction target of each forget image (the reference's VAE is conditional).
 
 Both are the reference's published optimiser: Adam 1e-4 after clipping the update's global norm to 1.
 """
@@ -78,7 +82,7 @@ from gsu_jax.update_rules import (
     zero_diagnostic,
 )
 
-# The key stream of the noise surrogate: folded into each example's key, which the losses only ever split.
+# The key stream of the noise surrogate, folded into each example's key (module docstring: what else draws from it).
 _SURROGATE_STREAM = 0x5A
 # SalUn's alpha (the reference's README command) on a retain loss summed over the pixels of an example.
 SALUN_PIXEL_SUM_ALPHA = 1e-3

@@ -67,7 +67,7 @@ class UnlearnResult(NamedTuple):
       nonfinite_steps: updates skipped because their result was not finite.
       history: one dict per update attempted: ``step`` (1-based), the step's metrics (``forget_loss``,
         ``retain_loss``, ``update_norm``, ...) as floats and ``nonfinite_skipped`` (0 or 1).
-      state: the method's state after the last update (step count and optimizer state).
+      state: the method's state after the last update (step count, optimizer state and the rule's fixed state).
     """
 
     params: Params

@@ -47,7 +47,7 @@ def _train_config(**overrides):
 @pytest.fixture(scope="module")
 def unlearned(tmp_path_factory):
     """``unlearn.py`` from nothing: trains the DDPM, its evaluator and the oracle DDPM (train.py's code; the two
-    DDPMs share their compiled programs), unlearns with the smoke config's six methods: (workdir, report)."""
+    DDPMs share their compiled programs), unlearns with the smoke config's seven methods: (workdir, report)."""
     workdir = tmp_path_factory.mktemp("ddpm") / "unlearn"
     done = _run("unlearn.py", "--config", str(UNLEARN_SMOKE), "--workdir", str(workdir))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -22,8 +22,9 @@ from flax import nnx
 
 from gsu_jax import diffusion, methods, published_rules
 from gsu_jax.config_validation import load_config_file
+from gsu_jax.losses import negative_elbo
 from gsu_jax.methods import make_method, split_step_keys
-from gsu_jax.models import UNet
+from gsu_jax.models import MLPVAE, UNet
 from gsu_jax.unlearning import inflight, plan_run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -213,11 +214,16 @@ def test_salun_mask_keeps_the_top_fraction_and_the_default_alpha_counts_pixels(p
     assert published_rules.salun_retain_weight({**default, "retain_weight": 2.0}, images) == 2.0
 
 
-def test_noise_surrogates_are_uniform_per_example_and_independent_of_the_loss_stream():
+def test_noise_surrogates_are_uniform_per_example_and_drawn_from_their_own_stream():
     keys = jax.random.split(jax.random.key(5), 64)
     noise = np.asarray(published_rules.noise_surrogates({"image": jnp.zeros((64, 28, 28, 1))}, keys))
     assert noise.shape == (64, 28, 28, 1) and noise.min() >= 0 and noise.max() < 1
     assert abs(noise.mean() - 0.5) < 0.01 and not np.allclose(noise[0], noise[1])
+    expected = jax.random.uniform(jax.random.fold_in(keys[3], 0x5A), (28, 28, 1))
+    np.testing.assert_array_equal(noise[3], np.asarray(expected))
+    # Not the draws of the DDPM loss's own three subkeys of the same example key.
+    for subkey in jax.random.split(keys[3], 3):
+        assert not np.allclose(noise[3], np.asarray(jax.random.uniform(subkey, (28, 28, 1))))
 
 
 def test_pseudo_label_loss_of_the_ddpm_is_zero_for_its_own_label_and_refused_unconditionally():
@@ -235,6 +241,10 @@ def test_pseudo_label_loss_of_the_ddpm_is_zero_for_its_own_label_and_refused_unc
     unconditional = diffusion.epsilon_loss(graphdef, schedule=schedule)
     with pytest.raises(ValueError, match="needs a class-conditional model"):
         jax.eval_shape(unconditional, params, {**example, "pseudo_label": jnp.int32(7)}, key)
+    # A VAE has no label to replace: its loss refuses the field instead of ignoring it.
+    graphdef, params = nnx.split(MLPVAE(latent_dim=2, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="negative_elbo: an example with a 'pseudo_label'"):
+        jax.eval_shape(negative_elbo(graphdef), params, {**example, "pseudo_label": jnp.int32(7)}, key)
 
 
 def test_batches_without_the_fields_a_rule_reads_are_refused_in_one_line(problem):

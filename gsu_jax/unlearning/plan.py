@@ -386,7 +386,7 @@ def _methods_for_model(
     conditional = family.name == "ddpm" and bool(train_values["class_conditional"])
     if conditional:
         return names
-    if values["methods"].strip() == "all":
+    if [token.strip() for token in values["methods"].split(",") if token.strip()] == ["all"]:
         return tuple(name for name in names if not METHODS[name].class_conditional)
     for name in names:
         if METHODS[name].class_conditional:

@@ -53,11 +53,15 @@ def _method(name: str, graphdef) -> methods.UnlearningMethod:
     return methods.make_method(name, loss_fn=losses.negative_elbo(graphdef), optimizer=optax.sgd(1e-4), **hparams)
 
 
-# Every method on 8 devices (both axes; a surgery variant of a published baseline only adds a projection the others
-# shard already, so it is left out); on 4 (data only) the ones whose steps differ most in structure: two full-batch
+# Every method a VAE admits on 8 devices (both axes; salun needs a class-conditional DDPM, and a surgery variant of
+# a published baseline only adds a projection the others shard already); on 4 (data only) the ones whose steps differ most in structure: two full-batch
 # gradients, per-example projection, a per-example Gram matrix, gating. Compilation dominates the cost.
 METHODS_HERE = (
-    [name for name in methods.METHODS if not name.endswith("_surgery") or name == "remap_surgery"]
+    [
+        name
+        for name, record in methods.METHODS.items()
+        if not record.class_conditional and (not name.endswith("_surgery") or name == "remap_surgery")
+    ]
     if NUM_DEVICES == 8
     else ["s", "sa_per_example", "sa_span", "sa_gated"]
 )
