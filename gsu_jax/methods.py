@@ -287,14 +287,14 @@ def make_method(
         )
     guided = guidance_weight > 0
     guidance_weight = float(guidance_weight)
-    rule, gradients, rule_state = METHODS[name].direction, METHODS[name].gradients, METHODS[name].state
+    rule, gradients, state_spec = METHODS[name].direction, METHODS[name].gradients, METHODS[name].state
 
     def init(params: Params) -> MethodState:
         fixed = ()
-        if rule_state is not None:
+        if state_spec is not None:
             # The layout the step will see (flat exactly when the step ravels).
             layout = ravel_pytree(params)[0] if flat_parameters and _one_float_dtype(params) else params
-            fixed = rule_state.template(layout)
+            fixed = state_spec.template(layout)
         return MethodState(step=jnp.zeros((), jnp.int32), optimizer=optimizer.init(params), rule=fixed)
 
     def step(
@@ -332,9 +332,9 @@ def make_method(
             unravel=unravel,
             rule_state=state.rule,
         )
-        if rule_state is not None:
+        if state_spec is not None:
             # Fixed at the first step, from theta* and that step's batches; later steps carry it unchanged.
-            fixed = jax.lax.cond(state.step == 0, lambda: rule_state.compute(inputs, resolved), lambda: state.rule)
+            fixed = jax.lax.cond(state.step == 0, lambda: state_spec.compute(inputs, resolved), lambda: state.rule)
             inputs = inputs._replace(rule_state=fixed)
         direction = rule(inputs, resolved)
         update = direction.update

@@ -61,15 +61,17 @@ Both are the reference's published optimiser: Adam 1e-4 after clipping the updat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from gsu_jax.projections import normal_plane_projection
 from gsu_jax.remap_surgery import retain_fisher_diagonal
-from gsu_jax.trees import top_magnitude_mask, tree_norm
+from gsu_jax.trees import top_magnitude_mask
 from gsu_jax.update_rules import (
     Direction,
     DirectionRule,
@@ -106,11 +108,12 @@ def _surgery(forget_grad: Params, retain_grad: Params, project: bool) -> tuple[P
 
 
 def clip_global_norm(tree: Params, max_norm: float | None) -> Params:
-    """``tree * min(1, max_norm / ||tree||)`` (``torch.nn.utils.clip_grad_norm_``); ``None``: unchanged."""
+    """``tree * min(1, max_norm / ||tree||)`` (optax's ``clip_by_global_norm``, the reference's
+    ``torch.nn.utils.clip_grad_norm_``); ``None``: unchanged."""
     if max_norm is None:
         return tree
-    scale = jnp.minimum(1.0, max_norm / jnp.maximum(tree_norm(tree), 1e-12))
-    return jax.tree.map(lambda leaf: (scale * leaf).astype(leaf.dtype), tree)
+    clipped, _ = optax.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+    return clipped
 
 
 # --------------------------------------------------------------------------------------------------- SalUn
@@ -139,10 +142,7 @@ def salun_retain_weight(hparams: Mapping[str, Any], retain_batch: Any) -> float:
     if hparams["retain_weight"] is not None:
         return hparams["retain_weight"]
     image = _field(retain_batch, hparams["image_field"], "salun")
-    pixels = 1
-    for extent in jnp.shape(image)[1:]:
-        pixels *= int(extent)
-    return SALUN_PIXEL_SUM_ALPHA * pixels
+    return SALUN_PIXEL_SUM_ALPHA * math.prod(jnp.shape(image)[1:])
 
 
 def salun_rule(*, project: bool) -> DirectionRule:
