@@ -128,13 +128,7 @@ def elbo_terms(graphdef: nnx.GraphDef) -> Callable[[Params, Example, jax.Array],
         image = _example_field(example, "image", loss="negative_elbo")
         target = example.get("target", image)
         mean, logvar = model.encode(image)
-        import os
-
-        scale = float(os.environ.get("GSU_PROTO_SCALE", "1"))
-        if "target" in example and scale != 1.0:
-            z = reparameterize(jax.lax.stop_gradient(mean), jax.lax.stop_gradient(logvar) + 2.0 * math.log(scale), key=key)
-        else:
-            z = reparameterize(mean, logvar, key=key)
+        z = reparameterize(mean, logvar, key=key)
         return ElboTerms(bernoulli_nll(model.decode(z), target), kl_to_standard_normal(mean, logvar))
 
     return terms_fn
@@ -360,35 +354,3 @@ def _check_retained_classes(retained_classes: object, *, num_classes: int) -> tu
     if len(set(classes)) != len(classes):
         raise ValueError(f"retained_classes has repeated classes: {list(classes)}")
     return tuple(int(cls) for cls in classes)
-
-
-def nearest_neighbour_remap_loss(
-    gen_graphdef: nnx.GraphDef,
-    forget_images: np.ndarray,
-    retain_images: np.ndarray,
-    *,
-    num_samples: int,
-    latent_dim: int,
-) -> GuidanceLossFn:
-    """PROTOTYPE: prior samples whose decoding is nearer a forget image than any retain image are pulled to their
-    nearest retain image (Bernoulli likelihood), the others contribute 0; mean over the samples."""
-    forget_flat = jnp.asarray(np.asarray(forget_images).reshape(len(forget_images), -1))
-    retain = jnp.asarray(np.asarray(retain_images).reshape(len(retain_images), -1))
-
-    def loss(params: Params, key: jax.Array) -> jax.Array:
-        model = nnx.merge(gen_graphdef, params)
-        z = jax.random.normal(key, (num_samples, latent_dim))
-        logits = jax.vmap(model.decode)(z).reshape(num_samples, -1)
-        probs = jax.lax.stop_gradient(jax.nn.sigmoid(logits))
-
-        def sq_dist(refs):
-            return jnp.sum(jnp.square(refs), axis=1)[None, :] - 2.0 * probs @ refs.T + jnp.sum(jnp.square(probs), axis=1)[:, None]
-
-        d_forget = jnp.min(sq_dist(forget_flat), axis=1)
-        d_retain = sq_dist(retain)
-        forget_like = d_forget < float(__import__('os').environ.get('GSU_PROTO_MARGIN', '1.0')) * jnp.min(d_retain, axis=1)
-        target = retain[jnp.argmin(d_retain, axis=1)]
-        bce = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, target), axis=1)
-        return jnp.sum(jnp.where(forget_like, bce, 0.0)) / num_samples
-
-    return loss

@@ -143,22 +143,6 @@ def _integrity_and_guidance(
         "monitoring_latents": "stream 'monitor' (independent of seeds and of every loss key)",
     }
     guidance_loss = None
-    import os
-
-    if plan.guided and os.environ.get("GSU_PROTO_NN"):
-        import numpy as np
-
-        train = plan.run_data.train
-        rng = np.random.default_rng(0)
-        retain_pick = rng.permutation(plan.retain_idx)[: plan.forget_idx.size]
-        guidance_loss = losses.nearest_neighbour_remap_loss(
-            generator.graphdef,
-            train.images[plan.forget_idx],
-            train.images[retain_pick],
-            num_samples=config["guidance_samples"],
-            latent_dim=int(generator.metadata["model_kwargs"]["latent_dim"]),
-        )
-        return integrity, guidance_loss
     if plan.guided:
         guidance = load_model(plan, plan.classifier_dir, "guidance")
         integrity["classifiers"] = check_classifier_independence(evaluator, guidance)
