@@ -15,6 +15,8 @@ Common overrides (the field names are a contract)::
     --config.max_steps=50                step budget
     --config.continue_to_budget=True     keep stepping after the stop (FID at the end of the budget)
     --config.checkpoint=runs/mnist_vae   use a train.py workdir instead of training here
+    --config.checkpoint=/tmp/my_vae      or an orbax checkpoint of nnx.state(<registry model>) that config.train
+                                         describes (imported; README "A registry model trained elsewhere")
     --config.oracle_checkpoint=runs/mnist_vae_oracle1
     --config.train_dir=runs/cache        share trained models between workdirs
     --config.guidance_weight=30          the classifier uniformity term (rows labelled +guided; 30 is the weight

@@ -66,6 +66,10 @@ __all__ = [
     "WorkdirError",
     "abstract_like",
     "ensure_writable_directory",
+    "first_line",
+    "leaf_shapes",
+    "orbax_leaf_shapes",
+    "restore_orbax_tree",
     "state_digest",
 ]
 
@@ -149,6 +153,38 @@ def abstract_like(tree: Any) -> Any:
         return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=leaf_sharding)
 
     return jax.tree.map(to_abstract, tree)
+
+
+def leaf_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{"a/b/value": (shape, dtype)}`` of every leaf of a pytree of arrays or ``ShapeDtypeStruct``, in tree order
+    (the paths as orbax names them in a checkpoint's metadata, so the two compare key by key)."""
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): (tuple(np.shape(leaf)), np.dtype(leaf.dtype))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def orbax_leaf_shapes(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """:func:`leaf_shapes` of a plain orbax checkpoint (``ocp.StandardCheckpointer().save(path, tree)``, not one of
+    :class:`Checkpointer`'s steps), read from its metadata alone: no array is read.
+
+    Raises:
+        Exception: whatever orbax raises for a directory it cannot read (its types vary).
+    """
+    with ocp.StandardCheckpointer() as reader:
+        tree = reader.metadata(pathlib.Path(path).expanduser().absolute()).item_metadata.tree
+    return leaf_shapes(tree)
+
+
+def restore_orbax_tree(path: str | os.PathLike, abstract: Any) -> Any:
+    """Restores a plain orbax checkpoint onto ``abstract`` (e.g. :func:`abstract_like` of a model's state). It has
+    no digest to verify against: the caller records :func:`state_digest` of what it read.
+
+    Raises:
+        Exception: whatever orbax raises for damaged or mismatched arrays.
+    """
+    with ocp.StandardCheckpointer() as reader:
+        return reader.restore(pathlib.Path(path).expanduser().absolute(), abstract)
 
 
 def ensure_writable_directory(path: str | os.PathLike, *, what: str = "workdir") -> pathlib.Path:
@@ -354,7 +390,7 @@ class Checkpointer:
             raise self._corrupt(
                 step,
                 f"file {str(manifest)!r} (the list of the step's files) is unreadable "
-                f"({type(err).__name__}: {_first_line(err)})",
+                f"({type(err).__name__}: {first_line(err)})",
             ) from err
         if not intact:
             raise self._corrupt(
@@ -395,7 +431,7 @@ class Checkpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
             record = restored.metadata
         except Exception as err:  # orbax raises assorted types (OSError, ValueError, JSONDecodeError, KeyError)
-            raise self._corrupt(step, f"unreadable metadata ({type(err).__name__}: {_first_line(err)})") from err
+            raise self._corrupt(step, f"unreadable metadata ({type(err).__name__}: {first_line(err)})") from err
         if not isinstance(record, dict) or record.get("format") != METADATA_FORMAT or "params_digest" not in record:
             raise self._corrupt(step, "metadata is missing or not a gsu_jax checkpoint record")
         return record
@@ -434,7 +470,7 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as err:  # orbax/tensorstore raise assorted types for damaged or mismatched arrays
-            raise self._corrupt(step, f"arrays cannot be restored ({type(err).__name__}: {_first_line(err)})") from err
+            raise self._corrupt(step, f"arrays cannot be restored ({type(err).__name__}: {first_line(err)})") from err
         params = restored.params
         opt_state = restored.opt_state if abstract_opt_state is not None else None
         self._check_shapes(step, abstract_params, params)
@@ -531,7 +567,8 @@ def _file_sha256(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-def _first_line(err: BaseException, limit: int = 160) -> str:
+def first_line(err: BaseException, limit: int = 160) -> str:
+    """The first line of an error's message, cut to ``limit`` characters (refusals stay one line)."""
     text = str(err).strip()
     line = text.splitlines()[0] if text else type(err).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -24,11 +24,14 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 from test_checkpointing import unwritable_directory
 from test_data import tiny_digits, write_idx
 
 import gsu_jax
+from gsu_jax import models
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "smoke.py")]
@@ -39,7 +42,8 @@ _PARALLEL = 3  # processes at once: each imports JAX; more would only queue on a
 # name: (command, extra arguments, exit status, fragments of the one stderr line, whether --workdir stays absent).
 # "{data}" is the directory of malformed data files, "{ckpt}" a train workdir whose checkpoint is damaged (an array
 # file truncated), "{ckpt_meta}" one whose orbax step metadata is damaged, "{ro}" a directory this process cannot
-# write.
+# write, "{foreign}" an orbax checkpoint of a registry model of another latent size than the smoke config's and
+# "{neither}" a directory that is neither a train workdir nor an orbax checkpoint.
 CASES = {
     # -- flags and config values (train.py; an unknown flag and a bad --config.model_kwargs key: test_train_cli.py)
     "train_positional_argument": (TRAIN, ["extra"], 2, ["unexpected arguments ['extra']"], True),
@@ -172,6 +176,23 @@ CASES = {
         ["CheckpointCorruptError", "config.checkpoint='{ckpt}'", "is corrupt: file", "is truncated"],
         True,
     ),
+    "unlearn_foreign_checkpoint_of_another_model": (
+        UNLEARN,
+        ["--config.checkpoint={foreign}"],
+        2,
+        [
+            "config.checkpoint='{foreign}': leaf 'decoder_hidden/kernel/value' is (3, 16) float32",
+            "has (2, 16) float32; allowed: a train.py workdir, or an orbax checkpoint of nnx.state(model)",
+        ],
+        True,
+    ),
+    "unlearn_checkpoint_neither_workdir_nor_orbax": (
+        UNLEARN,
+        ["--config.checkpoint={neither}"],
+        2,
+        ["config.checkpoint='{neither}' holds no train.py checkpoint (no <role>/checkpoints) nor an orbax checkpoint"],
+        True,
+    ),
     "unlearn_debug_shows_the_traceback": (
         UNLEARN,
         ["--config.max_steps=0", "--debug"],
@@ -222,7 +243,22 @@ def files(tmp_path_factory):
     shutil.copytree(good, damaged_meta)
     step_metadata = damaged_meta / "generative" / "checkpoints" / final.name / "_CHECKPOINT_METADATA"
     step_metadata.write_bytes(bytes(byte ^ 0xFF for byte in step_metadata.read_bytes()))
-    return {"data": str(data), "ckpt": str(damaged), "ckpt_meta": str(damaged_meta), "good": str(good), "root": root}
+    # A registry model saved with orbax outside train.py, of another latent size than configs/smoke.py's (2).
+    foreign = root / "foreign"
+    with ocp.StandardCheckpointer() as saver:
+        saver.save(foreign, nnx.state(models.build_model("mlp_vae", rngs=nnx.Rngs(0), hidden=16, latent_dim=3)))
+    neither = root / "neither"
+    neither.mkdir()
+    (neither / "weights.npy").write_bytes(b"not orbax")
+    return {
+        "data": str(data),
+        "ckpt": str(damaged),
+        "ckpt_meta": str(damaged_meta),
+        "good": str(good),
+        "foreign": str(foreign),
+        "neither": str(neither),
+        "root": root,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +270,8 @@ def results(files, tmp_path_factory):
         "{ckpt_meta}": files["ckpt_meta"],
         "{ckpt}": files["ckpt"],
         "{good}": files["good"],
+        "{foreign}": files["foreign"],
+        "{neither}": files["neither"],
         "{ro}": str(read_only),
     }
 

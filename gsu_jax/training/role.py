@@ -29,7 +29,7 @@ from gsu_jax.training.programs import Programs, compiled_programs, state_shardin
 from gsu_jax.training.role_checkpoints import checkpoint_dir, on_shardings
 from gsu_jax.training.run_data import RunData
 
-__all__ = ["MAX_CONSECUTIVE_NONFINITE", "TrainingDivergedError", "train_role"]
+__all__ = ["MAX_CONSECUTIVE_NONFINITE", "TrainingDivergedError", "checkpoint_metadata", "train_role"]
 
 # A run whose last this-many steps were all non-finite (skipped) has diverged.
 MAX_CONSECUTIVE_NONFINITE = 20
@@ -71,7 +71,7 @@ def train_role(
     started = time.perf_counter()
     with Checkpointer(checkpoint_dir(role_dir), max_to_keep=values["max_to_keep"]) as ckpt:
         progress = _start_or_restore(plan, programs, ckpt, saved, mesh, shardings)
-        metadata = _checkpoint_metadata(plan, values, run_data)
+        metadata = checkpoint_metadata(plan, values, run_data)
         _run_epochs(plan, programs, ckpt, progress, metadata, values, mesh, main_process)
         final_step = spec.num_epochs * spec.num_batches
         checkpoint_path = str(ckpt.step_path(final_step))
@@ -133,7 +133,7 @@ def _start_or_restore(
     return _Progress(params, opt_state, start_epoch, history, consecutive_nonfinite, resumed_from=saved["step"])
 
 
-def _checkpoint_metadata(plan: RolePlan, values: Mapping[str, Any], run_data: RunData) -> dict[str, Any]:
+def checkpoint_metadata(plan: RolePlan, values: Mapping[str, Any], run_data: RunData) -> dict[str, Any]:
     """What every checkpoint of the role records besides its epoch and history (read back by
     :func:`gsu_jax.training.role_checkpoints.existing_checkpoint` and :func:`gsu_jax.training.loading.load_trained`)."""
     spec = plan.spec

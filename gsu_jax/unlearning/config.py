@@ -228,10 +228,14 @@ UNLEARN_SCHEMA: dict[str, Field] = {
     "checkpoint": Field(
         "",
         str,
-        "'' (train what is missing) or a train.py workdir",
+        "'' (train what is missing), a train.py workdir, or an orbax checkpoint of nnx.state(model) of the "
+        "model config.train builds",
         None,
         "run",
-        "train.py workdir holding the generative model (and evaluator/guidance roles).",
+        "train.py workdir holding the generative model (and evaluator/guidance roles); or a plain orbax "
+        "checkpoint of a registry model's parameters not written by train.py, whose model, kwargs and training "
+        "data config.train states (imported into <train_dir>/model; the classifiers and oracle train from "
+        "config.train).",
     ),
     "oracle_checkpoint": Field(
         "",

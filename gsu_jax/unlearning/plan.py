@@ -14,7 +14,10 @@ trained when missing through the same code as ``train.py`` (:func:`gsu_jax.train
 * the *original* generative model, the *evaluator* and the *guidance classifier*: roles ``generative``,
   ``evaluator``, ``guidance`` of one ``train.py`` workdir (``config.checkpoint``, or trained into
   ``<train_dir>/model``). The training code gives the two classifiers different keys (the role folds into the
-  seed) and disjoint halves of the training digits: they are distinct models from distinct runs;
+  seed) and disjoint halves of the training digits: they are distinct models from distinct runs.
+  ``config.checkpoint`` may instead be a plain orbax checkpoint of the parameters of the model ``config.train``
+  builds (:mod:`gsu_jax.unlearning.foreign`): it is checked here and imported into ``<train_dir>/model`` at
+  execution, and the classifiers are trained from ``config.train`` as when nothing is given;
 * the *oracle*: the same config with ``exclude_classes`` = the forget classes (retrain from scratch without the
   forget set), role ``generative`` of ``config.oracle_checkpoint`` or ``<train_dir>/oracle``. A forget set of
   examples (``config.forget='fraction:...'`` or ``'indices:...'``, :mod:`gsu_jax.example_sets`) is left out with
@@ -52,6 +55,7 @@ from gsu_jax.unlearning.config import (
     parse_train_config,
 )
 from gsu_jax.unlearning.errors import UnlearnConfigError
+from gsu_jax.unlearning.foreign import ForeignImport, import_checkpoint, is_orbax_checkpoint, plan_import
 from gsu_jax.unlearning.results import check_saved_results
 
 __all__ = ["RunPlan", "load_model", "plan_run", "train_missing_models"]
@@ -85,6 +89,8 @@ class RunPlan:
         forget_set: the parsed ``config.forget`` (whole classes unless ``fraction``/``indices``).
         forget_record: what the report and the oracle check read of the forget set
             (:func:`gsu_jax.example_sets.selection_record`).
+        imported: the foreign orbax checkpoint to import into ``model_dir`` (``None``: ``config.checkpoint`` is a
+            train.py workdir, or empty).
     """
 
     config: dict[str, Any]
@@ -109,6 +115,7 @@ class RunPlan:
     mesh: jax.sharding.Mesh | None = None
     forget_set: example_sets.ExampleSet | None = None
     forget_record: dict[str, Any] | None = None
+    imported: ForeignImport | None = None
 
     @property
     def example_forget(self) -> bool:
@@ -152,17 +159,25 @@ def _check_cached(workdir: pathlib.Path, roles: Sequence[str], values: Mapping[s
         raise UnlearnConfigError(f"{field}: {reason}; use another {field} (or delete {str(workdir)!r})") from err
 
 
+def _train_roles_present(path: pathlib.Path) -> list[str]:
+    """The roles of which ``path`` holds train.py checkpoints (``<role>/checkpoints``): empty unless a train workdir."""
+    return [role for role in ROLES if (path / role / "checkpoints").is_dir()]
+
+
 def _finished_checkpoint_config(path: pathlib.Path, *, field: str) -> dict[str, Any]:
     """The train config of the finished generative VAE in a ``train.py`` workdir, or a refusal."""
+    # config.checkpoint may also be a foreign orbax checkpoint (see _original_model); the oracle may not.
+    also = " or an orbax checkpoint of config.train's model" if field == "checkpoint" else ""
     if not path.exists():
         raise UnlearnConfigError(
-            f"config.{field}={str(path)!r} not found; allowed: a train.py workdir (or '' to train one)"
+            f"config.{field}={str(path)!r} not found; allowed: a train.py workdir{also} (or '' to train one)"
         )
-    roles_present = [role for role in ROLES if (path / role / "checkpoints").is_dir()]
+    roles_present = _train_roles_present(path)
     if not roles_present:
+        neither = " nor an orbax checkpoint (no _CHECKPOINT_METADATA)" if also else ""
         raise UnlearnConfigError(
-            f"config.{field}={str(path)!r} holds no train.py checkpoint (no <role>/checkpoints); "
-            "allowed: a train.py workdir"
+            f"config.{field}={str(path)!r} holds no train.py checkpoint (no <role>/checkpoints){neither}; "
+            f"allowed: a train.py workdir{also}"
         )
     try:
         saved = _checkpoint_metadata(path, "generative")
@@ -228,9 +243,14 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
     workdir = _output_directory(workdir)
 
     train_dir = pathlib.Path(values["train_dir"]).expanduser().absolute() if values["train_dir"] else workdir / "train"
-    model_dir, train_values, train_model = _original_model(values, train_dir)
+    model_dir, train_values, train_model, foreign_source = _original_model(values, train_dir)
     values["train"] = train_values
     run_data = _original_run_data(train_values)
+    imported = None
+    if foreign_source is not None:
+        imported = plan_import(
+            foreign_source, train_values, run_data, model_dir, saved=_readable_metadata(model_dir, "train_dir")
+        )
     forget_idx, retain_idx = _forget_retain_split(run_data, forget_set, values, train_values["seed"])
     forget_record = example_sets.selection_record(forget_set, run_data.train, forget_idx)
     values["threshold"] = "auto" if threshold is None else threshold
@@ -278,6 +298,7 @@ def plan_run(config: Any, workdir: str | pathlib.Path, *, command: str | None = 
         mesh=mesh,
         forget_set=forget_set,
         forget_record=forget_record,
+        imported=imported,
     )
 
 
@@ -293,20 +314,36 @@ def _output_directory(workdir: str | pathlib.Path) -> pathlib.Path:
 
 def _original_model(
     values: Mapping[str, Any], train_dir: pathlib.Path
-) -> tuple[pathlib.Path, dict[str, Any], tuple[str, ...]]:
-    """``(its train workdir, its train config, roles to train there)`` of the original model: ``config.checkpoint``
-    (nothing to train) or ``<train_dir>/model`` trained with ``config.train``. The train config takes the run's
-    devices and hosts (``config.mesh`` / ``config.distributed``)."""
+) -> tuple[pathlib.Path, dict[str, Any], tuple[str, ...], pathlib.Path | None]:
+    """``(its train workdir, its train config, roles to train there, foreign checkpoint or None)`` of the original
+    model: a train.py workdir ``config.checkpoint`` (nothing to train); a foreign orbax checkpoint
+    ``config.checkpoint`` (imported into ``<train_dir>/model``, described by ``config.train``); or
+    ``<train_dir>/model`` trained with ``config.train``. The train config takes the run's devices and hosts
+    (``config.mesh`` / ``config.distributed``)."""
+    foreign_source = None
     if values["checkpoint"]:
-        model_dir = pathlib.Path(values["checkpoint"]).expanduser().absolute()
-        train_values = _finished_checkpoint_config(model_dir, field="checkpoint")
+        source = pathlib.Path(values["checkpoint"]).expanduser().absolute()
         train_model: tuple[str, ...] = ()
+        if _train_roles_present(source) or not is_orbax_checkpoint(source):
+            model_dir, train_values = source, _finished_checkpoint_config(source, field="checkpoint")
+        else:
+            # Orbax records no model, kwargs or data: config.train states them (checked in plan_import).
+            model_dir, foreign_source = train_dir / "model", source
+            train_values = parse_train_config(values["train"], field="train")
     else:
         model_dir = train_dir / "model"
         train_values = parse_train_config(values["train"], field="train")
         train_model = ("generative",)
     train_values = dict(train_values, mesh=values["mesh"], distributed=values["distributed"])
-    return model_dir, train_values, train_model
+    return model_dir, train_values, train_model, foreign_source
+
+
+def _readable_metadata(workdir: pathlib.Path, field: str) -> dict[str, Any] | None:
+    """:func:`_checkpoint_metadata` of the generative role, a damaged checkpoint refused naming ``config.<field>``."""
+    try:
+        return _checkpoint_metadata(workdir, "generative")
+    except checkpointing.CheckpointError as err:
+        raise UnlearnConfigError(f"config.{field}: {err}") from err
 
 
 def _original_run_data(train_values: Mapping[str, Any]) -> training.RunData:
@@ -478,9 +515,13 @@ def _check_oracle_examples(
 
 
 def train_missing_models(plan: RunPlan) -> dict[str, Any]:
-    """Trains (or resumes, or finds finished) every model the plan needs, with train.py's own code."""
+    """Imports a foreign original model (once), then trains (or resumes, or finds finished) every model the plan
+    needs, with train.py's own code."""
     started = time.perf_counter()
     trained = {}
+    if plan.imported is not None:
+        trained["imported"] = import_checkpoint(plan.imported)
+        parallel.barrier("train_missing_models:imported")
     model_roles = tuple(
         role
         for role in ROLES

@@ -417,7 +417,7 @@ def _parallel_record(plan: RunPlan) -> dict[str, Any]:
 
 
 def _model_record(workdir: pathlib.Path, model: training.TrainedModel) -> dict[str, Any]:
-    """A model's entry in ``report["models"]``: where it is, what it is and how it was trained."""
+    """A model's entry in ``report["models"]``: where it is, what it is and how it was trained (or imported from)."""
     meta = model.metadata
     return {
         "workdir": str(workdir),
@@ -431,6 +431,8 @@ def _model_record(workdir: pathlib.Path, model: training.TrainedModel) -> dict[s
         "excluded_classes": meta.get("excluded_classes"),
         "excluded": meta.get("excluded"),
         "params_digest": meta.get("params_digest"),
+        # A foreign orbax checkpoint imported by unlearn.py: {"from": its path, "params_digest"}; None if trained.
+        "imported": meta.get("imported"),
     }
 
 
