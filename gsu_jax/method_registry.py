@@ -93,17 +93,6 @@ def _is_regex(value: str) -> bool:
     return True
 
 
-def _is_class_target_map(value: Mapping[str, Any]) -> bool:
-    """Keys are class indices (non-negative integers, as JSON strings or ints), values finite real numbers."""
-    for key, target in value.items():
-        index = str(key)
-        if not index.isdigit() or isinstance(target, bool) or not isinstance(target, numbers.Real):
-            return False
-        if not math.isfinite(target):
-            return False
-    return True
-
-
 def _hparam(default: Any, kind: type, allowed: str, check: Any, doc: str, **options: Any) -> Field:
     """A method hyperparameter: a schema Field in scope ``run`` (method settings never change trained models)."""
     return Field(default, kind, allowed, check, "run", doc, **options)
@@ -399,15 +388,6 @@ METHODS: dict[str, Method] = {
                     "None or a valid regular expression",
                     _is_regex,
                     "ascend only the parameters whose path matches this regex (e.g. 'decoder'); None: all",
-                    nullable=True,
-                ),
-                "class_targets": _hparam(
-                    None,
-                    dict,
-                    "None or a mapping {class index: finite number}, e.g. {'1': 95.0, '7': 170.0}",
-                    _is_class_target_map,
-                    "per-class targets read through each forget example's 'label' (classes not listed keep "
-                    "forget_loss_target); unlearn.py sets them for a forget set of examples with gated_target='heldout'",
                     nullable=True,
                 ),
             },

@@ -366,28 +366,7 @@ def sa_per_example_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direc
     return _gated_ascent(inputs, None, only_on_conflict=hparams["only_on_conflict"])
 
 
-def per_class_targets(forget_batch: Batch, class_targets: Mapping[Any, float], *, default: float) -> jax.Array:
-    """``f32[B_f]``: each forget example's target, ``class_targets[label_i]``, or ``default`` for a class not listed.
-
-    Why per class: for a forget set spread over classes one number cannot be every example's "unseen" loss level
-    (a 1 costs the protocol VAE about 80 nats, other digits about 170), so a single target over-ascends the easy
-    classes and never moves the hard ones.
-    """
-    if not (isinstance(forget_batch, Mapping) and "label" in forget_batch):
-        raise ValueError(
-            "sa_gated: class_targets reads each forget example's 'label' field, which the batch lacks; allowed: "
-            "class_targets=None, or batches of mappings holding 'label'"
-        )
-    size = max(int(index) for index in class_targets) + 1 if class_targets else 1
-    table = np.full(size, default, np.float32)
-    for index, value in class_targets.items():
-        table[int(index)] = value
-    labels = jnp.asarray(forget_batch["label"])
-    listed = (labels >= 0) & (labels < size)
-    return jnp.where(listed, jnp.asarray(table)[jnp.clip(labels, 0, size - 1)], jnp.float32(default))
-
-
-def _forget_gate(losses: jax.Array, *, target: float | jax.Array, temperature: float) -> jax.Array:
+def _forget_gate(losses: jax.Array, *, target: float, temperature: float) -> jax.Array:
     """``w_i = 1[l_i < target]`` (``temperature = 0``) or ``sigmoid((target - l_i) / temperature)``."""
     if temperature == 0.0:
         return (losses < target).astype(jnp.float32)
@@ -400,13 +379,11 @@ def sa_gated_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
     ``w_i = 1[l(x_i) < target]`` (or ``sigmoid((target - l(x_i)) / temperature)``), ``M`` zeroes the leaves that
     ``ascend_only`` does not match (identity when None) and ``C`` is ``(1 - mean_i w_i) g_r`` for
     ``combine='fill'``, 0 for ``'sa'``; ``'pcgrad'`` instead returns ``P^c_{g_r}(a) + P^c_a(g_r)`` for the gated
-    ascent ``a``. With ``target = +inf`` and no mask this is ``sa_per_example``. With ``class_targets`` the target
-    of example ``i`` is that of its class (:func:`per_class_targets`).
+    ascent ``a``. With ``target = +inf`` and no mask this is ``sa_per_example``.
     """
-    target = hparams["forget_loss_target"]
-    if hparams["class_targets"] is not None:
-        target = per_class_targets(inputs.forget_batch, hparams["class_targets"], default=target)
-    weights = _forget_gate(inputs.forget_losses, target=target, temperature=hparams["temperature"])
+    weights = _forget_gate(
+        inputs.forget_losses, target=hparams["forget_loss_target"], temperature=hparams["temperature"]
+    )
     mask = param_mask(inputs, hparams["ascend_only"])
     gated = _gated_ascent(inputs, weights, only_on_conflict=hparams["only_on_conflict"], mask=mask)
     if hparams["combine"] == "sa":

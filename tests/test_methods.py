@@ -565,41 +565,6 @@ def test_sa_gated_weights_each_projected_example_by_its_gate(temperature, steps,
         assert 0.0 < float(metrics["gated_fraction"]) < 1.0
 
 
-def test_sa_gated_class_targets_gate_each_example_at_its_own_class_target(problem):
-    """Class-matched targets (unlearn.py's gated_target='heldout' for a forget set of examples): example i is gated
-    at the target of its label, and a class missing from the mapping keeps forget_loss_target."""
-    params, forget, retain = problem
-    key = jax.random.key(16)
-    labels = jnp.arange(FORGET_SIZE, dtype=jnp.int32) % 3  # classes 0, 1, 2; class 2 is not listed
-    forget = {**forget, "label": labels}
-    forget_keys, _, _, _ = _gradients(params, forget, retain, key)
-    losses = np.asarray(jax.vmap(vae_like_loss, in_axes=(None, 0, 0))(params, forget, forget_keys))
-    by_class = {"0": float(np.median(losses)), "1": float(np.min(losses)) - 1.0}
-    fallback = float(np.max(losses)) + 1.0
-    targets = np.where(labels == 0, by_class["0"], np.where(labels == 1, by_class["1"], fallback))
-    ascent, weights, g_r = _materialised_gated_update(params, forget, retain, key, target=targets, temperature=0.0)
-    method = make_method(
-        "sa_gated",
-        loss_fn=vae_like_loss,
-        optimizer=capture_direction(),
-        forget_loss_target=fallback,
-        class_targets=by_class,
-    )
-    _, state, metrics = jax.jit(method.step)(params, method.init(params), forget, retain, key)
-    np.testing.assert_allclose(_flat(state.optimizer), ascent + (1 - weights.mean()) * g_r, rtol=1e-5, atol=1e-6)
-    # Class 1's target is below every loss (all gated), class 2's above every loss (none gated).
-    assert weights[np.asarray(labels) == 1].sum() == 0 and weights[np.asarray(labels) == 2].all()
-    np.testing.assert_allclose(float(metrics["gated_fraction"]), 1 - weights.mean(), rtol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "bad", [{"one": 3.0}, {"1": math.inf}, {"-1": 3.0}, {"1": True}], ids=["name", "inf", "negative", "bool"]
-)
-def test_sa_gated_class_targets_are_refused_unless_class_indices_to_finite_numbers(bad):
-    with pytest.raises(ValueError, match="class_targets"):
-        resolve_hparams("sa_gated", forget_loss_target=1.0, class_targets=bad)
-
-
 def test_sa_gated_ascend_only_restricts_the_ascent_to_matching_parameters(steps, problem):
     params, forget, retain = problem
     key = jax.random.key(15)

@@ -167,8 +167,7 @@ UNLEARN_SCHEMA: dict[str, Field] = {
         None,
         "run",
         "sa_gated's forget_loss_target: the oracle's mean forget loss, the original model's "
-        "on held-out forget-class examples (for a forget set of examples: per class, on held-out examples of each "
-        "forget example's class), or a given number.",
+        "on held-out forget-class examples, or a given number.",
     ),
     "gated_target_scale": Field(
         1.0,

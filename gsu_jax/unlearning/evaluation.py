@@ -50,9 +50,7 @@ risen to the oracle's gap - 2 of its standard errors, the low end of :func:`gsu_
 ELBO on the forget *training* examples, i.e. the level a model that never saw them reaches -- this uses the
 oracle, a reference model the user must have trained. Without an oracle, ``gated_target="heldout"`` uses the
 original model's mean negative ELBO on *held-out* examples of the forget classes (examples it never trained on: the
-same "unseen" level, estimated from the model itself; for a forget set of examples, class by class: each forget
-example's target is the original's mean on the held-out examples of its own class, ``class_targets``, since one
-number cannot be the unseen level of every class); ``gated_target`` may also be a number.
+same "unseen" level, estimated from the model itself); ``gated_target`` may also be a number.
 ``gated_target_scale`` moves the target along the gap from the original model's own loss on the forget examples
 ``L_orig`` to that reference ``L_ref``: ``L_orig + scale * (L_ref - L_orig)`` (2 = as far beyond the reference as the
 original is below it).
@@ -372,20 +370,6 @@ class Evaluation:
             "mia_auc": metrics.membership_inference_auc(forget_train, heldout),
         }
 
-    def class_loss_targets(self, gen_params, scale: float) -> dict[str, float]:
-        """For a forget set of examples, ``sa_gated``'s per-class targets under ``gated_target='heldout'``: for
-        each class ``c`` of the forget examples ``L_c + scale * (H_c - L_c)``, ``H_c`` the model's mean loss on
-        the held-out examples of class ``c`` and ``L_c`` its mean on the forget training examples of that class
-        (the class-matched counterpart of :func:`gated_target`)."""
-        forget_train, heldout = self.example_losses(gen_params)
-        forget_labels, heldout_labels = self._gap_labels["forget_labels"], self._gap_labels["heldout_labels"]
-        targets = {}
-        for label in np.unique(forget_labels):
-            start = float(forget_train[forget_labels == label].mean())
-            reference = float(heldout[heldout_labels == label].mean())
-            targets[str(int(label))] = start + scale * (reference - start)
-        return targets
-
     def evaluate(self, gen_params, forget_classes: Sequence[int]) -> dict[str, float]:
         """Every metric of one generator (see the module docstring)."""
         if self.example_forget:
@@ -419,8 +403,6 @@ class References(NamedTuple):
     oracle: dict[str, float]  # the oracle's
     threshold: float | metrics.LossGapBand  # the stop (config.threshold, auto from the oracle; a band for examples)
     gated_target: float  # sa_gated's forget_loss_target
-    # sa_gated's per-class targets (a forget set of examples with gated_target='heldout'), else None.
-    gated_class_targets: dict[str, float] | None = None
 
     @property
     def start_fractions(self) -> tuple[float, float]:
@@ -441,16 +423,12 @@ def evaluate_references(
     if plan.example_forget:
         threshold = metrics.loss_gap_band(oracle_eval["loss_gap"], oracle_eval["loss_gap_se"])
         target = gated_target(config, original_eval, oracle_eval, evaluation.loss_prefix)
-        class_targets = None
-        if config["gated_target"] == "heldout":
-            # A forget set spread over classes: each class gets its own unseen level (metrics.loss_gap's reason).
-            class_targets = evaluation.class_loss_targets(generator.params, config["gated_target_scale"])
         plan.progress(
             f"original: loss gap {original_eval['loss_gap']:.3f}, FID retain {original_eval['fid_retain']:.2f}; "
             f"oracle: {oracle_eval['loss_gap']:.3f} +- {oracle_eval['loss_gap_se']:.3f}, "
             f"{oracle_eval['fid_retain']:.2f}; stop band [{threshold.low:.3f}, {threshold.high:.3f}]",
         )
-        return References(original_eval, oracle_eval, threshold, target, class_targets)
+        return References(original_eval, oracle_eval, threshold, target)
     if plan.threshold is None:
         threshold = metrics.auto_threshold(oracle_eval["forget_fraction"], config["monitor_samples"])
     else:

@@ -104,8 +104,6 @@ def run_method(
     hparams = dict(plan.method_hparams.get(name, {}))
     if name == "sa_gated":
         hparams.setdefault("forget_loss_target", references.gated_target)
-        if references.gated_class_targets is not None and hparams.get("class_targets") is None:
-            hparams["class_targets"] = references.gated_class_targets
     optimizer_spec = config["method_optimizers"].get(name, config["optimizer"])
     method = methods.make_method(
         name,

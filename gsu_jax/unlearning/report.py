@@ -219,7 +219,6 @@ def assemble_report(
             "source": config["gated_target"],
             "scale": config["gated_target_scale"],
             "value": references.gated_target,
-            "class_targets": references.gated_class_targets,
             "original_forget_train_loss": original_eval[f"{evaluation.loss_prefix}_forget_train"],
         },
         "data": _data_record(plan),
