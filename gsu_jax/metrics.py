@@ -64,8 +64,9 @@ class MetricsError(ValueError):
 # Input validation (shared; every public function validates before computing anything).
 
 
-def _number(value, name: str) -> int | float:
-    """``value`` as a finite Python int (integer input) or float, refusing bools, strings, arrays and NaN/inf."""
+def _number(value, name: str, *, allow_infinite: bool = False) -> int | float:
+    """``value`` as a finite Python int (integer input) or float, refusing bools, strings, arrays and NaN/inf
+    (``allow_infinite``: +-inf is kept, NaN still refused)."""
     if value is None or isinstance(value, bool | str | bytes):
         raise MetricsError(f"{name} must be a real number, got {value!r}")
     try:
@@ -77,8 +78,11 @@ def _number(value, name: str) -> int | float:
     if np.issubdtype(array.dtype, np.integer):
         return int(array)
     result = float(array)
+    if allow_infinite and math.isinf(result):
+        return result
     if not math.isfinite(result):
-        raise MetricsError(f"{name} must be finite, got {result!r}")
+        allowed = "finite (or +-inf, a diverged run's loss)" if allow_infinite else "finite"
+        raise MetricsError(f"{name} must be {allowed}, got {result!r}")
     return result
 
 
@@ -605,17 +609,18 @@ def summarize(values: Iterable[float | int | None]) -> dict:
     says how many those were: a mean over 3 of 10 seeds is optimistic (the censored seeds would have needed more
     than the budget), so a report must show ``num_reached`` beside it. ``std`` is the sample standard deviation
     (``ddof=1``), the spread of the seeds as draws from the run-to-run distribution; it is ``None`` with fewer
-    than two reached seeds, ``mean`` is ``None`` with none.
+    than two reached seeds, ``mean`` is ``None`` with none. A seed's value may be infinite (the held-out loss of
+    a run that diverged): the mean is then infinite too (``None`` if both signs occur) and the spread is ``None``.
 
     Args:
-        values: per-seed real numbers or ``None``, at least one entry, finite.
+        values: per-seed real numbers or ``None``, at least one entry, not NaN.
 
     Returns:
         ``{"mean": float | None, "std": float | None, "per_seed": list, "num_reached": int, "num_seeds": int}``;
         ``per_seed`` keeps the input order, ``None`` entries, and ints as ints (plain Python types, JSON-ready).
 
     Raises:
-        MetricsError: no values, a value that is neither a real number nor ``None``, NaN/inf.
+        MetricsError: no values, a value that is neither a real number nor ``None``, NaN.
 
     Example:
         >>> summarize([2, None, 4])
@@ -623,13 +628,18 @@ def summarize(values: Iterable[float | int | None]) -> dict:
     """
     if isinstance(values, str | bytes) or not isinstance(values, Iterable):
         raise MetricsError(f"values must be a sequence of numbers or None, got {type(values).__name__}")
-    per_seed = [None if value is None else _number(value, f"values[{index}]") for index, value in enumerate(values)]
+    per_seed = [
+        None if value is None else _number(value, f"values[{index}]", allow_infinite=True)
+        for index, value in enumerate(values)
+    ]
     if not per_seed:
         raise MetricsError("values must hold at least one seed's value, got none")
     reached = np.array([value for value in per_seed if value is not None], dtype=np.float64)
+    finite = bool(np.isfinite(reached).all())
+    mean = float(reached.mean()) if reached.size else None
     return {
-        "mean": float(reached.mean()) if reached.size else None,
-        "std": float(reached.std(ddof=1)) if reached.size >= 2 else None,
+        "mean": None if mean is not None and math.isnan(mean) else mean,
+        "std": float(reached.std(ddof=1)) if reached.size >= 2 and finite else None,
         "per_seed": per_seed,
         "num_reached": int(reached.size),
         "num_seeds": len(per_seed),

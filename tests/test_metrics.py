@@ -514,6 +514,20 @@ def test_summarize_edge_cases():
     assert from_jax["per_seed"] == [1.5, 2] and type(from_jax["per_seed"][1]) is int
 
 
+def test_summarize_keeps_a_diverged_seed_infinite():
+    """A run that diverged has an infinite held-out loss: the summary says so instead of refusing the report."""
+    diverged = metrics.summarize([170.0, math.inf, None])
+    assert diverged == {
+        "mean": math.inf,
+        "std": None,
+        "per_seed": [170.0, math.inf, None],
+        "num_reached": 2,
+        "num_seeds": 3,
+    }
+    both = metrics.summarize([math.inf, -math.inf])
+    assert both["mean"] is None and both["std"] is None
+
+
 @pytest.mark.parametrize(
     ("values", "match"),
     [
