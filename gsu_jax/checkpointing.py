@@ -521,9 +521,7 @@ class Checkpointer:
         raise error
 
     def _check_shapes(self, step: int, abstract: Any, restored: Any) -> None:
-        expected = [(tuple(leaf.shape), np.dtype(leaf.dtype)) for leaf in jax.tree.leaves(abstract)]
-        got = [(tuple(np.shape(leaf)), np.dtype(leaf.dtype)) for leaf in jax.tree.leaves(restored)]
-        if expected != got:
+        if list(leaf_shapes(abstract).values()) != list(leaf_shapes(restored).values()):
             raise self._corrupt(step, "restored arrays have other shapes or dtypes than the model's")
 
     def _existing_step(self, step: int | None) -> int:
