@@ -354,3 +354,46 @@ def _check_retained_classes(retained_classes: object, *, num_classes: int) -> tu
     if len(set(classes)) != len(classes):
         raise ValueError(f"retained_classes has repeated classes: {list(classes)}")
     return tuple(int(cls) for cls in classes)
+
+
+def latent_responsibility_remap_loss(
+    gen_graphdef: nnx.GraphDef,
+    gen_params: Params,
+    forget_images: np.ndarray,
+    retain_images: np.ndarray,
+    *,
+    num_samples: int,
+    latent_dim: int,
+    hard: bool = False,
+) -> GuidanceLossFn:
+    """PROTOTYPE: prior samples in the forget set's region of the latent space (the original encoder's posterior
+    mixture: responsibility of the forget posteriors) are pulled to the retain images whose posteriors cover them."""
+    import os
+
+    model0 = nnx.merge(gen_graphdef, gen_params)
+    forget = jnp.asarray(np.asarray(forget_images, np.float32))
+    retain = jnp.asarray(np.asarray(retain_images, np.float32))
+    f_mean, f_logvar = jax.vmap(model0.encode)(forget)
+    r_mean, r_logvar = jax.vmap(model0.encode)(retain)
+    retain_flat = retain.reshape(retain.shape[0], -1)
+    threshold = float(os.environ.get("GSU_PROTO_LR_THRESHOLD", "0.5"))
+    var_scale = float(os.environ.get("GSU_PROTO_LR_VARSCALE", "1"))
+
+    def log_q(z, mean, logvar):  # z[N, L], mean[M, L] -> [N, M]
+        logvar = logvar + math.log(var_scale)
+        diff = z[:, None, :] - mean[None, :, :]
+        return -0.5 * jnp.sum(diff**2 / jnp.exp(logvar)[None] + logvar[None], axis=-1)
+
+    def loss(params: Params, key: jax.Array) -> jax.Array:
+        model = nnx.merge(gen_graphdef, params)
+        z = jax.random.normal(key, (num_samples, latent_dim))
+        lf = log_q(z, f_mean, f_logvar)
+        lr = log_q(z, r_mean, r_logvar)
+        resp = jax.nn.sigmoid(jax.nn.logsumexp(lf, axis=1) - jax.nn.logsumexp(lr, axis=1))
+        weight = jnp.where(resp > threshold, 1.0 if hard else resp, 0.0)
+        target = jax.nn.softmax(lr, axis=1) @ retain_flat
+        logits = jax.vmap(model.decode)(z).reshape(num_samples, -1)
+        bce = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, target), axis=1)
+        return jnp.sum(jax.lax.stop_gradient(weight) * bce) / num_samples
+
+    return loss
