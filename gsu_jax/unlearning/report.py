@@ -143,20 +143,6 @@ def _integrity_and_guidance(
         "monitoring_latents": "stream 'monitor' (independent of seeds and of every loss key)",
     }
     guidance_loss = None
-    import os
-
-    if plan.guided and os.environ.get("GSU_PROTO_LR"):
-        train = plan.run_data.train
-        guidance_loss = losses.latent_responsibility_remap_loss(
-            generator.graphdef,
-            generator.params,
-            train.images[plan.forget_idx],
-            train.images[plan.retain_idx],
-            num_samples=config["guidance_samples"],
-            latent_dim=int(generator.metadata["model_kwargs"]["latent_dim"]),
-            hard=os.environ.get("GSU_PROTO_LR") == "hard",
-        )
-        return integrity, guidance_loss
     if plan.guided:
         guidance = load_model(plan, plan.classifier_dir, "guidance")
         integrity["classifiers"] = check_classifier_independence(evaluator, guidance)
