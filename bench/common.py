@@ -223,6 +223,8 @@ def environment(torch_device: str | None) -> dict[str, Any]:
 
     env: dict[str, Any] = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        # The command as typed (sections and budget included), so a report says exactly what produced it.
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
         # Other processes share the CPU on some machines: the load is part of the context of every CPU number.
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": sys.version.split()[0],
@@ -343,7 +345,8 @@ class Report:
     def environment_markdown(self) -> str:
         env = self.env
         lines = [
-            f"- command: `python -m bench --{self.mode}` ({env['date_utc']} UTC, commit {env.get('git_commit')})",
+            f"- command: `{env.get('command', f'python -m bench --{self.mode}')}` ({env['date_utc']} UTC, commit "
+            f"{env.get('git_commit')})",
             f"- JAX device: {env['jax_device']}; CPU: {env['cpu']} ({env['cpu_count']} cores visible, load average "
             f"{env.get('load_average_1m')} at the start)",
             f"- Python {env['python']}, jax {env['jax_version']}, jaxlib {env['jaxlib_version']}, flax "

@@ -42,16 +42,16 @@ class ReferenceRules:
         self.size = flat.size
 
         @jax.jit
-        def losses_and_flat_grads(batch, keys):
-            values, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0, 0))(params, batch, keys)
+        def losses_and_flat_grads(at, batch, keys):
+            values, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0, 0))(at, batch, keys)
             return values, jax.vmap(lambda g: ravel_pytree(g)[0])(grads)
 
-        def per_example(batch, keys):
+        def per_example(batch, keys, at=params):
             n = keys.shape[0]
             values, grads = [], []
             for start in range(0, n, chunk):
                 part = jax.tree_util.tree_map(lambda x: x[start : start + chunk], batch)
-                v, g = losses_and_flat_grads(part, keys[start : start + chunk])
+                v, g = losses_and_flat_grads(at, part, keys[start : start + chunk])
                 values.append(np.asarray(v, np.float64))
                 grads.append(np.asarray(g))
             return np.concatenate(values), np.concatenate(grads)  # f64[B], f32[B, P]
@@ -115,9 +115,11 @@ class ReferenceRules:
         return g_r + 2.0 * weight * cos * grad_cos
 
     def remap_surgery(self, hp: Mapping[str, Any]) -> np.ndarray:
-        """Step 0 of ``remap_surgery`` (``a_0 = forget_weight``): ``P^(c)_{M g_r}(D M g_s) + rho D g_r`` with the
-        nearest retained images found in float64, ``g_s`` from per-example gradients of the surrogate loss, ``M``
-        the ``forget_only`` coordinates and ``D`` from the retain batch's squared per-example gradients."""
+        """Step 0 of ``remap_surgery`` (``a_0 = forget_weight``): ``a_0 P^(c)_{M g_r}(D M g_s) + rho D g_r'`` with
+        the nearest retained images found in float64, ``g_s`` from per-example gradients of the surrogate loss,
+        ``M`` the ``forget_only`` coordinates, ``D`` from the retain batch's squared per-example gradients and
+        ``g_r'`` the retain gradient at ``theta - retain_lookahead * a_0 * P(D M g_s)`` (``g_r`` without the
+        lookahead)."""
         if hp["gate"] or hp["saliency"] < 1.0:
             raise CorrectnessError("no float64 reference for remap_surgery with gate or saliency set")
         field = hp["image_field"]
@@ -139,7 +141,17 @@ class ReferenceRules:
         pull = scale * g_s
         if hp["projection"] != "none":
             pull = self.project(pull, self.g_r * mask, only_on_conflict=hp["projection"] == "conflict")
-        return hp["forget_weight"] * pull + hp["retain_weight"] * scale * self.g_r
+        retain_grad = self.g_r
+        if hp["retain_lookahead"] > 0.0:
+            # g_r where the forget part of the step leads: theta - lookahead * a_0 * pull.
+            ahead = (
+                np.asarray(ravel_pytree(self.params)[0], np.float64)
+                - hp["retain_lookahead"] * hp["forget_weight"] * pull
+            )
+            with jax.default_matmul_precision("highest"):
+                _, grads = self._per_example(self.retain, self.retain_keys, self.unravel(ahead.astype(np.float32)))
+            retain_grad = grads.mean(axis=0, dtype=np.float64)
+        return hp["forget_weight"] * pull + hp["retain_weight"] * scale * retain_grad
 
     def direction(self, name: str, hparams: Mapping[str, Any]) -> np.ndarray:
         """The update ``u`` of method ``name`` at step 0 (alternating rules start with their even branch)."""

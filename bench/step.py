@@ -148,7 +148,7 @@ def materialised_sa_per_example(loss_fn, optimizer):
     return UnlearningMethod(init=init, step=step)
 
 
-def one_jvp_sa_per_example(loss_fn, optimizer):
+def one_jvp_sa_per_example(loss_fn, optimizer, *, with_losses: bool = False):
     """Prototype of ``sa_per_example`` (only on conflict) with the fewest passes the identity allows.
 
     ``mean_i P^c_{g_r}(-grad l(x_i)) = -g_f - mean_i(c_i) h`` with ``h = g_r`` and ``c_i = <-grad l(x_i), h> /
@@ -156,7 +156,8 @@ def one_jvp_sa_per_example(loss_fn, optimizer):
     needs it for its metrics), so only the ``B`` inner products are new: ONE ``jax.jvp`` of the per-example losses
     along ``h``. The registry's ``sa_per_example`` additionally re-derives ``mean_i grad l(x_i)`` by a
     ``linear_transpose`` (a second backward pass) and runs a second ``jvp`` for its ``projected`` metric. Same
-    ``(init, step)`` interface; checked against the same float64 reference.
+    ``(init, step)`` interface; checked against the same float64 reference. With ``with_losses`` it also returns
+    the two mean losses, as the registry's step does (``jax.value_and_grad``): the like-for-like comparison.
     """
     from gsu_jax.methods import UnlearningMethod, split_step_keys
 
@@ -169,15 +170,21 @@ def one_jvp_sa_per_example(loss_fn, optimizer):
         def losses(p, batch, keys):
             return jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, batch, keys)
 
-        forget_grad = jax.grad(lambda p: jnp.mean(losses(p, forget_batch, forget_keys)))(params)
-        retain_grad = jax.grad(lambda p: jnp.mean(losses(p, retain_batch, retain_keys)))(params)
+        def mean_loss(p, batch, keys):
+            return jnp.mean(losses(p, batch, keys))
+
+        forget_loss, forget_grad = jax.value_and_grad(mean_loss)(params, forget_batch, forget_keys)
+        retain_loss, retain_grad = jax.value_and_grad(mean_loss)(params, retain_batch, retain_keys)
         _, derivatives = jax.jvp(lambda p: losses(p, forget_batch, forget_keys), (params,), (retain_grad,))
         inner = -derivatives  # <-grad l(x_i), g_r>
         squared = sum(jnp.vdot(leaf, leaf) for leaf in jax.tree_util.tree_leaves(retain_grad))
         coefficient = jnp.mean(jnp.where(inner < 0, inner / squared, 0.0))
         update = jax.tree_util.tree_map(lambda f, r: -f - coefficient * r, forget_grad, retain_grad)
         updates, opt_state = optimizer.update(update, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, {"projected": jnp.mean(inner < 0).astype(jnp.float32)}
+        metrics = {"projected": jnp.mean(inner < 0).astype(jnp.float32)}
+        if with_losses:
+            metrics.update(forget_loss=forget_loss, retain_loss=retain_loss)
+        return optax.apply_updates(params, updates), opt_state, metrics
 
     return UnlearningMethod(init=init, step=step)
 
@@ -229,6 +236,7 @@ def adam():
 TORCH_ROW = "PyTorch reference S step (eager)"
 TORCH_ROW_1T = "PyTorch reference S step (eager, 1 thread)"
 PROTOTYPE_ROW = "sa_per_example, one jvp (bench prototype)"
+PROTOTYPE_LOSSES_ROW = "sa_per_example, one jvp, with the loss values (bench prototype)"
 FLAT_ROW = "s, flat parameter vector (bench prototype)"
 FLAT_LOSSES_ROW = "s, flat parameter vector, with the loss values (bench prototype)"
 TREE_ROW = "s, leaf-by-leaf step (flat_parameters=False)"
@@ -403,6 +411,12 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
         lambda opt: one_jvp_sa_per_example(loss_fn, opt),
         reference_name="sa_per_example",
     )
+    add_row(
+        PROTOTYPE_LOSSES_ROW,
+        "surgery (prototype)",
+        lambda opt: one_jvp_sa_per_example(loss_fn, opt, with_losses=True),
+        reference_name="sa_per_example",
+    )
     add_row(FLAT_ROW, "surgery (prototype)", lambda opt: flat_vector_s(loss_fn, opt), reference_name="s")
     add_row(
         TREE_ROW,
@@ -451,7 +465,17 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
     # The ratios the targets are about, re-measured interleaved (robust to a changing machine load).
     paired_names = [
         n
-        for n in ("s", TREE_ROW, FLAT_ROW, FLAT_LOSSES_ROW, PER_EXAMPLE_METHOD, PROTOTYPE_ROW, TORCH_ROW, TORCH_ROW_1T)
+        for n in (
+            "s",
+            TREE_ROW,
+            FLAT_ROW,
+            FLAT_LOSSES_ROW,
+            PER_EXAMPLE_METHOD,
+            PROTOTYPE_ROW,
+            PROTOTYPE_LOSSES_ROW,
+            TORCH_ROW,
+            TORCH_ROW_1T,
+        )
         if n in calls
     ]
     paired = (
@@ -486,6 +510,7 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
                 "floor: forward+backward, 256 examples",
                 *sorted(METHODS),
                 PROTOTYPE_ROW,
+                PROTOTYPE_LOSSES_ROW,
                 FLAT_ROW,
                 "sa_per_example, materialised (bench-built)",
                 "s, matmul precision 'highest'",
@@ -567,7 +592,7 @@ def _targets(rows: list[dict[str, Any]], paired: dict[str, common.Timing], *, gp
         s_ms, pe_ms = ms("s"), ms(PER_EXAMPLE_METHOD)
         torch_candidates = [(ms(name), name) for name in (TORCH_ROW, TORCH_ROW_1T) if ms(name)]
         torch_ms, torch_name = min(torch_candidates) if torch_candidates else (None, None)
-        proto_ms = ms(PROTOTYPE_ROW)
+        proto_ms, proto_losses_ms = ms(PROTOTYPE_ROW), ms(PROTOTYPE_LOSSES_ROW)
         if s_ms and pe_ms:
             ratio = pe_ms / s_ms
             flops = (
@@ -576,6 +601,8 @@ def _targets(rows: list[dict[str, Any]], paired: dict[str, common.Timing], *, gp
                 else ""
             )
             proto = f"; the one-jvp prototype: {proto_ms / s_ms:.2f}x" if proto_ms else ""
+            if proto_losses_ms:
+                proto += f", computing the loss values as the step does: {proto_losses_ms / s_ms:.2f}x"
             targets.append(
                 Target(
                     f"CPU: per-example surgery step ({PER_EXAMPLE_METHOD}) <= 1.3x the s step",
