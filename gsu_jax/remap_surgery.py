@@ -183,16 +183,25 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
 
 
 def retain_fisher_diagonal(
-    loss_fn: LossFn, params: Params, batch: Any, keys: jax.Array, chunk_size: int | None = None
+    loss_fn: LossFn,
+    params: Params,
+    batch: Any,
+    keys: jax.Array,
+    chunk_size: int | None = None,
+    *,
+    one_at_a_time: bool | None = None,
 ) -> Params:
     """``F_r = mean_i (grad l(x_i))^2``, the diagonal of the empirical Fisher of the retain batch (per-example
-    gradients, ``chunk_size`` examples at a time; on the CPU one example at a time whatever ``chunk_size``).
+    gradients, ``chunk_size`` examples at a time, or one at a time with ``one_at_a_time``, whatever ``chunk_size``;
+    None, the default: one at a time on the CPU).
 
     Why one at a time on the CPU: there the ``B`` per-example gradients of a ``vmap`` are batched outer products,
     which XLA:CPU runs about 25x slower than ``B`` ordinary gradients in a ``lax.scan`` (protocol VAE, 128
     examples: 750 ms against 29 ms on a 2-core CPU, equal to float32 rounding). Accelerators keep the vmap.
     """
-    if jax.default_backend() == "cpu":
+    if one_at_a_time is None:
+        one_at_a_time = jax.default_backend() == "cpu"
+    if one_at_a_time:
         chunk_size = 1
 
     def squared_grad_sum(chunk: tuple[Any, jax.Array]) -> Params:

@@ -18,7 +18,7 @@ import pytest
 
 from gsu_jax import methods
 from gsu_jax.methods import make_method
-from gsu_jax.remap_surgery import nearest_retained_images
+from gsu_jax.remap_surgery import nearest_retained_images, retain_fisher_diagonal
 
 DATA_DIM, HIDDEN = 5, 3
 FORGET_SIZE, RETAIN_SIZE = 6, 9
@@ -304,3 +304,16 @@ def test_unmatched_options_agree_on_the_parameter_tree_and_the_flat_vector(probl
             _, state, _ = method.step(params, method.init(params), forget, retain, jax.random.key(1))
             updates.append(_flat(state.optimizer))
         np.testing.assert_allclose(updates[0], updates[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("one_at_a_time", [True, False])
+def test_retain_fisher_diagonal_one_at_a_time_or_vmapped_equals_the_mean_squared_example_gradient(
+    problem, one_at_a_time
+):
+    """Both ways of taking the per-example gradients (the CPU's lax.scan, the accelerators' vmap, here with chunks
+    of 4 of the 9 examples) give ``mean_i (grad l(x_i))^2``, each gradient computed alone in float64."""
+    params, _, retain = problem
+    keys = jax.random.split(jax.random.key(1), RETAIN_SIZE)
+    fisher = retain_fisher_diagonal(autoencoder_loss, params, retain, keys, 4, one_at_a_time=one_at_a_time)
+    grads = np.asarray([_example_grad(params, image, image)[1] for image in np.asarray(retain["image"])])
+    np.testing.assert_allclose(_flat(fisher), np.mean(grads**2, axis=0), rtol=1e-5, atol=1e-7)
