@@ -154,8 +154,7 @@ def one_jvp_sa_per_example(loss_fn, optimizer, *, with_losses: bool = False):
     ``mean_i P^c_{g_r}(-grad l(x_i)) = -g_f - mean_i(c_i) h`` with ``h = g_r`` and ``c_i = <-grad l(x_i), h> /
     |h|^2`` where negative, else 0. ``g_f`` is the forget gradient every step computes anyway (the registry's step
     needs it for its metrics), so only the ``B`` inner products are new: ONE ``jax.jvp`` of the per-example losses
-    along ``h``. The registry's ``sa_per_example`` additionally re-derives ``mean_i grad l(x_i)`` by a
-    ``linear_transpose`` (a second backward pass) and runs a second ``jvp`` for its ``projected`` metric. Same
+    along ``h``, as in the registry's ``sa_per_example`` (which also reuses the step's ``g_f``). Same
     ``(init, step)`` interface; checked against the same float64 reference. With ``with_losses`` it also returns
     the two mean losses, as the registry's step does (``jax.value_and_grad``): the like-for-like comparison.
     """
