@@ -40,8 +40,12 @@ def test_training_loop_examples_run():
     assert int(namespace["opt_state"][0].count) == 3
     if len(blocks) > 1:
         assert int(namespace["masked_state"][0].inner_state.count) == 1
-        # On conflict the per-sample update does not oppose the retain gradient.
-        assert float(gsu_jax.trees.tree_vdot(namespace["per_sample"], namespace["retain_grad"])) >= -1e-6
+        # On conflict the per-sample update does not oppose the retain gradient: its cosine with it is >= 0 up to
+        # float32 rounding (a bound relative to the norms; an absolute one depends on the compiler's summation order).
+        update, retain_grad = namespace["per_sample"], namespace["retain_grad"]
+        inner = float(gsu_jax.trees.tree_vdot(update, retain_grad))
+        norms = float(gsu_jax.trees.tree_norm(update) * gsu_jax.trees.tree_norm(retain_grad))
+        assert inner >= -1e-5 * norms
 
 
 def test_readme_example_forgets_and_keeps_the_rest():

@@ -2,8 +2,8 @@
 
 They need several (fake CPU) devices, fixed when JAX starts, so they cannot run in the main pytest process (one
 device, whose results the README's tables depend on). ``tests/test_parallel.py`` runs this directory as
-``python -m pytest tests/multidevice`` with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` and
-``GSU_JAX_MULTIDEVICE=N`` for N = 4 and 8; otherwise nothing here is collected.
+``python -m pytest tests/multidevice`` with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` and
+``GSU_JAX_MULTIDEVICE=8``; otherwise nothing here is collected.
 """
 
 import os

@@ -1,5 +1,7 @@
 """Sharded steps equal single-device steps; batches and per-example work are really split; sharded checkpoints
-restore on other device counts. Runs with 4 and with 8 fake CPU devices (see conftest.py)."""
+restore on other device counts. Runs in one process with 8 fake CPU devices (see conftest.py): the 8-device mesh
+splits both axes, a data-only mesh over 4 of them checks pure data parallelism in the same process (a second
+process for 4 devices cost as much again in start-up and compilation)."""
 
 from __future__ import annotations
 
@@ -17,17 +19,23 @@ from jax.sharding import PartitionSpec as P
 from gsu_jax import checkpointing, losses, methods, models, parallel, per_example, training
 
 NUM_DEVICES = int(os.environ.get("GSU_JAX_MULTIDEVICE", "0"))
-# 8 devices: both axes (data 4 x model 2); 4 devices: pure data parallelism over all four.
-MESH_SHAPE = {8: (4, 2), 4: (4, 1)}[NUM_DEVICES]
+# All 8 devices: both axes (data 4 x model 2); the first 4: pure data parallelism.
+MESH_SHAPES = {"data_and_model": (4, 2), "data_only": (4, 1)}
 BATCH = 16
 # Every leaf of at least this many elements is split over the model axis (the tiny model's weight matrices).
 MIN_SIZE = 256
 
 
+@pytest.fixture(scope="module", params=list(MESH_SHAPES))
+def mesh(request):
+    assert jax.device_count() == NUM_DEVICES == 8, "the parent test sets the fake CPU device count"
+    data, model = MESH_SHAPES[request.param]
+    return parallel.make_mesh(data=data, model=model, devices=jax.devices()[: data * model])
+
+
 @pytest.fixture(scope="module")
-def mesh():
-    assert jax.device_count() == NUM_DEVICES, "the parent test sets the fake CPU device count"
-    data, model = MESH_SHAPE
+def both_axes_mesh():
+    data, model = MESH_SHAPES["data_and_model"]
     return parallel.make_mesh(data=data, model=model)
 
 
@@ -53,22 +61,25 @@ def _method(name: str, graphdef) -> methods.UnlearningMethod:
     return methods.make_method(name, loss_fn=losses.negative_elbo(graphdef), optimizer=optax.sgd(1e-4), **hparams)
 
 
-# Every method a VAE admits on 8 devices (both axes; salun needs a class-conditional DDPM, and a surgery variant of
-# a published baseline only adds a projection the others shard already); on 4 (data only) the ones whose steps differ most in structure: two full-batch
-# gradients, per-example projection, a per-example Gram matrix, gating. Compilation dominates the cost.
-METHODS_HERE = (
-    [
-        name
-        for name, record in methods.METHODS.items()
-        if not record.class_conditional and (not name.endswith("_surgery") or name == "remap_surgery")
-    ]
-    if NUM_DEVICES == 8
-    else ["s", "sa_per_example", "sa_span", "sa_gated"]
+# Every method a VAE admits on both axes (salun needs a class-conditional DDPM, and a surgery variant of a published
+# baseline only adds a projection the others shard already); data only, the ones whose steps differ most in
+# structure: two full-batch gradients, per-example projection, a per-example Gram matrix, gating. Compilation
+# dominates the cost.
+METHODS_BOTH_AXES = [
+    name
+    for name, record in methods.METHODS.items()
+    if not record.class_conditional and (not name.endswith("_surgery") or name == "remap_surgery")
+]
+METHODS_DATA_ONLY = ["s", "sa_per_example", "sa_span", "sa_gated"]
+
+
+@pytest.mark.parametrize(
+    "mesh_name, name",
+    [("data_and_model", name) for name in METHODS_BOTH_AXES] + [("data_only", name) for name in METHODS_DATA_ONLY],
 )
-
-
-@pytest.mark.parametrize("name", METHODS_HERE)
-def test_sharded_unlearning_step_equals_single_device(name, mesh, vae):
+def test_sharded_unlearning_step_equals_single_device(mesh_name, name, vae):
+    data, model = MESH_SHAPES[mesh_name]
+    mesh = parallel.make_mesh(data=data, model=model, devices=jax.devices()[: data * model])
     graphdef, params = vae
     method = _method(name, graphdef)
     state = method.init(params)
@@ -97,7 +108,6 @@ def test_sharded_unlearning_step_equals_single_device(name, mesh, vae):
     )
     # Each device holds BATCH / data examples of every per-example computation: the partitioned program's
     # image operands have the per-device batch size and never the whole batch.
-    data = MESH_SHAPE[0]
     hlo = compiled.as_text()
     assert f"f32[{BATCH // data},28,28,1]" in hlo
     assert f"f32[{BATCH},28,28,1]" not in hlo
@@ -105,7 +115,7 @@ def test_sharded_unlearning_step_equals_single_device(name, mesh, vae):
 
 def test_batch_and_per_example_losses_are_split(mesh, vae):
     graphdef, params = vae
-    data = MESH_SHAPE[0]
+    data = mesh.shape["data"]
     batch = parallel.shard_batch(_batch(0), mesh)
     for leaf in jax.tree.leaves(batch):
         assert leaf.sharding.spec == P("data")
@@ -163,11 +173,11 @@ def test_sharded_training_epoch_equals_single_device(model_name, augment_shift, 
     )
 
 
-def test_training_refuses_a_batch_the_data_axis_cannot_split(mesh, vae):
+def test_training_refuses_a_batch_the_data_axis_cannot_split(both_axes_mesh, vae):
     graphdef, _ = vae
     with pytest.raises(ValueError, match=r"batch_size=10 is not divisible by the mesh's data axis \(4 devices\)"):
         training.make_train_epoch(
-            losses.negative_elbo(graphdef), optax.sgd(1e-3), num_batches=1, batch_size=10, mesh=mesh
+            losses.negative_elbo(graphdef), optax.sgd(1e-3), num_batches=1, batch_size=10, mesh=both_axes_mesh
         )
 
 
