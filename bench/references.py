@@ -153,6 +153,24 @@ class ReferenceRules:
             retain_grad = grads.mean(axis=0, dtype=np.float64)
         return hp["forget_weight"] * pull + hp["retain_weight"] * scale * retain_grad
 
+    def selective_amnesia(self, hp: Mapping[str, Any], *, project: bool) -> np.ndarray:
+        """Step 0 of ``selective_amnesia`` (``project``: ``_surgery``): ``clip(P^c_{g_r}(g_s) + replay * g_r)``,
+        ``g_s`` from per-example gradients of the loss towards one uniform-noise image per forget example (the
+        library's draw, :func:`gsu_jax.published_rules.noise_surrogates`: data, not maths). The EWC term
+        ``2 lambda F (theta - theta*)`` is zero at step 0, where ``theta = theta*``."""
+        from gsu_jax.published_rules import noise_surrogates
+
+        noise = noise_surrogates(self.forget, self.forget_keys, hp["image_field"])
+        with jax.default_matmul_precision("highest"):
+            _, surrogate_grads = self._per_example(dict(self.forget, target=np.asarray(noise)), self.forget_keys)
+        g_s = surrogate_grads.mean(axis=0, dtype=np.float64)
+        if project:
+            g_s = self.project(g_s, self.g_r, only_on_conflict=True)
+        update = g_s + hp["replay_weight"] * self.g_r
+        if hp["grad_clip"] is not None:
+            update = update * min(1.0, hp["grad_clip"] / np.linalg.norm(update))
+        return update
+
     def direction(self, name: str, hparams: Mapping[str, Any]) -> np.ndarray:
         """The update ``u`` of method ``name`` at step 0 (alternating rules start with their even branch)."""
         from gsu_jax.methods import resolve_hparams
@@ -189,6 +207,8 @@ class ReferenceRules:
             return self.span(hp["num_directions"])
         if name == "remap_surgery":
             return self.remap_surgery(hp)
+        if name in ("selective_amnesia", "selective_amnesia_surgery"):
+            return self.selective_amnesia(hp, project=name == "selective_amnesia_surgery")
         if name in ("uno", "uno_s"):
             from gsu_jax.methods import uno_orthogonality_weight
 
