@@ -16,9 +16,11 @@ optax optimizer (default: the optimizer the method's defaults were measured with
 ``max_steps`` steps, calling your stopping rule ``stop(steps_run, params) -> bool`` after each.
 
 Each step is the registry's one jitted step ``step(params, state, forget_batch, retain_batch, key)``
-(:func:`gsu_jax.methods.make_method`), so the result equals what ``unlearn.py`` computes for the same batches and
-keys. A step whose new parameters or optimizer state are not finite is skipped (counted in
-``UnlearnResult.nonfinite_steps``); :data:`MAX_CONSECUTIVE_NONFINITE` in a row raise :class:`FloatingPointError`.
+(:func:`gsu_jax.methods.make_method`), run by :func:`step_loop`, the loop ``unlearn.py`` runs too (it adds its
+monitoring, in-flight checkpoints, interrupts and mesh through the loop's hooks), so the result equals what
+``unlearn.py`` computes for the same batches and keys. A step whose new parameters or optimizer state are not finite
+is skipped (counted in ``UnlearnResult.nonfinite_steps``); :data:`MAX_CONSECUTIVE_NONFINITE` in a row raise
+:class:`FloatingPointError`.
 
 ``remap_surgery`` (the recommended method) pairs each forget example with its nearest retained image, so it needs
 batches that are mappings holding an ``"image"`` field (``image_field=`` names another) and a loss that scores the
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -43,7 +46,16 @@ from gsu_jax import methods
 from gsu_jax.losses import LossFn
 from gsu_jax.method_registry import PROTOCOL_OPTIMIZER, build_optimizer, is_positive_int
 
-__all__ = ["MAX_CONSECUTIVE_NONFINITE", "UnlearnResult", "batch_schedule", "tree_all_finite", "unlearn"]
+__all__ = [
+    "MAX_CONSECUTIVE_NONFINITE",
+    "LoopEnd",
+    "StepRecord",
+    "UnlearnResult",
+    "batch_schedule",
+    "step_loop",
+    "tree_all_finite",
+    "unlearn",
+]
 
 Params = Any
 StopRule = Callable[[int, Params], bool]  # (steps run, params) -> stop?
@@ -77,6 +89,84 @@ class UnlearnResult(NamedTuple):
     nonfinite_steps: int
     history: list[dict[str, float]]
     state: methods.MethodState
+
+
+class StepRecord(NamedTuple):
+    """One attempted update, as :func:`step_loop` reports it to its ``after_step``.
+
+    Attributes:
+      step: updates attempted so far, this one included (1-based).
+      params: the parameters after it (the previous ones if it was skipped).
+      finite: False when its parameters or optimizer state were not finite and it was skipped.
+      metrics: the step's metrics (``forget_loss``, ``retain_loss``, ...), device scalars.
+      seconds: its wall time, dispatch to ready parameters (the batches were ready before).
+    """
+
+    step: int
+    params: Params
+    finite: bool
+    metrics: Mapping[str, Any]
+    seconds: float
+
+
+class LoopEnd(NamedTuple):
+    """Where :func:`step_loop` stopped: the last kept parameters and state and the non-finite counters."""
+
+    params: Params
+    state: Any
+    nonfinite_steps: int
+    consecutive_nonfinite: int
+
+
+def step_loop(
+    step: Callable[..., tuple[Params, Any, Mapping[str, Any]]],
+    params: Params,
+    state: Any,
+    inputs_at: Callable[[int], tuple[Any, Any, jax.Array] | None],
+    *,
+    max_steps: int,
+    after_step: Callable[[StepRecord], bool],
+    diverged: Callable[[int, int], Exception],
+    first_step: int = 0,
+    stopped: bool = False,
+    continue_to_budget: bool = False,
+    before_step: Callable[[int, Params, Any, tuple[int, int]], None] | None = None,
+    nonfinite_steps: int = 0,
+    consecutive_nonfinite: int = 0,
+) -> LoopEnd:
+    """The unlearning loop of :func:`unlearn` and of ``unlearn.py`` (:func:`gsu_jax.unlearning.loop.run_steps`).
+
+    For ``t = first_step .. max_steps - 1``, until stopped (and then on to the budget with ``continue_to_budget``):
+    ``before_step(t, params, state, (nonfinite_steps, consecutive_nonfinite))`` (the CLI saves its in-flight state
+    and honours interrupts there), ``inputs_at(t) -> (forget_batch, retain_batch, key)`` (None: the data ran out,
+    the loop ends), one ``step`` timed to ready parameters, the non-finite guard (a step whose new parameters or
+    state are not finite is skipped: both stay as they were, and :data:`MAX_CONSECUTIVE_NONFINITE` skipped in a
+    row, or every step of a shorter budget, raise ``diverged(consecutive, step)``), then ``after_step(record)``,
+    which says whether the run has now stopped (once True, it stays so). Returns the kept parameters and state.
+    """
+    window = min(MAX_CONSECUTIVE_NONFINITE, max_steps)
+    for t in range(first_step, max_steps):
+        if stopped and not continue_to_budget:
+            break
+        if before_step is not None:
+            before_step(t, params, state, (nonfinite_steps, consecutive_nonfinite))
+        inputs = inputs_at(t)
+        if inputs is None:
+            break
+        started = time.perf_counter()
+        new_params, new_state, metrics = step(params, state, *inputs)
+        jax.block_until_ready(new_params)
+        seconds = time.perf_counter() - started
+        finite = bool(tree_all_finite((new_params, new_state)))
+        if finite:
+            params, state, consecutive_nonfinite = new_params, new_state, 0
+        else:
+            nonfinite_steps += 1
+            consecutive_nonfinite += 1
+            if consecutive_nonfinite >= window:
+                raise diverged(consecutive_nonfinite, t + 1)
+        stopped = after_step(StepRecord(t + 1, params, finite, metrics, seconds)) or stopped
+    return LoopEnd(params, state, nonfinite_steps, consecutive_nonfinite)
 
 
 @jax.jit
@@ -188,42 +278,47 @@ def unlearn(
     retain_batches = _batches(retain_data, retain_batch_size, max_steps, retain_key, "retain_data")
     step = jax.jit(unlearning_method.step)
 
-    state = unlearning_method.init(params)
+    def inputs_at(t: int) -> tuple[Any, Any, jax.Array] | None:
+        try:
+            return next(forget_batches), next(retain_batches), jax.random.fold_in(steps_key, t)
+        except StopIteration:
+            return None  # an iterable of batches ran out
+
     stopped_at = 0 if stop is not None and stop(0, params) else None
     params_at_stop = params if stopped_at == 0 else None
     history: list[dict[str, float]] = []
-    nonfinite_steps = consecutive_nonfinite = 0
-    window = min(MAX_CONSECUTIVE_NONFINITE, max_steps)
-    for t in range(max_steps):
-        if stopped_at is not None and not continue_to_budget:
-            break
-        try:
-            forget_batch, retain_batch = next(forget_batches), next(retain_batches)
-        except StopIteration:
-            break  # an iterable of batches ran out
-        new_params, new_state, step_metrics = step(
-            params, state, forget_batch, retain_batch, jax.random.fold_in(steps_key, t)
-        )
-        finite = bool(tree_all_finite((new_params, new_state)))
-        if finite:
-            params, state, consecutive_nonfinite = new_params, new_state, 0
-        else:
-            nonfinite_steps += 1
-            consecutive_nonfinite += 1
-            if consecutive_nonfinite >= window:
-                raise FloatingPointError(
-                    f"{name} diverged: the last {consecutive_nonfinite} steps (up to step {t + 1}) had non-finite "
-                    "updates and were skipped; lower the learning rate or check the loss and the data"
-                )
+
+    def after_step(record: StepRecord) -> bool:
+        nonlocal stopped_at, params_at_stop
         history.append(
             {
-                "step": t + 1,
-                **{metric: float(value) for metric, value in step_metrics.items()},
-                "nonfinite_skipped": int(not finite),
+                "step": record.step,
+                **{metric: float(value) for metric, value in record.metrics.items()},
+                "nonfinite_skipped": int(not record.finite),
             }
         )
-        if stopped_at is None and stop is not None and stop(t + 1, params):
-            stopped_at, params_at_stop = t + 1, params
+        if stopped_at is None and stop is not None and stop(record.step, record.params):
+            stopped_at, params_at_stop = record.step, record.params
+        return stopped_at is not None
+
+    def diverged(consecutive: int, at_step: int) -> FloatingPointError:
+        return FloatingPointError(
+            f"{name} diverged: the last {consecutive} steps (up to step {at_step}) had non-finite "
+            "updates and were skipped; lower the learning rate or check the loss and the data"
+        )
+
+    end = step_loop(
+        step,
+        params,
+        unlearning_method.init(params),
+        inputs_at,
+        max_steps=max_steps,
+        after_step=after_step,
+        diverged=diverged,
+        stopped=stopped_at is not None,
+        continue_to_budget=continue_to_budget,
+    )
+    params, state, nonfinite_steps = end.params, end.state, end.nonfinite_steps
     return UnlearnResult(
         params=params if params_at_stop is None else params_at_stop,
         params_at_end=params,

@@ -1,7 +1,8 @@
 """gsu_jax.unlearn: the library entry point for a user's own model.
 
 Its steps against make_method's step driven by hand (the same batches and keys), its stopping rule, its batch
-order and its refusals (tests/test_readme_example.py runs the README's example).
+order, its refusals, and the step loop it shares with unlearn.py (tests/test_readme_example.py runs the README's
+example).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import optax
 import pytest
 
 from gsu_jax import methods
-from gsu_jax.unlearner import batch_schedule, unlearn
+from gsu_jax.unlearner import batch_schedule, step_loop, unlearn
 
 
 def _loss(params, example, key):
@@ -181,3 +182,68 @@ def test_bad_arguments_are_refused_before_any_step(change, error, match):
             **arguments,
         )
     assert not calls  # never traced
+
+
+def test_step_loop_calls_its_hooks_in_order_skips_nonfinite_steps_and_stops():
+    """The loop both unlearn and unlearn.py run, on a scalar 'model' whose step adds its input (NaN at step 3)."""
+    events = []
+
+    def step(params, state, forget, retain, key):
+        del retain, key
+        return params + forget, state + 1, {"loss": forget}
+
+    def before_step(t, params, state, counters):
+        events.append(("before", t, float(params), int(state), counters))
+
+    def after_step(record):
+        events.append(("after", record.step, float(record.params), record.finite))
+        return record.step == 4  # stop after the fourth update
+
+    inputs = [1.0, 2.0, float("nan"), 4.0, 5.0, 6.0]
+    end = step_loop(
+        step,
+        jnp.float32(0.0),
+        jnp.int32(0),
+        lambda t: (jnp.float32(inputs[t]), None, None),
+        max_steps=6,
+        after_step=after_step,
+        diverged=lambda consecutive, at: AssertionError("must not diverge"),
+        before_step=before_step,
+    )
+    assert events == [
+        ("before", 0, 0.0, 0, (0, 0)),
+        ("after", 1, 1.0, True),
+        ("before", 1, 1.0, 1, (0, 0)),
+        ("after", 2, 3.0, True),
+        ("before", 2, 3.0, 2, (0, 0)),
+        ("after", 3, 3.0, False),  # skipped: parameters and state kept
+        ("before", 3, 3.0, 2, (1, 1)),
+        ("after", 4, 7.0, True),
+    ]
+    assert (float(end.params), int(end.state), end.nonfinite_steps, end.consecutive_nonfinite) == (7.0, 3, 1, 0)
+
+    # continue_to_budget runs on after the stop; a source that runs out (None) ends the loop.
+    records = []
+    step_loop(
+        step,
+        jnp.float32(0.0),
+        jnp.int32(0),
+        lambda t: None if t == 5 else (jnp.float32(1.0), None, None),
+        max_steps=6,
+        after_step=lambda record: records.append(record.step) or True,
+        diverged=lambda consecutive, at: AssertionError("must not diverge"),
+        continue_to_budget=True,
+    )
+    assert records == [1, 2, 3, 4, 5]
+
+    # Every step of a budget shorter than the window non-finite: diverged(consecutive, step) is raised.
+    with pytest.raises(FloatingPointError, match="2 in a row up to 2"):
+        step_loop(
+            step,
+            jnp.float32(0.0),
+            jnp.int32(0),
+            lambda t: (jnp.float32(float("nan")), None, None),
+            max_steps=2,
+            after_step=lambda record: False,
+            diverged=lambda consecutive, at: FloatingPointError(f"{consecutive} in a row up to {at}"),
+        )

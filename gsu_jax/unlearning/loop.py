@@ -48,7 +48,7 @@ from gsu_jax import checkpointing, interrupts, io, losses, methods, metrics, par
 from gsu_jax import data as data_lib
 
 # The library's own step pieces (gsu_jax.unlearn): the batch order and the non-finite guard are one code.
-from gsu_jax.unlearner import MAX_CONSECUTIVE_NONFINITE, batch_schedule, tree_all_finite
+from gsu_jax.unlearner import MAX_CONSECUTIVE_NONFINITE, StepRecord, batch_schedule, step_loop, tree_all_finite
 from gsu_jax.unlearning import inflight
 from gsu_jax.unlearning.config import build_optimizer, jsonable_config
 from gsu_jax.unlearning.errors import UnlearningDivergedError
@@ -376,7 +376,6 @@ def run_steps(
     keys = seed_step_keys(seed, budget)
 
     params, state = params0, method.init(params0)
-    divergence_window = min(MAX_CONSECUTIVE_NONFINITE, budget)
     nonfinite_steps = consecutive_nonfinite = 0
     if mesh is not None:
         params, state = parallel.put((params, state), state_shardings)
@@ -406,9 +405,8 @@ def run_steps(
         first_step, rows, fractions, published = host["next_step"], host["rows"], host["fractions"], host["published"]
         stop, stop_published, step_times = host["stop"], host["stop_published"], host["step_times"]
         nonfinite_steps, consecutive_nonfinite = host["nonfinite_steps"], host["consecutive_nonfinite"]
-    for t in range(first_step, budget):
-        if stop is not None and not config["continue_to_budget"]:
-            break
+
+    def before_step(t: int, params, state, counters: tuple[int, int]) -> None:
         interrupted = interrupts.requested()  # read once: what is saved below is what the stop relies on
         if every and t > first_step and (t % every == 0 or interrupted is not None):
             host = {
@@ -419,8 +417,8 @@ def run_steps(
                 "stop": stop,
                 "stop_published": stop_published,
                 "step_times": step_times,
-                "nonfinite_steps": nonfinite_steps,
-                "consecutive_nonfinite": consecutive_nonfinite,
+                "nonfinite_steps": counters[0],
+                "consecutive_nonfinite": counters[1],
             }
             at_stop = params_at_stop
             if mesh is not None and at_stop is not None:
@@ -429,39 +427,52 @@ def run_steps(
         # SIGINT/SIGTERM: stop here (with checkpoint_every_steps, the state was just saved to resume from; without,
         # this (method, seed) run is abandoned: the finished ones are saved already).
         interrupts.stop(interrupted)
-        forget_batch, retain_batch, key = _step_inputs(train, forget_schedule[t], retain_schedule[t], keys[t], mesh)
-        started = time.perf_counter()
-        new_params, new_state, step_metrics = compiled_step(params, state, forget_batch, retain_batch, key)
-        jax.block_until_ready(new_params)
-        step_times.append(time.perf_counter() - started)
-        finite = bool(tree_all_finite((new_params, new_state)))
-        if finite:
-            params, state, consecutive_nonfinite = new_params, new_state, 0
-            local_params = params if mesh is None else parallel.localize(params)
+
+    def inputs_at(t: int) -> tuple[Any, Any, jax.Array]:
+        return _step_inputs(train, forget_schedule[t], retain_schedule[t], keys[t], mesh)
+
+    def after_step(record: StepRecord) -> bool:
+        nonlocal local_params, stop, stop_published, params_at_stop
+        step_times.append(record.seconds)
+        if record.finite:
+            local_params = record.params if mesh is None else parallel.localize(record.params)
             main, pub = evaluation.monitor(local_params)
-        else:
-            # Skip the step: keep the parameters and optimizer state; the fractions are those of the kept model.
-            nonfinite_steps += 1
-            consecutive_nonfinite += 1
-            if consecutive_nonfinite >= divergence_window:
-                raise _diverged(label, seed, consecutive_nonfinite, t + 1)
+        else:  # a skipped step: the fractions are those of the kept model
             main, pub = fractions[-1], published[-1]
         fractions.append(main)
         published.append(pub)
         if stop is None and metrics.reached_stop(main, threshold):
-            stop, params_at_stop = t + 1, local_params
+            stop, params_at_stop = record.step, local_params
         if stop_published is None and pub < config["published_threshold"]:
-            stop_published = t + 1
+            stop_published = record.step
         rows.append(
             {
                 "seed": seed,
-                "step": t + 1,
+                "step": record.step,
                 **monitored(main, pub),
-                "step_time_ms": 1e3 * step_times[-1],
-                "nonfinite_skipped": int(not finite),
-                **{name: float(value) for name, value in step_metrics.items()},
+                "step_time_ms": 1e3 * record.seconds,
+                "nonfinite_skipped": int(not record.finite),
+                **{name: float(value) for name, value in record.metrics.items()},
             }
         )
+        return stop is not None
+
+    end = step_loop(
+        compiled_step,
+        params,
+        state,
+        inputs_at,
+        max_steps=budget,
+        after_step=after_step,
+        diverged=lambda consecutive, at_step: _diverged(label, seed, consecutive, at_step),
+        first_step=first_step,
+        stopped=stop is not None,
+        continue_to_budget=config["continue_to_budget"],
+        before_step=before_step,
+        nonfinite_steps=nonfinite_steps,
+        consecutive_nonfinite=consecutive_nonfinite,
+    )
+    nonfinite_steps = end.nonfinite_steps
     return {
         "seed": seed,
         "stop": stop,
