@@ -333,8 +333,8 @@ def save_unlearned(
         )
 
 
-# Over 80 lines: one loop whose state (parameters, optimizer state, both stopping rules, the non-finite counts, the
-# log rows) every step reads and updates; _step_inputs and _diverged hold what does not touch that state.
+# Over 80 lines: the run's host state (both stopping rules, the fractions, the log rows, the in-flight save and its
+# resume) lives here, shared by the hooks it gives gsu_jax.unlearner.step_loop, which owns the stepping itself.
 def run_steps(
     plan: RunPlan,
     evaluation: Evaluation,
