@@ -126,7 +126,8 @@ class ReferenceRules:
         images = np.asarray(self.forget[field], np.float64).reshape(len(self.forget_keys), -1)
         retained = np.asarray(self.retain[field], np.float64).reshape(len(self.retain_keys), -1)
         distances = (images**2).sum(1)[:, None] - 2.0 * images @ retained.T + (retained**2).sum(1)[None, :]
-        surrogate = dict(self.forget, target=np.asarray(self.retain[field])[np.argmin(distances, axis=1)])
+        partners = np.argmin(distances, axis=1) if hp["pairing"] == "nearest" else sinkhorn_partners(distances)
+        surrogate = dict(self.forget, target=np.asarray(self.retain[field])[partners])
         with jax.default_matmul_precision("highest"):
             _, surrogate_grads = self._per_example(surrogate, self.forget_keys)
         paths = jax.tree_util.tree_flatten_with_path(self.params)[0]
@@ -214,6 +215,20 @@ class ReferenceRules:
 
             return self.uno(uno_orthogonality_weight(hp["orthogonality_weight"], len(self.retain_keys)))
         raise CorrectnessError(f"no float64 reference for method {name!r} with {hp}: add one to bench/step.py")
+
+
+def sinkhorn_partners(cost: np.ndarray, *, epsilon: float = 0.01, iterations: int = 200) -> np.ndarray:
+    """Row-wise argmax of the entropic optimal-transport plan between uniform measures, in float64 numpy (the
+    reference of :func:`gsu_jax.remap_surgery.balanced_retained_images`: cost scaled by its mean, log domain)."""
+    from scipy.special import logsumexp
+
+    cost = cost / cost.mean()
+    rows, cols = cost.shape
+    f, g = np.zeros(rows), np.zeros(cols)
+    for _ in range(iterations):
+        f = -epsilon * np.log(rows) - epsilon * logsumexp((g[None, :] - cost) / epsilon, axis=1)
+        g = -epsilon * np.log(cols) - epsilon * logsumexp((f[:, None] - cost) / epsilon, axis=0)
+    return np.argmax(g[None, :] - cost, axis=1)
 
 
 def direction_tolerance(name: str) -> float:

@@ -250,7 +250,8 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "remap_surgery",
-            "u = P^c_{g_r}(D g_s) + D g_r, g_s = grad mean_i l(x_i -> nearest retained image) (a bounded forget loss), "
+            "u = a P^c_{g_r}(D g_s) + D g_r, g_s = grad mean_i l(x_i -> its retained partner, an optimal-transport pairing "
+            "of the two batches) (a bounded forget loss), "
             "D = (F_r + damping)^-1/2 the retain data's diagonal Fisher",
             "ours (gsu-jax): forget by descending a surrogate whose minimum exists, projected off g_r; a surrogate "
             "target for the forgotten data as in Selective Amnesia (Heng & Soh, 2023, arXiv:2305.10120)",
@@ -262,6 +263,15 @@ METHODS: dict[str, Method] = {
                     _is_regex,
                     "the surrogate moves only the parameters whose path matches this regex; None: all",
                     nullable=True,
+                ),
+                "pairing": _hparam(
+                    "balanced",
+                    str,
+                    "'nearest' or 'balanced'",
+                    one_of(("nearest", "balanced")),
+                    "each forget example's surrogate target: its nearest retained image in the retain batch, or its "
+                    "partner in an entropic optimal-transport pairing of the two batches (every retain image used "
+                    "equally, so the targets' classes follow the retain batch's)",
                 ),
                 "unmatched_weight": _hparam(
                     0.0,
@@ -335,7 +345,7 @@ METHODS: dict[str, Method] = {
                     "damping added to the diagonal Fisher, as a multiple of its mean",
                 ),
                 "forget_weight": _hparam(
-                    1.0, float, "a finite number >= 0", at_least(0), "weight of the projected surrogate gradient"
+                    0.7, float, "a finite number >= 0", at_least(0), "weight of the projected surrogate gradient"
                 ),
                 "retain_weight": _hparam(
                     1.0, float, "a finite number >= 0", at_least(0), "weight of g_r added to the update"

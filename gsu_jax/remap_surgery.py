@@ -2,9 +2,15 @@
 
 Ascent (``sa`` and its variants) maximises a loss that has no maximum, so after the forget point it keeps going and
 wrecks the model; the gentle rules (``s``, ``uno``) never forget. ``remap_surgery`` instead *descends* a bounded
-surrogate: each forget example ``x_i`` is encoded as usual but must reconstruct ``n(x_i)``, the retained image
-nearest to it in pixel space (within the step's retain batch, :func:`nearest_retained_images`), so the generator
-learns to draw a retained image wherever it drew the forgotten class, and the surrogate has a minimum to stop at.
+surrogate: each forget example ``x_i`` is encoded as usual but must reconstruct ``n(x_i)``, a retained image near it
+in pixel space, so the generator learns to draw a retained image wherever it drew the forgotten class, and the
+surrogate has a minimum to stop at. ``n`` pairs the forget batch with the step's retain batch by entropic optimal
+transport (``pairing='balanced'``, the default, :func:`balanced_retained_images`): every retain image is some forget
+image's target, so the forget class's region is redrawn with the retain batch's mix of images and classes instead of
+with the few retained images nearest to it (``pairing='nearest'``, :func:`nearest_retained_images`, the previous
+default). Measured on every digit at latents 2 and 16, 3 seeds (README, issue 12), balanced pairing at
+``forget_weight=0.7`` meets each target on at least as many cases as nearest pairing at 1.0, and on more for the
+updates to the threshold and the FID at the stop and at the end.
 Training the generator towards a surrogate in place of the forgotten data is the idea of Selective Amnesia (Heng &
 Soh, "Selective Amnesia: A Continual Learning Approach to Forgetting in Deep Generative Models", 2023,
 arXiv:2305.10120, whose surrogate is noise or another class); here the surrogate is the nearest retained image and
@@ -86,11 +92,52 @@ def nearest_retained_images(forget_images: jax.Array, retain_images: jax.Array) 
     return retain_images[jnp.argmin(distances, axis=1)]
 
 
+def balanced_retained_images(
+    forget_images: jax.Array, retain_images: jax.Array, *, epsilon: float = 0.01, iterations: int = 200
+) -> jax.Array:
+    """For each forget image, a retain image from an (entropic) optimal-transport pairing of the two batches.
+
+    Where :func:`nearest_retained_images` lets many forget images share the retained image (and the class) nearest
+    to them, this pairing spends every retain image equally: the row-wise argmax of the Sinkhorn plan between the
+    uniform measures on the two batches with cost ``||x_i - r_j||^2`` (scaled by its mean, entropy ``epsilon``),
+    so the targets' classes follow the retain batch's class mix.
+
+    Args:
+      forget_images: ``f32[B_f, ...]``.
+      retain_images: ``f32[B_r, ...]`` of the same per-example shape.
+      epsilon: entropic regularisation, relative to the mean cost.
+      iterations: Sinkhorn iterations (log domain).
+
+    Returns:
+      ``f32[B_f, ...]``: row ``i`` is ``retain_images[argmax_j P_ij]``.
+    """
+    flat_forget = forget_images.reshape(forget_images.shape[0], -1)
+    flat_retain = retain_images.reshape(retain_images.shape[0], -1)
+    cost = (
+        jnp.sum(jnp.square(flat_forget), axis=1)[:, None]
+        - 2.0 * flat_forget @ flat_retain.T
+        + jnp.sum(jnp.square(flat_retain), axis=1)[None, :]
+    )
+    cost = jax.lax.stop_gradient(cost / jnp.mean(cost))
+    log_a = -jnp.log(cost.shape[0]) * jnp.ones(cost.shape[0])
+    log_b = -jnp.log(cost.shape[1]) * jnp.ones(cost.shape[1])
+
+    def sweep(_, potentials):
+        f, g = potentials
+        f = epsilon * log_a - epsilon * jax.nn.logsumexp((g[None, :] - cost) / epsilon, axis=1)
+        g = epsilon * log_b - epsilon * jax.nn.logsumexp((f[:, None] - cost) / epsilon, axis=0)
+        return f, g
+
+    _, g = jax.lax.fori_loop(0, iterations, sweep, (jnp.zeros(cost.shape[0]), jnp.zeros(cost.shape[1])))
+    return retain_images[jnp.argmax(g[None, :] - cost, axis=1)]
+
+
 def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
     """Ours: ``u = a_t P^(c)_{M g_r}(D S(M g_s)) + retain_weight * D g_r``, ``g_s`` the gradient of a *bounded* loss.
 
     ``g_s = grad mean_i w_i l(x_i -> n(x_i))``: each forget example's loss with its reconstruction target replaced
-    by ``n(x_i)``, its nearest retained image in the retain batch (:func:`nearest_retained_images`), descended.
+    by ``n(x_i)``, its partner in the retain batch (``pairing``: :func:`balanced_retained_images` or
+    :func:`nearest_retained_images`), descended.
     ``M`` restricts it to the leaves matching ``forget_only`` (the other leaves get ``unmatched_weight`` times the
     surrogate's gradient, or with ``unmatched_objective='ascent'`` minus that times the gradient of the forget
     examples' own mean loss; 0, the default, leaves them out and projects off ``M g_r``); ``w_i = 1`` unless ``gate`` (then ``1[l(x_i -> n_i) >
@@ -121,7 +168,8 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
             "batches of mappings holding it (set image_field to the field the loss reconstructs)"
         )
     surrogate = dict(inputs.forget_batch)
-    surrogate["target"] = nearest_retained_images(inputs.forget_batch[field], inputs.retain_batch[field])
+    pairing = nearest_retained_images if hparams["pairing"] == "nearest" else balanced_retained_images
+    surrogate["target"] = pairing(inputs.forget_batch[field], inputs.retain_batch[field])
     if hparams["gate"]:
         # Example i stops pulling once the model reconstructs it at least as well as its surrogate target as
         # itself (same key, so the same reparameterisation noise): it is forgotten, and pulling further would

@@ -1,5 +1,5 @@
 """Tests for the recommended method, ``remap_surgery``: its step against a NumPy float64 reference of the rule,
-the nearest-retained pairing against brute force, the gate and the annealing on toys whose answer is known.
+the nearest-retained pairing against brute force, the balanced pairing on cases whose answer is known, the gate and the annealing on toys whose answer is known.
 
 The model is a tiny deterministic autoencoder ``x -> tanh(x E) D + b`` (encoder ``E``, decoder ``D``, ``b``) whose
 per-example loss reconstructs the example's ``"target"`` field when it has one (as the VAE and DDPM losses do).
@@ -18,7 +18,7 @@ import pytest
 
 from gsu_jax import methods
 from gsu_jax.methods import make_method
-from gsu_jax.remap_surgery import nearest_retained_images, retain_fisher_diagonal
+from gsu_jax.remap_surgery import balanced_retained_images, nearest_retained_images, retain_fisher_diagonal
 
 DATA_DIM, HIDDEN = 5, 3
 FORGET_SIZE, RETAIN_SIZE = 6, 9
@@ -92,6 +92,18 @@ def _example_grad(params, image, target):
         return float(loss), _flat(grad)
 
 
+def _sinkhorn_partners(cost, epsilon=0.01, iterations=200):
+    """Row-wise argmax of the entropic transport plan between uniform marginals, cost scaled by its mean: the
+    Sinkhorn updates u <- a / (K v), v <- b / (K^T u) of K = exp(-C / epsilon), in log space, in float64."""
+    cost = cost / cost.mean()
+    log_kernel = -cost / epsilon
+    log_u, log_v = np.zeros(cost.shape[0]), np.zeros(cost.shape[1])
+    for _ in range(iterations):
+        log_u = -np.log(cost.shape[0]) - np.logaddexp.reduce(log_kernel + log_v[None, :], axis=1)
+        log_v = -np.log(cost.shape[1]) - np.logaddexp.reduce(log_kernel + log_u[:, None], axis=0)
+    return np.argmax(log_kernel + log_v[None, :], axis=1)
+
+
 def reference_direction(
     params,
     forget,
@@ -109,14 +121,17 @@ def reference_direction(
     unmatched_weight=0.0,
     unmatched_objective="surrogate",
     retain_lookahead=0.0,
+    pairing="nearest",
 ):
-    """The rule in NumPy: pair by brute force, per-example gradients one at a time, mask, gate, project, combine."""
+    """The rule in NumPy: pair by brute force (or by Sinkhorn iterations written out here), per-example gradients one
+    at a time, mask, gate, project, combine."""
     forget_images, retain_images = np.asarray(forget["image"], np.float64), np.asarray(retain["image"], np.float64)
     mask = _decoder_mask(params) if forget_only else 1.0
+    cost = np.array([[np.sum((image - r) ** 2) for r in retain_images] for image in forget_images])
+    partners = np.argmin(cost, axis=1) if pairing == "nearest" else _sinkhorn_partners(cost)
     surrogate_grads, own_grads, weights = [], [], []
-    for image in forget_images:
-        nearest = retain_images[np.argmin([np.sum((image - r) ** 2) for r in retain_images])]
-        surrogate_loss, grad = _example_grad(params, image, nearest)
+    for image, partner in zip(forget_images, partners):
+        surrogate_loss, grad = _example_grad(params, image, retain_images[partner])
         own_loss, own_grad = _example_grad(params, image, image)
         surrogate_grads.append(grad)
         own_grads.append(own_grad)
@@ -166,10 +181,28 @@ def test_nearest_retained_images_match_brute_force():
     assert np.array_equal(np.asarray(nearest_retained_images(forget, retain))[0], retain[4])
 
 
+def test_balanced_pairing_recovers_a_permutation_and_spends_every_retain_image():
+    rng = np.random.default_rng(1)
+    retain = rng.normal(size=(12, 3, 4)).astype(np.float32)
+    # A permuted, slightly perturbed copy: the optimal-transport pairing is that permutation (the nearest images too).
+    order = rng.permutation(12)
+    forget = retain[order] + 1e-3 * rng.normal(size=retain.shape).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(balanced_retained_images(forget, retain)), retain[order])
+    # Four forget images all nearer to "a" than to "b": nearest sends all four to a, the pairing two to each.
+    a, b = np.zeros((3, 4), np.float32), np.ones((3, 4), np.float32)
+    pool = np.stack([a, a + 0.01, b, b - 0.01])
+    crowd = np.stack([a + 0.1 * (i + 1) for i in range(4)])
+    nearest = np.asarray(nearest_retained_images(crowd, pool))
+    assert np.all(nearest.mean(axis=(1, 2)) < 0.5)
+    paired = np.asarray(balanced_retained_images(crowd, pool))
+    np.testing.assert_allclose(np.sort(paired.mean(axis=(1, 2))), [0.0, 0.01, 0.99, 1.0], atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "hparams",
     [
         {},  # the defaults
+        {"pairing": "nearest"},
         {"projection": "always", "forget_weight": 2.0, "retain_weight": 0.5},
         {"projection": "none", "forget_only": None},
         {"gate": True},
@@ -183,6 +216,7 @@ def test_nearest_retained_images_match_brute_force():
     ],
     ids=[
         "defaults",
+        "nearest",
         "always",
         "none-all-params",
         "gated",
@@ -215,6 +249,7 @@ def test_step_matches_numpy_reference(problem, hparams):
         unmatched_weight=resolved["unmatched_weight"],
         unmatched_objective=resolved["unmatched_objective"],
         retain_lookahead=resolved["retain_lookahead"],
+        pairing=resolved["pairing"],
     )
     np.testing.assert_allclose(_flat(update), expected, rtol=2e-4, atol=2e-5)
     assert float(step_metrics["gated_fraction"]) == pytest.approx(gated)
@@ -222,6 +257,7 @@ def test_step_matches_numpy_reference(problem, hparams):
 
 def test_annealing_halves_the_forget_pull_every_half_life(problem):
     params, forget, retain = problem
+    defaults = methods.resolve_hparams("remap_surgery")
     for step in (0, 3, 6):
         update, _ = _direction(params, forget, retain, step=step, forget_half_life=3.0, retain_weight=1.0)
         expected, _ = reference_direction(
@@ -229,7 +265,9 @@ def test_annealing_halves_the_forget_pull_every_half_life(problem):
             forget,
             retain,
             weight_scale=0.5 ** (step / 3),
-            retain_lookahead=methods.resolve_hparams("remap_surgery")["retain_lookahead"],
+            forget_weight=defaults["forget_weight"],
+            retain_lookahead=defaults["retain_lookahead"],
+            pairing=defaults["pairing"],
         )
         np.testing.assert_allclose(_flat(update), expected, rtol=2e-4, atol=2e-5)
 
@@ -254,7 +292,8 @@ def test_gate_stops_the_pull_exactly_when_the_example_is_forgotten():
         gate=True,
         retain_weight=0.0,
         forget_half_life=None,
-        precondition="none",  # the known answer is for plain SGD on the raw pull
+        forget_weight=1.0,
+        precondition="none",  # the known answer is for plain SGD on the raw pull at weight 1
     )
     params = {"decoder": {"b": jnp.array([0.0, 1.0])}}
     state = method.init(params)
