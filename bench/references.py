@@ -116,7 +116,7 @@ class ReferenceRules:
 
     def remap_surgery(self, hp: Mapping[str, Any]) -> np.ndarray:
         """Step 0 of ``remap_surgery`` (``a_0 = forget_weight``): ``a_0 P^(c)_{M g_r}(D M g_s) + rho D g_r'`` with
-        the nearest retained images found in float64, ``g_s`` from per-example gradients of the surrogate loss,
+        the retained partners (nearest, or the float64 Sinkhorn pairing) found in float64, ``g_s`` from per-example gradients of the surrogate loss,
         ``M`` the ``forget_only`` coordinates, ``D`` from the retain batch's squared per-example gradients and
         ``g_r'`` the retain gradient at ``theta - retain_lookahead * a_0 * P(D M g_s)`` (``g_r`` without the
         lookahead)."""
@@ -220,9 +220,12 @@ class ReferenceRules:
 def sinkhorn_partners(cost: np.ndarray, *, epsilon: float = 0.01, iterations: int = 200) -> np.ndarray:
     """Row-wise argmax of the entropic optimal-transport plan between uniform measures, in float64 numpy (the
     reference of :func:`gsu_jax.remap_surgery.balanced_retained_images`: cost scaled by its mean, log domain)."""
-    from scipy.special import logsumexp
 
-    cost = cost / cost.mean()
+    def logsumexp(x, axis):
+        return np.logaddexp.reduce(x, axis=axis)
+
+    cost = np.maximum(cost, 0.0)
+    cost = cost / max(cost.mean(), np.finfo(np.float64).tiny)
     rows, cols = cost.shape
     f, g = np.zeros(rows), np.zeros(cols)
     for _ in range(iterations):

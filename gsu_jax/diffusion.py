@@ -146,7 +146,7 @@ def epsilon_loss(graphdef: nnx.GraphDef, *, schedule: NoiseSchedule, class_dropo
     ``class_dropout`` (``k_drop``; classifier-free guidance training); an unconditional model ignores the label.
 
     Two optional fields turn it into a surrogate loss of an unlearning rule: ``"target"`` (an image in [0, 1])
-    replaces ``image`` as ``x_0`` (remap_surgery's nearest retained image, Selective Amnesia's noise image), and
+    replaces ``image`` as ``x_0`` (remap_surgery's retained partner image, Selective Amnesia's noise image), and
     ``"pseudo_label"`` (``i32[]``, conditional models only) replaces ``epsilon`` by the model's own stopped
     prediction ``sg[eps_theta(x_t, t / T, c')]`` under that label (SalUn's random-label loss; ``c'`` is dropped to
     the null label with probability ``class_dropout`` on its own draw, ``fold_in(k_drop, 1)``).

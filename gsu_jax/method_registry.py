@@ -250,7 +250,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "remap_surgery",
-            "u = a P^c_{g_r}(D g_s) + D g_r, g_s = grad mean_i l(x_i -> its retained partner, an optimal-transport pairing "
+            "u = a_t P^c_{g_r}(D g_s) + D g_r, a_t = 0.7 * 2^(-t/20), g_s = grad mean_i l(x_i -> its retained partner, an optimal-transport pairing "
             "of the two batches) (a bounded forget loss), "
             "D = (F_r + damping)^-1/2 the retain data's diagonal Fisher",
             "ours (gsu-jax): forget by descending a surrogate whose minimum exists, projected off g_r; a surrogate "
@@ -270,8 +270,8 @@ METHODS: dict[str, Method] = {
                     "'nearest' or 'balanced'",
                     one_of(("nearest", "balanced")),
                     "each forget example's surrogate target: its nearest retained image in the retain batch, or its "
-                    "partner in an entropic optimal-transport pairing of the two batches (every retain image used "
-                    "equally, so the targets' classes follow the retain batch's)",
+                    "partner in an entropic optimal-transport pairing of the two batches (each retain image carries "
+                    "equal mass in the plan; the row-wise argmax is near-balanced)",
                 ),
                 "unmatched_weight": _hparam(
                     0.0,

@@ -104,7 +104,7 @@ from gsu_jax.method_registry import (
     is_positive_int,
     resolve_hparams,
 )
-from gsu_jax.remap_surgery import nearest_retained_images
+from gsu_jax.remap_surgery import balanced_retained_images, nearest_retained_images
 from gsu_jax.trees import tree_add_scaled, tree_norm
 from gsu_jax.update_rules import (
     Batch,
@@ -127,6 +127,7 @@ __all__ = [
     "MethodState",
     "StepInputs",
     "UnlearningMethod",
+    "balanced_retained_images",
     "chunk_size_for_budget",
     "make_method",
     "nearest_retained_images",

@@ -5,15 +5,15 @@ wrecks the model; the gentle rules (``s``, ``uno``) never forget. ``remap_surger
 surrogate: each forget example ``x_i`` is encoded as usual but must reconstruct ``n(x_i)``, a retained image near it
 in pixel space, so the generator learns to draw a retained image wherever it drew the forgotten class, and the
 surrogate has a minimum to stop at. ``n`` pairs the forget batch with the step's retain batch by entropic optimal
-transport (``pairing='balanced'``, the default, :func:`balanced_retained_images`): every retain image is some forget
-image's target, so the forget class's region is redrawn with the retain batch's mix of images and classes instead of
-with the few retained images nearest to it (``pairing='nearest'``, :func:`nearest_retained_images`, the previous
+transport (``pairing='balanced'``, the default, :func:`balanced_retained_images`): each retain image carries equal
+mass in the plan (the row-wise argmax is near-balanced), so the forget class's region is redrawn with most of the
+retain batch's images instead of with the few retained images nearest to it (``pairing='nearest'``, :func:`nearest_retained_images`, the previous
 default). Measured on every digit at latents 2 and 16, 3 seeds (README, issue 12), balanced pairing at
 ``forget_weight=0.7`` meets each target on at least as many cases as nearest pairing at 1.0, and on more for the
 updates to the threshold and the FID at the stop and at the end.
 Training the generator towards a surrogate in place of the forgotten data is the idea of Selective Amnesia (Heng &
 Soh, "Selective Amnesia: A Continual Learning Approach to Forgetting in Deep Generative Models", 2023,
-arXiv:2305.10120, whose surrogate is noise or another class); here the surrogate is the nearest retained image and
+arXiv:2305.10120, whose surrogate is noise or another class); here the surrogate is a nearby retained image and
 the retained data is protected by gradient surgery instead of replay and a Fisher penalty. Only the
 decoder follows it (``forget_only='decoder'``: the encoder could lower the surrogate by moving the posterior instead
 of changing what the prior decodes to). Its gradient ``g_s`` is projected off the (decoder part of the) retain
@@ -98,9 +98,11 @@ def balanced_retained_images(
     """For each forget image, a retain image from an (entropic) optimal-transport pairing of the two batches.
 
     Where :func:`nearest_retained_images` lets many forget images share the retained image (and the class) nearest
-    to them, this pairing spends every retain image equally: the row-wise argmax of the Sinkhorn plan between the
-    uniform measures on the two batches with cost ``||x_i - r_j||^2`` (scaled by its mean, entropy ``epsilon``),
-    so the targets' classes follow the retain batch's class mix.
+    to them, the Sinkhorn plan between the uniform measures on the two batches (cost ``||x_i - r_j||^2`` scaled by
+    its mean, entropy ``epsilon``) gives every retain image equal mass; each forget image takes its row's argmax.
+    That rounding is near-balanced, not one-to-one: on the protocol's 128 + 128 MNIST batches 100-118 of the 128
+    retain images are some forget image's target (nearest pairing: far fewer), and the argmax agrees with the exact
+    optimal assignment on 66-85 % of rows (more iterations do not change it; the rounding does).
 
     Args:
       forget_images: ``f32[B_f, ...]``.
@@ -111,14 +113,19 @@ def balanced_retained_images(
     Returns:
       ``f32[B_f, ...]``: row ``i`` is ``retain_images[argmax_j P_ij]``.
     """
-    flat_forget = forget_images.reshape(forget_images.shape[0], -1)
-    flat_retain = retain_images.reshape(retain_images.shape[0], -1)
-    cost = (
+    # In float32 at least (epsilon = 0.01 is meaningless in bfloat16), clamped at 0 (the expanded square can round
+    # below it for near-identical images), scaled by a mean kept away from 0 (identical batches: every pairing is
+    # as good, and the potentials stay finite).
+    dtype = jnp.promote_types(forget_images.dtype, jnp.float32)
+    flat_forget = forget_images.reshape(forget_images.shape[0], -1).astype(dtype)
+    flat_retain = retain_images.reshape(retain_images.shape[0], -1).astype(dtype)
+    cost = jnp.maximum(
         jnp.sum(jnp.square(flat_forget), axis=1)[:, None]
         - 2.0 * flat_forget @ flat_retain.T
-        + jnp.sum(jnp.square(flat_retain), axis=1)[None, :]
+        + jnp.sum(jnp.square(flat_retain), axis=1)[None, :],
+        0.0,
     )
-    cost = jax.lax.stop_gradient(cost / jnp.mean(cost))
+    cost = jax.lax.stop_gradient(cost / jnp.maximum(jnp.mean(cost), jnp.finfo(dtype).tiny))
     log_a = -jnp.log(cost.shape[0]) * jnp.ones(cost.shape[0])
     log_b = -jnp.log(cost.shape[1]) * jnp.ones(cost.shape[1])
 

@@ -22,7 +22,7 @@ monitoring, in-flight checkpoints, interrupts and mesh through the loop's hooks)
 is skipped (counted in ``UnlearnResult.nonfinite_steps``); :data:`MAX_CONSECUTIVE_NONFINITE` in a row raise
 :class:`FloatingPointError`.
 
-``remap_surgery`` (the recommended method) pairs each forget example with its nearest retained image, so it needs
+``remap_surgery`` (the recommended method) pairs each forget example with a nearby retained image, so it needs
 batches that are mappings holding an ``"image"`` field (``image_field=`` names another) and a loss that scores the
 reconstruction of ``example.get("target", example["image"])``; by default only parameters whose path contains
 ``decoder`` follow its surrogate (``forget_only=``). For a loss without that contract pick another method (e.g.
@@ -99,7 +99,8 @@ class StepRecord(NamedTuple):
       params: the parameters after it (the previous ones if it was skipped).
       finite: False when its parameters or optimizer state were not finite and it was skipped.
       metrics: the step's metrics (``forget_loss``, ``retain_loss``, ...), device scalars.
-      seconds: its wall time, dispatch to ready parameters (the batches were ready before).
+      seconds: its wall time, dispatch to ready parameters (``unlearn.py`` readies the batches before;
+        :func:`unlearn`'s host batches are transferred inside it).
     """
 
     step: int

@@ -199,7 +199,7 @@ def test_sharded_checkpoint_restores_on_other_device_counts(tmp_path, vae):
         checkpointing.abstract_like(params),
         checkpointing.abstract_like(jax.eval_shape(optimizer.init, params)),
     )
-    # Half the devices (model axis 2 -> 1 for 4 of 8, or 2 -> 2 for 2 of 4), and a single device.
+    # Half the devices (saved on data 4 x model 2, restored on a data-only mesh over 4 of the 8), and a single device.
     half = jax.devices()[: NUM_DEVICES // 2]
     targets = {"half": parallel.make_mesh(data=len(half), model=1, devices=half), "one": None}
     for label, target in targets.items():
