@@ -127,11 +127,6 @@ def elbo_terms(graphdef: nnx.GraphDef) -> Callable[[Params, Example, jax.Array],
         model = _vae(graphdef, params)
         image = _example_field(example, "image", loss="negative_elbo")
         target = example.get("target", image)
-        if "target_source" in example:
-            # The model's own drawing of the source image (its posterior mean decoded, held fixed): a target the
-            # decoder can reach exactly, so the surrogate's gradient vanishes once it is met.
-            source_mean, _ = model.encode(example["target_source"])
-            target = jax.lax.stop_gradient(jax.nn.sigmoid(model.decode(source_mean)))
         mean, logvar = model.encode(image)
         z = reparameterize(mean, logvar, key=key)
         return ElboTerms(bernoulli_nll(model.decode(z), target), kl_to_standard_normal(mean, logvar))

@@ -273,14 +273,6 @@ METHODS: dict[str, Method] = {
                     "partner in an entropic optimal-transport pairing of the two batches (each retain image carries "
                     "equal mass in the plan; the row-wise argmax is near-balanced)",
                 ),
-                "surrogate_target": _hparam(
-                    "image",
-                    str,
-                    "'image' or 'reconstruction'",
-                    one_of(("image", "reconstruction")),
-                    "what a forget example must reconstruct: its partner image itself, or the model's current "
-                    "reconstruction of it (a VAE loss's 'target_source' field: the partner's posterior mean decoded)",
-                ),
                 "unmatched_weight": _hparam(
                     0.0,
                     float,
@@ -297,14 +289,6 @@ METHODS: dict[str, Method] = {
                     "the retain part uses g_r at theta - retain_lookahead * a_t * P(D g_s), where the step's forget part "
                     "leads; 0: at theta. The default is the default SGD learning rate (change both together): the retain "
                     "part then repairs, to first order, what the forget part costs the retained data through curvature",
-                ),
-                "retain_lookahead_passes": _hparam(
-                    1,
-                    int,
-                    "an integer >= 1",
-                    is_positive_int,
-                    "passes of the retain lookahead: pass k > 1 takes g_r where the whole step of pass k - 1 leads "
-                    "(forget part and retain part: a fixed-point iteration towards an implicit retain step)",
                 ),
                 "unmatched_objective": _hparam(
                     "surrogate",

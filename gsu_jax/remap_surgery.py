@@ -176,8 +176,7 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
         )
     surrogate = dict(inputs.forget_batch)
     pairing = nearest_retained_images if hparams["pairing"] == "nearest" else balanced_retained_images
-    partners = pairing(inputs.forget_batch[field], inputs.retain_batch[field])
-    surrogate["target_source" if hparams["surrogate_target"] == "reconstruction" else "target"] = partners
+    surrogate["target"] = pairing(inputs.forget_batch[field], inputs.retain_batch[field])
     if hparams["gate"]:
         # Example i stops pulling once the model reconstructs it at least as well as its surrogate target as
         # itself (same key, so the same reparameterisation noise): it is forgotten, and pulling further would
@@ -228,27 +227,12 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
         # The retained data's loss rises after a forget step through curvature, not slope: on the protocol VAEs the
         # forget part changes the held-out retained -ELBO by 0 to -0.5 nats to first order but raises it by +0.1 to
         # +8.3 (bench.curvature). g_r taken where that part of the step leads repairs the rise to first order.
-        def retain_direction_at(ahead: Params) -> Params:
-            _, direction = losses_and_mean_grad(
-                inputs.loss_fn, ahead, inputs.retain_batch, inputs.retain_keys, inputs.chunk_size
-            )
-            if hparams["precondition"] != "none":
-                direction = jax.tree.map(jnp.multiply, direction, inverse)
-            return direction
-
-        lookahead = hparams["retain_lookahead"]
-        retain_direction = retain_direction_at(
-            jax.tree.map(lambda p, s: p - lookahead * forget_weight * s, inputs.params, update)
+        ahead = jax.tree.map(lambda p, s: p - hparams["retain_lookahead"] * forget_weight * s, inputs.params, update)
+        _, retain_direction = losses_and_mean_grad(
+            inputs.loss_fn, ahead, inputs.retain_batch, inputs.retain_keys, inputs.chunk_size
         )
-        for _ in range(hparams["retain_lookahead_passes"] - 1):
-            retain_direction = retain_direction_at(
-                jax.tree.map(
-                    lambda p, s, r: p - lookahead * (forget_weight * s + hparams["retain_weight"] * r),
-                    inputs.params,
-                    update,
-                    retain_direction,
-                )
-            )
+        if hparams["precondition"] != "none":
+            retain_direction = jax.tree.map(jnp.multiply, retain_direction, inverse)
     update = jax.tree.map(lambda s, r: forget_weight * s + hparams["retain_weight"] * r, update, retain_direction)
     return Direction(update, projected, gated_fraction)
 
