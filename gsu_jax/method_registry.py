@@ -273,15 +273,6 @@ METHODS: dict[str, Method] = {
                     "partner in an entropic optimal-transport pairing of the two batches (each retain image carries "
                     "equal mass in the plan; the row-wise argmax is near-balanced)",
                 ),
-                "surrogate_codes": _hparam(
-                    "current",
-                    str,
-                    "'current' or 'original'",
-                    one_of(("current", "original")),
-                    "the codes at which the surrogate pulls the forget_only parameters: the current encoder's, or the "
-                    "original (first step's) encoder's (the parameters outside forget_only held at their first-step "
-                    "values in that pass; unmatched_weight then follows the surrogate in a second pass)",
-                ),
                 "unmatched_weight": _hparam(
                     0.0,
                     float,
@@ -370,7 +361,6 @@ METHODS: dict[str, Method] = {
             _GUIDANCE_AFTER_PROJECTION,
             remap_surgery.remap_surgery_rule,
             optimizer={"name": "sgd", "learning_rate": _REMAP_LEARNING_RATE},
-            state=remap_surgery.REMAP_STATE,
             gradients=frozenset({"retain"}),  # the surrogate replaces g_f: only cos_forget_retain read it
         ),
         Method(

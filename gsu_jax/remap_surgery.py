@@ -64,7 +64,6 @@ from gsu_jax.trees import top_magnitude_mask
 from gsu_jax.update_rules import (
     Direction,
     Params,
-    RuleState,
     StepInputs,
     changed,
     losses_and_mean_grad,
@@ -165,18 +164,7 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
             "the surrogate when forget_only is None); allowed: unmatched_weight=0 or a forget_only pattern"
         )
     unmatched_move = mask is not None and unmatched_weight > 0.0
-    original_codes = hparams["surrogate_codes"] == "original"
-    if original_codes and mask is None:
-        raise ValueError(
-            "remap_surgery: surrogate_codes='original' needs forget_only (the parameters outside it, the encoder, "
-            "are the ones held at their original values); allowed: surrogate_codes='current' or a forget_only pattern"
-        )
-    if original_codes:
-        # The surrogate's pull on the decoder is taken at the codes the ORIGINAL encoder gives the forget examples:
-        # where the original model drew the forgotten class. An encoder that moves (unmatched_weight, or the retain
-        # part) then cannot meet the surrogate in the decoder's place.
-        loss_fn = _with_original_outside(loss_fn, mask, inputs.rule_state)
-    elif mask is not None and not (unmatched_move and unmatched_objective == "surrogate"):
+    if mask is not None and not (unmatched_move and unmatched_objective == "surrogate"):
         loss_fn = masked_loss(loss_fn, mask)
     if mask is not None and not unmatched_move:
         retain_grad = masked_tree(retain_grad, mask)
@@ -189,7 +177,6 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
     surrogate = dict(inputs.forget_batch)
     pairing = nearest_retained_images if hparams["pairing"] == "nearest" else balanced_retained_images
     surrogate["target"] = pairing(inputs.forget_batch[field], inputs.retain_batch[field])
-    surrogate_batch = dict(surrogate)
     if hparams["gate"]:
         # Example i stops pulling once the model reconstructs it at least as well as its surrogate target as
         # itself (same key, so the same reparameterisation noise): it is forgotten, and pulling further would
@@ -200,18 +187,7 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
         loss_fn, inputs.params, surrogate, inputs.forget_keys, inputs.chunk_size
     )
     gated_fraction = jnp.mean((surrogate_losses == 0.0).astype(jnp.float32)) if hparams["gate"] else zero_diagnostic()
-    if unmatched_move and unmatched_objective == "surrogate" and original_codes:
-        # The encoder follows the surrogate at its current codes (a second pass): it moves the forget examples'
-        # codes to where the decoder draws their partners, while the decoder's pull stays at the original codes.
-        _, encoder_grad = losses_and_mean_grad(
-            masked_loss(inputs.loss_fn, _complement(mask)),
-            inputs.params,
-            surrogate_batch,
-            inputs.forget_keys,
-            inputs.chunk_size,
-        )
-        surrogate_grad = jax.tree.map(lambda s, e: s + unmatched_weight * e, surrogate_grad, encoder_grad)
-    elif unmatched_move and unmatched_objective == "surrogate":
+    if unmatched_move and unmatched_objective == "surrogate":
         surrogate_grad = _scaled_outside(surrogate_grad, mask, unmatched_weight)
     elif unmatched_move:
         # 'ascent': the unmatched parameters (the encoder) ascend the forget examples' OWN loss, which the prior's
@@ -303,28 +279,6 @@ def _inverse_fisher(inputs: StepInputs, damping: float, power: float) -> Params:
     leaves = jax.tree.leaves(fisher)
     mean = sum(jnp.sum(leaf) for leaf in leaves) / sum(leaf.size for leaf in leaves)
     return jax.tree.map(lambda leaf: (leaf + damping * mean) ** -power, fisher)
-
-
-def _with_original_outside(loss_fn: LossFn, mask: Params, original: Params) -> LossFn:
-    """``loss_fn`` with the parameters outside ``mask`` (from :func:`param_mask`) replaced by the constant
-    ``original`` ones: differentiable only inside ``mask``, evaluated with the original values elsewhere."""
-
-    def pick(chosen: bool | np.ndarray, leaf: jax.Array, fixed: jax.Array) -> jax.Array:
-        fixed = jax.lax.stop_gradient(fixed)
-        if isinstance(chosen, np.ndarray):
-            return jnp.where(chosen, leaf, fixed)
-        return leaf if chosen else fixed
-
-    def loss(params: Params, example: Any, key: jax.Array) -> jax.Array:
-        return loss_fn(jax.tree.map(pick, mask, params, original), example, key)
-
-    return loss
-
-
-REMAP_STATE = RuleState(
-    template=lambda params: jax.tree.map(jnp.zeros_like, params),
-    compute=lambda inputs, hparams: inputs.params,
-)
 
 
 def _complement(mask: Params) -> Params:
