@@ -308,7 +308,6 @@ def per_example_directional_derivatives(
     tangent: PyTree,
     *,
     chunk_size: int | None = None,
-    mode: str | None = None,
 ) -> jax.Array:
     """``<grad loss(x_i), tangent>`` for every example, by one ``jax.jvp``.
 
@@ -324,12 +323,6 @@ def per_example_directional_derivatives(
         ``params`` leaves (``jax.jvp`` requires it).
       chunk_size: if set, one ``jax.jvp`` per ``chunk_size`` examples
         (:func:`map_over_chunks`): activation memory of one chunk, same values.
-      mode: ``'jvp'`` (forward mode) or ``'transposed_vjp'`` (``J v`` as the transpose of the pullback
-        ``u -> J^T u`` of one ``jax.vjp``: equal up to float rounding); None: ``'transposed_vjp'`` on the CPU,
-        ``'jvp'`` elsewhere. Why: XLA:CPU runs the forward-mode derivative of the Bernoulli log-likelihood
-        (``optax.sigmoid_binary_cross_entropy``) about 25x slower than its reverse-mode derivative (8.5 ms
-        against 0.35 ms on 128 MNIST images, 2-core CPU), so on the protocol VAE the jvp costs 10.6 ms and the
-        transposed pullback 6.8 ms.
 
     Returns:
       ``f32[B]`` (the loss dtype): the directional derivatives.
@@ -355,30 +348,11 @@ def per_example_directional_derivatives(
     trees.check_tree_match(tangent, params, tree_name="tangent", reference_name="params")
     tangent = _cast_like(tangent, params)
 
-    transposed = _transposed_vjp(mode)
-
     def derivatives(chunk):
         batch_chunk, keys_chunk = chunk
-        losses_of = lambda p: per_example_losses(loss_fn, p, batch_chunk, keys_chunk)  # noqa: E731
-        if transposed:
-            losses, pullback = jax.vjp(losses_of, params)
-            return jax.linear_transpose(pullback, losses)((tangent,))[0]
-        return jax.jvp(losses_of, (params,), (tangent,))[1]
+        return jax.jvp(lambda p: per_example_losses(loss_fn, p, batch_chunk, keys_chunk), (params,), (tangent,))[1]
 
     return map_over_chunks(derivatives, (batch, keys), chunk_size=chunk_size)
-
-
-JVP_MODES = ("jvp", "transposed_vjp")
-
-
-def _transposed_vjp(mode: str | None) -> bool:
-    """Whether ``J v`` is taken as the transposed pullback (``mode``: one of :data:`JVP_MODES` or None, the
-    backend's default: the transposed pullback on the CPU)."""
-    if mode is None:
-        return jax.default_backend() == "cpu"
-    if mode not in JVP_MODES:
-        raise ValueError(f"mode={mode!r}; allowed: one of {JVP_MODES} or None (the backend's default)")
-    return mode == "transposed_vjp"
 
 
 def weighted_grad_sum(
@@ -562,9 +536,8 @@ def directional_derivatives_and_weighted_grad_sum(
     weights: jax.Array,
     *,
     chunk_size: int | None = None,
-    mode: str | None = None,
 ) -> tuple[jax.Array, PyTree]:
-    """``([<grad loss(x_i), tangent>]_i, sum_i weights[i] * grad loss(x_i))`` from ONE linearisation.
+    """``([<grad loss(x_i), tangent>]_i, sum_i weights[i] * grad loss(x_i))`` from ONE ``jax.linearize``.
 
     :func:`per_example_directional_derivatives` and :func:`weighted_grad_sum` at once: the per-example-loss vector
     is linearised once (one forward pass), its linear map applied to ``tangent`` (``J_f v``) and transposed onto
@@ -576,8 +549,6 @@ def directional_derivatives_and_weighted_grad_sum(
       weights: ``[B]`` weights of the gradient sum (cast to the loss dtype).
       chunk_size: if set, one linearisation per ``chunk_size`` examples (:func:`scan_over_chunks`): the
         activation memory of one chunk, the same values up to float rounding of the sum.
-      mode: how ``J_f v`` is computed, as for :func:`per_example_directional_derivatives` (with
-        ``'transposed_vjp'`` the one ``jax.vjp`` also gives ``J_f^T w``).
 
     Returns:
       ``(derivatives [B] in the loss dtype, the weighted sum as a tree like params)``.
@@ -600,16 +571,9 @@ def directional_derivatives_and_weighted_grad_sum(
     trees.check_tree_match(tangent, params, tree_name="tangent", reference_name="params")
     tangent = _cast_like(tangent, params)
 
-    transposed = _transposed_vjp(mode)
-
     def both(chunk):
         batch_chunk, keys_chunk, weights_chunk = chunk
-        losses_of = lambda p: per_example_losses(loss_fn, p, batch_chunk, keys_chunk)  # noqa: E731
-        if transposed:
-            losses, pullback = jax.vjp(losses_of, params)
-            (grad_sum,) = pullback(jnp.asarray(weights_chunk, losses.dtype))
-            return grad_sum, jax.linear_transpose(pullback, losses)((tangent,))[0]
-        losses, losses_jvp = jax.linearize(losses_of, params)
+        losses, losses_jvp = jax.linearize(lambda p: per_example_losses(loss_fn, p, batch_chunk, keys_chunk), params)
         (grad_sum,) = jax.linear_transpose(losses_jvp, params)(jnp.asarray(weights_chunk, losses.dtype))
         return grad_sum, losses_jvp(tangent)
 

@@ -121,33 +121,6 @@ def test_jvp_and_vjp_products_match_numpy(seed):
     )
 
 
-@pytest.mark.parametrize("mode", per_example.JVP_MODES)
-@pytest.mark.parametrize("chunk_size", [None, 5])
-def test_both_jvp_modes_match_numpy(mode, chunk_size):
-    """Forward mode and the transposed pullback (the CPU default) give the same ``J v`` (and ``J^T w``)."""
-    params, data, keys = tanh_problem(3)
-    _, grads = numpy_losses_and_grads(params, data, keys)
-    rows = per_example_rows(grads)
-    rng = np.random.default_rng(4)
-    tangent = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
-    weights = rng.standard_normal(BATCH).astype(np.float32)
-    derivatives = per_example.per_example_directional_derivatives(
-        tanh_loss, params, data, keys, tangent, chunk_size=chunk_size, mode=mode
-    )
-    np.testing.assert_allclose(np.asarray(derivatives), rows @ flat(tangent), rtol=1e-4, atol=1e-5)
-    derivatives, grad_sum = per_example.directional_derivatives_and_weighted_grad_sum(
-        tanh_loss, params, data, keys, tangent, weights, chunk_size=chunk_size, mode=mode
-    )
-    np.testing.assert_allclose(np.asarray(derivatives), rows @ flat(tangent), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(flat(grad_sum), weights.astype(np.float64) @ rows, rtol=1e-4, atol=1e-5)
-
-
-def test_an_unknown_jvp_mode_is_refused_before_any_work():
-    params, data, keys = tanh_problem(0)
-    with pytest.raises(ValueError, match=r"mode='forward'.*allowed"):
-        per_example.per_example_directional_derivatives(tanh_loss, params, data, keys, params, mode="forward")
-
-
 @hypothesis.settings(max_examples=20)
 @hypothesis.given(
     seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1.0, -1.0, 0.25]), only_on_conflict=st.booleans()
