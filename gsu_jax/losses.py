@@ -68,7 +68,10 @@ def bernoulli_nll(logits: jax.Array, image: jax.Array) -> jax.Array:
     Returns:
       ``f32[]``.
     """
-    return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, image))
+    # On flat vectors: XLA:CPU compiles the elementwise log-sigmoids of a [28, 28, 1] image inside vmap into far
+    # slower loops (forward pass 2.8 against 1.2 ms, forward-mode derivative 10 against 1.9 ms on the protocol VAE's
+    # 128-image batch), with bit-identical values.
+    return jnp.sum(optax.sigmoid_binary_cross_entropy(logits.reshape(-1), image.reshape(-1)))
 
 
 def kl_to_standard_normal(mean: jax.Array, logvar: jax.Array) -> jax.Array:
