@@ -5,8 +5,9 @@
 The protocol's membership-inference attack thresholds each example's negative ELBO, ``reconstruction + KL``
 (:func:`gsu_jax.metrics.membership_inference_auc`: forget training examples against held-out examples of the forget
 class). This diagnostic scores the two terms apart, for the cached original and oracle of ``bench.per_class`` and for
-the unlearned parameters a ``bench.per_class`` run saved at each seed's stop (``<run>/latent<L>/digit<d>/unlearned/
-<method>/seed_<s>``; the AUC is averaged over the seeds found), with one reparameterisation draw per example (a fixed
+the unlearned parameters a ``bench.per_class`` run saved at the stop (``<run>/latent<L>/digit<d>/unlearned/
+<method>/seed_<s>``: seed 0 only, ``unlearn.py``'s default ``save_params='first_seed'``; the AUC is averaged over
+the seeds found), with one reparameterisation draw per example (a fixed
 key, so the total's AUC is close to but not the report's, which averages ``elbo_samples`` draws). It also prints the
 mean reconstruction term of the forget training and held-out examples. Scoring only: no method reads its output.
 
@@ -27,7 +28,7 @@ from bench.per_class import ROOT, _digits, train_models, write_outputs
 PARTS = ("total", "reconstruction", "kl")
 
 
-def _auc_by_part(terms_fn: Any, params: Any, forget_images: Any, heldout_images: Any) -> dict[str, float]:
+def _auc_by_part(batch_terms: Any, params: Any, forget_images: Any, heldout_images: Any) -> dict[str, float]:
     """AUC of each part (forget training vs held-out) and the mean reconstruction of each side."""
     import jax
     import jax.numpy as jnp
@@ -37,7 +38,7 @@ def _auc_by_part(terms_fn: Any, params: Any, forget_images: Any, heldout_images:
 
     def parts(images: Any) -> tuple[Any, Any]:
         keys = jax.random.split(jax.random.key(0), images.shape[0])
-        terms = jax.jit(jax.vmap(lambda x, k: terms_fn(params, {"image": x}, k)))(jnp.asarray(images), keys)
+        terms = batch_terms(params, jnp.asarray(images), keys)
         return np.asarray(terms.reconstruction, np.float64), np.asarray(terms.kl, np.float64)
 
     (rec_f, kl_f), (rec_h, kl_h) = parts(forget_images), parts(heldout_images)
@@ -52,6 +53,7 @@ def _auc_by_part(terms_fn: Any, params: Any, forget_images: Any, heldout_images:
 
 def mia_parts(run: pathlib.Path, latent: int, digits: list[int], method: str) -> list[dict[str, Any]]:
     """One row per (digit, model): the original, the oracle and the unlearned model (mean over the saved seeds)."""
+    import jax
     import numpy as np
 
     from gsu_jax import checkpointing, losses
@@ -65,6 +67,8 @@ def mia_parts(run: pathlib.Path, latent: int, digits: list[int], method: str) ->
     data = prepare_data(config)
     original = load_trained(model_dir, "generative")
     terms_fn = losses.elbo_terms(original.graphdef)
+    # One compiled program for every model (the parameters are an argument, not a constant).
+    batch_terms = jax.jit(jax.vmap(lambda params, x, k: terms_fn(params, {"image": x}, k), in_axes=(None, 0, 0)))
     rows = []
     for digit in digits:
         forget = data.train.images[data.train.labels == digit]
@@ -78,7 +82,7 @@ def mia_parts(run: pathlib.Path, latent: int, digits: list[int], method: str) ->
         if unlearned:
             models[method] = unlearned
         for name, param_list in models.items():
-            scores = [_auc_by_part(terms_fn, params, forget, heldout) for params in param_list]
+            scores = [_auc_by_part(batch_terms, params, forget, heldout) for params in param_list]
             row = {"latent": latent, "digit": digit, "model": name, "seeds": len(scores)}
             row.update({key: float(np.mean([s[key] for s in scores])) for key in scores[0]})
             rows.append(row)
