@@ -26,17 +26,21 @@ BATCH = 16
 MIN_SIZE = 256
 
 
+def _mesh(name: str):
+    """The mesh ``MESH_SHAPES[name]`` over the first ``data * model`` of the 8 fake devices."""
+    assert jax.device_count() == NUM_DEVICES == 8, "the parent test sets the fake CPU device count"
+    data, model = MESH_SHAPES[name]
+    return parallel.make_mesh(data=data, model=model, devices=jax.devices()[: data * model])
+
+
 @pytest.fixture(scope="module", params=list(MESH_SHAPES))
 def mesh(request):
-    assert jax.device_count() == NUM_DEVICES == 8, "the parent test sets the fake CPU device count"
-    data, model = MESH_SHAPES[request.param]
-    return parallel.make_mesh(data=data, model=model, devices=jax.devices()[: data * model])
+    return _mesh(request.param)
 
 
 @pytest.fixture(scope="module")
 def both_axes_mesh():
-    data, model = MESH_SHAPES["data_and_model"]
-    return parallel.make_mesh(data=data, model=model)
+    return _mesh("data_and_model")
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +82,8 @@ METHODS_DATA_ONLY = ["s", "sa_per_example", "sa_span", "sa_gated"]
     [("data_and_model", name) for name in METHODS_BOTH_AXES] + [("data_only", name) for name in METHODS_DATA_ONLY],
 )
 def test_sharded_unlearning_step_equals_single_device(mesh_name, name, vae):
-    data, model = MESH_SHAPES[mesh_name]
-    mesh = parallel.make_mesh(data=data, model=model, devices=jax.devices()[: data * model])
+    mesh = _mesh(mesh_name)
+    data = mesh.shape["data"]
     graphdef, params = vae
     method = _method(name, graphdef)
     state = method.init(params)
