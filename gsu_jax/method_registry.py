@@ -290,15 +290,6 @@ METHODS: dict[str, Method] = {
                     "leads; 0: at theta. The default is the default SGD learning rate (change both together): the retain "
                     "part then repairs, to first order, what the forget part costs the retained data through curvature",
                 ),
-                "retain_anchor": _hparam(
-                    False,
-                    bool,
-                    "True or False",
-                    None,
-                    "the retain part uses g_r(theta') - g_r(theta*): the same retain batch and keys at the parameters of "
-                    "the first step subtracted (a control variate: the batch's data residual at the converged original "
-                    "is noise, its change is the damage to repair)",
-                ),
                 "unmatched_objective": _hparam(
                     "surrogate",
                     str,
@@ -371,7 +362,6 @@ METHODS: dict[str, Method] = {
             remap_surgery.remap_surgery_rule,
             optimizer={"name": "sgd", "learning_rate": _REMAP_LEARNING_RATE},
             gradients=frozenset({"retain"}),  # the surrogate replaces g_f: only cos_forget_retain read it
-            state=remap_surgery.REMAP_STATE,
         ),
         Method(
             "sa_gated",

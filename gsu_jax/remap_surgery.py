@@ -64,7 +64,6 @@ from gsu_jax.trees import top_magnitude_mask
 from gsu_jax.update_rules import (
     Direction,
     Params,
-    RuleState,
     StepInputs,
     changed,
     losses_and_mean_grad,
@@ -232,30 +231,10 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
         _, retain_direction = losses_and_mean_grad(
             inputs.loss_fn, ahead, inputs.retain_batch, inputs.retain_keys, inputs.chunk_size
         )
-        if hparams["retain_anchor"]:
-            retain_direction = _minus_anchor_gradient(inputs, retain_direction)
-        if hparams["precondition"] != "none":
-            retain_direction = jax.tree.map(jnp.multiply, retain_direction, inverse)
-    elif hparams["retain_anchor"]:
-        retain_direction = _minus_anchor_gradient(inputs, inputs.retain_grad)
         if hparams["precondition"] != "none":
             retain_direction = jax.tree.map(jnp.multiply, retain_direction, inverse)
     update = jax.tree.map(lambda s, r: forget_weight * s + hparams["retain_weight"] * r, update, retain_direction)
     return Direction(update, projected, gated_fraction)
-
-
-def _minus_anchor_gradient(inputs: StepInputs, retain_grad: Params) -> Params:
-    """``retain_grad - g_r(theta*)``: the same retain batch and keys at the first step's parameters (the rule state)."""
-    _, anchor_grad = losses_and_mean_grad(
-        inputs.loss_fn, inputs.rule_state, inputs.retain_batch, inputs.retain_keys, inputs.chunk_size
-    )
-    return jax.tree.map(jnp.subtract, retain_grad, anchor_grad)
-
-
-# The parameters at the first step (theta*), for retain_anchor.
-REMAP_STATE = RuleState(
-    template=lambda params: jax.tree.map(jnp.zeros_like, params), compute=lambda inputs, hparams: inputs.params
-)
 
 
 def retain_fisher_diagonal(
