@@ -71,7 +71,7 @@ def config(mode: str, *, dry_run: bool) -> Config:
             warmup=3,
             reps=15,
             materialised_reps=3,
-            paired_reps=15,
+            paired_reps=50,
             step_row_s=8,
             per_example_models={"mlp_vae": [32, 128], "conv_vae": [16]},
             pe_warmup=1,

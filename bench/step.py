@@ -429,6 +429,10 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
         lambda opt: flat_vector_s(loss_fn, opt, with_losses=True),
         reference_name="s",
     )
+    # The other per-batch surgery steps the 1.1x target is about, so the interleaved rounds below time them too.
+    for name in PER_BATCH_SURGERY:
+        if name != "s":
+            add_method(name)
     if torch_device is None:
         rows.append(
             {
@@ -465,7 +469,7 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
     paired_names = [
         n
         for n in (
-            "s",
+            *PER_BATCH_SURGERY,
             TREE_ROW,
             FLAT_ROW,
             FLAT_LOSSES_ROW,
@@ -483,7 +487,7 @@ def run(report: Report, cfg, budget: Budget, torch_device: str | None) -> None:
         else {}
     )
 
-    for name in sorted(set(METHODS) - {"s", PER_EXAMPLE_METHOD}):
+    for name in sorted(set(METHODS) - {PER_EXAMPLE_METHOD, *PER_BATCH_SURGERY}):
         if METHODS[name].class_conditional:
             # SalUn relabels the forget examples: its loss needs a class-conditional model, which the protocol VAE
             # is not (unlearn.py refuses it there too).
@@ -618,23 +622,32 @@ def _targets(rows: list[dict[str, Any]], paired: dict[str, common.Timing], *, gp
         else:
             targets.append(Target("CPU: per-example surgery step <= 1.3x the s step", None, "a row failed"))
         flat_ms, flat_losses_ms = ms(FLAT_ROW), ms(FLAT_LOSSES_ROW)
-        steps = {name: ok[name]["median_ms"] for name in PER_BATCH_SURGERY if name in ok}
-        if flat_ms and steps:
-            # The prototype row is in the main table too: compare like with like (main table against main table).
-            flat_main = ok[FLAT_ROW]["median_ms"]
+        # Interleaved when the rounds timed them all (every per-batch surgery step and the prototypes), else the main
+        # table throughout: like with like.
+        interleaved = all(name in paired for name in (*PER_BATCH_SURGERY, FLAT_ROW))
+
+        def basis(name):
+            if interleaved:
+                return paired[name].median_ms if name in paired else None
+            return ok[name]["median_ms"] if name in ok else None
+
+        steps = {name: basis(name) for name in PER_BATCH_SURGERY if basis(name)}
+        if basis(FLAT_ROW) and steps:
+            flat_basis, flat_losses_basis = basis(FLAT_ROW), basis(FLAT_LOSSES_ROW)
             worst = max(steps, key=steps.get)
             losses = (
-                f"; against the prototype that also computes the loss values: "
-                f"{steps[worst] / ok[FLAT_LOSSES_ROW]['median_ms']:.2f}x"
-                if FLAT_LOSSES_ROW in ok
+                f"; against the prototype that also computes the loss values: {steps[worst] / flat_losses_basis:.2f}x"
+                if flat_losses_basis
                 else ""
             )
+            each = ", ".join(f"{name} {steps[name] / flat_basis:.2f}x" for name in PER_BATCH_SURGERY if name in steps)
             targets.append(
                 Target(
                     "CPU: every per-batch surgery step within 1.1x of the flat prototype",
-                    steps[worst] <= 1.1 * flat_main,
-                    f"slowest {worst} {steps[worst]:.2f} ms vs {flat_main:.2f} ms = {steps[worst] / flat_main:.2f}x "
-                    f"(main table){losses}; interleaved: s {s_ms:.2f} ms, prototype {flat_ms:.2f} ms"
+                    steps[worst] <= 1.1 * flat_basis,
+                    f"slowest {worst} {steps[worst]:.2f} ms vs {flat_basis:.2f} ms = {steps[worst] / flat_basis:.2f}x "
+                    f"({'interleaved' if interleaved else 'main table'}; {each}){losses}; interleaved: s "
+                    f"{s_ms:.2f} ms, prototype {flat_ms:.2f} ms"
                     + (f", with the loss values {flat_losses_ms:.2f} ms" if flat_losses_ms else "")
                     + (f"; the leaf-by-leaf s step {ms(TREE_ROW):.2f} ms" if ms(TREE_ROW) else ""),
                 )

@@ -69,7 +69,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gsu_jax.projections import normal_plane_projection
 from gsu_jax.remap_surgery import retain_fisher_diagonal
 from gsu_jax.trees import top_magnitude_mask
 from gsu_jax.update_rules import (
@@ -78,9 +77,9 @@ from gsu_jax.update_rules import (
     Params,
     RuleState,
     StepInputs,
-    changed,
     losses_and_mean_grad,
     on_parameter_tree,
+    project_flagged,
     zero_diagnostic,
 )
 
@@ -103,8 +102,7 @@ def _surgery(forget_grad: Params, retain_grad: Params, project: bool) -> tuple[P
     """``(P^c_{g_r}(forget_grad), projected)`` for a surgery variant, ``(forget_grad, 0)`` otherwise."""
     if not project:
         return forget_grad, zero_diagnostic()
-    projected = normal_plane_projection(forget_grad, retain_grad, only_on_conflict=True)
-    return projected, changed(forget_grad, projected)
+    return project_flagged(forget_grad, retain_grad, only_on_conflict=True)
 
 
 def clip_global_norm(tree: Params, max_norm: float | None) -> Params:

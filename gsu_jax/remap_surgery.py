@@ -59,18 +59,17 @@ import numpy as np
 
 from gsu_jax import per_example
 from gsu_jax.losses import LossFn
-from gsu_jax.projections import normal_plane_projection
 from gsu_jax.trees import top_magnitude_mask
 from gsu_jax.update_rules import (
     Direction,
     Params,
     StepInputs,
-    changed,
     losses_and_mean_grad,
     masked_loss,
     masked_tree,
     on_parameter_tree,
     param_mask,
+    project_flagged,
     zero_diagnostic,
 )
 
@@ -214,10 +213,9 @@ def remap_surgery_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direct
     if hparams["projection"] == "none":
         update, projected = surrogate_grad, zero_diagnostic()
     else:
-        update = normal_plane_projection(
+        update, projected = project_flagged(
             surrogate_grad, retain_grad, only_on_conflict=hparams["projection"] == "conflict"
         )
-        projected = changed(surrogate_grad, update)
     forget_weight = hparams["forget_weight"]
     if hparams["forget_half_life"] is not None:
         # Annealing: the pull halves every forget_half_life steps, so after the first few steps (when the forget

@@ -129,7 +129,8 @@ def project_normal_plane(
     loss is unchanged to first order.
 
     Numerics: inner products accumulate in float32 (float64 for float64 leaves);
-    they are taken with ``d / max|d|`` so they cannot overflow or underflow. A
+    taken raw where that is safe and with ``d / max|d|`` where the raw ones would
+    overflow or underflow, so neither happens. A
     zero direction returns ``u`` unchanged. With ``eps = 0`` the result is
     invariant to positive rescaling of ``d`` (to any non-zero rescaling without
     ``only_on_conflict``).
@@ -200,7 +201,7 @@ def project_normal_plane(
     def update_fn(updates, state, params=None, *, direction, **extra_args):
         del params, extra_args
         _check_masked_alike(updates, direction)
-        projected, inner, squared_norm = projections.normal_plane_parts(
+        projected, inner, squared_norm, _ = projections.normal_plane_parts(
             updates, direction, only_on_conflict=only_on_conflict, eps=eps
         )
         update_norm = trees.tree_norm(updates).astype(inner.dtype)

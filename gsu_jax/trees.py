@@ -93,9 +93,10 @@ def tree_max_abs(a: PyTree) -> jax.Array:
 def tree_norm(a: PyTree) -> jax.Array:
     """Euclidean norm of a tree, free of overflow and underflow.
 
-    The squares are taken of ``a / max|a|``, so the result is finite for every
-    finite tree (a plain ``sqrt(<a, a>)`` overflows float32 once entries reach
-    about 1e19 and underflows below 1e-19).
+    Where the plain ``sqrt(<a, a>)`` would overflow (float32 entries from about
+    1e19) or underflow (below about 1e-15), the squares are taken of
+    ``a / max|a|`` instead (``jax.lax.cond``), so the result is finite and
+    accurate for every finite tree.
 
     Args:
       a: a pytree of floating-point arrays.
@@ -103,10 +104,26 @@ def tree_norm(a: PyTree) -> jax.Array:
     Returns:
       ``||a||`` as a scalar in the accumulation dtype of ``a``.
     """
-    scale = tree_max_abs(a)
-    inverse = safe_reciprocal(scale)
-    scaled = jax.tree.map(lambda x: jnp.asarray(x, scale.dtype) * inverse, a)
-    return scale * jnp.sqrt(tree_squared_norm(scaled))
+    squared = tree_squared_norm(a)
+
+    def raw(squared: jax.Array, a: PyTree) -> jax.Array:
+        del a
+        return jnp.sqrt(squared)
+
+    def rescaled(squared: jax.Array, a: PyTree) -> jax.Array:
+        del squared
+        scale = tree_max_abs(a)
+        inverse = safe_reciprocal(scale)
+        scaled = jax.tree.map(lambda x: jnp.asarray(x, scale.dtype) * inverse, a)
+        return scale * jnp.sqrt(tree_squared_norm(scaled))
+
+    # The raw sum of squares when it is finite and far from underflow (the common case: one pass, no maximum). The
+    # tree is an operand, not a closure: called eagerly, a closure's arrays would be compiled in as constants.
+    return jax.lax.cond(jnp.isfinite(squared) & (squared >= _RAW_SQUARES_MIN), raw, rescaled, squared, a)
+
+
+# tree_norm's raw sum of squares is used from here up: far above float32's smallest normal number (1.2e-38).
+_RAW_SQUARES_MIN = 1e-30
 
 
 def safe_reciprocal(x: jax.Array) -> jax.Array:

@@ -176,6 +176,13 @@ def cosine(a: Params, b: Params) -> jax.Array:
     )
 
 
+def project_flagged(updates: Params, direction: Params, *, only_on_conflict: bool) -> tuple[Params, jax.Array]:
+    """``(P_d(u), projected)``: the normal-plane projection and ``1.0`` if it removed a component (its coefficient
+    is nonzero), else ``0.0``; the flag is read off the projection's own coefficient, not a pass over the trees."""
+    parts = projections.normal_plane_parts(updates, direction, only_on_conflict=only_on_conflict, eps=0.0)
+    return parts.projected, (parts.coefficient != 0).astype(jnp.float32)
+
+
 def changed(before: Params, after: Params) -> jax.Array:
     """``1.0`` if the projection removed a nonzero component, else ``0.0``."""
     difference = jax.tree.map(jnp.subtract, after, before)
@@ -211,10 +218,11 @@ def _pcgrad_pair(ascent: Params, retain_grad: Params) -> tuple[Params, jax.Array
     cos^2)`` on conflict), so to first order it ascends the forget loss and descends the retain loss together. A zero
     ``a`` leaves ``g_r`` unchanged (a zero direction removes nothing), so the sum degrades to retain descent.
     """
-    ascent_part = normal_plane_projection(ascent, retain_grad, only_on_conflict=True)
+    ascent_part = projections.normal_plane_parts(ascent, retain_grad, only_on_conflict=True, eps=0.0)
     retain_part = normal_plane_projection(retain_grad, ascent, only_on_conflict=True)
-    conflict = (tree_vdot(ascent, retain_grad) < 0).astype(jnp.float32)
-    return tree_add_scaled(ascent_part, retain_part, 1.0), conflict
+    # The sign of <a, g_r> is the sign of the projection's own (possibly rescaled) inner product: no extra pass.
+    conflict = (ascent_part.inner < 0).astype(jnp.float32)
+    return tree_add_scaled(ascent_part.projected, retain_part, 1.0), conflict
 
 
 # ----------------------------------------------------------------------------------------------- the rules
@@ -239,16 +247,16 @@ def sa_rule(*, only_on_conflict: bool) -> DirectionRule:
     def rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
         del hparams
         ascent = _negate(inputs.forget_grad)
-        update = normal_plane_projection(ascent, inputs.retain_grad, only_on_conflict=only_on_conflict)
-        return Direction(update, changed(ascent, update), zero_diagnostic())
+        update, projected = project_flagged(ascent, inputs.retain_grad, only_on_conflict=only_on_conflict)
+        return Direction(update, projected, zero_diagnostic())
 
     return rule
 
 
 def s_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
     del hparams
-    update = normal_plane_projection(inputs.retain_grad, inputs.forget_grad, only_on_conflict=False)
-    return Direction(update, changed(inputs.retain_grad, update), zero_diagnostic())
+    update, projected = project_flagged(inputs.retain_grad, inputs.forget_grad, only_on_conflict=False)
+    return Direction(update, projected, zero_diagnostic())
 
 
 def pcgrad_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:

@@ -209,6 +209,22 @@ def test_extreme_finite_inputs_give_finite_outputs(make_tree, u_scale, d_scale):
     chex.assert_tree_all_finite(MEAN_PROJECTION["per_example_conflict"](per_example_u, d))
 
 
+@pytest.mark.parametrize("d_scale", [1e-25, 1e-12, 1e12, 1e25])
+@pytest.mark.parametrize("only_on_conflict", [False, True])
+def test_raw_and_rescaled_products_give_one_projection(make_tree, d_scale, only_on_conflict):
+    # <d, d> underflows below 1e-30 at 1e-25 and overflows at 1e25 (the rescaled products), not at 1e-12 or 1e12
+    # (the raw ones): either way the projection is the one for d itself, and so is the removal coefficient's
+    # zero pattern (the step's "projected" flag).
+    u, d = make_tree(0), make_tree(1)
+    scaled = jax.tree.map(lambda leaf: leaf * d_scale, d)
+    want = projections.normal_plane_parts(u, d, only_on_conflict=only_on_conflict, eps=0.0)
+    got = projections.normal_plane_parts(u, scaled, only_on_conflict=only_on_conflict, eps=0.0)
+    assert_close(flat(got.projected), flat(want.projected), np.linalg.norm(flat(u)), 1e-5)
+    expected = reference_normal_plane(flat(u), flat(d), only_on_conflict=only_on_conflict)
+    assert_close(flat(got.projected), expected, np.linalg.norm(flat(u)), 1e-5)
+    assert bool(got.coefficient != 0) == bool(want.coefficient != 0)
+
+
 def test_damping_eps_follows_the_formula(make_tree):
     u, d = make_tree(0), make_tree(1, scale=1e-3)
     eps = 5e-6

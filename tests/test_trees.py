@@ -58,7 +58,7 @@ def test_float64_leaves_accumulate_in_float64():
     assert trees.accumulation_dtype(jnp.bfloat16, jnp.float16) == jnp.float32
 
 
-@pytest.mark.parametrize("value", [1e30, 1e-30])
+@pytest.mark.parametrize("value", [1e30, 1e18, 1e-14, 1e-16, 1e-30])
 def test_tree_norm_has_no_overflow_or_underflow(value):
     tree = {"a": jnp.full((4,), value, jnp.float32), "b": jnp.zeros((2,))}
     # sqrt(<a, a>) is inf (1e60 overflows) or 0 (1e-60 underflows) in float32.
