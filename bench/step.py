@@ -632,7 +632,17 @@ def _targets(rows: list[dict[str, Any]], paired: dict[str, common.Timing], *, gp
             return ok[name]["median_ms"] if name in ok else None
 
         steps = {name: basis(name) for name in PER_BATCH_SURGERY if basis(name)}
-        if basis(FLAT_ROW) and steps:
+        missing = [name for name in PER_BATCH_SURGERY if name not in steps]
+        if missing:
+            # "Every step" cannot be judged without each of them.
+            targets.append(
+                Target(
+                    "CPU: every per-batch surgery step within 1.1x of the flat prototype",
+                    None,
+                    f"rows failed or were not timed: {', '.join(missing)}",
+                )
+            )
+        elif basis(FLAT_ROW):
             flat_basis, flat_losses_basis = basis(FLAT_ROW), basis(FLAT_LOSSES_ROW)
             worst = max(steps, key=steps.get)
             losses = (
@@ -646,8 +656,8 @@ def _targets(rows: list[dict[str, Any]], paired: dict[str, common.Timing], *, gp
                     "CPU: every per-batch surgery step within 1.1x of the flat prototype",
                     steps[worst] <= 1.1 * flat_basis,
                     f"slowest {worst} {steps[worst]:.2f} ms vs {flat_basis:.2f} ms = {steps[worst] / flat_basis:.2f}x "
-                    f"({'interleaved' if interleaved else 'main table'}; {each}){losses}; interleaved: s "
-                    f"{s_ms:.2f} ms, prototype {flat_ms:.2f} ms"
+                    f"({'interleaved' if interleaved else 'main table'}; {each}){losses}"
+                    + (f"; interleaved: s {s_ms:.2f} ms, prototype {flat_ms:.2f} ms" if s_ms and flat_ms else "")
                     + (f", with the loss values {flat_losses_ms:.2f} ms" if flat_losses_ms else "")
                     + (f"; the leaf-by-leaf s step {ms(TREE_ROW):.2f} ms" if ms(TREE_ROW) else ""),
                 )

@@ -125,10 +125,12 @@ class NormalPlaneParts(NamedTuple):
       projected: the projected update, like ``updates``.
       inner: ``<u, h>`` with ``h = d / s`` (``[B]`` for per-example updates), in the accumulation dtype; ``s = 1``
         where the raw products are safe, ``s = max|d|`` otherwise (:func:`normal_plane_parts`), so only the sign of
-        ``inner`` and ratios such as ``inner / sqrt(squared_norm)`` are meaningful.
+        ``inner`` and scale-free ratios such as ``inner / sqrt(squared_norm)`` (at most ``||u||``) are meaningful.
       squared_norm: ``<h, h>``.
-      coefficient: ``c`` with ``projected = u - c h`` (``[B]`` for per-example updates); 0 where nothing was
-        removed (no conflict with ``only_on_conflict``, or a zero direction).
+      coefficient: ``c`` with ``projected = u - c h``; 0 where nothing was removed (no conflict with
+        ``only_on_conflict``, or a zero direction). A nonzero ``c`` whose ``c h`` rounds away in a low-precision
+        leaf still counts as removed. For :func:`mean_normal_plane_parts`: the ``[B]`` per-example coefficients,
+        always with ``h = d / max|d|``, and ``projected = mean_i u_i - mean(c) h``.
     """
 
     projected: PyTree
@@ -137,20 +139,18 @@ class NormalPlaneParts(NamedTuple):
     coefficient: jax.Array
 
 
-# The raw products are used when <d, d> is at least this (and both products are finite): far above float32's
-# smallest normal number (1.2e-38) and below its overflow, so nothing in them has underflowed or overflowed.
-_RAW_PRODUCTS_MIN = 1e-30
-
-
 def normal_plane_parts(
     updates: PyTree, direction: PyTree, *, only_on_conflict: bool, eps: jax.typing.ArrayLike
 ) -> NormalPlaneParts:
     """:func:`normal_plane_projection` with the inner products it used (for diagnostics).
 
-    The products ``<u, d>`` and ``<d, d>`` are first taken as they are; only when one is not finite or ``<d, d>``
-    is below 1e-30 (``jax.lax.cond``) are they recomputed on ``h = d / max|d|`` (:func:`normalise_direction`). The
-    two give the same projection to float rounding, and the common case costs no pass over ``d`` for its maximum
-    (on the protocol VAE's 631k parameters that pass was 4-5 % of an ``s`` step on the 2-core CPU).
+    The products ``<u, d>``, ``<d, d>`` and ``<u, u>`` are first taken as they are (one pass over both trees). They
+    are used when nothing can have gone wrong in them: all finite, ``<d, d>`` and ``||u|| ||d||`` (unless ``u = 0``)
+    at least :func:`gsu_jax.trees.underflow_floor` (so products that underflowed cost less than a rounding unit),
+    and the coefficient ``c = <u, d> / (<d, d> + eps)`` finite and a normal number (or ``<u, d> = 0``). Otherwise
+    (``jax.lax.cond``) they are recomputed on ``h = d / max|d|`` (:func:`normalise_direction`). The two give the
+    same projection to float rounding, and the common case makes no pass over ``d`` for its maximum (on the
+    protocol VAE's 631k parameters that pass was 4-5 % of an ``s`` step on the 2-core CPU).
     """
     trees.check_tree_match(direction, updates, tree_name="direction", reference_name="updates")
     dtype = _accumulation_dtype(updates, direction)
@@ -175,9 +175,20 @@ def normal_plane_parts(
 
     inner = trees.tree_vdot(updates, direction).astype(dtype)
     squared_norm = trees.tree_squared_norm(direction).astype(dtype)
-    safe = jnp.isfinite(inner) & jnp.isfinite(squared_norm) & (squared_norm >= _RAW_PRODUCTS_MIN)
+    update_squared_norm = trees.tree_squared_norm(updates).astype(dtype)
+    floor = trees.underflow_floor(direction, dtype)
+    coefficient = safe_divide(inner, squared_norm + jnp.asarray(eps, dtype))
+    safe = (
+        jnp.isfinite(inner)
+        & jnp.isfinite(squared_norm)
+        & jnp.isfinite(update_squared_norm)
+        & (squared_norm >= floor)
+        & ((update_squared_norm == 0) | (jnp.sqrt(update_squared_norm) * jnp.sqrt(squared_norm) >= floor))
+        & jnp.isfinite(coefficient)
+        & ((inner == 0) | (jnp.abs(coefficient) >= jnp.finfo(dtype).tiny))
+    )
     # The trees go in as operands, not closures: called eagerly, a closure's arrays would be compiled into the
-    # branch as constants, and XLA's constant folding of d / max|d| there is not overflow-safe.
+    # branch as constants, which XLA's algebraic simplifier may move the scale 1 / max|d| out of (overflowing).
     return jax.lax.cond(safe, raw, normalised, updates, direction, inner, squared_norm)
 
 

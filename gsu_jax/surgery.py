@@ -205,7 +205,8 @@ def project_normal_plane(
             updates, direction, only_on_conflict=only_on_conflict, eps=eps
         )
         update_norm = trees.tree_norm(updates).astype(inner.dtype)
-        cosine = projections.safe_divide(inner, update_norm * jnp.sqrt(squared_norm))
+        # inner / sqrt(squared_norm) is at most ||u||: no product of two norms to overflow (raw d can be large).
+        cosine = projections.safe_divide(projections.safe_divide(inner, jnp.sqrt(squared_norm)), update_norm)
         new_state = ProjectNormalPlaneState(
             count=optax.safe_increment(state.count),
             conflicts=_saturating_add(state.conflicts, inner < 0),

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -94,9 +95,10 @@ def tree_norm(a: PyTree) -> jax.Array:
     """Euclidean norm of a tree, free of overflow and underflow.
 
     Where the plain ``sqrt(<a, a>)`` would overflow (float32 entries from about
-    1e19) or underflow (below about 1e-15), the squares are taken of
-    ``a / max|a|`` instead (``jax.lax.cond``), so the result is finite and
-    accurate for every finite tree.
+    1e19) or could have lost precision to squares that underflowed (``<a, a>``
+    below :func:`underflow_floor`), the squares are taken of ``a / max|a|``
+    instead (``jax.lax.cond``), so the result is finite and accurate for every
+    finite tree.
 
     Args:
       a: a pytree of floating-point arrays.
@@ -117,13 +119,26 @@ def tree_norm(a: PyTree) -> jax.Array:
         scaled = jax.tree.map(lambda x: jnp.asarray(x, scale.dtype) * inverse, a)
         return scale * jnp.sqrt(tree_squared_norm(scaled))
 
-    # The raw sum of squares when it is finite and far from underflow (the common case: one pass, no maximum). The
-    # tree is an operand, not a closure: called eagerly, a closure's arrays would be compiled in as constants.
-    return jax.lax.cond(jnp.isfinite(squared) & (squared >= _RAW_SQUARES_MIN), raw, rescaled, squared, a)
+    # The raw sum of squares when it is finite and no flushed square can matter (the common case: one pass, no
+    # maximum). The tree is an operand, not a closure: called eagerly, a closure's arrays would be compiled into the
+    # branch as constants, which XLA's algebraic simplifier may rescale out of the squares (overflowing them).
+    safe = jnp.isfinite(squared) & (squared >= underflow_floor(a, squared.dtype))
+    return jax.lax.cond(safe, raw, rescaled, squared, a)
 
 
-# tree_norm's raw sum of squares is used from here up: far above float32's smallest normal number (1.2e-38).
-_RAW_SQUARES_MIN = 1e-30
+def underflow_floor(a: PyTree, dtype: Any) -> float:
+    """``n * tiny / eps`` of ``dtype`` for a tree of ``n`` entries: a sum of ``n`` products at least this large has
+    lost at most one rounding unit to products that underflowed (each such product loses less than ``tiny``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gsu_jax.trees import underflow_floor
+      >>> f"{underflow_floor({'w': jnp.zeros(1000)}, jnp.float32):.3g}"
+      '9.86e-29'
+    """
+    entries = max(sum(int(np.size(leaf)) for leaf in jax.tree.leaves(a)), 1)
+    info = np.finfo(dtype)
+    return entries * float(info.tiny) / float(info.eps)
 
 
 def safe_reciprocal(x: jax.Array) -> jax.Array:

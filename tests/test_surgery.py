@@ -225,6 +225,27 @@ def test_raw_and_rescaled_products_give_one_projection(make_tree, d_scale, only_
     assert bool(got.coefficient != 0) == bool(want.coefficient != 0)
 
 
+@pytest.mark.parametrize(
+    "u_scale, d_scale, size",
+    [
+        (1e20, 1e-15, 1000),  # <u, d> and <d, d> finite, their ratio overflows
+        (1e-30, 1e8, 1000),  # the ratio underflows
+        (1e-22, 1e-17, 100_000),  # every product u_i d_i underflows, their sum looks harmless
+    ],
+)
+def test_projection_is_orthogonal_where_raw_products_fail(u_scale, d_scale, size):
+    # Inputs where the raw products of normal_plane_parts would be wrong: it must take the rescaled ones.
+    rng = np.random.default_rng(0)
+    d = rng.standard_normal(size)
+    u = rng.standard_normal(size) - 0.5 * d  # a conflict
+    u32, d32 = jnp.asarray(u * u_scale, jnp.float32), jnp.asarray(d * d_scale, jnp.float32)
+    for only_on_conflict in (False, True):
+        out = np.asarray(projections.normal_plane_projection(u32, d32, only_on_conflict=only_on_conflict), np.float64)
+        assert np.all(np.isfinite(out))
+        cosine = out @ (d * d_scale) / (np.linalg.norm(out) * np.linalg.norm(d * d_scale))
+        assert abs(cosine) < 1e-5, (only_on_conflict, cosine)
+
+
 def test_damping_eps_follows_the_formula(make_tree):
     u, d = make_tree(0), make_tree(1, scale=1e-3)
     eps = 5e-6

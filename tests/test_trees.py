@@ -66,6 +66,13 @@ def test_tree_norm_has_no_overflow_or_underflow(value):
     assert float(trees.tree_norm({"a": jnp.zeros(3)})) == 0.0
 
 
+def test_tree_norm_counts_squares_that_underflow():
+    # A million squares of 1.05e-19 underflow in float32 one by one but add 0.4 % to the norm of one 1.2e-15 entry.
+    tree = {"small": jnp.full((1_000_000,), 1.05e-19, jnp.float32), "large": jnp.array([1.2e-15], jnp.float32)}
+    expected = np.sqrt(1e6 * 1.05e-19**2 + 1.2e-15**2)
+    np.testing.assert_allclose(float(trees.tree_norm(tree)), expected, rtol=1e-5)
+
+
 def test_safe_reciprocal_maps_zero_and_subnormal_to_zero():
     x = jnp.array([2.0, 0.0, 1e-45, -4.0], jnp.float32)
     np.testing.assert_array_equal(np.asarray(trees.safe_reciprocal(x)), [0.5, 0.0, 0.0, -0.25])
