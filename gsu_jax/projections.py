@@ -6,6 +6,7 @@ with its conflicting part removed; inner products run over all leaves together:
 * :func:`normal_plane_projection`: ``u`` minus its component along one direction ``d`` (always, or only when
   ``<u, d> < 0``);
 * :func:`mean_normal_plane_projection`: the same for ``B`` per-example updates stacked on a leading axis, averaged;
+* :func:`pcgrad_pair`: two updates each projected off the other on conflict, summed (two-task PCGrad);
 * :func:`off_span_projection`: ``u`` minus its component in the span of ``K`` directions, or its projection onto
   their dual cone (the least change that leaves no conflict).
 
@@ -139,6 +140,33 @@ class NormalPlaneParts(NamedTuple):
     coefficient: jax.Array
 
 
+def raw_products_are_safe(
+    inner: jax.Array,
+    squared_norm: jax.Array,
+    update_squared_norm: jax.Array,
+    *,
+    floor: float,
+    eps: jax.typing.ArrayLike = 0.0,
+) -> jax.Array:
+    """Whether ``<u, d>``, ``<d, d>`` and ``<u, u>`` taken raw give the projection of ``u`` off ``d`` to rounding.
+
+    True when all three are finite, ``<d, d>`` and ``||u|| ||d||`` (unless ``u = 0``) are at least ``floor``
+    (:func:`gsu_jax.trees.underflow_floor`: products that underflowed then cost under a rounding unit), and the
+    coefficient ``<u, d> / (<d, d> + eps)`` is finite and a normal number (or ``<u, d> = 0``).
+    """
+    dtype = inner.dtype
+    coefficient = safe_divide(inner, squared_norm + jnp.asarray(eps, dtype))
+    return (
+        jnp.isfinite(inner)
+        & jnp.isfinite(squared_norm)
+        & jnp.isfinite(update_squared_norm)
+        & (squared_norm >= floor)
+        & ((update_squared_norm == 0) | (jnp.sqrt(update_squared_norm) * jnp.sqrt(squared_norm) >= floor))
+        & jnp.isfinite(coefficient)
+        & ((inner == 0) | (jnp.abs(coefficient) >= jnp.finfo(dtype).tiny))
+    )
+
+
 def normal_plane_parts(
     updates: PyTree, direction: PyTree, *, only_on_conflict: bool, eps: jax.typing.ArrayLike
 ) -> NormalPlaneParts:
@@ -176,16 +204,8 @@ def normal_plane_parts(
     inner = trees.tree_vdot(updates, direction).astype(dtype)
     squared_norm = trees.tree_squared_norm(direction).astype(dtype)
     update_squared_norm = trees.tree_squared_norm(updates).astype(dtype)
-    floor = trees.underflow_floor(direction, dtype)
-    coefficient = safe_divide(inner, squared_norm + jnp.asarray(eps, dtype))
-    safe = (
-        jnp.isfinite(inner)
-        & jnp.isfinite(squared_norm)
-        & jnp.isfinite(update_squared_norm)
-        & (squared_norm >= floor)
-        & ((update_squared_norm == 0) | (jnp.sqrt(update_squared_norm) * jnp.sqrt(squared_norm) >= floor))
-        & jnp.isfinite(coefficient)
-        & ((inner == 0) | (jnp.abs(coefficient) >= jnp.finfo(dtype).tiny))
+    safe = raw_products_are_safe(
+        inner, squared_norm, update_squared_norm, floor=trees.underflow_floor(direction, dtype), eps=eps
     )
     # The trees go in as operands, not closures: called eagerly, a closure's arrays would be compiled into the
     # branch as constants, which XLA's algebraic simplifier may move the scale 1 / max|d| out of (overflowing).
@@ -247,6 +267,74 @@ def normal_plane_projection(
     check_flag("only_on_conflict", only_on_conflict)
     check_nonnegative("eps", eps)
     return normal_plane_parts(updates, direction, only_on_conflict=only_on_conflict, eps=eps).projected
+
+
+def pcgrad_pair(first: PyTree, second: PyTree) -> tuple[PyTree, jax.Array]:
+    r"""Two-task PCGrad: each update projected off the *original* other on conflict, summed.
+
+    .. math::
+
+      P^c_{b}(a) + P^c_{a}(b) = a + b - [\langle a, b\rangle < 0]
+        \Big(\frac{\langle a, b\rangle}{\langle b, b\rangle} b + \frac{\langle a, b\rangle}{\langle a, a\rangle} a\Big)
+
+    (Yu et al., "Gradient Surgery for Multi-Task Learning", 2020, arXiv:2001.06782, for two tasks). On conflict the
+    sum has a non-negative inner product with both ``a`` and ``b``. Equal to :func:`normal_plane_projection` with
+    ``only_on_conflict=True`` applied both ways and added, to float rounding; the three products ``<a, b>``,
+    ``<a, a>``, ``<b, b>`` are shared by the two projections and taken raw in one pass where that is safe
+    (:func:`raw_products_are_safe`, both ways), else the two projections run on their own.
+
+    Args:
+      first: ``a``, a pytree of floating-point arrays.
+      second: ``b``, a pytree with the structure and leaf shapes of ``first``.
+
+    Returns:
+      ``(sum, conflict)``: the sum like ``first`` (its leaf dtypes), and ``1.0`` where ``<a, b> < 0``, else ``0.0``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gsu_jax import projections
+      >>> a, b = {"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([-1.0, 1.0])}
+      >>> total, conflict = projections.pcgrad_pair(a, b)  # <a, b> = -1: a -> (0.5, 0.5), b -> (0, 1)
+      >>> total["w"].tolist(), float(conflict)
+      ([0.5, 1.5], 1.0)
+    """
+    trees.check_tree_match(second, first, tree_name="second", reference_name="first")
+    dtype = _accumulation_dtype(first, second)
+    inner = trees.tree_vdot(first, second).astype(dtype)
+    first_squared = trees.tree_squared_norm(first).astype(dtype)
+    second_squared = trees.tree_squared_norm(second).astype(dtype)
+    floor = trees.underflow_floor(first, dtype)
+    safe = raw_products_are_safe(inner, second_squared, first_squared, floor=floor) & raw_products_are_safe(
+        inner, first_squared, second_squared, floor=floor
+    )
+
+    def raw(first: PyTree, second: PyTree, inner: jax.Array, first_squared: jax.Array, second_squared: jax.Array):
+        conflict = inner < 0
+        off_second = jnp.where(conflict, safe_divide(inner, second_squared), 0)
+        off_first = jnp.where(conflict, safe_divide(inner, first_squared), 0)
+        total = jax.tree.map(
+            lambda a, b: (
+                (jnp.asarray(a, dtype) - off_second * jnp.asarray(b, dtype))
+                + (jnp.asarray(b, dtype) - off_first * jnp.asarray(a, dtype))
+            ).astype(jnp.result_type(a)),
+            first,
+            second,
+        )
+        return total, conflict.astype(jnp.float32)
+
+    def separately(first: PyTree, second: PyTree, *_: jax.Array):
+        first_part = normal_plane_parts(first, second, only_on_conflict=True, eps=0.0)
+        second_part = normal_plane_projection(second, first, only_on_conflict=True)
+        total = jax.tree.map(
+            lambda a, b: (jnp.asarray(a, dtype) + jnp.asarray(b, dtype)).astype(jnp.result_type(a)),
+            first_part.projected,
+            second_part,
+        )
+        # The sign of <a, b> is the sign of the (possibly rescaled) inner product the projection used.
+        return total, (first_part.inner < 0).astype(jnp.float32)
+
+    # Operands, not closures (see normal_plane_parts).
+    return jax.lax.cond(safe, raw, separately, first, second, inner, first_squared, second_squared)
 
 
 def mean_normal_plane_parts(

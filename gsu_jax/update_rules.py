@@ -42,7 +42,7 @@ from jax.flatten_util import ravel_pytree
 from gsu_jax import per_example, projections, trees
 from gsu_jax.losses import LossFn, batch_size
 from gsu_jax.models import conv
-from gsu_jax.projections import normal_plane_projection, off_span_projection
+from gsu_jax.projections import off_span_projection
 from gsu_jax.trees import tree_add_scaled, tree_max_abs, tree_squared_norm, tree_vdot
 
 Params = Any  # a pytree of arrays (an nnx.State)
@@ -218,11 +218,7 @@ def _pcgrad_pair(ascent: Params, retain_grad: Params) -> tuple[Params, jax.Array
     cos^2)`` on conflict), so to first order it ascends the forget loss and descends the retain loss together. A zero
     ``a`` leaves ``g_r`` unchanged (a zero direction removes nothing), so the sum degrades to retain descent.
     """
-    ascent_part = projections.normal_plane_parts(ascent, retain_grad, only_on_conflict=True, eps=0.0)
-    retain_part = normal_plane_projection(retain_grad, ascent, only_on_conflict=True)
-    # The sign of <a, g_r> is the sign of the projection's own (possibly rescaled) inner product: no extra pass.
-    conflict = (ascent_part.inner < 0).astype(jnp.float32)
-    return tree_add_scaled(ascent_part.projected, retain_part, 1.0), conflict
+    return projections.pcgrad_pair(ascent, retain_grad)
 
 
 # ----------------------------------------------------------------------------------------------- the rules

@@ -246,6 +246,22 @@ def test_projection_is_orthogonal_where_raw_products_fail(u_scale, d_scale, size
         assert abs(cosine) < 1e-5, (only_on_conflict, cosine)
 
 
+@pytest.mark.parametrize("scale", [1e-25, 1.0, 1e25])
+@pytest.mark.parametrize("shift", [-0.5, 0.5])
+def test_pcgrad_pair_is_the_two_conflict_projections_summed(make_tree, scale, shift):
+    # Raw products at scale 1, the two projections on their own at 1e+-25; a conflict at shift -0.5, none at 0.5.
+    b = make_tree(1, scale=scale)
+    a = jax.tree.map(lambda x, y: x + shift * y, make_tree(0, scale=scale), b)
+    total, conflict = projections.pcgrad_pair(a, b)
+    fa, fb = flat(a), flat(b)
+    expected = reference_normal_plane(fa, fb, only_on_conflict=True) + reference_normal_plane(
+        fb, fa, only_on_conflict=True
+    )
+    assert_close(flat(total), expected, np.linalg.norm(fa) + np.linalg.norm(fb), 1e-5)
+    assert float(conflict) == float(fa @ fb < 0)
+    chex.assert_trees_all_equal_dtypes(total, a)
+
+
 def test_damping_eps_follows_the_formula(make_tree):
     u, d = make_tree(0), make_tree(1, scale=1e-3)
     eps = 5e-6
