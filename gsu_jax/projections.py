@@ -19,9 +19,10 @@ Generative Model" (2023, arXiv:2307.04550), built on the multi-task rule of Yu e
 Multi-Task Learning" (PCGrad, 2020, arXiv:2001.06782).
 
 Numerics: all inner products accumulate in float32 (float64 for float64 leaves) whatever the leaves' dtype; the
-directions are normalised by their largest entry before the products (:func:`normal_plane_projection`: wherever the
-raw products would overflow or underflow), so nothing overflows or underflows for finite inputs, a zero direction leaves the update unchanged and no NaN is produced. Outputs keep the dtype of each leaf of
-the update. Mismatched trees raise at trace time, naming the first mismatching leaf path (see
+directions are normalised by their largest entry before the products (:func:`normal_plane_projection` and
+:func:`pcgrad_pair`: only where the raw products would overflow or underflow), so nothing overflows or underflows for
+finite inputs, a zero direction leaves the update unchanged and no NaN is produced. Outputs keep the dtype of each
+leaf of the update. Mismatched trees raise at trace time, naming the first mismatching leaf path (see
 :func:`gsu_jax.trees.check_tree_match`).
 """
 
@@ -234,9 +235,10 @@ def normal_plane_projection(
     One-shot Unlearning on Generative Model", 2023, arXiv:2307.04550) passes the forget-set ascent direction
     ``-grad L_f`` as ``u`` and the retain-set gradient as ``d``.
 
-    Numerics: inner products accumulate in float32 (float64 for float64 leaves); they are taken raw when that is
-    safe (both finite, ``<d, d> >= 1e-30``) and with ``d / max|d|`` otherwise, so they cannot overflow or underflow. A zero direction returns ``u`` unchanged. With ``eps = 0`` the result is
-    invariant to positive rescaling of ``d`` (to any non-zero rescaling without ``only_on_conflict``).
+    Numerics: inner products accumulate in float32 (float64 for float64 leaves); they are taken raw where that is
+    safe (:func:`raw_products_are_safe`) and with ``d / max|d|`` otherwise, so they cannot overflow or underflow. A
+    zero direction returns ``u`` unchanged. With ``eps = 0`` the result is invariant to positive rescaling of ``d``
+    (to any non-zero rescaling without ``only_on_conflict``).
 
     Args:
       updates: a pytree of floating-point arrays.

@@ -208,19 +208,6 @@ def on_parameter_tree(inputs: StepInputs, compute: Callable[[LossFn, Params], Pa
     return ravel_pytree(compute(tree_loss, inputs.unravel(inputs.params)))[0]
 
 
-# ------------------------------------------------------------------------------------------ two-task PCGrad
-
-
-def _pcgrad_pair(ascent: Params, retain_grad: Params) -> tuple[Params, jax.Array]:
-    """Two-task PCGrad: ``P^c_{g_r}(a) + P^c_{a}(g_r)``, each projected off the *original* other gradient.
-
-    For two tasks the sum has a non-negative inner product with both ``a`` and ``g_r`` (``u.a = ||a||^2 (1 -
-    cos^2)`` on conflict), so to first order it ascends the forget loss and descends the retain loss together. A zero
-    ``a`` leaves ``g_r`` unchanged (a zero direction removes nothing), so the sum degrades to retain descent.
-    """
-    return projections.pcgrad_pair(ascent, retain_grad)
-
-
 # ----------------------------------------------------------------------------------------------- the rules
 
 
@@ -256,8 +243,11 @@ def s_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
 
 
 def pcgrad_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
+    """Two-task PCGrad of the ascent ``a = -g_f`` and ``g_r``: on conflict the sum has a non-negative inner product
+    with both, so to first order it ascends the forget loss and descends the retain loss together; a zero ``a``
+    leaves ``g_r`` unchanged, so the sum degrades to retain descent."""
     del hparams
-    update, conflict = _pcgrad_pair(_negate(inputs.forget_grad), inputs.retain_grad)
+    update, conflict = projections.pcgrad_pair(_negate(inputs.forget_grad), inputs.retain_grad)
     return Direction(update, conflict, zero_diagnostic())
 
 
@@ -396,7 +386,7 @@ def sa_gated_rule(inputs: StepInputs, hparams: Mapping[str, Any]) -> Direction:
         # Each gated example hands its 1/B share of the step to retain descent.
         return gated._replace(update=tree_add_scaled(gated.update, inputs.retain_grad, gated.gated_fraction))
     # combine == "pcgrad": the (per-example projected) gated ascent and g_r as two PCGrad tasks.
-    update, conflict = _pcgrad_pair(gated.update, inputs.retain_grad)
+    update, conflict = projections.pcgrad_pair(gated.update, inputs.retain_grad)
     return Direction(update, jnp.maximum(gated.projected, conflict), gated.gated_fraction)
 
 

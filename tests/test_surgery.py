@@ -212,8 +212,8 @@ def test_extreme_finite_inputs_give_finite_outputs(make_tree, u_scale, d_scale):
 @pytest.mark.parametrize("d_scale", [1e-25, 1e-12, 1e12, 1e25])
 @pytest.mark.parametrize("only_on_conflict", [False, True])
 def test_raw_and_rescaled_products_give_one_projection(make_tree, d_scale, only_on_conflict):
-    # <d, d> underflows below 1e-30 at 1e-25 and overflows at 1e25 (the rescaled products), not at 1e-12 or 1e12
-    # (the raw ones): either way the projection is the one for d itself, and so is the removal coefficient's
+    # <d, d> falls below trees.underflow_floor at 1e-25 and overflows at 1e25 (the rescaled products), not at 1e-12
+    # or 1e12 (the raw ones): either way the projection is the one for d itself, and so is the removal coefficient's
     # zero pattern (the step's "projected" flag).
     u, d = make_tree(0), make_tree(1)
     scaled = jax.tree.map(lambda leaf: leaf * d_scale, d)
